@@ -1,0 +1,109 @@
+"""The ``fedhello`` command. The only place that configures output and turns errors into exits:
+a user error is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedhello.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedhello", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def config_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+        sp.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config value, e.g. --set federation.rounds=5 (repeatable)",
+        )  # fmt: skip
+
+    run = sub.add_parser("run", help="run a federation")
+    config_args(run)
+    run.add_argument("--out", help="run directory (default: RUN.OUT_DIR/<run name>)")
+    run.add_argument("--engine", default="embedded", choices=["embedded"], help="where to run")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    val = sub.add_parser("validate", help="check a config and print it resolved")
+    config_args(val)
+    return p
+
+
+def _setup_output(verbose: bool) -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("fedhello").setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # `validate` and `plan` may run without the heavy stack
+        pass
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedhello.config import load_config
+    from fedhello.runs import RunDir
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run_name()
+    run = RunDir.create(out, overwrite=args.overwrite)
+    _setup_output(args.verbose)
+    from fedhello.engine.simulation import run_embedded
+    from fedhello.progress import RichObserver, summary_table
+
+    console = Console(stderr=True)
+    summary = run_embedded(cfg, run, RichObserver(console, cfg.federation.rounds))
+    Console().print(summary_table(summary, str(run.path)))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from fedhello.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(cfg.to_toml())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"run": cmd_run, "validate": cmd_validate}[args.command](args)
+    except UserError as err:
+        print(f"fedhello: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fedhello: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

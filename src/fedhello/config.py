@@ -1,0 +1,255 @@
+"""The typed, validated experiment config: TOML file + dotted ``--set`` overrides.
+
+Every field has a default and a help text, so ``fedhello run`` with no file runs the default
+experiment. Unknown keys and bad values raise :class:`ConfigError` with one line naming the key,
+the value and what is allowed. Pure python + pydantic: no torch.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedhello.allocation import strategy_names
+from fedhello.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("minilm-l6", description="registry name (minilm-l6), local folder or hub name")
+    task: Literal["auto", "text", "image"] = Field("auto", description="auto: from the model type")
+    max_length: int = Field(32, ge=4, le=4096, description="text: tokens per example (truncated)")
+    allow_download: bool = Field(False, description="allow hub downloads (off: offline, fail fast)")
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        ["auto"],
+        min_length=1,
+        description="module names that get LoRA in every block; auto: the attention query "
+        "and value projections (query/value in BERT, q_proj/v_proj in ViT and Llama)",
+    )
+
+
+class DataConfig(Section):
+    name: str = Field("wordnet-nouns", description="registry name, local file/folder or hub name")
+    text_column: str = Field("text", description="column with the input text")
+    image_column: str = Field("image", description="column with the input image")
+    label_column: str = Field("label", description="column with the class label")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for the test split")
+    validation_fraction: float = Field(0.05, ge=0, lt=1, description="share for validation")
+    split_seed: int = Field(0, ge=0, description="seed of the fixed train/validation/test split")
+    max_train_examples: int | None = Field(None, ge=1, description="cap on the training pool")
+    partition: Literal["iid", "pathological", "dirichlet"] = Field(
+        "dirichlet", description="how the training pool is split across clients"
+    )
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration")
+    classes_per_client: int = Field(5, ge=1, description="pathological: classes per client (k)")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.test_fraction + self.validation_fraction >= 0.9:
+            raise ValueError(
+                f"data.test_fraction + data.validation_fraction = "
+                f"{self.test_fraction + self.validation_fraction:g}: must leave at least 10% "
+                "for training"
+            )
+        return self
+
+
+class ClientsConfig(Section):
+    num_clients: int = Field(12, ge=1, description="K: number of clients")
+    per_round: int = Field(6, ge=1, description="m: clients sampled per round")
+    tiers: list[float] = Field(
+        [0.5, 0.75, 1.0],
+        min_length=1,
+        description="equal-size resource tiers, each a fraction of the model's LoRA layers",
+    )
+    budgets: list[int] | None = Field(
+        None, description="per-client layer counts (overrides tiers; one per client)"
+    )
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, v: list[float]) -> list[float]:
+        bad = [t for t in v if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"tier fractions must be in (0, 1], got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _counts(self) -> ClientsConfig:
+        if self.per_round > self.num_clients:
+            raise ValueError(
+                f"clients.per_round = {self.per_round}: must be at most "
+                f"clients.num_clients = {self.num_clients}"
+            )
+        if self.budgets is not None:
+            if len(self.budgets) != self.num_clients:
+                raise ValueError(
+                    f"clients.budgets has {len(self.budgets)} entries: needs one per client "
+                    f"(clients.num_clients = {self.num_clients})"
+                )
+            if any(b < 1 for b in self.budgets):
+                raise ValueError(f"clients.budgets = {self.budgets}: every budget must be >= 1")
+        return self
+
+
+class AllocationConfig(Section):
+    strategy: str = Field("fedra", description="allocation strategy name")
+    shape: Literal["uniform", "triangle", "inverted-triangle", "bottleneck"] = Field(
+        "bottleneck", description="geometric shape for the strategies that take one"
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in strategy_names():
+            raise ValueError(f"unknown strategy; choose one of: {', '.join(strategy_names())}")
+        return v
+
+
+class TrainConfig(Section):
+    local_steps: int = Field(10, ge=1, description="optimizer steps per client per round")
+    local_epochs: float | None = Field(
+        None, gt=0, description="if set, passes over the client's data instead of local_steps"
+    )
+    batch_size: int = Field(32, ge=1, description="examples per local step")
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate (LoRA and head)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning rate over rounds (decays to lr_min_factor * lr)"
+    )
+    lr_min_factor: float = Field(0.1, ge=0, le=1, description="final lr / lr for decays")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient-norm clipping (0: off)")
+    eval_batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
+
+
+class FederationConfig(Section):
+    rounds: int = Field(15, ge=1, description="communication rounds")
+    weighted: bool = Field(True, description="weight client updates by their example counts")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="FedAvgM momentum (0: FedAvg)")
+    server_lr: float = Field(1.0, gt=0, description="server step size on the averaged update")
+    eval_every: int = Field(1, ge=1, description="evaluate the global model every N rounds")
+    eval_examples: int = Field(
+        1000, ge=1, description="per-round evaluation on a fixed subset of test/validation"
+    )
+
+
+class RunConfig(Section):
+    name: str | None = Field(None, description="run directory name (default: derived)")
+    out_dir: str = Field("runs", description="parent folder of run directories")
+    seed: int = Field(0, ge=0, description="the seed every random choice derives from")
+    threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
+
+
+class Config(Section):
+    """A whole experiment."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def run_name(self) -> str:
+        if self.run.name:
+            return self.run.name
+        return f"{self.allocation.strategy}-{self.data.partition}-seed{self.run.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_kebab(self.to_dict()))
+
+
+def _kebab(d: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("_", "-"): _kebab(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _snake(d: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("-", "_"): _snake(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def parse_value(text: str) -> Any:
+    """A TOML literal (``5``, ``0.5``, ``true``, ``[1, 2]``, ``"x"``) or else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` to a nested dict (kebab- or snake-case keys)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. federation.rounds=5")
+    parts = key.strip().replace("-", "_").split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = None if value.strip().lower() == "none" else parse_value(value.strip())
+
+
+def format_error(err: ValidationError) -> str:
+    """One line for the first problem: key, value received, what is allowed."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        section = _section_of(e["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else ""
+        return f"config: unknown key {loc!r}; allowed here: {allowed}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if "input" in e and not isinstance(e["input"], dict) and loc:
+        return f"config: {loc} = {e['input']!r}: {msg}"
+    return f"config: {msg}"  # cross-field checks name their fields themselves
+
+
+def _section_of(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(_snake(data))
+    except ValidationError as err:
+        raise ConfigError(format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or the defaults), apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = _snake(tomllib.loads(p.read_text(encoding="utf-8")))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return build_config(data)

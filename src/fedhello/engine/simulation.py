@@ -1,0 +1,173 @@
+"""The embedded engine: a whole federation in one process, deterministic and fast.
+
+Per round: sample m of K clients, allocate layers, train each client from the global adapter
+(one shared model, state swapped in and out), validate and aggregate per layer, evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedhello.aggregation import ServerMomentum, aggregate_masked
+from fedhello.config import Config
+from fedhello.experiment import Experiment, build_experiment, sample_clients
+from fedhello.masks import AllocationPlan
+from fedhello.runs import RunDir
+from fedhello.training import ClientResult, lr_at, train_client
+
+logger = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """Progress hooks; the CLI renders them, tests may record them."""
+
+    def on_start(self, exp: Experiment) -> None: ...
+    def on_round_start(self, round_: int, plan: AllocationPlan) -> None: ...
+    def on_client_end(self, round_: int, result: ClientResult) -> None: ...
+    def on_round_end(self, record: dict[str, Any]) -> None: ...
+    def on_final_eval(self) -> None: ...
+
+
+class _Silent:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def client_record(exp: Experiment, result: ClientResult, rejected: dict[int, str]) -> dict[str, Any]:
+    u = result.update
+    rec = {
+        "client": u.client,
+        "tier": exp.tiers[u.client],
+        "budget": exp.budgets[u.client],
+        "layers": list(u.layers),
+        "num_examples": u.num_examples,
+        "steps": result.steps,
+        "train_loss": u.train_loss,
+        "trainable_params": result.trainable_params,
+        "seconds": round(result.seconds, 4),
+        "peak_memory_mb": round(result.peak_memory_mb, 1),
+        "bytes_up": result.bytes_up,
+        "bytes_down": result.bytes_down,
+        "accepted": u.client not in rejected,
+    }
+    if u.client in rejected:
+        rec["rejected_reason"] = rejected[u.client]
+    return rec
+
+
+def evaluate_global(exp: Experiment, state: dict[str, np.ndarray]) -> dict[str, Any]:
+    from fedhello.evaluation import evaluate
+    from fedhello.lora import set_state
+
+    set_state(exp.model, state)
+    bs = exp.cfg.train.eval_batch_size
+    test = evaluate(exp.model, exp.data, exp.eval_test, bs)
+    val = evaluate(exp.model, exp.data, exp.eval_val, bs) if len(exp.eval_val) else None
+    out = {
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test_loss": test["loss"],
+        "eval_examples": test["examples"],
+        "eval_subset": test["examples"] < len(exp.raw.splits["test"]),
+    }
+    if val:
+        out |= {"val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"]}
+    return out
+
+
+def run_round(
+    exp: Experiment, round_: int, state: dict[str, np.ndarray], momentum: ServerMomentum, obs: Any
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    cfg = exp.cfg
+    t0 = time.perf_counter()
+    sampled = sample_clients(cfg.run.seed, round_, cfg.clients.num_clients, cfg.clients.per_round)
+    plan = exp.strategy.allocate(round_, sampled)
+    obs.on_round_start(round_, plan)
+    lr = lr_at(round_, cfg.federation.rounds, cfg.train.lr, cfg.train.lr_schedule, cfg.train.lr_min_factor)
+    results = []
+    for alloc in plan.clients:
+        if not alloc.layers:  # e.g. `exclusive`: a client whose budget is too small sits out
+            continue
+        result = train_client(
+            exp.model, exp.data, exp.shards[alloc.client], alloc.client, round_, alloc.layers,
+            state, exp.layer_of, cfg.train, lr, cfg.run.seed,
+        )  # fmt: skip
+        results.append(result)
+        obs.on_client_end(round_, result)
+    averaged, report = aggregate_masked(
+        state, [r.update for r in results], exp.layer_of, exp.num_layers, cfg.federation.weighted
+    )
+    updated = {k for r in results if r.update.client in report.accepted for k in r.update.tensors}
+    new_state = momentum.step(state, averaged, updated) if report.accepted else state
+    accepted = [r for r in results if r.update.client in report.accepted]
+    weights = [r.update.num_examples for r in accepted]
+    record: dict[str, Any] = {
+        "round": round_,
+        "lr": lr,
+        "sampled": sampled,
+        "allocation": [a.as_dict() for a in plan.clients],
+        "coverage": report.coverage,
+        "train_loss": float(np.average([r.update.train_loss for r in accepted], weights=weights))
+        if accepted
+        else None,
+        "clients": [client_record(exp, r, report.rejected) for r in results],
+        "rejected": {str(c): reason for c, reason in report.rejected.items()},
+        "num_rejected": len(report.rejected),
+    }
+    if round_ % cfg.federation.eval_every == 0 or round_ == cfg.federation.rounds:
+        e0 = time.perf_counter()
+        record |= evaluate_global(exp, new_state)
+        record["eval_seconds"] = round(time.perf_counter() - e0, 4)
+    record["round_seconds"] = round(time.perf_counter() - t0, 4)
+    return new_state, record
+
+
+def run_embedded(cfg: Config, run: RunDir, observer: Any = None) -> dict[str, Any]:
+    """Run the whole federation; write metrics, summary and adapter into ``run``."""
+    from fedhello.evaluation import evaluate
+    from fedhello.lora import set_state
+
+    obs = observer or _Silent()
+    wall0 = time.perf_counter()
+    run.write_config(cfg)
+    exp = build_experiment(cfg)
+    obs.on_start(exp)
+    state = exp.init_state
+    momentum = ServerMomentum(cfg.federation.server_momentum, cfg.federation.server_lr)
+    records = []
+    for round_ in range(1, cfg.federation.rounds + 1):
+        state, record = run_round(exp, round_, state, momentum, obs)
+        run.append_metrics(record)
+        records.append(record)
+        obs.on_round_end(record)
+
+    obs.on_final_eval()
+    set_state(exp.model, state)
+    final = evaluate(exp.model, exp.data, exp.raw.splits["test"], cfg.train.eval_batch_size)
+    exp.model.save_pretrained(str(run.adapter_dir))
+    (run.adapter_dir / "labels.json").write_text(json.dumps(exp.raw.label_names) + "\n")
+    clients = [c for r in records for c in r["clients"]]
+    summary = {
+        "strategy": cfg.allocation.strategy,
+        "engine": "embedded",
+        "rounds": cfg.federation.rounds,
+        "test_accuracy": final["accuracy"],
+        "test_macro_f1": final["macro_f1"],
+        "test_loss": final["loss"],
+        "test_examples": final["examples"],
+        "num_classes": len(exp.raw.label_names),
+        "model_source": exp.source,
+        "wall_seconds": round(time.perf_counter() - wall0, 2),
+        "client_seconds": round(sum(c["seconds"] for c in clients), 2),
+        "bytes_up": sum(c["bytes_up"] for c in clients),
+        "bytes_down": sum(c["bytes_down"] for c in clients),
+        "rejected_updates": sum(r["num_rejected"] for r in records),
+    }
+    run.write_summary(summary)
+    logger.info("finished: test accuracy %.4f", final["accuracy"])
+    return summary

@@ -1,0 +1,149 @@
+"""Everything a federation needs, built once from a config: data, shards, model, budgets,
+allocation strategy and the initial global adapter. Both engines start from here.
+
+Cheap checks (model source, layer count, budgets) run before the expensive ones (reading and
+tokenising data, loading weights), so a bad config fails in a second, not after a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedhello.allocation import AllocationStrategy, build_strategy
+from fedhello.budgets import client_budgets, client_tiers
+from fedhello.config import Config
+from fedhello.data import RawData, load_raw
+from fedhello.errors import ModelError
+from fedhello.seeds import Purpose, derived_int, generator
+
+logger = logging.getLogger(__name__)
+
+
+def offline_env(allow_download: bool) -> None:
+    """Never wait on a hub that cannot be reached (a failed lookup retries for ~50 s)."""
+    if not allow_download:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    raw: RawData
+    data: Any  # fedhello.encoding.Encoded
+    model: Any  # the PEFT model shared by every client
+    task: str
+    source: str
+    keys: list[str]
+    layer_of: dict[str, int | None]
+    num_layers: int
+    budgets: list[int]
+    tiers: list[int]
+    shards: list[np.ndarray]  # per client: positions into raw/data
+    strategy: AllocationStrategy
+    init_state: dict[str, np.ndarray]
+    eval_test: np.ndarray  # fixed per-round evaluation subsets
+    eval_val: np.ndarray
+
+
+def model_shape(source: str, task: str) -> tuple[str, int]:
+    """(task, number of blocks) from the model's config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    from fedhello.models import IMAGE_MODEL_TYPES
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model {source!r}: cannot read its config: {err}") from None
+    if task == "auto":
+        task = "image" if config.model_type in IMAGE_MODEL_TYPES else "text"
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        raise ModelError(f"model {source!r}: its config has no num_hidden_layers")
+    return task, layers
+
+
+def build_experiment(cfg: Config) -> Experiment:
+    import torch
+
+    from fedhello.encoding import encode
+    from fedhello.lora import adapter_keys, build_lora_model, get_state, layer_of_keys
+    from fedhello.models import load_model, resolve_model_source
+    from fedhello.partition import partition_indices
+
+    offline_env(cfg.model.allow_download)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
+    task, num_layers = model_shape(source, cfg.model.task)
+    budgets = client_budgets(
+        cfg.clients.num_clients, num_layers, cfg.clients.tiers, cfg.clients.budgets
+    )
+    strategy = build_strategy(
+        cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation
+    )
+
+    raw = load_raw(cfg.data, task, cfg.model.allow_download, cfg.data.split_seed)
+    train_pool = raw.splits["train"]
+    shards = [
+        train_pool[s]
+        for s in partition_indices(
+            raw.labels[train_pool],
+            cfg.clients.num_clients,
+            cfg.data.partition,
+            cfg.run.seed,
+            cfg.data.dirichlet_alpha,
+            cfg.data.classes_per_client,
+        )
+    ]
+
+    torch.manual_seed(derived_int(cfg.run.seed, Purpose.INIT))  # head and LoRA A init
+    loaded = load_model(cfg.model.name, raw.label_names, task, cfg.model.allow_download)
+    lora = cfg.lora
+    model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    keys = adapter_keys(model)
+    layer_of = layer_of_keys(keys, num_layers)
+    data = encode(raw, loaded.processor, cfg.model.max_length)
+
+    def subset(split: str, purpose_key: int) -> np.ndarray:
+        idx = raw.splits[split]
+        if len(idx) <= cfg.federation.eval_examples:
+            return idx
+        rng = generator(cfg.data.split_seed, Purpose.EVAL_SUBSET, purpose_key)
+        return np.sort(rng.choice(idx, cfg.federation.eval_examples, replace=False))
+
+    logger.info(
+        "experiment: %s (%s, %d blocks), %d clients, budgets %s",
+        cfg.model.name, task, num_layers, len(budgets), budgets,
+    )  # fmt: skip
+    return Experiment(
+        cfg=cfg,
+        raw=raw,
+        data=data,
+        model=model,
+        task=task,
+        source=loaded.source,
+        keys=keys,
+        layer_of=layer_of,
+        num_layers=num_layers,
+        budgets=budgets,
+        tiers=client_tiers(cfg.clients.num_clients, len(cfg.clients.tiers)),
+        shards=shards,
+        strategy=strategy,
+        init_state=get_state(model, keys),
+        eval_test=subset("test", 0),
+        eval_val=subset("validation", 1),
+    )
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
+    """The m clients of a round: same for every strategy with the same seed (paired runs)."""
+    rng = generator(seed, Purpose.SAMPLE, round_)
+    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())

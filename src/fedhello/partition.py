@@ -1,0 +1,84 @@
+"""Client shards of the training pool: IID, pathological (k classes per client) and
+Dirichlet(alpha) label skew, with flwr-datasets' partitioners.
+
+The partition depends only on the run seed, never on the strategy, so every strategy of a
+comparison sees the same shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+
+from fedhello.errors import DataError
+from fedhello.seeds import Purpose, derived_int
+
+logger = logging.getLogger(__name__)
+
+
+def partition_indices(
+    labels: np.ndarray,
+    num_clients: int,
+    scheme: str,
+    seed: int,
+    alpha: float = 0.5,
+    classes_per_client: int = 5,
+) -> list[np.ndarray]:
+    """Positions into ``labels`` (the training pool) for each client; disjoint, each non-empty."""
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    n = len(labels)
+    if n < num_clients:
+        raise DataError(
+            f"the training pool has {n} examples, fewer than clients.num_clients = {num_clients}"
+        )
+    num_classes = len(np.unique(labels))
+    part_seed = derived_int(seed, Purpose.PARTITION) % (2**32)
+    if scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_clients)
+    elif scheme == "pathological":
+        if classes_per_client > num_classes:
+            raise DataError(
+                f"data.classes_per_client = {classes_per_client}: the data has only "
+                f"{num_classes} classes; allowed: 1..{num_classes}"
+            )
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=part_seed,
+        )
+    elif scheme == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min(10, n // num_clients),
+            self_balancing=False,
+            seed=part_seed,
+        )
+    else:
+        raise DataError(f"data.partition = {scheme!r}: allowed: iid, pathological, dirichlet")
+    table = datasets.Dataset.from_dict({"label": labels.astype(np.int64), "pos": np.arange(n)})
+    if scheme == "iid":  # IidPartitioner keeps order: shuffle the pool with our seed first
+        table = table.shuffle(seed=part_seed)
+    partitioner.dataset = table
+    shards = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "classes will NOT be used" is reported below instead
+        for cid in range(num_clients):
+            shards.append(np.asarray(partitioner.load_partition(cid)["pos"], dtype=np.int64))
+    empty = [c for c, s in enumerate(shards) if len(s) == 0]
+    if empty:
+        raise DataError(
+            f"data.partition = {scheme!r} left clients {empty} without data; use fewer clients, "
+            "a larger data.dirichlet_alpha or more data.classes_per_client"
+        )
+    used = len(np.unique(labels[np.concatenate(shards)]))
+    logger.info("partition %s: shard sizes %s, %d/%d classes used", scheme,
+                [len(s) for s in shards], used, num_classes)  # fmt: skip
+    return shards

@@ -1,0 +1,83 @@
+"""The CLI's live display of a run (rich): rounds, clients, loss, accuracy, time left."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class RichObserver:
+    """Renders engine events; a plain line per round when output is not a terminal."""
+
+    def __init__(self, console: Console, rounds: int) -> None:
+        self.console = console
+        self.rounds = rounds
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self._rounds_task: Any = None
+        self._clients_task: Any = None
+
+    def on_start(self, exp: Any) -> None:
+        self.console.print(
+            f"{exp.cfg.model.name} ({exp.task}, {exp.num_layers} LoRA layers) on "
+            f"{exp.cfg.data.name}: {len(exp.budgets)} clients, budgets {exp.budgets}, "
+            f"strategy {exp.cfg.allocation.strategy}, partition {exp.cfg.data.partition}"
+        )
+        self.progress.start()
+        self._rounds_task = self.progress.add_task("rounds", total=self.rounds, status="")
+        self._clients_task = self.progress.add_task("clients", total=1, status="")
+
+    def on_round_start(self, round_: int, plan: Any) -> None:
+        active = sum(1 for c in plan.clients if c.layers)
+        self.progress.reset(self._clients_task, total=max(1, active), status="")
+
+    def on_client_end(self, round_: int, result: Any) -> None:
+        u = result.update
+        self.progress.update(
+            self._clients_task,
+            advance=1,
+            status=f"client {u.client} layers {list(u.layers)} loss {u.train_loss:.3f}",
+        )
+
+    def on_round_end(self, record: dict[str, Any]) -> None:
+        acc = record.get("test_accuracy")
+        loss = record.get("train_loss")
+        line = (
+            f"round {record['round']}/{self.rounds}  loss "
+            f"{'-' if loss is None else f'{loss:.3f}'}  test acc "
+            f"{'-' if acc is None else f'{acc:.3f}'}  coverage {record['coverage']}"
+            + (f"  rejected {record['num_rejected']}" if record["num_rejected"] else "")
+        )
+        self.progress.update(self._rounds_task, advance=1, status=line.split("  ", 1)[1])
+        self.progress.console.print(line)
+
+    def on_final_eval(self) -> None:
+        self.progress.stop()
+        self.console.print("evaluating the global model on the whole test split ...")
+
+
+def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
+    table = Table(title=f"run {run_dir}", show_header=False)
+    rows = [
+        ("strategy", summary["strategy"]),
+        ("test accuracy", f"{summary['test_accuracy']:.4f} ({summary['test_examples']} examples)"),
+        ("test macro-F1", f"{summary['test_macro_f1']:.4f}"),
+        ("chance level", f"{1 / summary['num_classes']:.4f}"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("client compute", f"{summary['client_seconds']:.1f} s"),
+        ("bytes up / down", f"{summary['bytes_up'] / 1e6:.1f} MB / {summary['bytes_down'] / 1e6:.1f} MB"),
+        ("rejected updates", str(summary["rejected_updates"])),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table

@@ -1,0 +1,96 @@
+"""The run directory: it explains itself.
+
+    runs/<name>/config.toml     the resolved config (every default spelled out)
+    runs/<name>/metrics.jsonl   one JSON object per round
+    runs/<name>/summary.json    final full-test metrics, wall time, totals
+    runs/<name>/adapter/        PEFT adapter (LoRA + head): PeftModel.from_pretrained(base, here)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedhello.config import Config
+from fedhello.errors import RunDirError
+
+TIMING_FIELDS = {"seconds", "peak_memory_mb", "round_seconds", "wall_seconds", "eval_seconds"}
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @classmethod
+    def create(cls, path: str | Path, overwrite: bool = False) -> RunDir:
+        """A fresh run directory; an existing one is replaced only with ``overwrite``."""
+        run = cls(path)
+        if run.path.exists() and any(run.path.iterdir()):
+            if not overwrite:
+                raise RunDirError(
+                    f"run directory {str(run.path)!r} already exists: pass --overwrite to "
+                    "replace it, or choose another --out"
+                )
+            if not run.config_path.is_file():
+                raise RunDirError(
+                    f"run directory {str(run.path)!r} is not empty and holds no config.toml: "
+                    "not a fedhello run, refusing to overwrite it"
+                )
+            shutil.rmtree(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    def write_config(self, cfg: Config) -> None:
+        _atomic_write(self.config_path, cfg.to_toml())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def strip_timing(record: Any) -> Any:
+    """A metrics record without the fields that measure time or memory (for equality checks)."""
+    if isinstance(record, dict):
+        return {k: strip_timing(v) for k, v in record.items() if k not in TIMING_FIELDS}
+    if isinstance(record, list):
+        return [strip_timing(v) for v in record]
+    return record

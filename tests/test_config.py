@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedhello.budgets import client_budgets
+from fedhello.config import Config, load_config
+from fedhello.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_need_no_file() -> None:
+    cfg = load_config()
+    assert cfg.model.name == "minilm-l6" and cfg.data.name == "wordnet-nouns"
+    assert cfg.lora.r == 16 and cfg.lora.alpha == 16 and cfg.lora.dropout == 0.1
+
+
+def test_every_field_has_help() -> None:
+    for section in Config.model_fields.values():
+        for name, field in section.annotation.model_fields.items():  # type: ignore[union-attr]
+            assert field.description, f"{name} has no help text"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")))
+def test_shipped_configs_validate(path: Path) -> None:
+    load_config(path)
+
+
+def test_overrides_are_typed(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        ["federation.rounds=5", "data.partition=iid", "clients.tiers=[0.5, 1.0]", "lora.dropout=0"],
+    )
+    assert cfg.federation.rounds == 5 and cfg.data.partition == "iid"
+    assert cfg.clients.tiers == [0.5, 1.0] and cfg.lora.dropout == 0.0
+
+
+def test_resolved_toml_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["train.max_grad_norm=0", "clients.budgets=" + str([1] * 12)])
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("allocation.strategy=nope", ["allocation.strategy", "'nope'", "fedra", "full"]),
+        ("federation.rounds=0", ["federation.rounds", "0", "greater than or equal to 1"]),
+        ("data.partitionn=iid", ["unknown key", "data.partitionn", "partition"]),
+        ("data.partition=zipf", ["data.partition", "'zipf'", "dirichlet"]),
+        ("clients.per_round=50", ["clients.per_round = 50", "num_clients = 12"]),
+        ("clients.tiers=[0.5, 1.5]", ["clients.tiers", "1.5"]),
+        ("clients.budgets=[1, 2]", ["clients.budgets", "one per client"]),
+        ("nosection.x=1", ["unknown key", "nosection"]),
+        ("noequals", ["KEY=VALUE"]),
+    ],
+)
+def test_bad_values_give_one_line_naming_key_value_and_allowed(override: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_budget_larger_than_the_model() -> None:
+    with pytest.raises(ConfigError, match=r"clients.budgets .* 8 layers .* 6 LoRA layers; allowed: 1..6"):
+        client_budgets(3, 6, [1.0], [2, 8, 6])
+
+
+def test_tiers_round_up() -> None:
+    assert client_budgets(12, 12, [0.5, 0.75, 1.0]) == [6] * 4 + [9] * 4 + [12] * 4
+    assert client_budgets(6, 6, [0.5, 0.75, 1.0]) == [3, 3, 5, 5, 6, 6]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedhello.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = run_cli("validate", "--set", "allocation.strategy=nope")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "allocation.strategy" in proc.stderr
+    missing = run_cli("validate", str(tmp_path / "none.toml"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[federation\nrounds = 3")
+    proc = run_cli("validate", str(broken))
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr
+
+
+def test_cli_validate_prints_resolved_config() -> None:
+    proc = run_cli("validate", str(ROOT / "configs/default.toml"), "--set", "federation.rounds=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "rounds = 3" in proc.stdout and "[allocation]" in proc.stdout

@@ -1,0 +1,106 @@
+"""Local training touches exactly the allocated layers' LoRA tensors and the head, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedhello.config import load_config
+from fedhello.lora import adapter_keys, apply_layer_mask, build_lora_model, get_state, layer_of_keys
+from fedhello.models import load_model
+from fedhello.training import train_client
+
+
+def _model(model_dir: Path, labels: list[str]):  # noqa: ANN202
+    torch.manual_seed(0)
+    loaded = load_model(str(model_dir), labels)
+    model = build_lora_model(loaded.model, 4, 8, 0.1, ["auto"])
+    return loaded, model
+
+
+def _text_data(loaded, n: int = 64):  # noqa: ANN001, ANN202
+    from conftest import make_texts
+
+    from fedhello.data import RawData
+    from fedhello.encoding import encode
+
+    texts, labels = make_texts(n)
+    names = sorted(set(labels))
+    raw = RawData(texts, np.array([names.index(y) for y in labels]), names, "text", {})
+    return encode(raw, loaded.processor, 16)
+
+
+def _image_data(loaded, n: int = 32):  # noqa: ANN001, ANN202
+    from fedhello.data import RawData
+    from fedhello.encoding import encode
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (16, 16, 3)).astype(np.uint8) for _ in range(n)]
+    raw = RawData(images, rng.integers(0, 3, n), ["a", "b", "c"], "image", {})
+    return encode(raw, loaded.processor, 16)
+
+
+@pytest.mark.parametrize("kind,layers", [("text", (2,)), ("text", (0, 3)), ("image", (1,))])
+def test_step_changes_exactly_allocated_lora_and_head(
+    kind: str, layers: tuple[int, ...], tiny_bert_dir: Path, tiny_vit_dir: Path
+) -> None:
+    model_dir = tiny_bert_dir if kind == "text" else tiny_vit_dir
+    labels = ["class-0", "class-1", "class-2", "class-3"] if kind == "text" else ["a", "b", "c"]
+    loaded, model = _model(model_dir, labels)
+    data = _text_data(loaded) if kind == "text" else _image_data(loaded)
+    num_layers = model.config.num_hidden_layers
+    keys = adapter_keys(model)
+    layer_of = layer_of_keys(keys, num_layers)
+    # A global state with non-zero B, so that every LoRA tensor has a gradient.
+    rng = np.random.default_rng(1)
+    state = {k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in get_state(model, keys).items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = load_config(None, ["train.local_steps=2", "train.batch_size=8"]).train
+    result = train_client(
+        model, data, np.arange(len(data)), 0, 1, layers, state, layer_of, cfg, 1e-2, seed=0
+    )
+    after = dict(model.named_parameters())
+    for name, old in before.items():
+        start = torch.from_numpy(state[name]) if name in state else old
+        layer = layer_of.get(name, -1)
+        allowed = name in layer_of and (layer is None or layer in layers)
+        changed = not torch.equal(after[name].detach(), start)
+        assert changed == allowed, f"{name}: changed={changed}, allocated={allowed}"
+    uploaded = set(result.update.tensors)
+    assert uploaded == {k for k, layer in layer_of.items() if layer is None or layer in layers}
+    assert result.bytes_up == sum(v.nbytes for v in result.update.tensors.values())
+    assert result.trainable_params == sum(p.numel() for n, p in after.items() if p.requires_grad)
+
+
+def test_layer_map_covers_every_lora_tensor_once(tiny_bert_dir: Path) -> None:
+    _, model = _model(tiny_bert_dir, ["a", "b"])
+    keys = adapter_keys(model)
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    layer_of = layer_of_keys(keys, 4)
+    assert sorted(k for k, v in layer_of.items() if v is not None) == sorted(lora)
+    per_layer = [sum(1 for v in layer_of.values() if v == i) for i in range(4)]
+    assert per_layer == [4, 4, 4, 4]  # query + value, A + B
+    heads = [k for k, v in layer_of.items() if v is None]
+    assert heads and all("classifier.modules_to_save" in k for k in heads)
+
+
+def test_frozen_lora_below_the_top_block_gets_no_gradient(tiny_bert_dir: Path) -> None:
+    loaded, model = _model(tiny_bert_dir, ["class-0", "class-1", "class-2", "class-3"])
+    data = _text_data(loaded, 16)
+    keys = adapter_keys(model)
+    layer_of = layer_of_keys(keys, 4)
+    params = apply_layer_mask(model, [3], layer_of)
+    model.train()
+    model(**data.batch(np.arange(8))).loss.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert layer_of.get(name, -1) in (3, None), name
+    assert all(p.grad is not None for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    optimizer.step()
+    trained = {id(p) for p in params}
+    assert all(id(p) in trained for p in optimizer.state)
+    assert len(optimizer.state) == len(params)
