@@ -124,6 +124,7 @@ def tiny_overrides(model_dir: Path, data: Path, **extra: object) -> list[str]:
         "train.batch_size": 8,
         "model.max_length": 16,
         "run.threads": 1,
+        "allocation.proxy_examples": 20,
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]

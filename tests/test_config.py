@@ -60,7 +60,9 @@ def test_resolved_toml_round_trips(tmp_path: Path) -> None:
         ("noequals", ["KEY=VALUE"]),
     ],
 )
-def test_bad_values_give_one_line_naming_key_value_and_allowed(override: str, words: list[str]) -> None:
+def test_bad_values_give_one_line_naming_key_value_and_allowed(
+    override: str, words: list[str]
+) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     message = str(err.value)
@@ -70,7 +72,9 @@ def test_bad_values_give_one_line_naming_key_value_and_allowed(override: str, wo
 
 
 def test_budget_larger_than_the_model() -> None:
-    with pytest.raises(ConfigError, match=r"clients.budgets .* 8 layers .* 6 LoRA layers; allowed: 1..6"):
+    with pytest.raises(
+        ConfigError, match=r"clients.budgets .* 8 layers .* 6 LoRA layers; allowed: 1..6"
+    ):
         client_budgets(3, 6, [1.0], [2, 8, 6])
 
 

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from fedhello.masks import AllocationPlan, ClientAllocation, check_layers, keys_for_layers, layer_index_of
+from fedhello.masks import (
+    AllocationPlan,
+    ClientAllocation,
+    check_layers,
+    keys_for_layers,
+    layer_index_of,
+)
 
 PREFIX = "base_model.model.bert.encoder.layer"
 

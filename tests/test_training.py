@@ -14,14 +14,14 @@ from fedhello.models import load_model
 from fedhello.training import train_client
 
 
-def _model(model_dir: Path, labels: list[str]):  # noqa: ANN202
+def _model(model_dir: Path, labels: list[str]):
     torch.manual_seed(0)
     loaded = load_model(str(model_dir), labels)
     model = build_lora_model(loaded.model, 4, 8, 0.1, ["auto"])
     return loaded, model
 
 
-def _text_data(loaded, n: int = 64):  # noqa: ANN001, ANN202
+def _text_data(loaded, n: int = 64):
     from conftest import make_texts
 
     from fedhello.data import RawData
@@ -33,7 +33,7 @@ def _text_data(loaded, n: int = 64):  # noqa: ANN001, ANN202
     return encode(raw, loaded.processor, 16)
 
 
-def _image_data(loaded, n: int = 32):  # noqa: ANN001, ANN202
+def _image_data(loaded, n: int = 32):
     from fedhello.data import RawData
     from fedhello.encoding import encode
 
@@ -56,7 +56,10 @@ def test_step_changes_exactly_allocated_lora_and_head(
     layer_of = layer_of_keys(keys, num_layers)
     # A global state with non-zero B, so that every LoRA tensor has a gradient.
     rng = np.random.default_rng(1)
-    state = {k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in get_state(model, keys).items()}
+    state = {
+        k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype)
+        for k, v in get_state(model, keys).items()
+    }
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = load_config(None, ["train.local_steps=2", "train.batch_size=8"]).train
     result = train_client(

@@ -56,7 +56,8 @@ def validate_update(
         if key not in global_state:
             return f"unknown tensor {key!r}"
         if key not in allowed:
-            return f"tensor {key!r} of layer {layer_of[key]} outside the allocation {list(update.layers)}"
+            layers = list(update.layers)
+            return f"tensor {key!r} of layer {layer_of[key]} outside the allocation {layers}"
     missing = allowed - set(update.tensors)
     if missing:
         return f"missing {len(missing)} allocated tensors, e.g. {sorted(missing)[0]!r}"

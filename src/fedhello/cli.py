@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from fedhello.errors import UserError
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a config and print it resolved")
     config_args(val)
+
+    plan = sub.add_parser("plan", help="show the layer allocation without training")
+    config_args(plan)
+    plan.add_argument("--rounds", type=int, help="rounds to plan (default: federation.rounds)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -54,6 +60,7 @@ def _setup_output(verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("fedhello").setLevel(logging.DEBUG if verbose else logging.INFO)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         import transformers
 
@@ -71,13 +78,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run_name()
-    run = RunDir.create(out, overwrite=args.overwrite)
+    run = RunDir(out)
+    run.check_free(args.overwrite)  # before any long work
     _setup_output(args.verbose)
     from fedhello.engine.simulation import run_embedded
     from fedhello.progress import RichObserver, summary_table
 
     console = Console(stderr=True)
-    summary = run_embedded(cfg, run, RichObserver(console, cfg.federation.rounds))
+    observer = RichObserver(console, cfg.federation.rounds)
+    summary = run_embedded(cfg, run, observer, overwrite=args.overwrite)
     Console().print(summary_table(summary, str(run.path)))
     return 0
 
@@ -90,13 +99,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from fedhello.config import load_config
+    from fedhello.errors import ConfigError
+    from fedhello.plan import make_plan, render_plan
+
+    cfg = load_config(args.config, args.overrides)
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds {args.rounds}: must be at least 1")
+    if cfg.allocation.strategy in ("fisher", "fed-hello"):
+        _setup_output(args.verbose)
+    plan = make_plan(cfg, args.rounds)
+    if args.json:
+        sys.stdout.write(json.dumps(plan) + "\n")
+    else:
+        render_plan(plan, Console())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": cmd_run, "validate": cmd_validate}[args.command](args)
+        commands = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan}
+        return commands[args.command](args)
     except UserError as err:
         print(f"fedhello: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -23,7 +23,9 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("minilm-l6", description="registry name (minilm-l6), local folder or hub name")
+    name: str = Field(
+        "minilm-l6", description="registry name (minilm-l6), local folder or hub name"
+    )
     task: Literal["auto", "text", "image"] = Field("auto", description="auto: from the model type")
     max_length: int = Field(32, ge=4, le=4096, description="text: tokens per example (truncated)")
     allow_download: bool = Field(False, description="allow hub downloads (off: offline, fail fast)")
@@ -106,16 +108,43 @@ class ClientsConfig(Section):
 
 
 class AllocationConfig(Section):
-    strategy: str = Field("fedra", description="allocation strategy name")
+    strategy: str = Field("fedra", description="allocation strategy name (fedhello plan --help)")
     shape: Literal["uniform", "triangle", "inverted-triangle", "bottleneck"] = Field(
-        "bottleneck", description="geometric shape for the strategies that take one"
+        "bottleneck",
+        description="geometric shape (geometric, randomized-geometric; fed-hello prior)",
     )
+    sampler: Literal["exact", "numpy"] = Field(
+        "exact",
+        description="randomized draws: exact inclusion probabilities, or numpy's weighted draw "
+        "without replacement (the authors', flattens the shape)",
+    )
+    proxy_examples: int = Field(
+        256, ge=1, description="server proxy set for Fisher scores, held out of the training pool"
+    )
+    fisher_warmup: int = Field(2, ge=0, description="rounds before the first Fisher refresh")
+    fisher_every: int = Field(5, ge=1, description="rounds between Fisher refreshes")
+    fisher_levels: list[float] = Field(
+        [1 / 9, 2 / 27, 1 / 27],
+        min_length=1,
+        description="fed-hello: weight of the high, mid, low Fisher clusters (the authors' levels)",
+    )
+    fisher_mix: float = Field(
+        1.0, ge=0, le=1, description="fed-hello: lam in p = lam * p_fisher + (1 - lam) * p_shape"
+    )
+    fisher_batch_size: int = Field(32, ge=1, description="proxy examples per Fisher batch")
 
     @field_validator("strategy")
     @classmethod
     def _known(cls, v: str) -> str:
         if v not in strategy_names():
             raise ValueError(f"unknown strategy; choose one of: {', '.join(strategy_names())}")
+        return v
+
+    @field_validator("fisher_levels")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(x <= 0 for x in v):
+            raise ValueError(f"levels must be positive, got {v}")
         return v
 
 
@@ -128,7 +157,7 @@ class TrainConfig(Section):
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate (LoRA and head)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="learning rate over rounds (decays to lr_min_factor * lr)"
+        "cosine", description="learning rate over rounds (decays to lr_min_factor * lr)"
     )
     lr_min_factor: float = Field(0.1, ge=0, le=1, description="final lr / lr for decays")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient-norm clipping (0: off)")

@@ -19,7 +19,13 @@ from fedhello.seeds import Purpose, generator
 logger = logging.getLogger(__name__)
 
 BUILTIN = {"wordnet-nouns": "wordnet_nouns.tsv.gz"}
-FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FILE_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 @dataclass
@@ -45,9 +51,13 @@ def _read_table(path: Path) -> Any:
         )
     try:
         if fmt in ("csv", "tsv"):
-            return pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", quoting=3 if fmt == "tsv" else 0)
+            return pd.read_csv(
+                path, sep="\t" if fmt == "tsv" else ",", quoting=3 if fmt == "tsv" else 0
+            )
         if fmt == "json":
-            return pd.read_json(path, lines=path.suffix != ".json" or path.name.endswith(".jsonl.gz"))
+            return pd.read_json(
+                path, lines=path.suffix != ".json" or path.name.endswith(".jsonl.gz")
+            )
         return pd.read_parquet(path)
     except Exception as err:  # pandas raises many types for unreadable files
         raise DataError(f"data.name = {str(path)!r}: cannot read it as {fmt}: {err}") from None
@@ -104,10 +114,13 @@ def _column(table: Any, column: str, role: str, key: str, name: str) -> list[Any
     return list(table[column])
 
 
-def load_raw(cfg: Any, kind: str, allow_download: bool, split_seed: int = 0) -> RawData:
+def load_raw(cfg: Any, kind: str, allow_download: bool) -> RawData:
     """Read the dataset named by ``cfg`` (a DataConfig) and fix its splits."""
+    split_seed = cfg.split_seed
     tables = _load_tables(cfg.name, allow_download)
-    in_col, in_key = (cfg.image_column, "image_column") if kind == "image" else (cfg.text_column, "text_column")
+    in_col, in_key = (
+        (cfg.image_column, "image_column") if kind == "image" else (cfg.text_column, "text_column")
+    )
     inputs: list[Any] = []
     labels: list[Any] = []
     offsets: dict[str, np.ndarray] = {}
@@ -146,18 +159,20 @@ def _encode_labels(labels: list[Any], tables: dict[str, Any]) -> tuple[list[str]
     return names, np.array([index[str(v)] for v in labels], dtype=np.int64)
 
 
-def _fix_splits(offsets: dict[str, np.ndarray], n: int, cfg: Any, seed: int) -> dict[str, np.ndarray]:
+def _fix_splits(
+    offsets: dict[str, np.ndarray], n: int, cfg: Any, seed: int
+) -> dict[str, np.ndarray]:
     """Use the source's test split if it has one; otherwise carve test/validation by seed."""
     rng = generator(seed, Purpose.SPLIT, 0)
     if "test" in offsets:
         test = offsets["test"]
         pool = np.concatenate([v for k, v in offsets.items() if k != "test"])
         perm = rng.permutation(pool)
-        n_val = int(round(cfg.validation_fraction * len(pool)))
+        n_val = round(cfg.validation_fraction * len(pool))
         return {"train": np.sort(perm[n_val:]), "validation": np.sort(perm[:n_val]), "test": test}
     perm = rng.permutation(n)
-    n_test = int(round(cfg.test_fraction * n))
-    n_val = int(round(cfg.validation_fraction * n))
+    n_test = round(cfg.test_fraction * n)
+    n_val = round(cfg.validation_fraction * n)
     return {
         "test": np.sort(perm[:n_test]),
         "validation": np.sort(perm[n_test : n_test + n_val]),

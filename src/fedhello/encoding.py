@@ -57,7 +57,9 @@ def encode(raw: RawData, processor: Any, max_length: int) -> Encoded:
             )
         # Python lists -> numpy -> torch: 3x faster than return_tensors="pt" on 82k texts.
         tok = processor(raw.inputs, padding="max_length", truncation=True, max_length=max_length)
-        return Encoded({k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in tok.items()}, labels)
+        return Encoded(
+            {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in tok.items()}, labels
+        )
     chunks = []
     for start in range(0, len(raw.inputs), IMAGE_CHUNK):
         images = [_as_image(x) for x in raw.inputs[start : start + IMAGE_CHUNK]]

@@ -18,7 +18,7 @@ from fedhello.allocation import AllocationStrategy, build_strategy
 from fedhello.budgets import client_budgets, client_tiers
 from fedhello.config import Config
 from fedhello.data import RawData, load_raw
-from fedhello.errors import ModelError
+from fedhello.errors import DataError, ModelError
 from fedhello.seeds import Purpose, derived_int, generator
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Experiment:
     init_state: dict[str, np.ndarray]
     eval_test: np.ndarray  # fixed per-round evaluation subsets
     eval_val: np.ndarray
+    proxy: np.ndarray  # the server's labelled proxy set (Fisher scores)
 
 
 def model_shape(source: str, task: str) -> tuple[str, int]:
@@ -90,8 +91,8 @@ def build_experiment(cfg: Config) -> Experiment:
         cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation
     )
 
-    raw = load_raw(cfg.data, task, cfg.model.allow_download, cfg.data.split_seed)
-    train_pool = raw.splits["train"]
+    raw = load_raw(cfg.data, task, cfg.model.allow_download)
+    proxy, train_pool = hold_out_proxy(raw.splits["train"], cfg)
     shards = [
         train_pool[s]
         for s in partition_indices(
@@ -140,7 +141,21 @@ def build_experiment(cfg: Config) -> Experiment:
         init_state=get_state(model, keys),
         eval_test=subset("test", 0),
         eval_val=subset("validation", 1),
+        proxy=proxy,
     )
+
+
+def hold_out_proxy(train: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(proxy, remaining training pool). Held out for every strategy, Fisher-based or not, so
+    that all strategies of a comparison see the same client shards."""
+    n = cfg.allocation.proxy_examples
+    if n > len(train) // 2:
+        raise DataError(
+            f"allocation.proxy_examples = {n}: the training pool has only {len(train)} examples; "
+            f"allowed: at most half of it ({len(train) // 2})"
+        )
+    perm = generator(cfg.data.split_seed, Purpose.PROXY).permutation(len(train))
+    return np.sort(train[perm[:n]]), np.sort(train[perm[n:]])
 
 
 def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:

@@ -26,7 +26,11 @@ AUTO_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"), ("c_attn",
 
 def resolve_target_modules(model: torch.nn.Module, requested: Sequence[str]) -> list[str]:
     """The module names LoRA goes on; ``["auto"]`` picks the attention query/value pair."""
-    leaf_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    leaf_names = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
     if list(requested) == ["auto"]:
         for pair in AUTO_TARGETS:
             if set(pair) <= leaf_names:

@@ -26,7 +26,7 @@ def is_lora_key(name: str) -> bool:
 def layer_index_of(name: str) -> int | None:
     """Block index of a LoRA tensor, or None for tensors outside the blocks (the head).
 
-    >>> layer_index_of("base_model.model.bert.encoder.layer.11.attention.self.query.lora_A.default.weight")
+    >>> layer_index_of("bert.encoder.layer.11.attention.self.query.lora_A.default.weight")
     11
     >>> layer_index_of("base_model.model.classifier.modules_to_save.default.weight") is None
     True

@@ -16,7 +16,16 @@ from fedhello.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MODEL_TYPES = {"vit", "deit", "beit", "swin", "dinov2", "convnext", "swinv2", "data2vec-vision"}
+IMAGE_MODEL_TYPES = {
+    "vit",
+    "deit",
+    "beit",
+    "swin",
+    "dinov2",
+    "convnext",
+    "swinv2",
+    "data2vec-vision",
+}
 
 
 def _minilm_path() -> str:

@@ -28,7 +28,11 @@ def partition_indices(
 ) -> list[np.ndarray]:
     """Positions into ``labels`` (the training pool) for each client; disjoint, each non-empty."""
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
 
     n = len(labels)
     if n < num_clients:

@@ -75,7 +75,10 @@ def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
         ("chance level", f"{1 / summary['num_classes']:.4f}"),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ("client compute", f"{summary['client_seconds']:.1f} s"),
-        ("bytes up / down", f"{summary['bytes_up'] / 1e6:.1f} MB / {summary['bytes_down'] / 1e6:.1f} MB"),
+        (
+            "bytes up / down",
+            f"{summary['bytes_up'] / 1e6:.1f} MB / {summary['bytes_down'] / 1e6:.1f} MB",
+        ),
         ("rejected updates", str(summary["rejected_updates"])),
     ]
     for k, v in rows:

@@ -1,9 +1,9 @@
 """The run directory: it explains itself.
 
-    runs/<name>/config.toml     the resolved config (every default spelled out)
-    runs/<name>/metrics.jsonl   one JSON object per round
-    runs/<name>/summary.json    final full-test metrics, wall time, totals
-    runs/<name>/adapter/        PEFT adapter (LoRA + head): PeftModel.from_pretrained(base, here)
+runs/<name>/config.toml     the resolved config (every default spelled out)
+runs/<name>/metrics.jsonl   one JSON object per round
+runs/<name>/summary.json    final full-test metrics, wall time, totals
+runs/<name>/adapter/        PEFT adapter (LoRA + head): PeftModel.from_pretrained(base, here)
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 from fedhello.config import Config
 from fedhello.errors import RunDirError
 
-TIMING_FIELDS = {"seconds", "peak_memory_mb", "round_seconds", "wall_seconds", "eval_seconds"}
+TIMING_FIELDS = {
+    "seconds", "peak_memory_mb", "round_seconds", "wall_seconds", "eval_seconds", "fisher_seconds",
+}  # fmt: skip
 
 
 class RunDir:
@@ -40,24 +42,28 @@ class RunDir:
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
 
-    @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False) -> RunDir:
-        """A fresh run directory; an existing one is replaced only with ``overwrite``."""
-        run = cls(path)
-        if run.path.exists() and any(run.path.iterdir()):
+    def check_free(self, overwrite: bool = False) -> None:
+        """Raise unless this directory may be (re)created: call before any long work."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run directory {str(self.path)!r} is a file")
+        if self.path.exists() and any(self.path.iterdir()):
             if not overwrite:
                 raise RunDirError(
-                    f"run directory {str(run.path)!r} already exists: pass --overwrite to "
+                    f"run directory {str(self.path)!r} already exists: pass --overwrite to "
                     "replace it, or choose another --out"
                 )
-            if not run.config_path.is_file():
+            if not self.config_path.is_file():
                 raise RunDirError(
-                    f"run directory {str(run.path)!r} is not empty and holds no config.toml: "
+                    f"run directory {str(self.path)!r} is not empty and holds no config.toml: "
                     "not a fedhello run, refusing to overwrite it"
                 )
-            shutil.rmtree(run.path)
-        run.path.mkdir(parents=True, exist_ok=True)
-        return run
+
+    def create(self, overwrite: bool = False) -> None:
+        """Make the directory fresh; an existing run is replaced only with ``overwrite``."""
+        self.check_free(overwrite)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
 
     def write_config(self, cfg: Config) -> None:
         _atomic_write(self.config_path, cfg.to_toml())

@@ -72,7 +72,9 @@ def num_local_steps(num_examples: int, batch_size: int, steps: int, epochs: floa
 
 def batch_order(rng: np.random.Generator, n: int, batch_size: int, steps: int) -> list[np.ndarray]:
     """``steps`` batches walking through fresh permutations of the client's data."""
-    order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(steps * batch_size / n) + 1)])
+    order = np.concatenate(
+        [rng.permutation(n) for _ in range(math.ceil(steps * batch_size / n) + 1)]
+    )
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 

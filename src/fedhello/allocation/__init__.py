@@ -5,15 +5,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedhello.allocation import fedra, full  # noqa: F401  (registers the strategies)
+# Importing the modules registers the strategies.
+from fedhello.allocation import (  # noqa: F401
+    baselines,
+    fed_hello,
+    fedra,
+    fisher,
+    full,
+    geometric,
+    randomized_geometric,
+)
 from fedhello.allocation.base import (
     AllocationStrategy,
     register,
     strategy_class,
     strategy_names,
 )
+from fedhello.allocation.shapes import SHAPES
 
-__all__ = ["AllocationStrategy", "build_strategy", "register", "strategy_class", "strategy_names"]
+__all__ = [
+    "SHAPES",
+    "AllocationStrategy",
+    "build_strategy",
+    "register",
+    "strategy_class",
+    "strategy_names",
+]
 
 
 def build_strategy(

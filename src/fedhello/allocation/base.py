@@ -39,7 +39,9 @@ class AllocationStrategy(ABC):
     def allocate(self, round: int, clients: Sequence[int]) -> AllocationPlan:
         """The plan of one round for the sampled ``clients``."""
         allocs = tuple(
-            ClientAllocation(c, self.budgets[c], check_layers(self.layers_for(round, c), self.num_layers))
+            ClientAllocation(
+                c, self.budgets[c], check_layers(self.layers_for(round, c), self.num_layers)
+            )
             for c in clients
         )
         return AllocationPlan(round=round, num_layers=self.num_layers, clients=allocs)

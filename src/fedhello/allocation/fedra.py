@@ -1,26 +1,21 @@
 """``fedra``: FedRA (Su et al. 2024), each client draws its layers uniformly at random per round.
 
-With equal weights, numpy's draw without replacement hits the exact inclusion probability
-``n_i / L`` for every layer, so no special sampler is needed here.
+It is RGD-HLA with the uniform shape; with equal weights every sampler hits the exact
+inclusion probability ``n_i / L``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numpy as np
 
-from fedhello.allocation.base import AllocationStrategy, register
-from fedhello.seeds import Purpose, generator
+from fedhello.allocation.base import register
+from fedhello.allocation.randomized_geometric import WeightedRandomAllocation
 
 
 @register
-class FedRAAllocation(AllocationStrategy):
+class FedRAAllocation(WeightedRandomAllocation):
     name = "fedra"
     help = "uniformly random layers per client and round (FedRA)"
 
-    def layers_for(self, round: int, client: int) -> Sequence[int]:
-        rng = generator(self.seed, Purpose.ALLOCATE, round, client)
-        n = min(self.budgets[client], self.num_layers)
-        return rng.choice(self.num_layers, size=n, replace=False).tolist()
-
-    def target(self) -> list[float]:
-        return [1.0 / self.num_layers] * self.num_layers
+    def weights(self, round: int) -> np.ndarray:
+        return np.full(self.num_layers, 1.0 / self.num_layers)

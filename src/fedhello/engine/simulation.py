@@ -38,7 +38,9 @@ class _Silent:
         return lambda *args, **kwargs: None
 
 
-def client_record(exp: Experiment, result: ClientResult, rejected: dict[int, str]) -> dict[str, Any]:
+def client_record(
+    exp: Experiment, result: ClientResult, rejected: dict[int, str]
+) -> dict[str, Any]:
     u = result.update
     rec = {
         "client": u.client,
@@ -80,15 +82,48 @@ def evaluate_global(exp: Experiment, state: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
+def refresh_fisher(exp: Experiment, round_: int, state: dict[str, np.ndarray]) -> dict[str, Any]:
+    """For Fisher-based strategies: recompute the scores at refresh rounds; report them."""
+    strategy: Any = exp.strategy
+    if not getattr(strategy, "uses_fisher", False):
+        return {}
+    info: dict[str, Any] = {}
+    if strategy.needs_scores(round_):
+        from fedhello.fisher import fisher_scores
+        from fedhello.lora import set_state
+
+        t0 = time.perf_counter()
+        set_state(exp.model, state)
+        scores = fisher_scores(
+            exp.model, exp.data, exp.proxy, exp.layer_of, exp.num_layers,
+            exp.cfg.allocation.fisher_batch_size,
+        )  # fmt: skip
+        strategy.observe_scores(round_, scores)
+        info["fisher_seconds"] = round(time.perf_counter() - t0, 4)
+        logger.info("round %d Fisher scores %s", round_, np.round(scores, 6).tolist())
+    info["layer_scores"] = None if strategy.scores is None else strategy.scores.tolist()
+    info["layer_probabilities"] = strategy.layer_probabilities(round_)
+    return info
+
+
+def _expected(exp: Experiment, round_: int, clients: list[int]) -> list[float] | None:
+    """Expected coverage of randomized strategies, to compare with the realized one."""
+    fn = getattr(exp.strategy, "expected_coverage", None)
+    return None if fn is None else [round(x, 4) for x in fn(round_, clients)]
+
+
 def run_round(
     exp: Experiment, round_: int, state: dict[str, np.ndarray], momentum: ServerMomentum, obs: Any
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     cfg = exp.cfg
     t0 = time.perf_counter()
     sampled = sample_clients(cfg.run.seed, round_, cfg.clients.num_clients, cfg.clients.per_round)
+    fisher_info = refresh_fisher(exp, round_, state)
     plan = exp.strategy.allocate(round_, sampled)
     obs.on_round_start(round_, plan)
-    lr = lr_at(round_, cfg.federation.rounds, cfg.train.lr, cfg.train.lr_schedule, cfg.train.lr_min_factor)
+    lr = lr_at(
+        round_, cfg.federation.rounds, cfg.train.lr, cfg.train.lr_schedule, cfg.train.lr_min_factor
+    )
     results = []
     for alloc in plan.clients:
         if not alloc.layers:  # e.g. `exclusive`: a client whose budget is too small sits out
@@ -112,12 +147,14 @@ def run_round(
         "sampled": sampled,
         "allocation": [a.as_dict() for a in plan.clients],
         "coverage": report.coverage,
+        "expected_coverage": _expected(exp, round_, [a.client for a in plan.clients]),
         "train_loss": float(np.average([r.update.train_loss for r in accepted], weights=weights))
         if accepted
         else None,
         "clients": [client_record(exp, r, report.rejected) for r in results],
         "rejected": {str(c): reason for c, reason in report.rejected.items()},
         "num_rejected": len(report.rejected),
+        **fisher_info,
     }
     if round_ % cfg.federation.eval_every == 0 or round_ == cfg.federation.rounds:
         e0 = time.perf_counter()
@@ -127,15 +164,23 @@ def run_round(
     return new_state, record
 
 
-def run_embedded(cfg: Config, run: RunDir, observer: Any = None) -> dict[str, Any]:
-    """Run the whole federation; write metrics, summary and adapter into ``run``."""
+def run_embedded(
+    cfg: Config, run: RunDir, observer: Any = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run the whole federation; write metrics, summary and adapter into ``run``.
+
+    The run directory is checked first, created only once the experiment is built (so a bad
+    model or data path leaves nothing behind), and an old run is replaced only then.
+    """
     from fedhello.evaluation import evaluate
     from fedhello.lora import set_state
 
     obs = observer or _Silent()
     wall0 = time.perf_counter()
-    run.write_config(cfg)
+    run.check_free(overwrite)
     exp = build_experiment(cfg)
+    run.create(overwrite)
+    run.write_config(cfg)
     obs.on_start(exp)
     state = exp.init_state
     momentum = ServerMomentum(cfg.federation.server_momentum, cfg.federation.server_lr)

@@ -1,0 +1,199 @@
+"""Allocation strategies: golden tables, properties, sampler statistics, k-means mapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedhello.allocation import build_strategy, strategy_names
+from fedhello.allocation.fed_hello import cluster_levels
+from fedhello.allocation.randomized_geometric import draw_layers
+from fedhello.allocation.shapes import (
+    AUTHORS_BOTTLENECK_12,
+    SHAPES,
+    inclusion_probabilities,
+    shape_weights,
+    systematic_sample,
+)
+from fedhello.config import load_config
+
+BUDGET_RESPECTING = ["geometric", "randomized-geometric", "fedra", "fisher", "fed-hello"]
+
+
+def options(**kw: object):
+    return load_config(
+        None, [f"allocation.{k}={v!r}".replace("'", '"') for k, v in kw.items()]
+    ).allocation
+
+
+GOLDEN_8 = {  # 8 layers, budgets 2 / 4 / 6
+    "triangle": [[0, 1], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5]],
+    "inverted-triangle": [[6, 7], [4, 5, 6, 7], [2, 3, 4, 5, 6, 7]],
+    "bottleneck": [[0, 7], [0, 1, 6, 7], [0, 1, 2, 5, 6, 7]],
+    "uniform": [[0, 1], [2, 3, 4, 5], [0, 1, 2, 3, 6, 7]],
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_geometric_golden_tables(shape: str) -> None:
+    strategy = build_strategy("geometric", 8, [2, 4, 6], 0, options(shape=shape))
+    for round_ in (1, 7):  # fixed across rounds
+        plan = strategy.allocate(round_, [0, 1, 2])
+        assert [list(a.layers) for a in plan.clients] == GOLDEN_8[shape]
+
+
+def test_geometric_uniform_covers_every_layer_equally_up_to_one() -> None:
+    budgets = [3, 3, 3, 3, 5, 5, 5, 5, 6, 6, 6, 6]
+    plan = build_strategy("geometric", 6, budgets, 0, options(shape="uniform")).allocate(
+        1, range(12)
+    )
+    assert max(plan.coverage()) - min(plan.coverage()) <= 1
+
+
+def test_geometric_triangle_and_inverted_triangle_are_mirror_images() -> None:
+    budgets = [2, 3, 5, 7, 8]
+    cov = {
+        shape: build_strategy("geometric", 8, budgets, 0, options(shape=shape))
+        .allocate(1, range(5))
+        .coverage()
+        for shape in ("triangle", "inverted-triangle")
+    }
+    assert cov["triangle"] == cov["inverted-triangle"][::-1]
+    assert cov["triangle"] == sorted(cov["triangle"], reverse=True)  # widest at the shallow end
+
+
+def test_shapes() -> None:
+    np.testing.assert_allclose(shape_weights("bottleneck", 12), AUTHORS_BOTTLENECK_12)
+    for L in (1, 2, 5, 6, 12, 24):
+        for shape in SHAPES:
+            w = shape_weights(shape, L)
+            assert len(w) == L and (w > 0).all() and w.sum() == pytest.approx(1.0)
+        np.testing.assert_allclose(
+            shape_weights("triangle", L), shape_weights("inverted-triangle", L)[::-1]
+        )
+    b = shape_weights("bottleneck", 6)
+    assert b[0] > b[1] > b[2] and np.allclose(b, b[::-1])  # wide ends, thin middle
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    strategy=st.sampled_from(BUDGET_RESPECTING),
+    shape=st.sampled_from(SHAPES),
+    sampler=st.sampled_from(["exact", "numpy"]),
+    num_layers=st.integers(1, 16),
+    budgets=st.lists(st.integers(1, 20), min_size=1, max_size=8),
+    seed=st.integers(0, 2**31),
+    round_=st.integers(1, 50),
+    with_scores=st.booleans(),
+)
+def test_every_allocation_has_exactly_min_budget_layers_distinct_in_range(
+    strategy: str, shape: str, sampler: str, num_layers: int, budgets: list[int], seed: int,
+    round_: int, with_scores: bool,
+) -> None:  # fmt: skip
+    s = build_strategy(strategy, num_layers, budgets, seed, options(shape=shape, sampler=sampler))
+    if with_scores and hasattr(s, "observe_scores"):
+        s.observe_scores(1, np.random.default_rng(seed).random(num_layers).tolist())
+    plan = s.allocate(round_, range(len(budgets)))
+    for alloc, budget in zip(plan.clients, budgets, strict=True):
+        assert len(alloc.layers) == min(budget, num_layers)
+        assert len(set(alloc.layers)) == len(alloc.layers)
+        assert all(0 <= x < num_layers for x in alloc.layers)
+    again = build_strategy(
+        strategy, num_layers, budgets, seed, options(shape=shape, sampler=sampler)
+    )
+    if with_scores and hasattr(again, "observe_scores"):
+        again.observe_scores(1, np.random.default_rng(seed).random(num_layers).tolist())
+    assert again.allocate(round_, range(len(budgets))) == plan  # same (seed, round) replays
+
+
+@pytest.mark.parametrize("strategy", ["randomized-geometric", "fedra", "fed-hello"])
+def test_different_seeds_give_different_allocations(strategy: str) -> None:
+    plans = [
+        build_strategy(strategy, 12, [6] * 10, seed, options()).allocate(1, range(10))
+        for seed in (0, 1)
+    ]
+    assert plans[0] != plans[1]
+
+
+def test_baselines() -> None:
+    budgets = [3, 3, 5, 6]
+    full = build_strategy("full", 6, budgets, 0, options()).allocate(1, range(4))
+    assert all(a.layers == tuple(range(6)) for a in full.clients)
+    excl = build_strategy("exclusive", 6, budgets, 0, options()).allocate(1, range(4))
+    assert [a.layers for a in excl.clients] == [(), (), (), tuple(range(6))]
+    strag = build_strategy("straggler", 6, budgets, 0, options()).allocate(1, range(4))
+    assert all(a.layers == (3, 4, 5) for a in strag.clients)
+
+
+def test_inclusion_probabilities_cap_and_redistribute() -> None:
+    pi = inclusion_probabilities(AUTHORS_BOTTLENECK_12, 9)
+    np.testing.assert_allclose(pi, AUTHORS_BOTTLENECK_12 * 9, atol=1e-12)  # 1, 2/3, 1/3
+    pi = inclusion_probabilities(np.array([0.7, 0.1, 0.1, 0.1]), 2)
+    np.testing.assert_allclose(pi, [1.0, 1 / 3, 1 / 3, 1 / 3])
+    assert pi.sum() == pytest.approx(2)
+
+
+def test_exact_sampler_hits_targets_while_numpy_draw_is_flatter() -> None:
+    """12-layer bottleneck, budget 9: middle layers should be drawn with probability 1/3."""
+    w = AUTHORS_BOTTLENECK_12
+    target = inclusion_probabilities(w, 9)
+    draws = 20000
+    freq = {"exact": np.zeros(12), "numpy": np.zeros(12)}
+    for sampler in freq:
+        rng = np.random.default_rng(123)
+        for _ in range(draws):
+            freq[sampler][draw_layers(w, 9, sampler, rng)] += 1
+        freq[sampler] /= draws
+    # binomial std at p=1/3 over 20000 draws is 0.0033: 0.015 is > 4 sigma
+    np.testing.assert_allclose(freq["exact"], target, atol=0.015)
+    middle = [5, 6, 7]
+    assert freq["numpy"][middle].mean() > target[middle].mean() + 0.1  # ~0.5 instead of 1/3
+    assert np.abs(freq["numpy"] - target).max() > 0.1
+
+
+def test_systematic_sample_returns_exactly_n_distinct() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w = rng.random(10) + 0.01
+        n = int(rng.integers(1, 10))
+        layers = systematic_sample(inclusion_probabilities(w, n), rng)
+        assert len(layers) == n == len(set(layers))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kmeans_puts_the_highest_scores_on_the_highest_level(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = np.concatenate([rng.normal(100, 1, 4), rng.normal(50, 1, 4), rng.normal(1, 0.1, 4)])
+    perm = rng.permutation(12)
+    levels = cluster_levels(scores[perm], [1 / 9, 2 / 27, 1 / 27], seed=seed)
+    expected = np.array([1 / 9] * 4 + [2 / 27] * 4 + [1 / 27] * 4)[perm]
+    np.testing.assert_allclose(levels, expected)
+
+
+def test_fed_hello_uses_prior_until_scores_then_fisher_weights() -> None:
+    s = build_strategy("fed-hello", 6, [3] * 4, 0, options(fisher_warmup=2, fisher_every=5))
+    assert [r for r in range(1, 15) if s.needs_scores(r)] == [3, 8, 13]
+    np.testing.assert_allclose(s.weights(1), shape_weights("bottleneck", 6))
+    s.observe_scores(3, [0.1, 0.1, 5.0, 5.0, 9.0, 9.0])
+    w = s.weights(4)
+    assert w[4] > w[2] > w[0]
+    state = s.state_dict()
+    other = build_strategy("fed-hello", 6, [3] * 4, 0, options())
+    other.load_state_dict(state)
+    assert other.allocate(4, range(4)) == s.allocate(4, range(4))
+
+
+def test_pure_fisher_gives_top_scoring_layers() -> None:
+    s = build_strategy("fisher", 6, [2, 4], 0, options())
+    s.observe_scores(3, [0.5, 0.1, 0.9, 0.3, 0.8, 0.2])
+    plan = s.allocate(3, [0, 1])
+    assert [a.layers for a in plan.clients] == [(2, 4), (0, 2, 3, 4)]
+
+
+def test_every_strategy_is_registered() -> None:
+    assert set(strategy_names()) == {
+        "full", "exclusive", "straggler", "fedra", "geometric", "randomized-geometric",
+        "fisher", "fed-hello",
+    }  # fmt: skip

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedhello.config import load_config
+from fedhello.data import load_raw
+from fedhello.errors import DataError
+
+
+def _cfg(**kw: object):
+    return load_config(None, [f"data.{k}={v!r}".replace("'", '"') for k, v in kw.items()]).data
+
+
+def test_shipped_wordnet_nouns() -> None:
+    raw = load_raw(_cfg(), "text", allow_download=False)
+    assert len(raw.inputs) == 82115 and len(raw.label_names) == 26
+    assert raw.label_names[0] == "noun.Tops" and "noun.artifact" in raw.label_names
+    assert raw.inputs[0].startswith("entity: ")
+    sizes = {k: len(v) for k, v in raw.splits.items()}
+    assert sizes["test"] == round(0.1 * 82115) and sum(sizes.values()) == 82115
+    joined = np.concatenate(list(raw.splits.values()))
+    assert len(np.unique(joined)) == 82115  # the splits are disjoint
+    again = load_raw(_cfg(), "text", allow_download=False)
+    assert np.array_equal(again.splits["test"], raw.splits["test"])
+    other = load_raw(_cfg(split_seed=1), "text", allow_download=False)
+    assert not np.array_equal(other.splits["test"], raw.splits["test"])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet", ".tsv"])
+def test_local_files_with_configured_columns(tmp_path: Path, suffix: str) -> None:
+    frame = pd.DataFrame({"body": [f"text {i}" for i in range(40)], "y": ["a", "b"] * 20})
+    path = tmp_path / f"d{suffix}"
+    {
+        ".csv": lambda: frame.to_csv(path, index=False),
+        ".tsv": lambda: frame.to_csv(path, index=False, sep="\t"),
+        ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        ".parquet": lambda: frame.to_parquet(path),
+    }[suffix]()
+    raw = load_raw(_cfg(name=str(path), text_column="body", label_column="y"), "text", False)
+    assert raw.label_names == ["a", "b"] and len(raw.inputs) == 40
+    assert raw.inputs[raw.labels.tolist().index(1)].startswith("text")
+
+
+def test_missing_column_names_the_column_and_lists_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"body": ["x", "y"], "y": [0, 1]}).to_csv(path, index=False)
+    with pytest.raises(DataError) as err:
+        load_raw(_cfg(name=str(path)), "text", False)
+    assert "data.text_column = 'text'" in str(err.value) and "body, y" in str(err.value)
+    with pytest.raises(DataError, match="label_column = 'label'"):
+        load_raw(_cfg(name=str(path), text_column="body"), "text", False)
+
+
+def test_missing_file_and_offline_hub_name(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_raw(_cfg(name=str(tmp_path / "nope.csv")), "text", False)
+    with pytest.raises(DataError, match="hub downloads are off"):
+        load_raw(_cfg(name="ag_news"), "text", False)
+    bad = tmp_path / "d.xlsx"
+    bad.write_text("x")
+    with pytest.raises(DataError, match="unknown file type"):
+        load_raw(_cfg(name=str(bad)), "text", False)

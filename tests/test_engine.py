@@ -1,0 +1,185 @@
+"""The embedded engine end to end on tiny models: files, metrics, determinism, adapter export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+
+from fedhello.cli import main
+from fedhello.runs import RunDir, strip_timing
+
+ROUND_KEYS = {"round", "test_accuracy", "test_macro_f1", "train_loss", "coverage", "clients"}
+CLIENT_KEYS = {"client", "budget", "layers", "num_examples", "seconds", "peak_memory_mb",
+               "bytes_up", "bytes_down"}  # fmt: skip
+
+
+def run(out: Path, overrides: list[str], *extra: str) -> int:
+    args = ["run", "--out", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    return main([*args, *extra])
+
+
+@pytest.fixture(scope="module")
+def text_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "text"
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', federation__rounds=3, train__local_steps=15,
+                        train__lr=0.02, data__partition="iid")  # fmt: skip
+    assert run(out, ov) == 0
+    return out
+
+
+def test_run_directory_explains_itself(text_run: Path) -> None:
+    run = RunDir(text_run)
+    assert run.config_path.is_file() and run.summary_path.is_file()
+    records = run.read_metrics()
+    assert [r["round"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert set(r) >= ROUND_KEYS
+        assert len(r["coverage"]) == 4 and len(r["clients"]) == 3
+        for c in r["clients"]:
+            assert set(c) >= CLIENT_KEYS
+            assert len(c["layers"]) == c["budget"]  # fedra: exactly the budget
+            assert c["bytes_up"] < c["bytes_down"] or len(c["layers"]) == 4
+        assert r["coverage"] == [sum(i in c["layers"] for c in r["clients"]) for i in range(4)]
+    summary = run.read_summary()
+    assert {"test_accuracy", "test_macro_f1", "wall_seconds"} <= set(summary)
+    assert summary["test_examples"] == 60  # 10% of 600, the whole test split
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_the_tiny_model_learns(text_run: Path) -> None:
+    records = RunDir(text_run).read_metrics()
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.05
+    assert RunDir(text_run).read_summary()["test_accuracy"] > 0.4  # 4 balanced classes
+
+
+def test_adapter_reloads_with_peft_and_reproduces_test_accuracy(
+    text_run: Path, tiny_bert_dir: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedhello.config import load_config
+    from fedhello.data import load_raw
+    from fedhello.encoding import encode
+    from fedhello.evaluation import evaluate
+
+    cfg = load_config(text_run / "config.toml")
+    labels = json.loads((text_run / "adapter/labels.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(labels))
+    model = PeftModel.from_pretrained(base, str(text_run / "adapter"))
+    raw = load_raw(cfg.data, "text", False)
+    data = encode(raw, AutoTokenizer.from_pretrained(tiny_bert_dir), cfg.model.max_length)
+    result = evaluate(model, data, raw.splits["test"], 16)
+    assert result["accuracy"] == pytest.approx(RunDir(text_run).read_summary()["test_accuracy"])
+
+
+def test_same_seed_same_metrics_other_seed_differs(
+    text_run: Path, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    common = {"data__text_column": '"sentence"', "data__label_column": '"topic"',
+              "federation__rounds": 3, "train__local_steps": 15, "train__lr": 0.02,
+              "data__partition": "iid"}  # fmt: skip
+    assert run(tmp_path / "again", tiny_overrides(tiny_bert_dir, tiny_text_csv, **common)) == 0
+    first = [strip_timing(r) for r in RunDir(text_run).read_metrics()]
+    again = [strip_timing(r) for r in RunDir(tmp_path / "again").read_metrics()]
+    assert first == again
+    other = tiny_overrides(tiny_bert_dir, tiny_text_csv, run__seed=1, **common)
+    assert run(tmp_path / "other", other) == 0
+    assert [strip_timing(r) for r in RunDir(tmp_path / "other").read_metrics()] != first
+
+
+def test_existing_run_directory_is_not_overwritten(
+    text_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (text_run / "metrics.jsonl").read_bytes()
+    assert run(text_run, []) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and err.count("\n") == 1
+    assert (text_run / "metrics.jsonl").read_bytes() == before
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert run(tmp_path, [], "--overwrite") == 2
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_vit_image_federation_with_full_allocation(
+    tmp_path: Path, tiny_vit_dir: Path, tiny_image_dir: Path
+) -> None:
+    ov = tiny_overrides(tiny_vit_dir, tiny_image_dir, allocation__strategy="full")
+    assert run(tmp_path / "vit", ov) == 0
+    records = RunDir(tmp_path / "vit").read_metrics()
+    assert all(r["coverage"] == [3, 3, 3] for r in records)  # 3 clients x all 3 layers
+    summary = RunDir(tmp_path / "vit").read_summary()
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["num_classes"] == 3
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ('model.name="/no/such/model"', ["model.name", "does not exist"]),
+        ('model.name="bert-base-uncased"', ["hub downloads are off", "allow_download"]),
+        ("clients.budgets=[1,1,1,9,9,9]", ["clients.budgets", "allowed: 1..4"]),
+    ],
+)
+def test_bad_model_or_budget_is_one_line_before_any_work(
+    override: str, words: list[str], tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    ov = [*tiny_overrides(tiny_bert_dir, tiny_text_csv), override]
+    assert run(tmp_path / "bad", ov) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    for w in words:
+        assert w in err
+
+
+def test_model_folder_without_config(
+    tmp_path: Path, tiny_text_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "m").mkdir()
+    ov = tiny_overrides(tmp_path / "m", tiny_text_csv)
+    assert run(tmp_path / "bad", ov) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_eval_subset_is_labelled(text_run: Path) -> None:
+    r = RunDir(text_run).read_metrics()[0]
+    assert r["eval_examples"] == 50 and r["eval_subset"] is True
+    assert np.isfinite(r["val_accuracy"])
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["exclusive", "straggler", "fedra", "geometric", "randomized-geometric", "fisher", "fed-hello"],
+)
+def test_every_strategy_runs(
+    strategy: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    ov = tiny_overrides(
+        tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"', data__label_column='"topic"',
+        allocation__strategy=f'"{strategy}"', allocation__fisher_warmup=0,
+        allocation__fisher_every=1,
+        clients__tiers="[0.5, 1.0]",
+    )  # fmt: skip
+    assert run(tmp_path / strategy, ov) == 0
+    records = RunDir(tmp_path / strategy).read_metrics()
+    budgets = {c["client"]: c["budget"] for r in records for c in r["clients"]}
+    assert set(budgets.values()) <= {2, 4}
+    for r in records:
+        assert r["allocation"] and len(r["coverage"]) == 4
+        if strategy in ("fisher", "fed-hello"):
+            assert len(r["layer_scores"]) == 4 and all(s >= 0 for s in r["layer_scores"])
+            assert sum(r["layer_probabilities"]) == pytest.approx(1.0)
+        if strategy == "exclusive":  # only the full-budget clients train
+            assert all(c["budget"] == 4 for c in r["clients"])

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedhello.errors import DataError
+from fedhello.partition import partition_indices
+
+RNG = np.random.default_rng(0)
+LABELS = RNG.integers(0, 10, 3000)
+
+
+def _check_disjoint_cover(shards: list[np.ndarray], n: int) -> None:
+    joined = np.concatenate(shards)
+    assert len(joined) == len(np.unique(joined)), "shards overlap"
+    assert set(joined.tolist()) <= set(range(n))
+    assert all(len(s) > 0 for s in shards)
+
+
+def test_iid_is_disjoint_covering_and_balanced() -> None:
+    shards = partition_indices(LABELS, 8, "iid", seed=0)
+    _check_disjoint_cover(shards, len(LABELS))
+    assert sum(map(len, shards)) == len(LABELS)
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+    global_freq = np.bincount(LABELS, minlength=10) / len(LABELS)
+    for s in shards:  # every IID shard looks like the whole pool
+        freq = np.bincount(LABELS[s], minlength=10) / len(s)
+        assert np.abs(freq - global_freq).max() < 0.06
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_pathological_gives_at_most_k_classes_per_client(k: int) -> None:
+    shards = partition_indices(LABELS, 8, "pathological", seed=0, classes_per_client=k)
+    _check_disjoint_cover(shards, len(LABELS))
+    for s in shards:
+        assert len(np.unique(LABELS[s])) <= k
+
+
+def test_dirichlet_is_skewed_and_alpha_controls_it() -> None:
+    def skew(alpha: float) -> float:
+        shards = partition_indices(LABELS, 8, "dirichlet", seed=0, alpha=alpha)
+        _check_disjoint_cover(shards, len(LABELS))
+        global_freq = np.bincount(LABELS, minlength=10) / len(LABELS)
+        return float(
+            np.mean(
+                [
+                    np.abs(np.bincount(LABELS[s], minlength=10) / len(s) - global_freq).sum()
+                    for s in shards
+                ]
+            )
+        )
+
+    assert skew(0.1) > skew(100.0) + 0.5  # total-variation-like distance, far apart
+    assert skew(100.0) < 0.3
+
+
+def test_same_seed_same_shards_other_seed_differs() -> None:
+    a = partition_indices(LABELS, 5, "dirichlet", seed=3)
+    b = partition_indices(LABELS, 5, "dirichlet", seed=3)
+    c = partition_indices(LABELS, 5, "dirichlet", seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_fewer_examples_than_clients() -> None:
+    with pytest.raises(DataError, match=r"fewer than clients\.num_clients = 10"):
+        partition_indices(LABELS[:5], 10, "iid", seed=0)
+
+
+def test_too_many_classes_per_client() -> None:
+    with pytest.raises(DataError, match=r"classes_per_client = 11.*only 10 classes"):
+        partition_indices(LABELS, 4, "pathological", seed=0, classes_per_client=11)

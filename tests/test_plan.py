@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedhello.allocation import strategy_names
+
+
+def plan_json(*overrides: str, rounds: int = 4) -> tuple[dict, set[str]]:
+    code = (
+        "import json, sys\n"
+        "from fedhello.cli import main\n"
+        f"rc = main(['plan', '--json', '--rounds', '{rounds}'] + {list(overrides)!r})\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]\n"
+        "print(json.dumps(sorted(heavy)), file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), set(json.loads(proc.stderr.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    "strategy", [s for s in strategy_names() if s not in ("fisher", "fed-hello")]
+)
+def test_plan_json_without_torch(strategy: str) -> None:
+    plan, imported = plan_json("--set", f"allocation.strategy={strategy}")
+    assert not imported, f"plan imported {sorted(imported)[:3]}"
+    assert plan["strategy"] == strategy and plan["num_layers"] == 6
+    assert [r["round"] for r in plan["rounds"]] == [1, 2, 3, 4]
+    total = [0] * 6
+    for r in plan["rounds"]:
+        assert len(r["clients"]) == 6
+        for c in r["clients"]:
+            assert c["budget"] in (3, 5, 6)
+            if strategy not in ("full", "exclusive", "straggler"):
+                assert len(c["layers"]) == c["budget"]
+            for layer in c["layers"]:
+                total[layer] += 1
+    assert plan["coverage"] == total
+    assert len(plan["target"]) == 6 and sum(plan["target"]) == pytest.approx(1.0)
+
+
+def test_plan_same_clients_for_every_strategy() -> None:
+    a, _ = plan_json("--set", "allocation.strategy=fedra")
+    b, _ = plan_json("--set", "allocation.strategy=geometric")
+    assert [[c["client"] for c in r["clients"]] for r in a["rounds"]] == [
+        [c["client"] for c in r["clients"]] for r in b["rounds"]
+    ]
+
+
+def test_plan_unknown_strategy_lists_the_valid_names() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhello.cli", "plan", "--set", "allocation.strategy=magic"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    for name in strategy_names():
+        assert name in proc.stderr
