@@ -111,7 +111,7 @@ def tiny_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def tiny_overrides(model_dir: Path, data: Path, **extra: object) -> list[str]:
+def tiny_overrides(model_dir: Path, data: Path | str, **extra: object) -> list[str]:
     """--set overrides for a fast federation on a tiny model and dataset."""
     base = {
         "model.name": f'"{model_dir}"',

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedhello.aggregation import ClientUpdate, ServerMomentum, aggregate_masked, validate_update
 
@@ -133,3 +135,42 @@ def test_server_momentum_zero_is_fedavg_and_nonzero_accumulates() -> None:
     np.testing.assert_allclose(first["w"], [1, 1])
     second = m.step(first, {"w": first["w"] + 1}, {"w"})  # delta 1, velocity 0.5 + 1
     np.testing.assert_allclose(second["w"], [2.5, 2.5])
+
+
+key_names = st.sampled_from([*LAYER_OF, "enc.layer.9.q.lora_A.weight", "other"])
+arrays = st.one_of(
+    st.builds(
+        lambda v: np.full((2, 3), v, np.float32),
+        st.floats(allow_nan=True, allow_infinity=True, width=32),
+    ),
+    st.builds(lambda v: np.full((3, 2), v, np.float32), st.floats(-1, 1, width=32)),
+    st.builds(lambda v: np.full((2, 3), v, np.float64), st.floats(-1, 1)),
+    st.just("not an array"),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tensors=st.dictionaries(key_names, arrays, max_size=8),
+    layers=st.lists(st.integers(0, L - 1), unique=True, max_size=L),
+    num_examples=st.one_of(st.integers(-3, 50), st.just(2.5)),
+    loss=st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_fuzzed_updates_never_corrupt_the_global_state(
+    tensors: dict, layers: list[int], num_examples: int, loss: float
+) -> None:
+    g = global_state()
+    snapshot = {k: v.copy() for k, v in g.items()}
+    fuzzed = ClientUpdate(9, tuple(sorted(layers)), num_examples, tensors, loss)  # type: ignore[arg-type]
+    good = update(0, (0,), 10, 1)
+    new, report = aggregate_masked(g, [good, fuzzed], LAYER_OF, L)
+    for k in g:  # the input state is never modified in place
+        np.testing.assert_array_equal(g[k], snapshot[k])
+    for k, v in new.items():  # the output is always well formed
+        assert v.shape == g[k].shape and v.dtype == g[k].dtype and np.isfinite(v).all()
+    if 9 in report.accepted:
+        assert validate_update(fuzzed, g, LAYER_OF) is None
+    else:
+        assert 9 in report.rejected
+        for k in good.tensors:
+            np.testing.assert_array_equal(new[k], good.tensors[k])

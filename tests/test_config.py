@@ -53,6 +53,17 @@ def test_resolved_toml_round_trips(tmp_path: Path) -> None:
         ("federation.rounds=0", ["federation.rounds", "0", "greater than or equal to 1"]),
         ("data.partitionn=iid", ["unknown key", "data.partitionn", "partition"]),
         ("data.partition=zipf", ["data.partition", "'zipf'", "dirichlet"]),
+        (
+            "allocation.shape=circle",
+            [
+                "allocation.shape",
+                "'circle'",
+                "uniform",
+                "triangle",
+                "inverted-triangle",
+                "bottleneck",
+            ],
+        ),
         ("clients.per_round=50", ["clients.per_round = 50", "num_clients = 12"]),
         ("clients.tiers=[0.5, 1.5]", ["clients.tiers", "1.5"]),
         ("clients.budgets=[1, 2]", ["clients.budgets", "one per client"]),

@@ -163,14 +163,13 @@ def test_eval_subset_is_labelled(text_run: Path) -> None:
     "strategy",
     ["exclusive", "straggler", "fedra", "geometric", "randomized-geometric", "fisher", "fed-hello"],
 )
-def test_every_strategy_runs(
-    strategy: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+def test_every_strategy_runs_on_the_default_data(
+    strategy: str, tmp_path: Path, tiny_bert_dir: Path
 ) -> None:
     ov = tiny_overrides(
-        tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"', data__label_column='"topic"',
+        tiny_bert_dir, "wordnet-nouns", data__max_train_examples=400, data__test_fraction=0.01,
         allocation__strategy=f'"{strategy}"', allocation__fisher_warmup=0,
-        allocation__fisher_every=1,
-        clients__tiers="[0.5, 1.0]",
+        allocation__fisher_every=1, clients__tiers="[0.5, 1.0]",
     )  # fmt: skip
     assert run(tmp_path / strategy, ov) == 0
     records = RunDir(tmp_path / strategy).read_metrics()
@@ -183,3 +182,81 @@ def test_every_strategy_runs(
             assert sum(r["layer_probabilities"]) == pytest.approx(1.0)
         if strategy == "exclusive":  # only the full-budget clients train
             assert all(c["budget"] == 4 for c in r["clients"])
+
+
+@pytest.mark.parametrize("kind", ["nan", "outside", "loss"])
+def test_bad_client_update_is_rejected_counted_and_the_round_goes_on(
+    kind: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import fedhello.engine.simulation as sim
+
+    real = sim.train_client
+    victims: list[int] = []
+
+    def faulty(*args, **kwargs):
+        result = real(*args, **kwargs)
+        u = result.update
+        round_, global_state = args[4], args[6]  # train_client's positional arguments
+        if round_ not in victims:  # the first client of each round goes bad
+            victims.append(round_)
+            key = next(k for k in u.tensors if "lora_B" in k)
+            if kind == "nan":
+                u.tensors = {**u.tensors, key: np.full_like(u.tensors[key], np.nan)}
+            elif kind == "outside":
+                missing = next(i for i in range(4) if i not in u.layers)
+                extra = next(k for k in global_state if f"layer.{missing}." in k)
+                u.tensors = {**u.tensors, extra: global_state[extra]}
+            else:
+                u.train_loss = float("inf")
+        return result
+
+    monkeypatch.setattr(sim, "train_client", faulty)
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', clients__tiers="[0.5]")  # fmt: skip
+    assert run(tmp_path / kind, ov) == 0
+    records = RunDir(tmp_path / kind).read_metrics()
+    for r in records:
+        assert r["num_rejected"] == 1 and len(r["rejected"]) == 1
+        rejected = [c for c in r["clients"] if not c["accepted"]]
+        assert len(rejected) == 1 and rejected[0]["rejected_reason"]
+        bad_layers = set(rejected[0]["layers"])
+        good = [c for c in r["clients"] if c["accepted"]]
+        assert r["coverage"] == [sum(i in c["layers"] for c in good) for i in range(4)]
+        assert bad_layers  # its layers did not count
+    assert RunDir(tmp_path / kind).read_summary()["rejected_updates"] == 2
+
+
+def _csv(tmp_path: Path, rows: int, columns: dict[str, str]) -> Path:
+    import pandas as pd
+    from conftest import make_texts
+
+    texts, labels = make_texts(rows)
+    path = tmp_path / "d.csv"
+    pd.DataFrame({columns["text"]: texts, columns["label"]: labels}).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    "rows,columns,extra,words",
+    [
+        (100, {"text": "body", "label": "label"}, [], ["data.text_column = 'text'", "body, label"]),
+        (100, {"text": "text", "label": "y"}, [], ["data.label_column = 'label'", "text, y"]),
+        (6, {"text": "text", "label": "label"}, ["allocation.proxy_examples=1"],
+         ["fewer than clients.num_clients = 6"]),
+    ],
+)  # fmt: skip
+def test_bad_dataset_is_one_line_exit_2_and_leaves_nothing(
+    rows: int, columns: dict[str, str], extra: list[str], words: list[str], tmp_path: Path,
+    tiny_bert_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    ov = [*tiny_overrides(tiny_bert_dir, _csv(tmp_path, rows, columns)), *extra]
+    assert run(tmp_path / "run", ov) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "run").exists()
+    missing = [*tiny_overrides(tiny_bert_dir, tmp_path / "nope.csv")]
+    assert run(tmp_path / "run", missing) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -71,3 +71,8 @@ def test_fewer_examples_than_clients() -> None:
 def test_too_many_classes_per_client() -> None:
     with pytest.raises(DataError, match=r"classes_per_client = 11.*only 10 classes"):
         partition_indices(LABELS, 4, "pathological", seed=0, classes_per_client=11)
+
+
+def test_impossible_dirichlet_split_is_a_clear_error() -> None:
+    with pytest.raises(DataError, match=r"cannot split 12 examples over 6 clients"):
+        partition_indices(np.array([0] * 11 + [1]), 6, "dirichlet", seed=0, alpha=0.01)

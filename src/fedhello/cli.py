@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedhello.errors import UserError
+from fedhello.errors import RunDirError, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: RUN.OUT_DIR/<run name>)")
     run.add_argument("--engine", default="embedded", choices=["embedded"], help="where to run")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last complete round"
+    )
 
     val = sub.add_parser("validate", help="check a config and print it resolved")
     config_args(val)
@@ -76,17 +79,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
     from fedhello.runs import RunDir
 
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run_name()
-    run = RunDir(out)
-    run.check_free(args.overwrite)  # before any long work
+    if args.resume:
+        if args.config or args.overrides or args.out or args.overwrite:
+            raise UserError(
+                "--resume RUN_DIR continues that run with its own config.toml: "
+                "give no CONFIG, --set, --out or --overwrite with it"
+            )
+        run = RunDir(args.resume)
+        if not run.config_path.is_file():
+            raise RunDirError(f"--resume {args.resume!r}: no config.toml there, not a fedhello run")
+        cfg = load_config(run.config_path)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run_name()
+        run = RunDir(out)
+        run.check_free(args.overwrite)  # before any long work
     _setup_output(args.verbose)
     from fedhello.engine.simulation import run_embedded
     from fedhello.progress import RichObserver, summary_table
 
     console = Console(stderr=True)
-    observer = RichObserver(console, cfg.federation.rounds)
-    summary = run_embedded(cfg, run, observer, overwrite=args.overwrite)
+    done = len(run.read_metrics()) if args.resume else 0
+    observer = RichObserver(console, cfg.federation.rounds, done)
+    summary = run_embedded(cfg, run, observer, overwrite=args.overwrite, resume=bool(args.resume))
     Console().print(summary_table(summary, str(run.path)))
     return 0
 

@@ -180,6 +180,10 @@ class RunConfig(Section):
     out_dir: str = Field("runs", description="parent folder of run directories")
     seed: int = Field(0, ge=0, description="the seed every random choice derives from")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
+    checkpoint_every: int = Field(
+        1, ge=1, description="write a resumable checkpoint every N rounds"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
 
 
 class Config(Section):

@@ -74,8 +74,14 @@ def partition_indices(
     shards = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "classes will NOT be used" is reported below instead
-        for cid in range(num_clients):
-            shards.append(np.asarray(partitioner.load_partition(cid)["pos"], dtype=np.int64))
+        try:
+            for cid in range(num_clients):
+                shards.append(np.asarray(partitioner.load_partition(cid)["pos"], dtype=np.int64))
+        except ValueError as err:  # e.g. Dirichlet cannot give every client a minimum share
+            raise DataError(
+                f"data.partition = {scheme!r} cannot split {n} examples over {num_clients} "
+                f"clients ({err}); use fewer clients, more data or another partition"
+            ) from None
     empty = [c for c, s in enumerate(shards) if len(s) == 0]
     if empty:
         raise DataError(

@@ -12,9 +12,10 @@ from rich.table import Table
 class RichObserver:
     """Renders engine events; a plain line per round when output is not a terminal."""
 
-    def __init__(self, console: Console, rounds: int) -> None:
+    def __init__(self, console: Console, rounds: int, done: int = 0) -> None:
         self.console = console
         self.rounds = rounds
+        self.done = done  # rounds finished before a resume
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -34,7 +35,9 @@ class RichObserver:
             f"strategy {exp.cfg.allocation.strategy}, partition {exp.cfg.data.partition}"
         )
         self.progress.start()
-        self._rounds_task = self.progress.add_task("rounds", total=self.rounds, status="")
+        self._rounds_task = self.progress.add_task(
+            "rounds", total=self.rounds, completed=self.done, status=""
+        )
         self._clients_task = self.progress.add_task("clients", total=1, status="")
 
     def on_round_start(self, round_: int, plan: Any) -> None:

@@ -74,11 +74,27 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop the records of rounds after ``last_round`` (they are recomputed on resume)."""
+        keep = [r for r in self.read_metrics() if r["round"] <= last_round]
+        _atomic_write(
+            self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep)
+        )
+
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        records = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash: the round is redone
+                break
+        return records
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")

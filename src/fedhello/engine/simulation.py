@@ -165,41 +165,82 @@ def run_round(
 
 
 def run_embedded(
-    cfg: Config, run: RunDir, observer: Any = None, overwrite: bool = False
+    cfg: Config,
+    run: RunDir,
+    observer: Any = None,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole federation; write metrics, summary and adapter into ``run``.
+    """Run the whole federation; write metrics, checkpoints, summary and adapter into ``run``.
 
-    The run directory is checked first, created only once the experiment is built (so a bad
-    model or data path leaves nothing behind), and an old run is replaced only then.
+    A new run checks its directory first and creates it only once the experiment is built (a
+    bad model or data path leaves nothing behind). ``resume`` continues a run from its last
+    intact checkpoint; the rounds after it are recomputed, so the result equals an
+    uninterrupted run.
     """
-    from fedhello.evaluation import evaluate
-    from fedhello.lora import set_state
+    from fedhello.checkpoint import config_hash, load_latest, save_checkpoint
 
     obs = observer or _Silent()
     wall0 = time.perf_counter()
-    run.check_free(overwrite)
+    if resume and run.summary_path.is_file():
+        logger.info("run %s already finished: nothing to do", run.path)
+        return run.read_summary()
+    if not resume:
+        run.check_free(overwrite)
     exp = build_experiment(cfg)
-    run.create(overwrite)
-    run.write_config(cfg)
-    obs.on_start(exp)
+    if not resume:
+        run.create(overwrite)
+        run.write_config(cfg)
+    cfg_hash = config_hash(cfg.to_toml())
     state = exp.init_state
     momentum = ServerMomentum(cfg.federation.server_momentum, cfg.federation.server_lr)
-    records = []
-    for round_ in range(1, cfg.federation.rounds + 1):
+    start = 1
+    if resume:
+        ckpt = load_latest(run.checkpoint_dir, cfg_hash, set(exp.keys))
+        if ckpt is not None:
+            state, momentum.velocity = ckpt.state, ckpt.velocity
+            exp.strategy.load_state_dict(ckpt.strategy_state)
+            start = ckpt.round + 1
+        run.truncate_metrics(start - 1)
+        logger.info("resuming %s at round %d", run.path, start)
+    obs.on_start(exp)
+    for round_ in range(start, cfg.federation.rounds + 1):
         state, record = run_round(exp, round_, state, momentum, obs)
         run.append_metrics(record)
-        records.append(record)
         obs.on_round_end(record)
-
+        if round_ % cfg.run.checkpoint_every == 0 or round_ == cfg.federation.rounds:
+            save_checkpoint(
+                run.checkpoint_dir, round_, state, momentum.velocity,
+                exp.strategy.state_dict(), cfg_hash, cfg.run.keep_checkpoints,
+            )  # fmt: skip
     obs.on_final_eval()
+    return finish(
+        exp, run, state, time.perf_counter() - wall0, resumed_at=start if resume else None
+    )
+
+
+def finish(
+    exp: Experiment,
+    run: RunDir,
+    state: dict[str, np.ndarray],
+    seconds: float,
+    resumed_at: int | None = None,
+) -> dict[str, Any]:
+    """Full-test evaluation, the PEFT adapter and summary.json."""
+    from fedhello.evaluation import evaluate
+    from fedhello.lora import set_state
+
+    cfg = exp.cfg
     set_state(exp.model, state)
     final = evaluate(exp.model, exp.data, exp.raw.splits["test"], cfg.train.eval_batch_size)
     exp.model.save_pretrained(str(run.adapter_dir))
     (run.adapter_dir / "labels.json").write_text(json.dumps(exp.raw.label_names) + "\n")
+    records = run.read_metrics()
     clients = [c for r in records for c in r["clients"]]
     summary = {
         "strategy": cfg.allocation.strategy,
         "engine": "embedded",
+        "test_split": "whole",
         "rounds": cfg.federation.rounds,
         "test_accuracy": final["accuracy"],
         "test_macro_f1": final["macro_f1"],
@@ -207,7 +248,8 @@ def run_embedded(
         "test_examples": final["examples"],
         "num_classes": len(exp.raw.label_names),
         "model_source": exp.source,
-        "wall_seconds": round(time.perf_counter() - wall0, 2),
+        "wall_seconds": round(seconds, 2),
+        "resumed_at_round": resumed_at,
         "client_seconds": round(sum(c["seconds"] for c in clients), 2),
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "bytes_down": sum(c["bytes_down"] for c in clients),

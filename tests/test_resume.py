@@ -1,0 +1,129 @@
+"""Resume after a crash: SIGKILL mid-run, resume, identical result; damaged checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+from safetensors.numpy import load_file
+
+from fedhello.checkpoint import load_latest, save_checkpoint
+from fedhello.cli import main
+from fedhello.errors import RunDirError
+from fedhello.runs import RunDir, strip_timing
+
+ROUNDS = 6
+
+
+def _overrides(model: Path, data: Path) -> list[str]:
+    return tiny_overrides(
+        model, data, data__text_column='"sentence"', data__label_column='"topic"',
+        federation__rounds=ROUNDS, federation__server_momentum=0.5,
+        allocation__strategy='"fed-hello"', allocation__fisher_warmup=1,
+        allocation__fisher_every=2, train__local_steps=6,
+    )  # fmt: skip
+
+
+def _cmd(out: Path, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "fedhello.cli", "run", "--out", str(out)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def _adapter(run: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    ov = _overrides(tiny_bert_dir, tiny_text_csv)
+    ref = tmp_path / "ref"
+    assert main(["run", "--out", str(ref)] + [a for o in ov for a in ("--set", o)]) == 0
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(_cmd(crashed, ov), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # kill once round 3 is checkpointed: some rounds done, some not
+        while not (crashed / "checkpoints" / "round-000003.json").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (crashed / "summary.json").exists()
+    assert main(["run", "--resume", str(crashed)]) == 0
+
+    ref_metrics = [strip_timing(r) for r in RunDir(ref).read_metrics()]
+    assert [strip_timing(r) for r in RunDir(crashed).read_metrics()] == ref_metrics
+    a, b = _adapter(ref), _adapter(crashed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert (
+        RunDir(crashed).read_summary()["test_accuracy"]
+        == RunDir(ref).read_summary()["test_accuracy"]
+    )
+    # a finished run resumed again recomputes nothing
+    before = (crashed / "metrics.jsonl").read_bytes()
+    assert main(["run", "--resume", str(crashed)]) == 0
+    assert (crashed / "metrics.jsonl").read_bytes() == before
+
+
+def _state() -> dict[str, np.ndarray]:
+    return {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    folder = tmp_path / "ck"
+    s = _state()
+    save_checkpoint(folder, 1, s, {}, {"scores": None}, "h")
+    s2 = {k: v + 1 for k, v in s.items()}
+    save_checkpoint(folder, 2, s2, {"a": s["a"]}, {"scores": [1.0]}, "h")
+    ck = load_latest(folder, "h", {"a", "b"})
+    assert ck is not None and ck.round == 2 and ck.strategy_state == {"scores": [1.0]}
+    np.testing.assert_array_equal(ck.velocity["a"], s["a"])
+    path = folder / "round-000002.safetensors"
+    path.write_bytes(path.read_bytes()[:-7])  # truncated on disk
+    ck = load_latest(folder, "h", {"a", "b"})
+    assert ck is not None and ck.round == 1
+    np.testing.assert_array_equal(ck.state["a"], s["a"])
+    (folder / "round-000001.json").write_text("{not json")
+    with pytest.raises(RunDirError, match=r"every checkpoint .* is damaged"):
+        load_latest(folder, "h", {"a", "b"})
+
+
+def test_foreign_checkpoint_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 1, _state(), {}, {}, "config-one")
+    with pytest.raises(RunDirError, match="another config"):
+        load_latest(tmp_path, "config-two", {"a", "b"})
+    with pytest.raises(RunDirError, match="another config"):
+        load_latest(tmp_path, "config-one", {"a", "c"})
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path: Path) -> None:
+    for r in range(1, 6):
+        save_checkpoint(tmp_path, r, _state(), {}, {}, "h", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "round-000004.json", "round-000004.safetensors",
+        "round-000005.json", "round-000005.safetensors",
+    ]  # fmt: skip
+
+
+def test_resume_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "not a fedhello run" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path), "--set", "federation.rounds=3"]) == 2
+    assert "own config.toml" in capsys.readouterr().err
