@@ -107,3 +107,22 @@ def test_frozen_lora_below_the_top_block_gets_no_gradient(tiny_bert_dir: Path) -
     trained = {id(p) for p in params}
     assert all(id(p) in trained for p in optimizer.state)
     assert len(optimizer.state) == len(params)
+
+
+def test_training_only_the_top_block_keeps_less_for_backward(tiny_bert_dir: Path) -> None:
+    labels = ["class-0", "class-1", "class-2", "class-3"]
+    loaded, model = _model(tiny_bert_dir, labels)
+    data = _text_data(loaded)
+    keys = adapter_keys(model)
+    layer_of = layer_of_keys(keys, 4)
+    state = get_state(model, keys)
+    cfg = load_config(None, ["train.local_steps=1", "train.batch_size=16"]).train
+    idx = np.arange(len(data))
+    mem = {
+        layers: train_client(model, data, idx, 0, 1, layers, state, layer_of, cfg, 1e-3, 0)
+        for layers in [(3,), (0, 3), (0, 1, 2, 3)]
+    }
+    assert mem[(3,)].train_memory_mb < mem[(0, 3)].train_memory_mb
+    # the lowest trained block decides how deep backward goes: (0, 3) keeps about what all do
+    assert mem[(0, 3)].train_memory_mb <= mem[(0, 1, 2, 3)].train_memory_mb
+    assert mem[(3,)].trainable_params < mem[(0, 1, 2, 3)].trainable_params

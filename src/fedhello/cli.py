@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from fedhello.errors import RunDirError, UserError
 
@@ -52,6 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     config_args(plan)
     plan.add_argument("--rounds", type=int, help="rounds to plan (default: federation.rounds)")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+
+    cmp = sub.add_parser("compare", help="paired runs of strategies over seeds and partitions")
+    config_args(cmp)
+    cmp.add_argument(
+        "--strategies", default="all", help="comma-separated names (name:shape) or all"
+    )
+    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    cmp.add_argument(
+        "--partitions", help="comma-separated: iid,pathological,dirichlet (default: config's)"
+    )
+    cmp.add_argument("--out", help="comparison folder (default: RUN.OUT_DIR/compare-<run name>)")
+
+    rep = sub.add_parser("report", help="tables and plots again from saved metrics")
+    rep.add_argument("path", help="a comparison folder or a run directory")
+    rep.add_argument("--out", help="where to write (default: the folder itself)")
     return p
 
 
@@ -136,13 +152,60 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedhello.compare import parse_ints, parse_partitions, parse_strategies, run_compare
+    from fedhello.config import load_config
+    from fedhello.report import write_report
+
+    cfg = load_config(args.config, args.overrides)
+    strategies = parse_strategies(args.strategies)
+    seeds = parse_ints(args.seeds, "--seeds")
+    partitions = parse_partitions(args.partitions or cfg.data.partition)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(cfg.run.out_dir) / f"compare-{cfg.run.name or 'default'}"
+    )
+    _setup_output(args.verbose)
+    logging.getLogger("fedhello").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    from fedhello.progress import RichObserver
+
+    console = Console(stderr=True)
+
+    def on_cell(cell: Any, i: int, n: int) -> Any:
+        console.rule(f"[{i + 1}/{n}] {cell.partition} / {cell.strategy} / seed {cell.seed}")
+        return RichObserver(console, cfg.federation.rounds, quiet=True)
+
+    run_compare(cfg, out, strategies, seeds, partitions, on_cell=on_cell,
+                on_done=lambda cell, outcome: console.print(f"  {outcome}"))  # fmt: skip
+    result = write_report(out)
+    Console().print((out / "results.md").read_text())
+    console.print(f"tables and {len(result['plots'])} plots in {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedhello.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.path)
+    result = write_report(Path(args.path), out)
+    print((out / "results.md").read_text(), end="")
+    print(f"{len(result['plots'])} plots in {out / 'plots'}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan}
+        commands = {
+            "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
+            "compare": cmd_compare, "report": cmd_report,
+        }  # fmt: skip
         return commands[args.command](args)
     except UserError as err:
         print(f"fedhello: error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ tokenising data, loading weights), so a bad config fails in a second, not after 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -53,6 +54,13 @@ class Experiment:
     proxy: np.ndarray  # the server's labelled proxy set (Fisher scores)
 
 
+# Loaded and tokenised data, reused by the runs of one process (a comparison runs dozens of
+# federations on the same data: reading and tokenising 82k texts each time would cost more
+# than a short run). Keyed by everything that shapes the data except how it is partitioned.
+PARTITION_FIELDS = {"partition", "dirichlet_alpha", "classes_per_client"}
+_DATA_CACHE: dict[str, tuple[RawData, Any]] = {}
+
+
 def model_shape(source: str, task: str) -> tuple[str, int]:
     """(task, number of blocks) from the model's config alone, without loading weights."""
     from transformers import AutoConfig
@@ -91,7 +99,11 @@ def build_experiment(cfg: Config) -> Experiment:
         cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation
     )
 
-    raw = load_raw(cfg.data, task, cfg.model.allow_download)
+    data_key = json.dumps(
+        [cfg.data.model_dump(exclude=PARTITION_FIELDS), source, task, cfg.model.max_length]
+    )
+    cached = _DATA_CACHE.get(data_key)
+    raw = cached[0] if cached else load_raw(cfg.data, task, cfg.model.allow_download)
     proxy, train_pool = hold_out_proxy(raw.splits["train"], cfg)
     shards = [
         train_pool[s]
@@ -111,7 +123,12 @@ def build_experiment(cfg: Config) -> Experiment:
     model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, num_layers)
-    data = encode(raw, loaded.processor, cfg.model.max_length)
+    if cached:
+        data = cached[1]
+    else:
+        data = encode(raw, loaded.processor, cfg.model.max_length)
+        _DATA_CACHE.clear()  # one dataset at a time: bounded memory
+        _DATA_CACHE[data_key] = (raw, data)
 
     def subset(split: str, purpose_key: int) -> np.ndarray:
         idx = raw.splits[split]

@@ -12,8 +12,9 @@ from rich.table import Table
 class RichObserver:
     """Renders engine events; a plain line per round when output is not a terminal."""
 
-    def __init__(self, console: Console, rounds: int, done: int = 0) -> None:
+    def __init__(self, console: Console, rounds: int, done: int = 0, quiet: bool = False) -> None:
         self.console = console
+        self.quiet = quiet  # one line per run instead of per round (comparisons)
         self.rounds = rounds
         self.done = done  # rounds finished before a resume
         self.progress = Progress(
@@ -29,11 +30,12 @@ class RichObserver:
         self._clients_task: Any = None
 
     def on_start(self, exp: Any) -> None:
-        self.console.print(
-            f"{exp.cfg.model.name} ({exp.task}, {exp.num_layers} LoRA layers) on "
-            f"{exp.cfg.data.name}: {len(exp.budgets)} clients, budgets {exp.budgets}, "
-            f"strategy {exp.cfg.allocation.strategy}, partition {exp.cfg.data.partition}"
-        )
+        if not self.quiet:
+            self.console.print(
+                f"{exp.cfg.model.name} ({exp.task}, {exp.num_layers} LoRA layers) on "
+                f"{exp.cfg.data.name}: {len(exp.budgets)} clients, budgets {exp.budgets}, "
+                f"strategy {exp.cfg.allocation.strategy}, partition {exp.cfg.data.partition}"
+            )
         self.progress.start()
         self._rounds_task = self.progress.add_task(
             "rounds", total=self.rounds, completed=self.done, status=""
@@ -62,11 +64,13 @@ class RichObserver:
             + (f"  rejected {record['num_rejected']}" if record["num_rejected"] else "")
         )
         self.progress.update(self._rounds_task, advance=1, status=line.split("  ", 1)[1])
-        self.progress.console.print(line)
+        if not self.quiet or record["round"] == self.rounds:
+            self.progress.console.print(line)
 
     def on_final_eval(self) -> None:
         self.progress.stop()
-        self.console.print("evaluating the global model on the whole test split ...")
+        if not self.quiet:
+            self.console.print("evaluating the global model on the whole test split ...")
 
 
 def summary_table(summary: dict[str, Any], run_dir: str) -> Table:

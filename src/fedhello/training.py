@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import psutil
@@ -28,6 +29,7 @@ class ClientResult:
     update: ClientUpdate
     seconds: float
     peak_memory_mb: float  # process RSS peak while this client trained
+    train_memory_mb: float  # tensors saved for backward (peak step) + grads + AdamW state
     trainable_params: int
     bytes_up: int
     bytes_down: int
@@ -62,6 +64,29 @@ class PeakRSS:
     @property
     def peak_mb(self) -> float:
         return self.peak / 2**20
+
+
+class SavedTensorMeter:
+    """Bytes autograd keeps for the backward pass, per step: the activation memory that
+    training costs on top of the frozen model (parameters themselves are not counted)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+        self.peak = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.param_storages:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def step_done(self) -> None:
+        self.peak = max(self.peak, sum(self.storages.values()))
+        self.storages.clear()
+
+    def hooks(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
 def num_local_steps(num_examples: int, batch_size: int, steps: int, epochs: float | None) -> int:
@@ -104,9 +129,12 @@ def train_client(
         torch.manual_seed(derived_int(seed, Purpose.TRAIN, round_, client))  # dropout
         model.train()
         losses = []
+        meter = SavedTensorMeter(model)
         for batch_pos in batch_order(rng, len(indices), train_cfg.batch_size, steps):
             batch = data.batch(indices[batch_pos])
-            loss = model(**batch).loss
+            with meter.hooks():
+                loss = model(**batch).loss
+            meter.step_done()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if train_cfg.max_grad_norm > 0:
@@ -122,11 +150,14 @@ def train_client(
         tensors=upload,
         train_loss=float(np.mean(losses)),
     )
+    trainable = sum(p.numel() for p in params)
     return ClientResult(
         update=update,
         seconds=time.perf_counter() - start,
         peak_memory_mb=rss.peak_mb,
-        trainable_params=sum(p.numel() for p in params),
+        # float32 gradient + AdamW's two moments per trainable parameter
+        train_memory_mb=(meter.peak + 3 * 4 * trainable) / 2**20,
+        trainable_params=trainable,
         bytes_up=state_nbytes(upload),
         bytes_down=state_nbytes(global_state),
         steps=steps,

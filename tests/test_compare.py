@@ -1,0 +1,123 @@
+"""Paired comparisons: same partitions and clients, reuse of finished runs, honest tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+
+from fedhello.cli import main
+from fedhello.compare import ALL_STRATEGIES, parse_strategies
+from fedhello.errors import ConfigError
+from fedhello.runs import RunDir
+
+STRATEGIES = ["fedra", "geometric:triangle"]
+
+
+def _args(out: Path, model: Path, data: Path) -> list[str]:
+    ov = tiny_overrides(model, data, data__text_column='"sentence"', data__label_column='"topic"',
+                        federation__rounds=3)  # fmt: skip
+    args = ["compare", "--strategies", ",".join(STRATEGIES), "--seeds", "0,1",
+            "--partitions", "dirichlet,iid", "--out", str(out)]  # fmt: skip
+    for o in ov:
+        args += ["--set", o]
+    return args
+
+
+@pytest.fixture(scope="module")
+def compare_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> Path:
+    out = tmp_path_factory.mktemp("cmp") / "c"
+    assert main(_args(out, tiny_bert_dir, tiny_text_csv)) == 0
+    return out
+
+
+def _run(root: Path, partition: str, strategy: str, seed: int) -> RunDir:
+    return RunDir(root / "runs" / partition / strategy.replace(":", "-") / f"seed{seed}")
+
+
+def test_strategies_see_the_same_partitions_and_clients(compare_dir: Path) -> None:
+    for partition in ("dirichlet", "iid"):
+        for seed in (0, 1):
+            a, b = (_run(compare_dir, partition, s, seed).read_metrics() for s in STRATEGIES)
+            assert [r["sampled"] for r in a] == [r["sampled"] for r in b]
+            sizes_a = {c["client"]: c["num_examples"] for r in a for c in r["clients"]}
+            sizes_b = {c["client"]: c["num_examples"] for r in b for c in r["clients"]}
+            common = sizes_a.keys() & sizes_b.keys()
+            assert common and all(sizes_a[c] == sizes_b[c] for c in common)
+            # only the allocation differs
+            assert [r["allocation"] for r in a] != [r["allocation"] for r in b]
+        seeds = [_run(compare_dir, partition, "fedra", s).read_metrics() for s in (0, 1)]
+        assert [r["sampled"] for r in seeds[0]] != [r["sampled"] for r in seeds[1]]
+
+
+def test_finished_runs_are_reused(compare_dir: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import fedhello.engine.simulation as sim
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(sim, "run_embedded", refuse)
+    before = {p: p.stat().st_mtime_ns for p in compare_dir.glob("runs/**/metrics.jsonl")}
+    assert main(_args(compare_dir, tiny_bert_dir, tiny_text_csv)) == 0
+    assert {p: p.stat().st_mtime_ns for p in compare_dir.glob("runs/**/metrics.jsonl")} == before
+
+
+def test_table_equals_an_independent_computation(compare_dir: Path) -> None:
+    with open(compare_dir / "results.csv") as f:
+        rows = {(r["partition"], r["strategy"]): r for r in csv.DictReader(f)}
+    assert ("all", "centralized") in rows
+    for partition in ("dirichlet", "iid"):
+        for strategy in STRATEGIES:
+            row = rows[(partition, strategy.replace(":", "-"))]
+            runs = [_run(compare_dir, partition, strategy, s) for s in (0, 1)]
+            acc = [json.loads(r.summary_path.read_text())["test_accuracy"] for r in runs]
+            f1 = [json.loads(r.summary_path.read_text())["test_macro_f1"] for r in runs]
+            assert float(row["acc_mean"]) == pytest.approx(np.mean(acc))
+            assert float(row["acc_std"]) == pytest.approx(np.std(acc, ddof=1))
+            assert float(row["f1_std"]) == pytest.approx(np.std(f1, ddof=1))
+            last5 = [np.mean([x["test_accuracy"] for x in r.read_metrics()][-5:]) for r in runs]
+            assert float(row["last5_mean"]) == pytest.approx(np.mean(last5))
+            picked = []
+            for r in runs:
+                recs = r.read_metrics()
+                best = max(x["val_accuracy"] for x in recs)
+                picked.append(next(x for x in recs if x["val_accuracy"] == best)["test_accuracy"])
+            assert float(row["val_selected_acc_mean"]) == pytest.approx(np.mean(picked))
+    assert "± " in (compare_dir / "results.md").read_text()
+
+
+def test_plots_are_written_and_not_blank(compare_dir: Path) -> None:
+    import matplotlib.image as mpimg
+
+    plots = sorted((compare_dir / "plots").glob("*.png"))
+    kinds = {p.name.rsplit("-", 1)[0] for p in plots}
+    assert kinds == {"accuracy", "coverage-heatmap", "coverage-vs-target", "client-cost"}
+    assert len(plots) == 8  # four kinds x two partitions
+    for p in plots:
+        img = mpimg.imread(p)
+        assert img.shape[0] > 200 and img.std() > 0.01, p.name
+
+
+def test_report_regenerates_from_saved_metrics(compare_dir: Path, tmp_path: Path) -> None:
+    assert main(["report", str(compare_dir), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_text() == (compare_dir / "results.md").read_text()
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 8
+    single = _run(compare_dir, "iid", "fedra", 0).path
+    assert main(["report", str(single), "--out", str(tmp_path / "one")]) == 0
+    assert "fedra" in (tmp_path / "one" / "results.md").read_text()
+
+
+def test_strategy_list_parsing() -> None:
+    assert parse_strategies("all") == list(ALL_STRATEGIES)
+    assert parse_strategies("fedra, fed-hello,fedra") == ["fedra", "fed-hello"]
+    with pytest.raises(ConfigError, match="unknown strategy 'magic'"):
+        parse_strategies("fedra,magic")
+    with pytest.raises(ConfigError, match="unknown shape 'round'"):
+        parse_strategies("geometric:round")
