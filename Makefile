@@ -8,7 +8,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install run test test-fast lint format clean
+.PHONY: install run test test-fast lint format clean bench
 
 install: $(STAMP)
 
@@ -39,3 +39,7 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+bench: $(STAMP)
+	$(PY) bench/client_cost.py
+	$(PY) bench/engine.py

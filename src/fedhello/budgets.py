@@ -18,13 +18,33 @@ def tier_of(client: int, num_clients: int, num_tiers: int) -> int:
     return client * num_tiers // num_clients
 
 
+def tier_layers(value: float, num_layers: int, kind: str = "layers") -> int:
+    """Layers a tier can train: a fraction of the layers (rounded up), or the most layers
+    whose cheapest placement fits a relative cost or activation-memory limit."""
+    from fedhello.costmodel import layers_for_cost
+
+    if kind == "cost":
+        n = layers_for_cost(value, num_layers)
+    elif kind == "memory":
+        n = math.floor(value * num_layers + 1e-9)
+    else:
+        n = math.ceil(value * num_layers - 1e-9)
+    if n < 1:
+        raise ConfigError(
+            f"clients.tiers value {value} ({kind}) fits no layer of {num_layers}; the smallest "
+            f"allowed {kind} limit trains the top layer alone"
+        )
+    return min(num_layers, n)
+
+
 def client_budgets(
     num_clients: int,
     num_layers: int,
     tiers: Sequence[float],
     budgets: Sequence[int] | None = None,
+    kind: str = "layers",
 ) -> list[int]:
-    """Layer count per client, from explicit ``budgets`` or else from tier fractions."""
+    """Layer count per client, from explicit ``budgets`` or else from the tiers."""
     if budgets is not None:
         too_big = [b for b in budgets if b > num_layers]
         if too_big:
@@ -33,7 +53,7 @@ def client_budgets(
                 f"model's {num_layers} LoRA layers; allowed: 1..{num_layers}"
             )
         return list(budgets)
-    layer_counts = [max(1, min(num_layers, math.ceil(f * num_layers - 1e-9))) for f in tiers]
+    layer_counts = [tier_layers(t, num_layers, kind) for t in tiers]
     return [layer_counts[tier_of(c, num_clients, len(tiers))] for c in range(num_clients)]
 
 

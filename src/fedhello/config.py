@@ -80,6 +80,13 @@ class ClientsConfig(Section):
     budgets: list[int] | None = Field(
         None, description="per-client layer counts (overrides tiers; one per client)"
     )
+    tier_kind: Literal["layers", "cost", "memory"] = Field(
+        "layers",
+        description="what a tier value limits: layers (fraction of the LoRA layers), cost "
+        "(step time relative to training every layer) or memory (activation memory relative "
+        "to training every layer); cost and memory are turned into the layer count that fits "
+        "by fedhello.costmodel",
+    )
 
     @field_validator("tiers")
     @classmethod

@@ -93,7 +93,11 @@ def build_experiment(cfg: Config) -> Experiment:
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
     budgets = client_budgets(
-        cfg.clients.num_clients, num_layers, cfg.clients.tiers, cfg.clients.budgets
+        cfg.clients.num_clients,
+        num_layers,
+        cfg.clients.tiers,
+        cfg.clients.budgets,
+        cfg.clients.tier_kind,
     )
     strategy = build_strategy(
         cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation

@@ -50,7 +50,11 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
     else:
         num_layers = num_layers_of(cfg)
         budgets = client_budgets(
-            cfg.clients.num_clients, num_layers, cfg.clients.tiers, cfg.clients.budgets
+            cfg.clients.num_clients,
+            num_layers,
+            cfg.clients.tiers,
+            cfg.clients.budgets,
+            cfg.clients.tier_kind,
         )
         strategy = build_strategy(
             cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation
