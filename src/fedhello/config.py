@@ -177,6 +177,15 @@ class FederationConfig(Section):
     server_momentum: float = Field(0.0, ge=0, lt=1, description="FedAvgM momentum (0: FedAvg)")
     server_lr: float = Field(1.0, gt=0, description="server step size on the averaged update")
     eval_every: int = Field(1, ge=1, description="evaluate the global model every N rounds")
+    min_replies: int = Field(
+        1, ge=1, description="Flower: fewest valid replies a round needs to update the model"
+    )
+    round_timeout: float = Field(
+        600.0, gt=0, description="Flower: seconds to wait for the replies of a round"
+    )
+    node_wait: float = Field(
+        120.0, gt=0, description="Flower: seconds to wait for the SuperNodes to connect"
+    )
     eval_examples: int = Field(
         1000, ge=1, description="per-round evaluation on a fixed subset of test/validation"
     )

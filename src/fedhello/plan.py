@@ -66,7 +66,7 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
         sampled = sample_clients(cfg.run.seed, r, cfg.clients.num_clients, cfg.clients.per_round)
         entry: dict[str, Any] = {"round": r}
         if exp is not None:
-            from fedhello.engine.simulation import refresh_fisher
+            from fedhello.engine.core import refresh_fisher
 
             entry |= refresh_fisher(exp, r, exp.init_state)
         plan = strategy.allocate(r, sampled)
