@@ -113,7 +113,7 @@ def main() -> None:
     from fedhello.costmodel import relative_step_cost
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args()
     sets = {
         "all 6": list(range(6)), "top 1": [5], "top 3": [3, 4, 5], "bottom 1": [0],

@@ -2,14 +2,14 @@
 
 A step runs the forward pass through all L blocks, then the backward pass from the head down
 to the lowest trained block and no further (below it nothing needs a gradient). A frozen block
-on the way down still propagates the activation gradient, which costs about one forward pass
-(``beta`` = 1); the LoRA weight gradients themselves are tiny. So, in units of one block's
-forward pass:
+on the way down still propagates the activation gradient, which costs ``beta`` forward passes
+of a block (fitted: 0.65 on MiniLM-L6 here); the LoRA weight gradients themselves are tiny.
+So, in units of one block's forward pass:
 
     cost(S) = L + beta * (L - min(S))        (embeddings and head are negligible)
 
-Six blocks: training only the top block costs (6 + 1) / (6 + 6) = 0.58 of training all of
-them, whatever else is allocated below it; training block 0 costs the full 12/12 even alone.
+Six blocks: training only the top block costs (6 + 0.65) / (6 + 3.9) = 0.67 of training all
+of them, whatever else is allocated below it; training block 0 costs the full step even alone.
 Activation memory kept for backward follows the same depth: ``(L - min(S)) / L`` of the
 all-layers amount.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-BETA = 1.0
+BETA = 0.65  # fitted on MiniLM-L6 (bench/client_cost.py): frozen-block backward ~0.65 forward
 
 
 def relative_step_cost(layers: Sequence[int], num_layers: int, beta: float = BETA) -> float:
