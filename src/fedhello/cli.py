@@ -40,7 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federation")
     config_args(run)
     run.add_argument("--out", help="run directory (default: RUN.OUT_DIR/<run name>)")
-    run.add_argument("--engine", default="embedded", choices=["embedded"], help="where to run")
+    run.add_argument(
+        "--engine",
+        default="embedded",
+        choices=["embedded", "flower-sim", "flower"],
+        help="embedded (one process), flower-sim (Flower's simulation) or flower (a SuperLink)",
+    )
+    run.add_argument(
+        "--superlink", metavar="HOST:PORT", help="--engine flower: Control API address"
+    )
+    run.add_argument("--root-certificates", help="--engine flower: CA certificate for TLS")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument(
         "--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last complete round"
@@ -95,6 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
     from fedhello.runs import RunDir
 
+    if args.resume and args.engine != "embedded":
+        raise UserError("--resume works with --engine embedded only, for now")
     if args.resume:
         if args.config or args.overrides or args.out or args.overwrite:
             raise UserError(
@@ -117,7 +128,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     done = len(run.read_metrics()) if args.resume else 0
     observer = RichObserver(console, cfg.federation.rounds, done)
-    summary = run_embedded(cfg, run, observer, overwrite=args.overwrite, resume=bool(args.resume))
+    if args.engine == "flower-sim":
+        from fedhello.engine.flower.runner import run_flower_sim
+
+        summary = run_flower_sim(cfg, run, observer, overwrite=args.overwrite)
+    elif args.engine == "flower":
+        from fedhello.engine.flower.runner import run_flower_deployment
+
+        if not args.superlink:
+            raise UserError("--engine flower needs --superlink HOST:PORT (the Control API)")
+        summary = run_flower_deployment(
+            cfg, run, args.superlink, args.root_certificates, overwrite=args.overwrite
+        )
+    else:
+        summary = run_embedded(
+            cfg, run, observer, overwrite=args.overwrite, resume=bool(args.resume)
+        )
     Console().print(summary_table(summary, str(run.path)))
     return 0
 

@@ -184,7 +184,7 @@ class FederationConfig(Section):
         600.0, gt=0, description="Flower: seconds to wait for the replies of a round"
     )
     node_wait: float = Field(
-        120.0, gt=0, description="Flower: seconds to wait for the SuperNodes to connect"
+        300.0, gt=0, description="Flower: seconds to wait for the SuperNodes to connect"
     )
     eval_examples: int = Field(
         1000, ge=1, description="per-round evaluation on a fixed subset of test/validation"

@@ -244,9 +244,8 @@ def run_federation(
                 exp.strategy.state_dict(), cfg_hash, cfg.run.keep_checkpoints,
             )  # fmt: skip
     obs.on_final_eval()
-    return finish(
-        exp, run, state, time.perf_counter() - wall0, resumed_at=start if resume else None
-    )
+    seconds = time.perf_counter() - wall0
+    return finish(exp, run, state, seconds, engine, resumed_at=start if resume else None)
 
 
 def finish(

@@ -29,53 +29,61 @@ logger = logging.getLogger(__name__)
 def discover_nodes(grid: Grid, exp: Experiment) -> dict[int, int]:
     """Ask every node its partition id (and budget) once; returns partition id -> node id.
 
-    A node's declared ``budget-layers`` replaces the tier budget of its partition."""
+    Waits up to ``federation.node_wait`` seconds for ``clients.num_clients`` nodes to connect
+    and answer (a node's ClientApp may take a while to start). A node's declared
+    ``budget-layers`` replaces the tier budget of its partition."""
     cfg = exp.cfg
     deadline = time.monotonic() + cfg.federation.node_wait
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < cfg.clients.num_clients and time.monotonic() < deadline:
-        time.sleep(0.5)
-        nodes = list(grid.get_node_ids())
-    if not nodes:
-        raise UserError(
-            f"no SuperNode connected within federation.node_wait = {cfg.federation.node_wait} s"
-        )
-    queries = [
-        Message(
-            RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY
-        )
-        for n in nodes
-    ]
     node_of: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=cfg.federation.node_wait):
-        if reply.has_error():
-            logger.warning(
-                "node %d did not answer the query: %s",
-                reply.metadata.src_node_id,
-                reply.error.reason,
-            )
+    answered: set[int] = set()
+    while len(node_of) < cfg.clients.num_clients and time.monotonic() < deadline:
+        pending = [n for n in grid.get_node_ids() if n not in answered]
+        if not pending:
+            time.sleep(0.5)
             continue
-        info = reply.content.config_records["config"]
-        pid = int(info["partition-id"])
-        if not 0 <= pid < cfg.clients.num_clients:
-            k = cfg.clients.num_clients
-            raise UserError(
-                f"a SuperNode declared partition-id={pid}; allowed: 0..{k - 1} "
-                f"(clients.num_clients = {k})"
-            )
-        if pid in node_of:
-            raise UserError(f"two SuperNodes declared partition-id={pid}")
-        node_of[pid] = reply.metadata.src_node_id
-        if "budget-layers" in info:
-            budget = int(info["budget-layers"])
-            if not 1 <= budget <= exp.num_layers:
-                raise UserError(
-                    f"partition {pid}: budget-layers={budget}; allowed: 1..{exp.num_layers}"
-                )
-            exp.budgets[pid] = budget
-            exp.strategy.budgets[pid] = budget
+        queries = [
+            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                    message_type=MessageType.QUERY)
+            for n in pending
+        ]  # fmt: skip
+        timeout = max(1.0, deadline - time.monotonic())
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("node %d did not answer the query: %s", node, reply.error.reason)
+                continue
+            answered.add(node)
+            register_node(exp, node_of, node, reply.content.config_records["config"])
+    if not node_of:
+        raise UserError(
+            f"no SuperNode answered within federation.node_wait = {cfg.federation.node_wait} s"
+        )
+    missing = sorted(set(range(cfg.clients.num_clients)) - set(node_of))
+    if missing:
+        logger.warning("no SuperNode for partitions %s: they will be recorded as failed", missing)
     logger.info("nodes by partition id: %s; budgets %s", sorted(node_of), exp.budgets)
     return node_of
+
+
+def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any) -> None:
+    k = exp.cfg.clients.num_clients
+    pid = int(info["partition-id"])
+    if not 0 <= pid < k:
+        raise UserError(
+            f"a SuperNode declared partition-id={pid}; allowed: 0..{k - 1} "
+            f"(clients.num_clients = {k})"
+        )
+    if pid in node_of and node_of[pid] != node:
+        raise UserError(f"two SuperNodes declared partition-id={pid}")
+    node_of[pid] = node
+    if "budget-layers" in info:
+        budget = int(info["budget-layers"])
+        if not 1 <= budget <= exp.num_layers:
+            raise UserError(
+                f"partition {pid}: budget-layers={budget}; allowed: 1..{exp.num_layers}"
+            )
+        exp.budgets[pid] = budget
+        exp.strategy.budgets[pid] = budget
 
 
 def serve(
@@ -114,13 +122,24 @@ def serve(
 
 
 def make_server_app(
-    cfg: Config, run: RunDir, observer: Any = None, overwrite: bool = False
+    cfg: Config,
+    run: RunDir,
+    observer: Any = None,
+    overwrite: bool = False,
+    outcome: dict[str, Any] | None = None,
 ) -> ServerApp:
+    """A ServerApp bound to one config and run; an exception lands in ``outcome["error"]``
+    (the simulation would otherwise only log it)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg, run, observer, overwrite)
+        try:
+            serve(grid, cfg, run, observer, overwrite)
+        except Exception as err:
+            if outcome is None:
+                raise
+            outcome["error"] = err
 
     return server
 

@@ -74,6 +74,11 @@ class HelloFedAvg(FedAvg):
         self, rp: RoundPlan, replies: Iterable[Message], state: State
     ) -> tuple[list[ClientResult], dict[int, str]]:
         """Replies -> client results; error replies and silent nodes -> failures."""
+        replies = list(replies)
+        logger.debug(
+            "round %d: %d replies from nodes %s",
+            rp.round, len(replies), [m.metadata.src_node_id for m in replies],
+        )  # fmt: skip
         layers_of = {a.client: a.layers for a in rp.plan.clients}
         bytes_down = state_nbytes(state)
         results, failed = [], {}
@@ -93,6 +98,7 @@ class HelloFedAvg(FedAvg):
                 failed.setdefault(alloc.client, "no reply before the round's timeout")
         for client, reason in failed.items():
             logger.warning("round %d: client %d failed: %s", rp.round, client, reason)
+        results.sort(key=lambda r: r.update.client)  # replies arrive in any order
         return results, failed
 
     # Flower's Strategy interface, for use with ``Strategy.start``.

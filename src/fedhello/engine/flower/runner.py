@@ -1,0 +1,132 @@
+"""Start a federation on Flower: its simulation engine, or a running SuperLink.
+
+``run_flower_sim`` runs the ServerApp in this process and the ClientApps in Flower's
+simulation engine (Ray), one virtual SuperNode per client with ``partition-id`` set.
+``run_flower_deployment`` submits the app to a SuperLink with ``flwr run``: the ServerApp runs
+beside the SuperLink, the ClientApps on the SuperNodes (see the README's deployment guide).
+The app needs no code of its own: every node imports fedhello from its environment, so the
+submitted app folder is generated: a ``pyproject.toml`` naming the components.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fedhello.config import Config
+from fedhello.errors import UserError
+from fedhello.runs import RunDir
+
+logger = logging.getLogger(__name__)
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedhello-app"
+version = "0.1.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedhello"
+
+[tool.flwr.app.components]
+serverapp = "fedhello.engine.flower.server_app:app"
+clientapp = "fedhello.engine.flower.client_app:app"
+
+[tool.flwr.app.config]
+config = ""
+run-dir = "runs/flower"
+overwrite = false
+"""
+
+
+def run_flower_sim(
+    cfg: Config, run: RunDir, observer: Any = None, overwrite: bool = False
+) -> dict[str, Any]:
+    from flwr.simulation import run_simulation
+
+    from fedhello.engine.flower.client_app import app as client_app
+    from fedhello.engine.flower.server_app import make_server_app
+
+    outcome: dict[str, Any] = {}
+    server = make_server_app(cfg, run, observer, overwrite, outcome)
+    threads = max(1, (os.cpu_count() or 1))
+    run_simulation(
+        server_app=server,
+        client_app=client_app,
+        num_supernodes=cfg.clients.num_clients,
+        backend_config={"client_resources": {"num_cpus": threads, "num_gpus": 0.0}},
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    if not run.summary_path.is_file():
+        raise RuntimeError("the Flower simulation ended without finishing the run")
+    return run.read_summary()
+
+
+def write_app(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    return folder
+
+
+def flwr_home_entry(home: Path, name: str, address: str, root_certificates: str | None) -> None:
+    """A connection entry in ``$FLWR_HOME/config.toml`` (how flwr 1.41 finds a SuperLink)."""
+    home.mkdir(parents=True, exist_ok=True)
+    lines = [f"[superlink.{name}]", f'address = "{address}"']
+    if root_certificates:
+        lines.append(f'root-certificates = "{root_certificates}"')
+    else:
+        lines.append("insecure = true")
+    config = home / "config.toml"
+    text = config.read_text() if config.is_file() else ""
+    if f"[superlink.{name}]" not in text:
+        config.write_text(text + ("\n" if text else "") + "\n".join(lines) + "\n")
+
+
+def run_flower_deployment(
+    cfg: Config,
+    run: RunDir,
+    superlink: str,
+    root_certificates: str | None = None,
+    overwrite: bool = False,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Submit the federation to the SuperLink at ``superlink`` (its Control API address) and
+    wait for it. The ServerApp runs beside the SuperLink and writes ``run`` there."""
+    flwr = shutil.which("flwr")
+    if flwr is None:
+        raise UserError("the flwr command is not on PATH: activate the environment fedhello is in")
+    run.check_free(overwrite)
+    run.path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedhello-app-") as tmp:
+        app_dir = write_app(Path(tmp) / "app")
+        config_path = Path(tmp) / "config.toml"
+        config_path.write_text(cfg.to_toml())
+        stored = run.path.parent / f".{run.path.name}.config.toml"
+        shutil.copy(config_path, stored)  # the ServerApp reads it after this folder is gone
+        home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+        name = "fedhello-" + superlink.replace(":", "-").replace(".", "-")
+        flwr_home_entry(home, name, superlink, root_certificates)
+        run_config = (
+            f'config="{stored.resolve()}" run-dir="{run.path.resolve()}" '
+            f"overwrite={'true' if overwrite else 'false'}"
+        )
+        cmd = [flwr, "run", str(app_dir), name, "--run-config", run_config, "--stream"]
+        logger.info("submitting: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+    if proc.returncode != 0 or not run.summary_path.is_file():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        raise RuntimeError(f"flwr run failed (exit {proc.returncode}): " + " | ".join(tail))
+    return run.read_summary()

@@ -1,0 +1,158 @@
+"""A real Flower deployment on loopback for tests: one SuperLink and N SuperNodes started as
+processes on free ports, each stopped by its pid afterwards, also when the test fails."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
+    })  # fmt: skip
+    return env
+
+
+@dataclass
+class Deployment:
+    address: str
+    home: Path
+    superlink: subprocess.Popen
+    supernodes: list[subprocess.Popen] = field(default_factory=list)
+    ca: Path | None = None
+
+    def stop(self) -> None:
+        for proc in [*self.supernodes, self.superlink]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in [*self.supernodes, self.superlink]:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 and localhost (cryptography)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("fedhello test CA")).issuer_name(name("fedhello test CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+    cert = (
+        x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(san, critical=False).sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))  # fmt: skip
+    return paths
+
+
+@contextmanager
+def deployment(tmp: Path, nodes: int, tls: bool = False) -> Iterator[Deployment]:
+    with ExitStack() as logs:
+        yield from _deployment(tmp, nodes, tls, logs)
+
+
+def _deployment(tmp: Path, nodes: int, tls: bool, files: ExitStack) -> Iterator[Deployment]:
+    home = tmp / "flwr-home"
+    env = flower_env(home)
+    port = free_port()
+    security = ["--insecure"]
+    node_security = ["--insecure"]
+    ca = None
+    if tls:
+        ca, cert, key = make_certificates(tmp / "certs")
+        security = [
+            "--ssl-ca-certfile",
+            str(ca),
+            "--ssl-certfile",
+            str(cert),
+            "--ssl-keyfile",
+            str(key),
+        ]
+        node_security = ["--root-certificates", str(ca)]
+    logs = tmp / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    superlink = subprocess.Popen(
+        [str(BIN / "flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=files.enter_context(open(logs / "superlink.log", "w")),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    dep = Deployment(
+        f"127.0.0.1:{port}" if not tls else f"localhost:{port}", home, superlink, ca=ca
+    )
+    try:
+        wait_for_port(port, superlink)
+        for i in range(nodes):
+            log = files.enter_context(open(logs / f"supernode{i}.log", "w"))
+            node_config = f"partition-id={i} num-partitions={nodes}"
+            dep.supernodes.append(subprocess.Popen(
+                [str(BIN / "flower-supernode"), *node_security, "--superlink", dep.address,
+                 "--port", str(free_port()), "--node-config", node_config],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            ))  # fmt: skip
+        yield dep
+    finally:
+        dep.stop()
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the SuperLink exited at start"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port}")

@@ -1,0 +1,132 @@
+"""The Flower engine: simulation, a real loopback deployment (plain and TLS), a node killed
+mid-run; the global adapter equals the embedded engine's for the same config and seed."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+from flower_harness import deployment, flower_env
+from safetensors.numpy import load_file
+
+from fedhello.cli import main
+from fedhello.runs import RunDir, strip_timing
+
+pytestmark = pytest.mark.slow
+
+
+def _overrides(model: Path, data: Path, **extra: object) -> list[str]:
+    settings: dict[str, object] = {
+        "data__text_column": '"sentence"', "data__label_column": '"topic"',
+        "clients__num_clients": 3, "clients__per_round": 2,
+    }  # fmt: skip
+    return tiny_overrides(model, data, **(settings | extra))
+
+
+def _run(out: Path, overrides: list[str], *extra: str) -> int:
+    args = ["run", "--out", str(out), *extra]
+    for o in overrides:
+        args += ["--set", o]
+    return main(args)
+
+
+def _adapter(run: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    x, y = _adapter(a), _adapter(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def embedded(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> Path:
+    out = tmp_path_factory.mktemp("emb") / "run"
+    assert _run(out, _overrides(tiny_bert_dir, tiny_text_csv)) == 0
+    return out
+
+
+def test_flower_simulation_equals_embedded(embedded: Path, tmp_path: Path, tiny_bert_dir: Path,
+                                           tiny_text_csv: Path) -> None:  # fmt: skip
+    out = tmp_path / "sim"
+    assert _run(out, _overrides(tiny_bert_dir, tiny_text_csv), "--engine", "flower-sim") == 0
+    assert_same_adapter(embedded, out)
+    ours = [strip_timing(r) for r in RunDir(out).read_metrics()]
+    assert ours == [strip_timing(r) for r in RunDir(embedded).read_metrics()]
+    assert RunDir(out).read_summary()["engine"] == "flower"
+
+
+def test_loopback_deployment_equals_embedded(embedded: Path, tmp_path: Path, tiny_bert_dir: Path,
+                                             tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    with deployment(tmp_path, nodes=3) as dep:
+        for k, v in flower_env(dep.home).items():
+            monkeypatch.setenv(k, v)
+        out = tmp_path / "dep"
+        rc = _run(
+            out,
+            _overrides(tiny_bert_dir, tiny_text_csv),
+            "--engine",
+            "flower",
+            "--superlink",
+            dep.address,
+        )
+        assert rc == 0
+    assert all(p.poll() is not None for p in [dep.superlink, *dep.supernodes])
+    assert_same_adapter(embedded, out)
+    assert [r["sampled"] for r in RunDir(out).read_metrics()] == [
+        r["sampled"] for r in RunDir(embedded).read_metrics()
+    ]
+
+
+def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    with deployment(tmp_path, nodes=2, tls=True) as dep:
+        for k, v in flower_env(dep.home).items():
+            monkeypatch.setenv(k, v)
+        ov = _overrides(tiny_bert_dir, tiny_text_csv, clients__num_clients=2, federation__rounds=1)
+        out = tmp_path / "tls"
+        rc = _run(out, ov, "--engine", "flower", "--superlink", dep.address,
+                  "--root-certificates", str(dep.ca))  # fmt: skip
+        assert rc == 0
+    records = RunDir(out).read_metrics()
+    assert len(records) == 1 and records[0]["clients"] and not records[0]["failed"]
+
+
+def test_a_supernode_killed_mid_run_is_recorded_and_the_run_finishes(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, clients__per_round=3, federation__rounds=3,
+                    federation__round_timeout=30)  # fmt: skip
+    out = tmp_path / "kill"
+    with deployment(tmp_path, nodes=3) as dep:
+        for k, v in flower_env(dep.home).items():
+            monkeypatch.setenv(k, v)
+        victim = dep.supernodes[1]
+
+        def kill_after_first_round() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
+                time.sleep(0.2)
+            victim.kill()
+
+        killer = threading.Thread(target=kill_after_first_round, daemon=True)
+        killer.start()
+        rc = _run(out, ov, "--engine", "flower", "--superlink", dep.address)
+        killer.join(timeout=5)
+        assert rc == 0
+    records = RunDir(out).read_metrics()
+    assert len(records) == 3 and RunDir(out).read_summary()["test_accuracy"] >= 0
+    later = records[1:]
+    assert all("1" in r["failed"] for r in later), [r["failed"] for r in records]
+    assert all(1 not in [c["client"] for c in r["clients"]] for r in later)
+    assert all(sorted(c["client"] for c in r["clients"]) == [0, 2] for r in later)
+    assert os.environ.get("FLWR_HOME") == str(dep.home)
