@@ -126,7 +126,7 @@ def _deployment(tmp: Path, nodes: int, tls: bool, files: ExitStack) -> Iterator[
     logs.mkdir(parents=True, exist_ok=True)
     superlink = subprocess.Popen(
         [str(BIN / "flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=files.enter_context(open(logs / "superlink.log", "w")),
+        env=env, stdout=files.enter_context(open(logs / "superlink.log", "w")),  # noqa: SIM115
         stderr=subprocess.STDOUT,
     )  # fmt: skip
     dep = Deployment(
@@ -135,7 +135,7 @@ def _deployment(tmp: Path, nodes: int, tls: bool, files: ExitStack) -> Iterator[
     try:
         wait_for_port(port, superlink)
         for i in range(nodes):
-            log = files.enter_context(open(logs / f"supernode{i}.log", "w"))
+            log = files.enter_context(open(logs / f"supernode{i}.log", "w"))  # noqa: SIM115
             node_config = f"partition-id={i} num-partitions={nodes}"
             dep.supernodes.append(subprocess.Popen(
                 [str(BIN / "flower-supernode"), *node_security, "--superlink", dep.address,

@@ -65,8 +65,10 @@ def test_flower_simulation_equals_embedded(embedded: Path, tmp_path: Path, tiny_
     assert RunDir(out).read_summary()["engine"] == "flower"
 
 
-def test_loopback_deployment_equals_embedded(embedded: Path, tmp_path: Path, tiny_bert_dir: Path,
-                                             tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_loopback_deployment_equals_embedded(
+    embedded: Path, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     with deployment(tmp_path, nodes=3) as dep:
         for k, v in flower_env(dep.home).items():
             monkeypatch.setenv(k, v)
