@@ -99,12 +99,16 @@ def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
 
 
 @contextmanager
-def deployment(tmp: Path, nodes: int, tls: bool = False) -> Iterator[Deployment]:
+def deployment(
+    tmp: Path, nodes: int, tls: bool = False, node_extra: dict[int, str] | None = None
+) -> Iterator[Deployment]:
     with ExitStack() as logs:
-        yield from _deployment(tmp, nodes, tls, logs)
+        yield from _deployment(tmp, nodes, tls, logs, node_extra or {})
 
 
-def _deployment(tmp: Path, nodes: int, tls: bool, files: ExitStack) -> Iterator[Deployment]:
+def _deployment(
+    tmp: Path, nodes: int, tls: bool, files: ExitStack, node_extra: dict[int, str]
+) -> Iterator[Deployment]:
     home = tmp / "flwr-home"
     env = flower_env(home)
     port = free_port()
@@ -136,7 +140,7 @@ def _deployment(tmp: Path, nodes: int, tls: bool, files: ExitStack) -> Iterator[
         wait_for_port(port, superlink)
         for i in range(nodes):
             log = files.enter_context(open(logs / f"supernode{i}.log", "w"))  # noqa: SIM115
-            node_config = f"partition-id={i} num-partitions={nodes}"
+            node_config = f"partition-id={i} num-partitions={nodes} {node_extra.get(i, '')}"
             dep.supernodes.append(subprocess.Popen(
                 [str(BIN / "flower-supernode"), *node_security, "--superlink", dep.address,
                  "--port", str(free_port()), "--node-config", node_config],

@@ -91,7 +91,9 @@ def test_loopback_deployment_equals_embedded(
 
 def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    with deployment(tmp_path, nodes=2, tls=True) as dep:
+    # the nodes declare their own budgets: a layer count, and a tier (0: half of 4 layers)
+    extra = {0: "budget-layers=1", 1: "budget-tier=0"}
+    with deployment(tmp_path, nodes=2, tls=True, node_extra=extra) as dep:
         for k, v in flower_env(dep.home).items():
             monkeypatch.setenv(k, v)
         ov = _overrides(tiny_bert_dir, tiny_text_csv, clients__num_clients=2, federation__rounds=1)
@@ -100,7 +102,9 @@ def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, t
                   "--root-certificates", str(dep.ca))  # fmt: skip
         assert rc == 0
     records = RunDir(out).read_metrics()
-    assert len(records) == 1 and records[0]["clients"] and not records[0]["failed"]
+    assert len(records) == 1 and not records[0]["failed"]
+    budgets = {c["client"]: (c["budget"], len(c["layers"])) for c in records[0]["clients"]}
+    assert budgets == {0: (1, 1), 1: (2, 2)}
 
 
 def test_a_supernode_killed_mid_run_is_recorded_and_the_run_finishes(

@@ -33,8 +33,9 @@ def experiment_for(config_toml: str) -> Experiment:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     info: dict[str, int] = {"partition-id": int(context.node_config["partition-id"])}
-    if "budget-layers" in context.node_config:
-        info["budget-layers"] = int(context.node_config["budget-layers"])
+    for key in ("budget-layers", "budget-tier"):
+        if key in context.node_config:
+            info[key] = int(context.node_config[key])
     return Message(RecordDict({"config": ConfigRecord(info)}), reply_to=msg)
 
 

@@ -6,7 +6,8 @@ the client needs for its forward pass) and ``config`` (ConfigRecord: ``server-ro
 Train reply: ``arrays`` (only the allocated layers' tensors and the head) and ``metrics``
 (MetricRecord: ``num-examples``, ``train-loss``, ``seconds``, ``peak-memory-mb``,
 ``train-memory-mb``, ``trainable-params``, ``steps``). Query reply: ``config`` with
-``partition-id`` and, if the node declares one, ``budget-layers``.
+``partition-id`` and, if the node declares them, ``budget-layers`` (a layer count) or
+``budget-tier`` (an index into ``clients.tiers``).
 """
 
 from __future__ import annotations

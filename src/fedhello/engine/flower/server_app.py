@@ -15,6 +15,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedhello.budgets import tier_layers
 from fedhello.config import Config, load_config
 from fedhello.engine.core import RoundPlan, State, run_federation
 from fedhello.engine.flower.strategy import HelloFedAvg
@@ -76,6 +77,14 @@ def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any
     if pid in node_of and node_of[pid] != node:
         raise UserError(f"two SuperNodes declared partition-id={pid}")
     node_of[pid] = node
+    if "budget-tier" in info:  # a tier of clients.tiers, as in the embedded engine
+        tier = int(info["budget-tier"])
+        tiers = exp.cfg.clients.tiers
+        if not 0 <= tier < len(tiers):
+            raise UserError(f"partition {pid}: budget-tier={tier}; allowed: 0..{len(tiers) - 1}")
+        budget = tier_layers(tiers[tier], exp.num_layers, exp.cfg.clients.tier_kind)
+        exp.budgets[pid] = exp.strategy.budgets[pid] = budget
+        exp.tiers[pid] = tier
     if "budget-layers" in info:
         budget = int(info["budget-layers"])
         if not 1 <= budget <= exp.num_layers:
