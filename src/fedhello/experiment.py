@@ -61,6 +61,16 @@ PARTITION_FIELDS = {"partition", "dirichlet_alpha", "classes_per_client"}
 _DATA_CACHE: dict[str, tuple[RawData, Any]] = {}
 
 
+def allocation_for(cfg: Config, num_layers: int) -> tuple[list[int], AllocationStrategy]:
+    """The clients' layer budgets and the allocation strategy (pure: no torch)."""
+    c = cfg.clients
+    budgets = client_budgets(c.num_clients, num_layers, c.tiers, c.budgets, c.tier_kind)
+    strategy = build_strategy(
+        cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation
+    )
+    return budgets, strategy
+
+
 def model_shape(source: str, task: str) -> tuple[str, int]:
     """(task, number of blocks) from the model's config alone, without loading weights."""
     from transformers import AutoConfig
@@ -92,16 +102,7 @@ def build_experiment(cfg: Config) -> Experiment:
         torch.set_num_threads(cfg.run.threads)
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
-    budgets = client_budgets(
-        cfg.clients.num_clients,
-        num_layers,
-        cfg.clients.tiers,
-        cfg.clients.budgets,
-        cfg.clients.tier_kind,
-    )
-    strategy = build_strategy(
-        cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation
-    )
+    budgets, strategy = allocation_for(cfg, num_layers)
 
     data_key = json.dumps(
         [cfg.data.model_dump(exclude=PARTITION_FIELDS), source, task, cfg.model.max_length]

@@ -13,11 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from fedhello.allocation import build_strategy
-from fedhello.budgets import client_budgets
 from fedhello.config import Config
 from fedhello.errors import ModelError
-from fedhello.experiment import sample_clients
+from fedhello.experiment import allocation_for, sample_clients
 
 
 def num_layers_of(cfg: Config) -> int:
@@ -49,16 +47,7 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
         strategy, num_layers = exp.strategy, exp.num_layers
     else:
         num_layers = num_layers_of(cfg)
-        budgets = client_budgets(
-            cfg.clients.num_clients,
-            num_layers,
-            cfg.clients.tiers,
-            cfg.clients.budgets,
-            cfg.clients.tier_kind,
-        )
-        strategy = build_strategy(
-            cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation
-        )
+        strategy = allocation_for(cfg, num_layers)[1]
     out_rounds = []
     coverage = np.zeros(num_layers, dtype=np.int64)
     expected = np.zeros(num_layers) if hasattr(strategy, "expected_coverage") else None

@@ -27,6 +27,15 @@ def _by_partition(runs: list[Any]) -> dict[str, dict[str, list[Any]]]:
     return out
 
 
+def _panels(n: int) -> tuple[Any, Any, Any]:
+    """One small panel per strategy, four to a row."""
+    plt = _plt()
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    return plt, fig, axes
+
+
 def accuracy_plot(
     partition: str, groups: dict[str, list[Any]], reference: list[Any], path: Path
 ) -> Path:
@@ -62,18 +71,14 @@ def accuracy_plot(
 
 
 def heatmap_plot(partition: str, groups: dict[str, list[Any]], path: Path) -> Path:
-    plt = _plt()
-    n = len(groups)
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    plt, fig, axes = _panels(len(groups))
     vmax = max(max(max(x["coverage"]) for x in rs[0].records) for rs in groups.values()) or 1
     for ax, (strategy, runs) in zip(axes.flat, groups.items(), strict=False):
         cov = np.array([x["coverage"] for x in runs[0].records]).T  # layers x rounds
         im = ax.imshow(cov, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax)
         ax.set(title=f"{strategy} (seed {runs[0].seed})", xlabel="round", ylabel="layer")
         ax.set_xticks(range(cov.shape[1]), [str(x["round"]) for x in runs[0].records], fontsize=6)
-    for ax in list(axes.flat)[n:]:
+    for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.8, label="clients training the layer")
     fig.suptitle(f"Coverage per layer and round, {partition}")
@@ -83,11 +88,7 @@ def heatmap_plot(partition: str, groups: dict[str, list[Any]], path: Path) -> Pa
 
 
 def coverage_plot(partition: str, groups: dict[str, list[Any]], path: Path) -> Path:
-    plt = _plt()
-    n = len(groups)
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    plt, fig, axes = _panels(len(groups))
     for ax, (strategy, runs) in zip(axes.flat, groups.items(), strict=False):
         total = np.sum([np.sum([x["coverage"] for x in r.records], axis=0) for r in runs], axis=0)
         share = total / max(1, total.sum())
@@ -98,7 +99,7 @@ def coverage_plot(partition: str, groups: dict[str, list[Any]], path: Path) -> P
             ax.plot(layers, target, "o-", color="tab:red", label="target shape")
         ax.set(title=strategy, xlabel="layer (shallow -> deep)", ylabel="share of layer-slots")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
+    for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.suptitle(f"Realized coverage vs target, {partition} (all seeds and rounds)")
     fig.tight_layout()
