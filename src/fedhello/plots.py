@@ -41,14 +41,19 @@ def accuracy_plot(
 ) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for strategy, runs in [*groups.items(), *([("centralized", reference)] if reference else [])]:
+    colors = plt.get_cmap("tab20").colors  # 11 strategies: the default 10-colour cycle repeats
+    series = [*groups.items(), *([("centralized", reference)] if reference else [])]
+    for i, (strategy, runs) in enumerate(series):
         rounds = [x["round"] for x in runs[0].records if "test_accuracy" in x]
         acc = np.array(
             [[x["test_accuracy"] for x in r.records if "test_accuracy" in x] for r in runs]
         )
         mean = acc.mean(axis=0)
         style = "--" if strategy == "centralized" else "-"
-        (line,) = ax.plot(rounds, 100 * mean, style, label=f"{strategy} (n={len(runs)})")
+        label = f"{strategy} (n={len(runs)})"
+        (line,) = ax.plot(
+            rounds, 100 * mean, style, color=colors[(2 * i) % 20 + (2 * i) // 20], label=label
+        )
         if len(runs) > 1:
             ax.fill_between(
                 rounds,
