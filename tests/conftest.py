@@ -128,3 +128,25 @@ def tiny_overrides(model_dir: Path, data: Path | str, **extra: object) -> list[s
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def peft_test_accuracy(run_dir: Path, base_dir: Path | str) -> float:
+    """Test accuracy of a run's exported adapter loaded with plain PEFT onto ``base_dir``,
+    on the run's test split: what a user who only has the adapter would measure."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedhello.config import load_config
+    from fedhello.data import load_raw
+    from fedhello.encoding import encode
+    from fedhello.evaluation import evaluate
+
+    cfg = load_config(run_dir / "config.toml")
+    labels = json.loads((run_dir / "adapter/labels.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(labels))
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    raw = load_raw(cfg.data, "text", False)
+    data = encode(raw, AutoTokenizer.from_pretrained(base_dir), cfg.model.max_length)
+    return evaluate(model, data, raw.splits["test"], 64)["accuracy"]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import peft_test_accuracy, tiny_overrides
 
 from fedhello.cli import main
 from fedhello.runs import RunDir, strip_timing
@@ -64,22 +63,8 @@ def test_the_tiny_model_learns(text_run: Path) -> None:
 def test_adapter_reloads_with_peft_and_reproduces_test_accuracy(
     text_run: Path, tiny_bert_dir: Path
 ) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from fedhello.config import load_config
-    from fedhello.data import load_raw
-    from fedhello.encoding import encode
-    from fedhello.evaluation import evaluate
-
-    cfg = load_config(text_run / "config.toml")
-    labels = json.loads((text_run / "adapter/labels.json").read_text())
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(labels))
-    model = PeftModel.from_pretrained(base, str(text_run / "adapter"))
-    raw = load_raw(cfg.data, "text", False)
-    data = encode(raw, AutoTokenizer.from_pretrained(tiny_bert_dir), cfg.model.max_length)
-    result = evaluate(model, data, raw.splits["test"], 16)
-    assert result["accuracy"] == pytest.approx(RunDir(text_run).read_summary()["test_accuracy"])
+    accuracy = peft_test_accuracy(text_run, tiny_bert_dir)
+    assert accuracy == pytest.approx(RunDir(text_run).read_summary()["test_accuracy"])
 
 
 def test_same_seed_same_metrics_other_seed_differs(

@@ -3,12 +3,13 @@ adapter reloaded with plain PEFT reproduces the reported accuracy."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from conftest import peft_test_accuracy
 
 from fedhello.cli import main
+from fedhello.models import resolve_model_source
 from fedhello.runs import RunDir
 
 pytestmark = pytest.mark.slow
@@ -32,21 +33,5 @@ def test_minilm_on_wordnet_learns_and_exports_a_peft_adapter(tmp_path: Path) -> 
     budgets = sorted({c["budget"] for r in records for c in r["clients"]})
     assert set(budgets) <= {3, 5, 6}
 
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from fedhello.config import load_config
-    from fedhello.data import load_raw
-    from fedhello.encoding import encode
-    from fedhello.evaluation import evaluate
-    from fedhello.models import resolve_model_source
-
-    cfg = load_config(out / "config.toml")
     source = resolve_model_source("minilm-l6", False)
-    labels = json.loads((out / "adapter/labels.json").read_text())
-    base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(labels))
-    model = PeftModel.from_pretrained(base, str(out / "adapter"))
-    raw = load_raw(cfg.data, "text", False)
-    data = encode(raw, AutoTokenizer.from_pretrained(source), cfg.model.max_length)
-    result = evaluate(model, data, raw.splits["test"], 64)
-    assert result["accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert peft_test_accuracy(out, source) == pytest.approx(summary["test_accuracy"])
