@@ -49,6 +49,7 @@ class HelloFedAvg(FedAvg):
             exp.cfg.federation.server_momentum, exp.cfg.federation.server_lr
         )
         self.round_plan: RoundPlan | None = None
+        self._state: State = {}  # the global state of the round in flight (Strategy.start)
 
     def messages_for(self, rp: RoundPlan, state: State) -> tuple[list[Message], dict[int, str]]:
         """One train message per allocated client; clients without a node are failures."""
