@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedhello.masks import keys_for_layers
+
 logger = logging.getLogger(__name__)
 
 State = dict[str, np.ndarray]
@@ -38,11 +40,6 @@ class AggregationReport:
     coverage: list[int] = field(default_factory=list)  # accepted clients per layer
 
 
-def expected_keys(layer_of: Mapping[str, int | None], layers: Sequence[int]) -> set[str]:
-    chosen = set(layers)
-    return {k for k, layer in layer_of.items() if layer is None or layer in chosen}
-
-
 def validate_update(
     update: ClientUpdate, global_state: Mapping[str, np.ndarray], layer_of: Mapping[str, int | None]
 ) -> str | None:
@@ -51,7 +48,7 @@ def validate_update(
         return f"num_examples = {update.num_examples!r}: must be a positive integer"
     if not math.isfinite(update.train_loss):
         return f"training loss is {update.train_loss}: not finite"
-    allowed = expected_keys(layer_of, update.layers)
+    allowed = set(keys_for_layers(layer_of, update.layers))
     for key in sorted(update.tensors):
         if key not in global_state:
             return f"unknown tensor {key!r}"

@@ -8,7 +8,7 @@ need model information (Fisher scores) receive it through ``observe_scores``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from fedhello.masks import AllocationPlan, ClientAllocation, check_layers
@@ -72,6 +72,3 @@ def strategy_class(name: str) -> type[AllocationStrategy]:
     if name not in _REGISTRY:
         raise KeyError(name)
     return _REGISTRY[name]
-
-
-StrategyFactory = Callable[[int, Sequence[int], int, Any], AllocationStrategy]
