@@ -121,3 +121,24 @@ def test_strategy_list_parsing() -> None:
         parse_strategies("fedra,magic")
     with pytest.raises(ConfigError, match="unknown shape 'round'"):
         parse_strategies("geometric:round")
+
+
+def test_reuse_ignores_operational_settings_and_names_real_differences(
+    compare_dir: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A changed Flower timeout or checkpoint period must not invalidate finished runs; a
+    changed learning rate must, with an error naming the setting and both values."""
+    import fedhello.engine.simulation as sim
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(sim, "run_embedded", refuse)
+    base = _args(compare_dir, tiny_bert_dir, tiny_text_csv)
+    ops = ["--set", "federation.node_wait=7", "--set", "run.checkpoint_every=2"]
+    assert main(base + ops) == 0
+    capsys.readouterr()
+    assert main(base + ["--set", "train.lr=0.123"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lr" in err[0] and "0.123" in err[0]

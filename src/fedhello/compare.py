@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedhello.config import Config, build_config
+from fedhello.config import Config, build_config, outcome_differences
 from fedhello.errors import ConfigError, RunDirError
 from fedhello.runs import RunDir
 
@@ -134,9 +134,11 @@ def run_cell(cell: Cell, cfg: Config, root: Path, observer: Any = None) -> str:
 
     run = RunDir(cell.path(root))
     if run.config_path.is_file():
-        if load_config(run.config_path) != cfg:
+        diff = outcome_differences(load_config(run.config_path), cfg)
+        if diff:
             raise RunDirError(
-                f"{run.path} holds a run with another config: use a new comparison folder"
+                f"{run.path} holds a run with another config ({', '.join(diff)}): "
+                "use a new comparison folder"
             )
         if run.summary_path.is_file():
             return "reused"
@@ -168,8 +170,12 @@ def run_compare(
     spec_path = root / "compare.json"
     if spec_path.is_file():
         old = json.loads(spec_path.read_text())
-        if old.get("base_config") != spec["base_config"]:
-            raise RunDirError(f"{root} holds a comparison of another base config: use a new --out")
+        diff = outcome_differences(build_config(old.get("base_config", {})), base)
+        if diff:
+            raise RunDirError(
+                f"{root} holds a comparison of another base config ({', '.join(diff)}): "
+                "use a new --out"
+            )
         for key in ("strategies", "seeds", "partitions"):  # a compare may grow
             spec[key] = list(dict.fromkeys([*old.get(key, []), *spec[key]]))
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")

@@ -202,6 +202,25 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
 
 
+def outcome_differences(saved: Config, wanted: Config) -> list[str]:
+    """``section.key (saved -> wanted)`` for every result-relevant setting that differs."""
+    a, b = saved.outcome_dict(), wanted.outcome_dict()
+    return [
+        f"{section}.{key} ({a[section].get(key)!r} -> {b[section].get(key)!r})"
+        for section in b
+        for key in sorted(set(a[section]) | set(b[section]))
+        if a[section].get(key) != b[section].get(key)
+    ]
+
+
+# Settings that never change a run's results (see Config.outcome_dict).
+OPERATIONAL: dict[str, tuple[str, ...]] = {
+    "model": ("allow_download",),
+    "federation": ("round_timeout", "node_wait"),
+    "run": ("name", "out_dir", "checkpoint_every", "keep_checkpoints"),
+}
+
+
 class Config(Section):
     """A whole experiment."""
 
@@ -224,6 +243,19 @@ class Config(Section):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_kebab(self.to_dict()))
+
+    def outcome_dict(self) -> dict[str, Any]:
+        """The settings a run's results depend on: what decides whether a run can be reused.
+
+        Operational settings (where the run is written, how often it checkpoints, how long a
+        Flower server waits) are left out, so a finished comparison stays reusable when one
+        of their defaults changes or a user moves the output folder.
+        """
+        data = self.to_dict()
+        for section, keys in OPERATIONAL.items():
+            for key in keys:
+                data[section].pop(key, None)
+        return data
 
 
 def _kebab(d: dict[str, Any]) -> dict[str, Any]:
