@@ -139,6 +139,6 @@ def test_reuse_ignores_operational_settings_and_names_real_differences(
     ops = ["--set", "federation.node_wait=7", "--set", "run.checkpoint_every=2"]
     assert main(base + ops) == 0
     capsys.readouterr()
-    assert main(base + ["--set", "train.lr=0.123"]) == 2
+    assert main([*base, "--set", "train.lr=0.123"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.lr" in err[0] and "0.123" in err[0]
