@@ -142,3 +142,27 @@ def test_reuse_ignores_operational_settings_and_names_real_differences(
     assert main([*base, "--set", "train.lr=0.123"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.lr" in err[0] and "0.123" in err[0]
+
+
+def test_paired_differences_equal_an_independent_computation(
+    compare_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open(compare_dir / "paired.csv") as f:
+        rows = {(r["partition"], r["strategy"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {("dirichlet", "geometric-triangle"), ("iid", "geometric-triangle")}
+    for (partition, strategy), row in rows.items():
+        assert row["baseline"] == "fedra"  # the default baseline when present
+        diffs = [
+            100 * (_run(compare_dir, partition, strategy, k).read_summary()["test_accuracy"]
+                   - _run(compare_dir, partition, "fedra", k).read_summary()["test_accuracy"])
+            for k in (0, 1)
+        ]  # fmt: skip
+        assert float(row["final_diff_mean"]) == pytest.approx(np.mean(diffs))
+        assert float(row["final_diff_std"]) == pytest.approx(np.std(diffs, ddof=1))
+        assert int(row["wins"]) + int(row["ties"]) + int(row["losses"]) == 2
+        assert int(row["wins"]) == sum(d > 0 for d in diffs)
+    written = {p: p.stat().st_mtime_ns for p in compare_dir.glob("*.*")}
+    assert main(["report", str(compare_dir), "--baseline", "magic"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'magic'" in err[0] and "fedra" in err[0]
+    assert {p: p.stat().st_mtime_ns for p in compare_dir.glob("*.*")} == written

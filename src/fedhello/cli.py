@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables and plots again from saved metrics")
     rep.add_argument("path", help="a comparison folder or a run directory")
     rep.add_argument("--out", help="where to write (default: the folder itself)")
+    for sp in (cmp, rep):
+        sp.add_argument(
+            "--baseline",
+            help="strategy the paired differences are taken against (default: fedra, else full)",
+        )
     return p
 
 
@@ -206,8 +211,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     run_compare(cfg, out, strategies, seeds, partitions, on_cell=on_cell,
                 on_done=lambda cell, outcome: console.print(f"  {outcome}"))  # fmt: skip
-    result = write_report(out)
+    result = write_report(out, baseline=args.baseline)
     Console().print((out / "results.md").read_text())
+    Console().print((out / "paired.md").read_text())
     console.print(f"tables and {len(result['plots'])} plots in {out}")
     return 0
 
@@ -216,8 +222,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedhello.report import write_report
 
     out = Path(args.out) if args.out else Path(args.path)
-    result = write_report(Path(args.path), out)
+    result = write_report(Path(args.path), out, baseline=args.baseline)
     print((out / "results.md").read_text(), end="")
+    print((out / "paired.md").read_text(), end="")
     print(f"{len(result['plots'])} plots in {out / 'plots'}", file=sys.stderr)
     return 0
 

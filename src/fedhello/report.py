@@ -153,8 +153,11 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def write_report(root: Path, out: Path | None = None) -> dict[str, Any]:
-    """Tables (results.md, results.csv) and plots (plots/*.png) into ``out`` (default: root)."""
+def write_report(
+    root: Path, out: Path | None = None, baseline: str | None = None
+) -> dict[str, Any]:
+    """Tables (results.*, paired.*) and plots (plots/*.png) into ``out`` (default: root)."""
+    from fedhello.paired import paired_differences, write_paired
     from fedhello.plots import write_plots
 
     root = Path(root)
@@ -162,6 +165,8 @@ def write_report(root: Path, out: Path | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     runs = collect(root)
     table = summarize(group(runs))
+    paired = paired_differences(runs, baseline)  # a bad --baseline fails before any write
     write_tables(table, out)
+    write_paired(paired, out)
     plots = write_plots(runs, out / "plots")
-    return {"table": table, "plots": [str(p) for p in plots]}
+    return {"table": table, "paired": paired, "plots": [str(p) for p in plots]}
