@@ -46,6 +46,21 @@ def assert_same_adapter(a: Path, b: Path) -> None:
         np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6)
 
 
+def crash_after_round(src: Path, dst: Path, last_round: int) -> Path:
+    """A copy of the finished run ``src`` as a crash right after ``last_round``'s checkpoint
+    (and partway into the next round: its metrics line written, its checkpoint not) leaves it."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    run = RunDir(dst)
+    run.summary_path.unlink()
+    shutil.rmtree(run.adapter_dir)
+    for ckpt in run.checkpoint_dir.glob("round-*"):
+        if int(ckpt.stem.removeprefix("round-")) > last_round:
+            ckpt.unlink()
+    return dst
+
+
 @pytest.fixture(scope="module")
 def embedded(
     tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_text_csv: Path
@@ -65,6 +80,18 @@ def test_flower_simulation_equals_embedded(embedded: Path, tmp_path: Path, tiny_
     assert RunDir(out).read_summary()["engine"] == "flower"
 
 
+def test_a_crashed_run_resumes_on_the_flower_simulation(embedded: Path, tmp_path: Path) -> None:
+    """The checkpoint holds the whole server state, so a run continues on Flower where it
+    stopped (here one started by the embedded engine) and ends as the uninterrupted run."""
+    out = crash_after_round(embedded, tmp_path / "crashed", last_round=1)
+    assert main(["run", "--resume", str(out), "--engine", "flower-sim"]) == 0
+    assert_same_adapter(embedded, out)
+    ours = [strip_timing(r) for r in RunDir(out).read_metrics()]
+    assert ours == [strip_timing(r) for r in RunDir(embedded).read_metrics()]
+    summary = RunDir(out).read_summary()
+    assert summary["resumed_at_round"] == 2 and summary["engine"] == "flower"
+
+
 def test_loopback_deployment_equals_embedded(
     embedded: Path, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -82,8 +109,14 @@ def test_loopback_deployment_equals_embedded(
             dep.address,
         )
         assert rc == 0
+        # the same federation, crashed after round 1 and resumed through the SuperLink
+        crashed = crash_after_round(out, tmp_path / "crashed", last_round=1)
+        resume = ["run", "--resume", str(crashed), "--engine", "flower", "--superlink"]
+        assert main([*resume, dep.address]) == 0
     assert all(p.poll() is not None for p in [dep.superlink, *dep.supernodes])
     assert_same_adapter(embedded, out)
+    assert_same_adapter(embedded, crashed)
+    assert RunDir(crashed).read_summary()["resumed_at_round"] == 2
     assert [r["sampled"] for r in RunDir(out).read_metrics()] == [
         r["sampled"] for r in RunDir(embedded).read_metrics()
     ]

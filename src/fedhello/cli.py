@@ -109,8 +109,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
     from fedhello.runs import RunDir
 
-    if args.resume and args.engine != "embedded":
-        raise UserError("--resume works with --engine embedded only, for now")
     if args.resume:
         if args.config or args.overrides or args.out or args.overwrite:
             raise UserError(
@@ -136,15 +134,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.engine == "flower-sim":
         from fedhello.engine.flower.runner import run_flower_sim
 
-        summary = run_flower_sim(cfg, run, observer, overwrite=args.overwrite)
+        summary = run_flower_sim(
+            cfg, run, observer, overwrite=args.overwrite, resume=bool(args.resume)
+        )
     elif args.engine == "flower":
         from fedhello.engine.flower.runner import run_flower_deployment
 
         if not args.superlink:
             raise UserError("--engine flower needs --superlink HOST:PORT (the Control API)")
         summary = run_flower_deployment(
-            cfg, run, args.superlink, args.root_certificates, overwrite=args.overwrite
-        )
+            cfg, run, args.superlink, args.root_certificates, overwrite=args.overwrite,
+            resume=bool(args.resume),
+        )  # fmt: skip
     else:
         summary = run_embedded(
             cfg, run, observer, overwrite=args.overwrite, resume=bool(args.resume)

@@ -48,11 +48,12 @@ clientapp = "fedhello.engine.flower.client_app:app"
 config = ""
 run-dir = "runs/flower"
 overwrite = false
+resume = false
 """
 
 
 def run_flower_sim(
-    cfg: Config, run: RunDir, observer: Any = None, overwrite: bool = False
+    cfg: Config, run: RunDir, observer: Any = None, overwrite: bool = False, resume: bool = False
 ) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
@@ -60,7 +61,7 @@ def run_flower_sim(
     from fedhello.engine.flower.server_app import make_server_app
 
     outcome: dict[str, Any] = {}
-    server = make_server_app(cfg, run, observer, overwrite, outcome)
+    server = make_server_app(cfg, run, observer, overwrite, outcome, resume)
     threads = max(1, (os.cpu_count() or 1))
     run_simulation(
         server_app=server,
@@ -102,13 +103,16 @@ def run_flower_deployment(
     root_certificates: str | None = None,
     overwrite: bool = False,
     timeout: float | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Submit the federation to the SuperLink at ``superlink`` (its Control API address) and
-    wait for it. The ServerApp runs beside the SuperLink and writes ``run`` there."""
+    wait for it. The ServerApp runs beside the SuperLink and writes ``run`` there; with
+    ``resume`` it continues ``run`` from its last checkpoint."""
     flwr = shutil.which("flwr")
     if flwr is None:
         raise UserError("the flwr command is not on PATH: activate the environment fedhello is in")
-    run.check_free(overwrite)
+    if not resume:
+        run.check_free(overwrite)
     run.path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedhello-app-") as tmp:
         app_dir = write_app(Path(tmp) / "app")
@@ -121,7 +125,8 @@ def run_flower_deployment(
         flwr_home_entry(home, name, superlink, root_certificates)
         run_config = (
             f'config="{stored.resolve()}" run-dir="{run.path.resolve()}" '
-            f"overwrite={'true' if overwrite else 'false'}"
+            f"overwrite={'true' if overwrite else 'false'} "
+            f"resume={'true' if resume else 'false'}"
         )
         cmd = [flwr, "run", str(app_dir), name, "--run-config", run_config, "--stream"]
         logger.info("submitting: %s", " ".join(cmd))

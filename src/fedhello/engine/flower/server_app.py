@@ -3,7 +3,7 @@
 ``make_server_app`` builds one around a config and run directory (Flower simulation, started
 by ``fedhello run --engine flower-sim``). The module-level ``app`` is the same for a real
 deployment (``flwr run``), reading ``config`` (a TOML path, empty for the defaults),
-``run-dir`` and ``overwrite`` from the run config.
+``run-dir``, ``overwrite`` and ``resume`` from the run config.
 """
 
 from __future__ import annotations
@@ -96,9 +96,15 @@ def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any
 
 
 def serve(
-    grid: Grid, cfg: Config, run: RunDir, observer: Any = None, overwrite: bool = False
+    grid: Grid,
+    cfg: Config,
+    run: RunDir,
+    observer: Any = None,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the federation over ``grid`` into ``run``."""
+    """Run the federation over ``grid`` into ``run`` (``resume``: from its last checkpoint,
+    whichever engine wrote it: the checkpoint holds the whole server state)."""
     holder: dict[str, HelloFedAvg] = {}
 
     def prepare(exp: Experiment) -> None:
@@ -127,7 +133,7 @@ def serve(
             obs.on_client_end(rp.round, r)
         return results, failed
 
-    return run_federation(cfg, run, trainer, observer, overwrite, False, "flower", prepare)
+    return run_federation(cfg, run, trainer, observer, overwrite, resume, "flower", prepare)
 
 
 def make_server_app(
@@ -136,6 +142,7 @@ def make_server_app(
     observer: Any = None,
     overwrite: bool = False,
     outcome: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp bound to one config and run; an exception lands in ``outcome["error"]``
     (the simulation would otherwise only log it)."""
@@ -144,7 +151,7 @@ def make_server_app(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            serve(grid, cfg, run, observer, overwrite)
+            serve(grid, cfg, run, observer, overwrite, resume)
         except Exception as err:
             if outcome is None:
                 raise
@@ -165,4 +172,5 @@ def main(grid: Grid, context: Context) -> None:
         cfg,
         RunDir(str(rc.get("run-dir", "runs/flower"))),
         overwrite=bool(rc.get("overwrite", False)),
+        resume=bool(rc.get("resume", False)),
     )
