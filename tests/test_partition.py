@@ -76,3 +76,34 @@ def test_too_many_classes_per_client() -> None:
 def test_impossible_dirichlet_split_is_a_clear_error() -> None:
     with pytest.raises(DataError, match=r"cannot split 12 examples over 6 clients"):
         partition_indices(np.array([0] * 11 + [1]), 6, "dirichlet", seed=0, alpha=0.01)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "pathological", "dirichlet"])
+def test_fast_shard_reading_equals_load_partition(scheme: str) -> None:
+    """shard_positions reads the partitioners' decided index lists directly (fingerprinting
+    each select is slow); it must give exactly what the public load_partition gives."""
+    import datasets
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    from fedhello.partition import shard_positions
+
+    labels = np.random.default_rng(3).integers(0, 8, 600)
+    make = {
+        "iid": lambda: IidPartitioner(num_partitions=5),
+        "pathological": lambda: PathologicalPartitioner(
+            num_partitions=5, partition_by="label", num_classes_per_partition=3, seed=1,
+            class_assignment_mode="first-deterministic"),
+        "dirichlet": lambda: DirichletPartitioner(
+            num_partitions=5, partition_by="label", alpha=0.5, min_partition_size=5, seed=1),
+    }  # fmt: skip
+    table = datasets.Dataset.from_dict({"label": labels, "pos": np.arange(600)})
+    fast, slow = make[scheme](), make[scheme]()
+    fast.dataset = table.with_format("arrow")
+    slow.dataset = table
+    ours = shard_positions(fast, 5)
+    theirs = [np.asarray(slow.load_partition(c)["pos"]) for c in range(5)]
+    assert len(ours) == 5 and all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
