@@ -1,5 +1,6 @@
 """The Flower engine: simulation, a real loopback deployment (plain and TLS), a node killed
-mid-run; the global adapter equals the embedded engine's for the same config and seed."""
+mid-run, a node training on its own file; the global adapter equals the embedded engine's for
+the same config and seed."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
-from conftest import tiny_overrides
+from conftest import make_texts, tiny_overrides
 from flower_harness import deployment, flower_env
 from safetensors.numpy import load_file
 
@@ -124,8 +126,12 @@ def test_loopback_deployment_equals_embedded(
 
 def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    # the nodes declare their own budgets: a layer count, and a tier (0: half of 4 layers)
-    extra = {0: "budget-layers=1", 1: "budget-tier=0"}
+    # the nodes declare their own budgets: a layer count, and a tier (0: half of 4 layers);
+    # node 1 trains on its own file instead of its partition
+    site = tmp_path / "site1.csv"
+    texts, labels = make_texts(29, seed=11)
+    pd.DataFrame({"sentence": texts, "topic": labels}).to_csv(site, index=False)
+    extra = {0: "budget-layers=1", 1: f'budget-tier=0 data="{site}"'}
     with deployment(tmp_path, nodes=2, tls=True, node_extra=extra) as dep:
         for k, v in flower_env(dep.home).items():
             monkeypatch.setenv(k, v)
@@ -138,6 +144,8 @@ def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, t
     assert len(records) == 1 and not records[0]["failed"]
     budgets = {c["client"]: (c["budget"], len(c["layers"])) for c in records[0]["clients"]}
     assert budgets == {0: (1, 1), 1: (2, 2)}
+    examples = {c["client"]: c["num_examples"] for c in records[0]["clients"]}
+    assert examples[1] == 29 and examples[0] > 29
 
 
 def test_a_supernode_killed_mid_run_is_recorded_and_the_run_finishes(
@@ -169,3 +177,24 @@ def test_a_supernode_killed_mid_run_is_recorded_and_the_run_finishes(
     assert all(1 not in [c["client"] for c in r["clients"]] for r in later)
     assert all(sorted(c["client"] for c in r["clients"]) == [0, 2] for r in later)
     assert os.environ.get("FLWR_HOME") == str(dep.home)
+
+
+def test_a_site_file_with_an_unknown_label_stops_a_deployment_with_one_line(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    site = tmp_path / "site0.csv"
+    pd.DataFrame({"sentence": ["red fox", "oak"], "topic": ["class-0", "mineral"]}).to_csv(
+        site, index=False
+    )
+    with deployment(tmp_path, nodes=1, node_extra={0: f'data="{site}"'}) as dep:
+        for k, v in flower_env(dep.home).items():
+            monkeypatch.setenv(k, v)
+        ov = _overrides(tiny_bert_dir, tiny_text_csv, clients__num_clients=1,
+                        clients__per_round=1, federation__rounds=1)  # fmt: skip
+        rc = _run(tmp_path / "bad", ov, "--engine", "flower", "--superlink", dep.address)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("fedhello: error: partition 0: site data ")
+    assert "row 1 has label 'mineral'" in err[-1] and "allowed: class-0" in err[-1]
+    assert not (tmp_path / "bad" / "summary.json").exists()

@@ -39,6 +39,7 @@ class Experiment:
     raw: RawData
     data: Any  # fedhello.encoding.Encoded
     model: Any  # the PEFT model shared by every client
+    processor: Any  # tokenizer or image processor (a site's own data is encoded with it)
     task: str
     source: str
     keys: list[str]
@@ -151,6 +152,7 @@ def build_experiment(cfg: Config) -> Experiment:
         raw=raw,
         data=data,
         model=model,
+        processor=loaded.processor,
         task=task,
         source=loaded.source,
         keys=keys,

@@ -42,6 +42,12 @@ class RunDir:
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
 
+    @property
+    def error_note(self) -> Path:
+        """Where a deployed ServerApp leaves the one-line reason it stopped on bad input, for
+        ``fedhello run`` to show (the ServerApp runs in another process, beside the SuperLink)."""
+        return self.path.parent / f".{self.path.name}.error"
+
     def check_free(self, overwrite: bool = False) -> None:
         """Raise unless this directory may be (re)created: call before any long work."""
         if self.path.exists() and not self.path.is_dir():

@@ -1,41 +1,78 @@
-"""The fedhello ClientApp: trains the allocated layers of its partition with the shared code.
+"""The fedhello ClientApp: trains the allocated layers of its data with the shared code.
 
-A node knows its ``partition-id`` (and may declare ``budget-layers``) from ``--node-config``
-(set automatically in Flower's simulation). The config arrives with every train message; the
-experiment it describes (model, data shard) is built once per process and reused.
+A node knows its ``partition-id`` (and may declare ``budget-layers`` or ``budget-tier``) from
+``--node-config`` (set automatically in Flower's simulation). Its data is its partition of the
+configured dataset, or, if the node config names one (``data="/srv/site.csv"``), its own
+file, which never leaves the node (``fedhello.site_data``). The config arrives with every
+message; the experiment it describes (model, data) is built once per process and reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import tomllib
+from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedhello.config import build_config
+from fedhello.encoding import Encoded, encode
 from fedhello.engine.flower.records import from_record, result_to_reply
+from fedhello.errors import UserError
 from fedhello.experiment import Experiment, build_experiment
+from fedhello.site_data import load_site_raw
 from fedhello.training import train_client
 
 app = ClientApp()
 _EXPERIMENTS: dict[str, Experiment] = {}
+_SITES: dict[tuple[int, str], Encoded] = {}
 
 
 def experiment_for(config_toml: str) -> Experiment:
     key = hashlib.sha256(config_toml.encode()).hexdigest()
     if key not in _EXPERIMENTS:
         _EXPERIMENTS.clear()  # one experiment per process: bounded memory
+        _SITES.clear()
         _EXPERIMENTS[key] = build_experiment(build_config(tomllib.loads(config_toml)))
     return _EXPERIMENTS[key]
 
 
+def site_data_for(exp: Experiment, path: str) -> Encoded:
+    """The node's own file, read and encoded once per experiment and process."""
+    key = (id(exp), path)
+    if key not in _SITES:
+        raw = load_site_raw(path, exp.cfg.data, exp.task, exp.raw.label_names)
+        _SITES[key] = encode(raw, exp.processor, exp.cfg.model.max_length)
+    return _SITES[key]
+
+
+def training_data(exp: Experiment, node_config: Any, pid: int) -> tuple[Encoded, np.ndarray]:
+    """(encoded examples, positions to train on): the site's own file or the partition."""
+    if "data" in node_config:
+        site = site_data_for(exp, str(node_config["data"]))
+        return site, np.arange(len(site))
+    return exp.data, exp.shards[pid]
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    info: dict[str, int] = {"partition-id": int(context.node_config["partition-id"])}
+    """Declare partition id and budget; with the run's config, also check the site's data
+    (so that a bad site file stops the run at the start with its reason, not mid-round)."""
+    nc = context.node_config
+    info: dict[str, int | str] = {"partition-id": int(nc["partition-id"])}
     for key in ("budget-layers", "budget-tier"):
-        if key in context.node_config:
-            info[key] = int(context.node_config[key])
+        if key in nc:
+            info[key] = int(nc[key])
+    request = msg.content.config_records.get("config", ConfigRecord())
+    if "data" in nc and "fedhello-config" in request:
+        try:
+            exp = experiment_for(str(request["fedhello-config"]))
+            data, _ = training_data(exp, nc, int(nc["partition-id"]))
+            info["site-examples"] = len(data)
+        except UserError as err:
+            info["data-error"] = str(err)
     return Message(RecordDict({"config": ConfigRecord(info)}), reply_to=msg)
 
 
@@ -46,10 +83,11 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     if pid != int(config["client"]):
         raise ValueError(f"message for client {config['client']} reached partition {pid}")
+    data, positions = training_data(exp, context.node_config, pid)
     state = from_record(msg.content.array_records["arrays"])
     layers = tuple(int(x) for x in config["train-layers"])  # type: ignore[union-attr]
     result = train_client(
-        exp.model, exp.data, exp.shards[pid], pid, int(config["server-round"]), layers, state,
+        exp.model, data, positions, pid, int(config["server-round"]), layers, state,
         exp.layer_of, exp.cfg.train, float(config["lr"]), exp.cfg.run.seed,
     )  # fmt: skip
     arrays, metrics = result_to_reply(result)

@@ -5,9 +5,11 @@ the client needs for its forward pass) and ``config`` (ConfigRecord: ``server-ro
 ``client``, ``train-layers``, ``lr``, ``fedhello-config``: the resolved config as TOML).
 Train reply: ``arrays`` (only the allocated layers' tensors and the head) and ``metrics``
 (MetricRecord: ``num-examples``, ``train-loss``, ``seconds``, ``peak-memory-mb``,
-``train-memory-mb``, ``trainable-params``, ``steps``). Query reply: ``config`` with
-``partition-id`` and, if the node declares them, ``budget-layers`` (a layer count) or
-``budget-tier`` (an index into ``clients.tiers``).
+``train-memory-mb``, ``trainable-params``, ``steps``). Query message: ``config`` with
+``fedhello-config``. Query reply: ``config`` with ``partition-id`` and, if the node declares
+them, ``budget-layers`` (a layer count) or ``budget-tier`` (an index into ``clients.tiers``);
+a node with its own data file adds ``site-examples`` (its size) or ``data-error`` (why the
+file is unusable: the server stops the run with it).
 """
 
 from __future__ import annotations

@@ -114,6 +114,7 @@ def run_flower_deployment(
     if not resume:
         run.check_free(overwrite)
     run.path.parent.mkdir(parents=True, exist_ok=True)
+    run.error_note.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedhello-app-") as tmp:
         app_dir = write_app(Path(tmp) / "app")
         config_path = Path(tmp) / "config.toml"
@@ -131,6 +132,10 @@ def run_flower_deployment(
         cmd = [flwr, "run", str(app_dir), name, "--run-config", run_config, "--stream"]
         logger.info("submitting: %s", " ".join(cmd))
         proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+    if run.error_note.is_file():  # the ServerApp stopped on bad input (a node's data, ...)
+        reason = run.error_note.read_text().strip()
+        run.error_note.unlink()
+        raise UserError(reason)
     if proc.returncode != 0 or not run.summary_path.is_file():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
         raise RuntimeError(f"flwr run failed (exit {proc.returncode}): " + " | ".join(tail))

@@ -32,8 +32,10 @@ def discover_nodes(grid: Grid, exp: Experiment) -> dict[int, int]:
 
     Waits up to ``federation.node_wait`` seconds for ``clients.num_clients`` nodes to connect
     and answer (a node's ClientApp may take a while to start). A node's declared
-    ``budget-layers`` replaces the tier budget of its partition."""
+    ``budget-layers`` replaces the tier budget of its partition. The query carries the run's
+    config, so that a node with its own data file checks it before the first round."""
     cfg = exp.cfg
+    config_toml = cfg.to_toml()
     deadline = time.monotonic() + cfg.federation.node_wait
     node_of: dict[int, int] = {}
     answered: set[int] = set()
@@ -43,7 +45,8 @@ def discover_nodes(grid: Grid, exp: Experiment) -> dict[int, int]:
             time.sleep(0.5)
             continue
         queries = [
-            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+            Message(RecordDict({"config": ConfigRecord({"fedhello-config": config_toml})}),
+                    dst_node_id=n,
                     message_type=MessageType.QUERY)
             for n in pending
         ]  # fmt: skip
@@ -77,6 +80,10 @@ def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any
     if pid in node_of and node_of[pid] != node:
         raise UserError(f"two SuperNodes declared partition-id={pid}")
     node_of[pid] = node
+    if "data-error" in info:  # the node's own data file is unusable: stop before round 1
+        raise UserError(f"partition {pid}: {info['data-error']}")
+    if "site-examples" in info:
+        logger.info("partition %d trains on its own data: %d examples", pid, info["site-examples"])
     if "budget-tier" in info:  # a tier of clients.tiers, as in the embedded engine
         tier = int(info["budget-tier"])
         tiers = exp.cfg.clients.tiers
@@ -166,11 +173,16 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    cfg = load_config(str(rc["config"]) if rc.get("config") else None)
-    serve(
-        grid,
-        cfg,
-        RunDir(str(rc.get("run-dir", "runs/flower"))),
-        overwrite=bool(rc.get("overwrite", False)),
-        resume=bool(rc.get("resume", False)),
-    )
+    run = RunDir(str(rc.get("run-dir", "runs/flower")))
+    try:
+        serve(
+            grid,
+            load_config(str(rc["config"]) if rc.get("config") else None),
+            run,
+            overwrite=bool(rc.get("overwrite", False)),
+            resume=bool(rc.get("resume", False)),
+        )
+    except UserError as err:  # bad input: hand the reason to `fedhello run`, then fail
+        run.error_note.parent.mkdir(parents=True, exist_ok=True)
+        run.error_note.write_text(str(err))
+        raise

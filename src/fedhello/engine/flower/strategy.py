@@ -7,7 +7,8 @@ Client contract (``fedhello.engine.flower.records`` has the exact keys):
   indices), ``lr``, ``fedhello-config`` (the resolved config as TOML).
 * train reply: ``arrays`` = exactly the LoRA tensors of ``train-layers`` and the head;
   ``metrics`` = ``num-examples``, ``train-loss`` and cost measurements.
-* query reply (once, at start): ``config`` = ``partition-id`` and optionally ``budget-layers``.
+* query (once, at start): ``config`` = ``fedhello-config``; reply ``config`` = ``partition-id``
+  and optionally ``budget-layers`` / ``budget-tier``, ``site-examples`` / ``data-error``.
 
 Differences from stock FedAvg: one message per node with its own ``train-layers`` (stock
 FedAvg sends one record to all), nodes sampled by partition id with the run's seeded

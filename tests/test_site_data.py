@@ -1,0 +1,124 @@
+"""A SuperNode's own data file: read with the run's columns, labels mapped onto the
+federation's classes, trained on instead of the partition; bad files named at the start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_texts, tiny_overrides
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedhello.config import load_config
+from fedhello.engine.flower import client_app
+from fedhello.engine.flower.records import to_record
+from fedhello.engine.flower.server_app import register_node
+from fedhello.errors import DataError, UserError
+from fedhello.site_data import site_label_ids
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a Flower process sets before it builds messages (here: called directly)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def test_labels_map_by_name_or_index_and_unknown_ones_are_named() -> None:
+    names = ["animal", "food", "plant"]
+    assert site_label_ids(["plant", "animal", 1, "food"], names, "s.csv").tolist() == [2, 0, 1, 1]
+    with pytest.raises(DataError) as err:
+        site_label_ids(["plant", "mineral"], names, "s.csv")
+    msg = str(err.value)
+    assert "'s.csv'" in msg and "row 1" in msg and "'mineral'" in msg
+    assert "allowed: animal, food, plant" in msg
+    with pytest.raises(DataError, match=r"index 0\.\.2"):
+        site_label_ids([3], names, "s.csv")
+
+
+@pytest.fixture(scope="module")
+def config_toml(tiny_bert_dir: Path, tiny_text_csv: Path) -> str:
+    overrides = tiny_overrides(
+        tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"', data__label_column='"topic"'
+    )
+    return load_config(None, overrides).to_toml()
+
+
+def _site_csv(path: Path, n: int, seed: int = 7) -> Path:
+    texts, labels = make_texts(n, seed)
+    pd.DataFrame({"sentence": texts, "topic": labels, "extra": range(n)}).to_csv(path, index=False)
+    return path
+
+
+def _context(**node_config: object) -> Context:
+    return Context(run_id=1, node_id=5, node_config=dict(node_config), state=RecordDict(),
+                   run_config={})  # fmt: skip
+
+
+def _query(config_toml: str, ctx: Context) -> dict[str, object]:
+    msg = Message(RecordDict({"config": ConfigRecord({"fedhello-config": config_toml})}),
+                  dst_node_id=5, message_type=MessageType.QUERY)  # fmt: skip
+    return dict(client_app.query(msg, ctx).content.config_records["config"])
+
+
+def test_a_node_trains_on_its_own_file(config_toml: str, tmp_path: Path) -> None:
+    site = _site_csv(tmp_path / "site.csv", 37)
+    ctx = _context(**{"partition-id": 1, "data": str(site)})
+    info = _query(config_toml, ctx)
+    assert info == {"partition-id": 1, "site-examples": 37}
+
+    exp = client_app.experiment_for(config_toml)
+    config = ConfigRecord({"server-round": 1, "client": 1, "train-layers": [1], "lr": 1e-2,
+                           "fedhello-config": config_toml})  # fmt: skip
+    msg = Message(RecordDict({"arrays": to_record(exp.init_state), "config": config}),
+                  dst_node_id=5, message_type=MessageType.TRAIN)  # fmt: skip
+    own = client_app.train(msg, ctx).content.metric_records["metrics"]
+    assert own["num-examples"] == 37
+    # without data= the same node trains its partition of the configured dataset
+    part = client_app.train(msg, _context(**{"partition-id": 1})).content.metric_records["metrics"]
+    assert part["num-examples"] == len(exp.shards[1]) != 37
+    assert own["train-loss"] != part["train-loss"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("missing", "no such file or folder"),
+        ("no-label-column", "data.label_column = 'topic'"),
+        ("unknown-label", "row 2 has label 'class-99'"),
+        ("empty", "has no examples"),
+    ],
+)
+def test_a_bad_site_file_stops_the_run_at_discovery(
+    config_toml: str, tmp_path: Path, content: str, expected: str
+) -> None:
+    site = tmp_path / "site.csv"
+    if content == "no-label-column":
+        pd.DataFrame({"sentence": ["a b"], "label": ["class-0"]}).to_csv(site, index=False)
+    elif content == "unknown-label":
+        topics = ["class-0", "class-1", "class-99"]
+        pd.DataFrame({"sentence": ["a", "b", "c"], "topic": topics}).to_csv(site, index=False)
+    elif content == "empty":
+        pd.DataFrame({"sentence": [], "topic": []}).to_csv(site, index=False)
+    info = _query(config_toml, _context(**{"partition-id": 0, "data": str(site)}))
+    assert expected in str(info["data-error"]) and "site.csv" in str(info["data-error"])
+
+    exp = client_app.experiment_for(config_toml)
+    node_of: dict[int, int] = {}
+    with pytest.raises(UserError) as err:
+        register_node(exp, node_of, 5, info)
+    assert str(err.value).startswith("partition 0: ") and expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_site_labels_use_the_federations_class_ids(config_toml: str, tmp_path: Path) -> None:
+    exp = client_app.experiment_for(config_toml)
+    site = _site_csv(tmp_path / "site.csv", 20, seed=3)
+    data = client_app.site_data_for(exp, str(site))
+    names = pd.read_csv(site)["topic"].tolist()
+    assert [exp.raw.label_names[i] for i in data.labels.tolist()] == names
+    assert np.array_equal(data.features["input_ids"].shape, (20, exp.cfg.model.max_length))
