@@ -43,3 +43,4 @@ clean:
 bench: $(STAMP)
 	$(PY) bench/client_cost.py
 	$(PY) bench/engine.py
+	$(PY) bench/clientapp_startup.py

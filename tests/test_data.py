@@ -64,3 +64,26 @@ def test_missing_file_and_offline_hub_name(tmp_path: Path) -> None:
     bad.write_text("x")
     with pytest.raises(DataError, match="unknown file type"):
         load_raw(_cfg(name=str(bad)), "text", False)
+
+
+def test_encoding_a_subset_equals_the_same_rows_of_the_whole(tiny_bert_dir: Path) -> None:
+    from conftest import make_texts
+    from transformers import AutoTokenizer
+
+    from fedhello.data import RawData
+    from fedhello.encoding import encode, encode_positions
+
+    texts, labels = make_texts(40)
+    names = sorted(set(labels))
+    raw = RawData(texts, np.array([names.index(y) for y in labels]), names, "text",
+                  {"train": np.arange(40)})  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    whole = encode(raw, tok, 16)
+    positions = np.array([31, 2, 17, 17, 0])
+    part = encode_positions(raw, positions, tok, 16)
+    assert len(part) == 5
+    for i, pos in enumerate(positions):
+        assert all(part.features[k][i].equal(whole.features[k][pos]) for k in whole.features)
+    assert part.labels.tolist() == whole.labels[positions].tolist()
+    batch, ref = part.batch([0, 1, 2]), whole.batch(positions[:3])
+    assert all(batch[k].equal(ref[k]) for k in ref)

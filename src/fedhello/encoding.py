@@ -67,6 +67,19 @@ def encode(raw: RawData, processor: Any, max_length: int) -> Encoded:
     return Encoded({"pixel_values": torch.cat(chunks).float()}, labels)
 
 
+def encode_positions(
+    raw: RawData, positions: np.ndarray, processor: Any, max_length: int
+) -> Encoded:
+    """Only the examples at ``positions``, in that order: row i of the result is example
+    ``positions[i]``, encoded exactly as ``encode`` would (padding to ``max_length`` makes an
+    example's tensors independent of the others)."""
+    part = RawData(
+        [raw.inputs[i] for i in positions], raw.labels[positions], raw.label_names, raw.kind,
+        {"train": np.arange(len(positions))},
+    )  # fmt: skip
+    return encode(part, processor, max_length)
+
+
 def _as_image(x: Any) -> Any:
     from PIL import Image
 

@@ -37,7 +37,7 @@ def offline_env(allow_download: bool) -> None:
 class Experiment:
     cfg: Config
     raw: RawData
-    data: Any  # fedhello.encoding.Encoded
+    data: Any  # fedhello.encoding.Encoded of every example; None if built without it
     model: Any  # the PEFT model shared by every client
     processor: Any  # tokenizer or image processor (a site's own data is encoded with it)
     task: str
@@ -90,7 +90,10 @@ def model_shape(source: str, task: str) -> tuple[str, int]:
     return task, layers
 
 
-def build_experiment(cfg: Config) -> Experiment:
+def build_experiment(cfg: Config, encode_data: bool = True) -> Experiment:
+    """Model, data, partition and strategy of ``cfg``. ``encode_data=False`` skips tokenising
+    the whole dataset (most of the build on a large one): a ClientApp, which only trains its
+    own shard, encodes that alone (``fedhello.encoding.encode_positions``)."""
     import torch
 
     from fedhello.encoding import encode
@@ -129,10 +132,10 @@ def build_experiment(cfg: Config) -> Experiment:
     model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, num_layers)
-    if cached:
-        data = cached[1]
-    else:
+    data = cached[1] if cached else None
+    if data is None and encode_data:
         data = encode(raw, loaded.processor, cfg.model.max_length)
+    if not cached or cached[1] is not data:
         _DATA_CACHE.clear()  # one dataset at a time: bounded memory
         _DATA_CACHE[data_key] = (raw, data)
 

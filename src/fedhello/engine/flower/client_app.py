@@ -4,7 +4,9 @@ A node knows its ``partition-id`` (and may declare ``budget-layers`` or ``budget
 ``--node-config`` (set automatically in Flower's simulation). Its data is its partition of the
 configured dataset, or, if the node config names one (``data="/srv/site.csv"``), its own
 file, which never leaves the node (``fedhello.site_data``). The config arrives with every
-message; the experiment it describes (model, data) is built once per process and reused.
+message; the experiment it describes is built once per process and reused. Only the examples
+this node trains on are tokenised: in a deployment every message starts a fresh process, and
+tokenising the whole dataset was most of its start-up.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedhello.config import build_config
-from fedhello.encoding import Encoded, encode
+from fedhello.encoding import Encoded, encode, encode_positions
 from fedhello.engine.flower.records import from_record, result_to_reply
 from fedhello.errors import UserError
 from fedhello.experiment import Experiment, build_experiment
@@ -27,33 +29,38 @@ from fedhello.training import train_client
 
 app = ClientApp()
 _EXPERIMENTS: dict[str, Experiment] = {}
-_SITES: dict[tuple[int, str], Encoded] = {}
+_ENCODED: dict[tuple[int, str], Encoded] = {}  # (partition id, site file or "") -> data
 
 
 def experiment_for(config_toml: str) -> Experiment:
     key = hashlib.sha256(config_toml.encode()).hexdigest()
     if key not in _EXPERIMENTS:
         _EXPERIMENTS.clear()  # one experiment per process: bounded memory
-        _SITES.clear()
-        _EXPERIMENTS[key] = build_experiment(build_config(tomllib.loads(config_toml)))
+        _ENCODED.clear()
+        cfg = build_config(tomllib.loads(config_toml))
+        _EXPERIMENTS[key] = build_experiment(cfg, encode_data=False)
     return _EXPERIMENTS[key]
 
 
 def site_data_for(exp: Experiment, path: str) -> Encoded:
     """The node's own file, read and encoded once per experiment and process."""
-    key = (id(exp), path)
-    if key not in _SITES:
+    key = (-1, path)
+    if key not in _ENCODED:
         raw = load_site_raw(path, exp.cfg.data, exp.task, exp.raw.label_names)
-        _SITES[key] = encode(raw, exp.processor, exp.cfg.model.max_length)
-    return _SITES[key]
+        _ENCODED[key] = encode(raw, exp.processor, exp.cfg.model.max_length)
+    return _ENCODED[key]
 
 
-def training_data(exp: Experiment, node_config: Any, pid: int) -> tuple[Encoded, np.ndarray]:
-    """(encoded examples, positions to train on): the site's own file or the partition."""
+def training_data(exp: Experiment, node_config: Any, pid: int) -> Encoded:
+    """The examples this node trains on, in order: its own file, or its partition (row i is
+    shard position i, so batches are the embedded engine's)."""
     if "data" in node_config:
-        site = site_data_for(exp, str(node_config["data"]))
-        return site, np.arange(len(site))
-    return exp.data, exp.shards[pid]
+        return site_data_for(exp, str(node_config["data"]))
+    if (pid, "") not in _ENCODED:
+        _ENCODED[pid, ""] = encode_positions(
+            exp.raw, exp.shards[pid], exp.processor, exp.cfg.model.max_length
+        )
+    return _ENCODED[pid, ""]
 
 
 @app.query()
@@ -69,8 +76,7 @@ def query(msg: Message, context: Context) -> Message:
     if "data" in nc and "fedhello-config" in request:
         try:
             exp = experiment_for(str(request["fedhello-config"]))
-            data, _ = training_data(exp, nc, int(nc["partition-id"]))
-            info["site-examples"] = len(data)
+            info["site-examples"] = len(training_data(exp, nc, int(nc["partition-id"])))
         except UserError as err:
             info["data-error"] = str(err)
     return Message(RecordDict({"config": ConfigRecord(info)}), reply_to=msg)
@@ -83,11 +89,11 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     if pid != int(config["client"]):
         raise ValueError(f"message for client {config['client']} reached partition {pid}")
-    data, positions = training_data(exp, context.node_config, pid)
+    data = training_data(exp, context.node_config, pid)
     state = from_record(msg.content.array_records["arrays"])
     layers = tuple(int(x) for x in config["train-layers"])  # type: ignore[union-attr]
     result = train_client(
-        exp.model, data, positions, pid, int(config["server-round"]), layers, state,
+        exp.model, data, np.arange(len(data)), pid, int(config["server-round"]), layers, state,
         exp.layer_of, exp.cfg.train, float(config["lr"]), exp.cfg.run.seed,
     )  # fmt: skip
     arrays, metrics = result_to_reply(result)
