@@ -140,7 +140,9 @@ def _deployment(
         wait_for_port(port, superlink)
         for i in range(nodes):
             log = files.enter_context(open(logs / f"supernode{i}.log", "w"))  # noqa: SIM115
-            node_config = f"partition-id={i} num-partitions={nodes} {node_extra.get(i, '')}"
+            extra = node_extra.get(i, "")
+            # a real site gives its data file and no partition id: the server assigns one
+            node_config = extra if "data=" in extra else f"partition-id={i} {extra}".strip()
             dep.supernodes.append(subprocess.Popen(
                 [str(BIN / "flower-supernode"), *node_security, "--superlink", dep.address,
                  "--port", str(free_port()), "--node-config", node_config],

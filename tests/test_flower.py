@@ -127,7 +127,7 @@ def test_loopback_deployment_equals_embedded(
 def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     # the nodes declare their own budgets: a layer count, and a tier (0: half of 4 layers);
-    # node 1 trains on its own file instead of its partition
+    # node 1 is a site: its own file instead of a partition, and no partition id (it gets 1)
     site = tmp_path / "site1.csv"
     texts, labels = make_texts(29, seed=11)
     pd.DataFrame({"sentence": texts, "topic": labels}).to_csv(site, index=False)
@@ -195,6 +195,6 @@ def test_a_site_file_with_an_unknown_label_stops_a_deployment_with_one_line(
         rc = _run(tmp_path / "bad", ov, "--engine", "flower", "--superlink", dep.address)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert err[-1].startswith("fedhello: error: partition 0: site data ")
+    assert err[-1].startswith(f"fedhello: error: the SuperNode with data='{site}': site data ")
     assert "row 1 has label 'mineral'" in err[-1] and "allowed: class-0" in err[-1]
     assert not (tmp_path / "bad" / "summary.json").exists()

@@ -13,8 +13,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedhello.config import load_config
 from fedhello.engine.flower import client_app
+from fedhello.engine.flower.discovery import assign_clients, check_reply, register_node
 from fedhello.engine.flower.records import to_record
-from fedhello.engine.flower.server_app import register_node
 from fedhello.errors import DataError, UserError
 from fedhello.site_data import site_label_ids
 
@@ -69,7 +69,7 @@ def test_a_node_trains_on_its_own_file(config_toml: str, tmp_path: Path) -> None
     site = _site_csv(tmp_path / "site.csv", 37)
     ctx = _context(**{"partition-id": 1, "data": str(site)})
     info = _query(config_toml, ctx)
-    assert info == {"partition-id": 1, "site-examples": 37}
+    assert info == {"partition-id": 1, "data": str(site), "site-examples": 37}
 
     exp = client_app.experiment_for(config_toml)
     config = ConfigRecord({"server-round": 1, "client": 1, "train-layers": [1], "lr": 1e-2,
@@ -113,6 +113,12 @@ def test_a_bad_site_file_stops_the_run_at_discovery(
         register_node(exp, node_of, 5, info)
     assert str(err.value).startswith("partition 0: ") and expected in str(err.value)
     assert "\n" not in str(err.value)
+    # a site without a partition id is named by its file
+    del info["partition-id"]
+    with pytest.raises(UserError) as err:
+        check_reply(info)
+    assert str(err.value).startswith(f"the SuperNode with data='{site}': ")
+    assert expected in str(err.value)
 
 
 def test_site_labels_use_the_federations_class_ids(config_toml: str, tmp_path: Path) -> None:
@@ -122,3 +128,34 @@ def test_site_labels_use_the_federations_class_ids(config_toml: str, tmp_path: P
     names = pd.read_csv(site)["topic"].tolist()
     assert [exp.raw.label_names[i] for i in data.labels.tolist()] == names
     assert np.array_equal(data.features["input_ids"].shape, (20, exp.cfg.model.max_length))
+
+
+def test_sites_without_partition_id_get_the_free_ids_in_data_path_order(config_toml: str) -> None:
+    exp = client_app.experiment_for(config_toml)  # 6 clients
+    infos = {
+        40: {"data": "/srv/c.csv"}, 10: {"data": "/srv/a.csv", "budget-layers": 1},
+        30: {"partition-id": 1}, 20: {"data": "/srv/b.csv"},
+    }  # fmt: skip
+    node_of = assign_clients(exp, infos)
+    assert node_of == {1: 30, 0: 10, 2: 20, 3: 40}
+    assert exp.budgets[0] == 1  # the site's declared budget follows it to its assigned id
+    too_many = {n: {"data": f"/srv/{n}.csv"} for n in range(7)}
+    with pytest.raises(UserError, match="7 SuperNodes gave data= without partition-id, but only 6"):
+        assign_clients(exp, too_many)
+    with pytest.raises(UserError, match="neither partition-id nor data"):
+        check_reply({"budget-layers": 2})
+
+
+def test_a_site_without_partition_id_trains_as_the_client_it_was_assigned(
+    config_toml: str, tmp_path: Path
+) -> None:
+    site = _site_csv(tmp_path / "site.csv", 23)
+    exp = client_app.experiment_for(config_toml)
+    config = ConfigRecord({"server-round": 2, "client": 4, "train-layers": [0, 1], "lr": 1e-2,
+                           "fedhello-config": config_toml})  # fmt: skip
+    msg = Message(RecordDict({"arrays": to_record(exp.init_state), "config": config}),
+                  dst_node_id=5, message_type=MessageType.TRAIN)  # fmt: skip
+    reply = client_app.train(msg, _context(data=str(site)))
+    assert reply.content.metric_records["metrics"]["num-examples"] == 23
+    with pytest.raises(ValueError, match="reached partition 3"):
+        client_app.train(msg, _context(**{"partition-id": 3, "data": str(site)}))

@@ -1,12 +1,14 @@
 """The fedhello ClientApp: trains the allocated layers of its data with the shared code.
 
-A node knows its ``partition-id`` (and may declare ``budget-layers`` or ``budget-tier``) from
-``--node-config`` (set automatically in Flower's simulation). Its data is its partition of the
-configured dataset, or, if the node config names one (``data="/srv/site.csv"``), its own
-file, which never leaves the node (``fedhello.site_data``). The config arrives with every
-message; the experiment it describes is built once per process and reused. Only the examples
-this node trains on are tokenised: in a deployment every message starts a fresh process, and
-tokenising the whole dataset was most of its start-up.
+A node declares in ``--node-config`` its ``partition-id`` (set automatically in Flower's
+simulation) and may declare ``budget-layers`` or ``budget-tier``. Its data is its partition of
+the configured dataset, or, if the node config names one (``data="/srv/site.csv"``), its own
+file, which never leaves the node (``fedhello.site_data``); such a site may leave out
+``partition-id`` and take the client id the server assigns (``discovery``).
+
+The config arrives with every message; the experiment it describes is built once per process
+and reused. Only the examples this node trains on are tokenised: in a deployment every
+message starts a fresh process, and tokenising the whole dataset was most of its start-up.
 """
 
 from __future__ import annotations
@@ -65,20 +67,22 @@ def training_data(exp: Experiment, node_config: Any, pid: int) -> Encoded:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Declare partition id and budget; with the run's config, also check the site's data
+    """Declare partition id, budget and data file; with the run's config, also check that file
     (so that a bad site file stops the run at the start with its reason, not mid-round)."""
     nc = context.node_config
-    info: dict[str, int | str] = {"partition-id": int(nc["partition-id"])}
-    for key in ("budget-layers", "budget-tier"):
+    info: dict[str, int | str] = {}
+    for key in ("partition-id", "budget-layers", "budget-tier"):
         if key in nc:
             info[key] = int(nc[key])
     request = msg.content.config_records.get("config", ConfigRecord())
-    if "data" in nc and "fedhello-config" in request:
-        try:
-            exp = experiment_for(str(request["fedhello-config"]))
-            info["site-examples"] = len(training_data(exp, nc, int(nc["partition-id"])))
-        except UserError as err:
-            info["data-error"] = str(err)
+    if "data" in nc:
+        info["data"] = str(nc["data"])  # the server orders sites without partition-id by it
+        if "fedhello-config" in request:
+            try:
+                exp = experiment_for(str(request["fedhello-config"]))
+                info["site-examples"] = len(site_data_for(exp, str(nc["data"])))
+            except UserError as err:
+                info["data-error"] = str(err)
     return Message(RecordDict({"config": ConfigRecord(info)}), reply_to=msg)
 
 
@@ -86,15 +90,18 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     exp = experiment_for(str(config["fedhello-config"]))
-    pid = int(context.node_config["partition-id"])
-    if pid != int(config["client"]):
-        raise ValueError(f"message for client {config['client']} reached partition {pid}")
-    data = training_data(exp, context.node_config, pid)
+    client = int(config["client"])  # the server's id for this node (declared or assigned)
+    nc = context.node_config
+    if "partition-id" in nc and int(nc["partition-id"]) != client:
+        raise ValueError(f"message for client {client} reached partition {nc['partition-id']}")
+    if "partition-id" not in nc and "data" not in nc:
+        raise ValueError("this node declares neither partition-id nor data in its node config")
+    data = training_data(exp, nc, client)
     state = from_record(msg.content.array_records["arrays"])
     layers = tuple(int(x) for x in config["train-layers"])  # type: ignore[union-attr]
     result = train_client(
-        exp.model, data, np.arange(len(data)), pid, int(config["server-round"]), layers, state,
-        exp.layer_of, exp.cfg.train, float(config["lr"]), exp.cfg.run.seed,
+        exp.model, data, np.arange(len(data)), client, int(config["server-round"]), layers,
+        state, exp.layer_of, exp.cfg.train, float(config["lr"]), exp.cfg.run.seed,
     )  # fmt: skip
     arrays, metrics = result_to_reply(result)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -6,10 +6,10 @@ the client needs for its forward pass) and ``config`` (ConfigRecord: ``server-ro
 Train reply: ``arrays`` (only the allocated layers' tensors and the head) and ``metrics``
 (MetricRecord: ``num-examples``, ``train-loss``, ``seconds``, ``peak-memory-mb``,
 ``train-memory-mb``, ``trainable-params``, ``steps``). Query message: ``config`` with
-``fedhello-config``. Query reply: ``config`` with ``partition-id`` and, if the node declares
-them, ``budget-layers`` (a layer count) or ``budget-tier`` (an index into ``clients.tiers``);
-a node with its own data file adds ``site-examples`` (its size) or ``data-error`` (why the
-file is unusable: the server stops the run with it).
+``fedhello-config``. Query reply: ``config`` with what the node declares: ``partition-id``
+and/or ``data`` (its own file), ``budget-layers`` (a layer count) or ``budget-tier`` (an index
+into ``clients.tiers``); a node with its own file adds ``site-examples`` (its size) or
+``data-error`` (why the file is unusable: the server stops the run with it).
 """
 
 from __future__ import annotations

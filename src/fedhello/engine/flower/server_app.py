@@ -9,15 +9,14 @@ deployment (``flwr run``), reading ``config`` (a TOML path, empty for the defaul
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedhello.budgets import tier_layers
 from fedhello.config import Config, load_config
 from fedhello.engine.core import RoundPlan, State, run_federation
+from fedhello.engine.flower.discovery import discover_nodes
 from fedhello.engine.flower.strategy import HelloFedAvg
 from fedhello.errors import UserError
 from fedhello.experiment import Experiment
@@ -25,81 +24,6 @@ from fedhello.runs import RunDir
 from fedhello.training import ClientResult
 
 logger = logging.getLogger(__name__)
-
-
-def discover_nodes(grid: Grid, exp: Experiment) -> dict[int, int]:
-    """Ask every node its partition id (and budget) once; returns partition id -> node id.
-
-    Waits up to ``federation.node_wait`` seconds for ``clients.num_clients`` nodes to connect
-    and answer (a node's ClientApp may take a while to start). A node's declared
-    ``budget-layers`` replaces the tier budget of its partition. The query carries the run's
-    config, so that a node with its own data file checks it before the first round."""
-    cfg = exp.cfg
-    config_toml = cfg.to_toml()
-    deadline = time.monotonic() + cfg.federation.node_wait
-    node_of: dict[int, int] = {}
-    answered: set[int] = set()
-    while len(node_of) < cfg.clients.num_clients and time.monotonic() < deadline:
-        pending = [n for n in grid.get_node_ids() if n not in answered]
-        if not pending:
-            time.sleep(0.5)
-            continue
-        queries = [
-            Message(RecordDict({"config": ConfigRecord({"fedhello-config": config_toml})}),
-                    dst_node_id=n,
-                    message_type=MessageType.QUERY)
-            for n in pending
-        ]  # fmt: skip
-        timeout = max(1.0, deadline - time.monotonic())
-        for reply in grid.send_and_receive(queries, timeout=timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                logger.warning("node %d did not answer the query: %s", node, reply.error.reason)
-                continue
-            answered.add(node)
-            register_node(exp, node_of, node, reply.content.config_records["config"])
-    if not node_of:
-        raise UserError(
-            f"no SuperNode answered within federation.node_wait = {cfg.federation.node_wait} s"
-        )
-    missing = sorted(set(range(cfg.clients.num_clients)) - set(node_of))
-    if missing:
-        logger.warning("no SuperNode for partitions %s: they will be recorded as failed", missing)
-    logger.info("nodes by partition id: %s; budgets %s", sorted(node_of), exp.budgets)
-    return node_of
-
-
-def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any) -> None:
-    k = exp.cfg.clients.num_clients
-    pid = int(info["partition-id"])
-    if not 0 <= pid < k:
-        raise UserError(
-            f"a SuperNode declared partition-id={pid}; allowed: 0..{k - 1} "
-            f"(clients.num_clients = {k})"
-        )
-    if pid in node_of and node_of[pid] != node:
-        raise UserError(f"two SuperNodes declared partition-id={pid}")
-    node_of[pid] = node
-    if "data-error" in info:  # the node's own data file is unusable: stop before round 1
-        raise UserError(f"partition {pid}: {info['data-error']}")
-    if "site-examples" in info:
-        logger.info("partition %d trains on its own data: %d examples", pid, info["site-examples"])
-    if "budget-tier" in info:  # a tier of clients.tiers, as in the embedded engine
-        tier = int(info["budget-tier"])
-        tiers = exp.cfg.clients.tiers
-        if not 0 <= tier < len(tiers):
-            raise UserError(f"partition {pid}: budget-tier={tier}; allowed: 0..{len(tiers) - 1}")
-        budget = tier_layers(tiers[tier], exp.num_layers, exp.cfg.clients.tier_kind)
-        exp.budgets[pid] = exp.strategy.budgets[pid] = budget
-        exp.tiers[pid] = tier
-    if "budget-layers" in info:
-        budget = int(info["budget-layers"])
-        if not 1 <= budget <= exp.num_layers:
-            raise UserError(
-                f"partition {pid}: budget-layers={budget}; allowed: 1..{exp.num_layers}"
-            )
-        exp.budgets[pid] = budget
-        exp.strategy.budgets[pid] = budget
 
 
 def serve(

@@ -7,8 +7,9 @@ Client contract (``fedhello.engine.flower.records`` has the exact keys):
   indices), ``lr``, ``fedhello-config`` (the resolved config as TOML).
 * train reply: ``arrays`` = exactly the LoRA tensors of ``train-layers`` and the head;
   ``metrics`` = ``num-examples``, ``train-loss`` and cost measurements.
-* query (once, at start): ``config`` = ``fedhello-config``; reply ``config`` = ``partition-id``
-  and optionally ``budget-layers`` / ``budget-tier``, ``site-examples`` / ``data-error``.
+* query (once, at start; ``fedhello.engine.flower.discovery``): ``config`` =
+  ``fedhello-config``; reply ``config`` = ``partition-id`` and/or ``data``, optionally
+  ``budget-layers`` / ``budget-tier``, and ``site-examples`` / ``data-error``.
 
 Differences from stock FedAvg: one message per node with its own ``train-layers`` (stock
 FedAvg sends one record to all), nodes sampled by partition id with the run's seeded

@@ -1,0 +1,141 @@
+"""Who is in a deployment: each SuperNode's client id, budget and data, learned once.
+
+The server sends every node a query carrying the run's config; a node answers with what its
+``--node-config`` declares (``partition-id``, ``budget-layers`` or ``budget-tier``, ``data``)
+and, when it holds its own data file, the file's size or why it is unusable. A simulation
+node, or a site that wants a fixed client id, declares ``partition-id``; a real site may give
+only ``data=`` and gets one of the ids nobody declared, in the order of the sites' data paths,
+so that the same sites get the same ids in every run (Flower's node ids are random per run,
+and client sampling follows client ids).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedhello.budgets import tier_layers
+from fedhello.errors import UserError
+from fedhello.experiment import Experiment
+
+logger = logging.getLogger(__name__)
+
+
+def discover_nodes(grid: Grid, exp: Experiment) -> dict[int, int]:
+    """Ask every node what it declares; returns client id -> Flower node id.
+
+    Waits up to ``federation.node_wait`` seconds for ``clients.num_clients`` nodes to connect
+    and answer (a node's ClientApp may take a while to start). A node whose own data file is
+    unusable stops the run here, before any training."""
+    cfg = exp.cfg
+    config_toml = cfg.to_toml()
+    deadline = time.monotonic() + cfg.federation.node_wait
+    infos: dict[int, dict[str, Any]] = {}  # node id -> its query reply
+    while len(infos) < cfg.clients.num_clients and time.monotonic() < deadline:
+        pending = [n for n in grid.get_node_ids() if n not in infos]
+        if not pending:
+            time.sleep(0.5)
+            continue
+        queries = [
+            Message(RecordDict({"config": ConfigRecord({"fedhello-config": config_toml})}),
+                    dst_node_id=n, message_type=MessageType.QUERY)
+            for n in pending
+        ]  # fmt: skip
+        timeout = max(1.0, deadline - time.monotonic())
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("node %d did not answer the query: %s", node, reply.error.reason)
+                continue
+            info = dict(reply.content.config_records["config"])
+            check_reply(info)
+            infos[node] = info
+    if not infos:
+        raise UserError(
+            f"no SuperNode answered within federation.node_wait = {cfg.federation.node_wait} s"
+        )
+    node_of = assign_clients(exp, infos)
+    missing = sorted(set(range(cfg.clients.num_clients)) - set(node_of))
+    if missing:
+        logger.warning("no SuperNode for clients %s: they will be recorded as failed", missing)
+    logger.info("nodes by client id: %s; budgets %s", sorted(node_of), exp.budgets)
+    return node_of
+
+
+def who(info: dict[str, Any]) -> str:
+    if "partition-id" in info:
+        return f"partition {int(info['partition-id'])}"
+    return f"the SuperNode with data={info.get('data', '?')!r}"
+
+
+def check_reply(info: dict[str, Any]) -> None:
+    """Stop at once on a node that cannot take part (unusable data, no identity)."""
+    if "data-error" in info:
+        raise UserError(f"{who(info)}: {info['data-error']}")
+    if "partition-id" not in info and "data" not in info:
+        raise UserError(
+            "a SuperNode declared neither partition-id nor data in its --node-config; "
+            'allowed: partition-id=N (a share of the configured dataset) or data="/path/file"'
+        )
+
+
+def assign_clients(exp: Experiment, infos: dict[int, dict[str, Any]]) -> dict[int, int]:
+    """Client ids: declared partition ids first, then the free ids to the sites that gave
+    only ``data``, in the order of their data paths (node id breaks ties)."""
+    k = exp.cfg.clients.num_clients
+    node_of: dict[int, int] = {}
+    for node, info in sorted(infos.items()):
+        if "partition-id" in info:
+            register_node(exp, node_of, node, info)
+    sites = sorted((str(info["data"]), node) for node, info in infos.items()
+                   if "partition-id" not in info)  # fmt: skip
+    free = [c for c in range(k) if c not in node_of]
+    if len(sites) > len(free):
+        raise UserError(
+            f"{len(sites)} SuperNodes gave data= without partition-id, but only {len(free)} of "
+            f"the clients.num_clients = {k} client ids are free; allowed: at most {k} nodes"
+        )
+    for client, (_, node) in zip(free, sites, strict=False):
+        register_node(exp, node_of, node, {**infos[node], "partition-id": client})
+    return node_of
+
+
+def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any) -> None:
+    """Record ``node`` as client ``info["partition-id"]`` with the budget it declares."""
+    k = exp.cfg.clients.num_clients
+    pid = int(info["partition-id"])
+    if not 0 <= pid < k:
+        raise UserError(
+            f"a SuperNode declared partition-id={pid}; allowed: 0..{k - 1} "
+            f"(clients.num_clients = {k})"
+        )
+    if pid in node_of and node_of[pid] != node:
+        raise UserError(f"two SuperNodes declared partition-id={pid}")
+    node_of[pid] = node
+    if "data-error" in info:  # the node's own data file is unusable: stop before round 1
+        raise UserError(f"partition {pid}: {info['data-error']}")
+    if "site-examples" in info:
+        logger.info(
+            "client %d trains on its own data %s: %d examples",
+            pid, info.get("data", ""), info["site-examples"],
+        )  # fmt: skip
+    if "budget-tier" in info:  # a tier of clients.tiers, as in the embedded engine
+        tier = int(info["budget-tier"])
+        tiers = exp.cfg.clients.tiers
+        if not 0 <= tier < len(tiers):
+            raise UserError(f"partition {pid}: budget-tier={tier}; allowed: 0..{len(tiers) - 1}")
+        budget = tier_layers(tiers[tier], exp.num_layers, exp.cfg.clients.tier_kind)
+        exp.budgets[pid] = exp.strategy.budgets[pid] = budget
+        exp.tiers[pid] = tier
+    if "budget-layers" in info:
+        budget = int(info["budget-layers"])
+        if not 1 <= budget <= exp.num_layers:
+            raise UserError(
+                f"partition {pid}: budget-layers={budget}; allowed: 1..{exp.num_layers}"
+            )
+        exp.budgets[pid] = budget
+        exp.strategy.budgets[pid] = budget
