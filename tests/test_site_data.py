@@ -3,6 +3,7 @@ federation's classes, trained on instead of the partition; bad files named at th
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,12 @@ import pytest
 from conftest import make_texts, tiny_overrides
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fedhello.config import load_config
+from fedhello.config import build_config, load_config
 from fedhello.engine.flower import client_app
 from fedhello.engine.flower.discovery import assign_clients, check_reply, register_node
 from fedhello.engine.flower.records import to_record
 from fedhello.errors import DataError, UserError
+from fedhello.experiment import Experiment, build_experiment
 from fedhello.site_data import site_label_ids
 
 
@@ -46,6 +48,12 @@ def config_toml(tiny_bert_dir: Path, tiny_text_csv: Path) -> str:
         tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"', data__label_column='"topic"'
     )
     return load_config(None, overrides).to_toml()
+
+
+@pytest.fixture
+def fresh_exp(config_toml: str) -> Experiment:
+    """An experiment of its own: registering nodes changes its budgets."""
+    return build_experiment(build_config(tomllib.loads(config_toml)), encode_data=False)
 
 
 def _site_csv(path: Path, n: int, seed: int = 7) -> Path:
@@ -94,7 +102,7 @@ def test_a_node_trains_on_its_own_file(config_toml: str, tmp_path: Path) -> None
     ],
 )
 def test_a_bad_site_file_stops_the_run_at_discovery(
-    config_toml: str, tmp_path: Path, content: str, expected: str
+    config_toml: str, fresh_exp: Experiment, tmp_path: Path, content: str, expected: str
 ) -> None:
     site = tmp_path / "site.csv"
     if content == "no-label-column":
@@ -107,10 +115,9 @@ def test_a_bad_site_file_stops_the_run_at_discovery(
     info = _query(config_toml, _context(**{"partition-id": 0, "data": str(site)}))
     assert expected in str(info["data-error"]) and "site.csv" in str(info["data-error"])
 
-    exp = client_app.experiment_for(config_toml)
     node_of: dict[int, int] = {}
     with pytest.raises(UserError) as err:
-        register_node(exp, node_of, 5, info)
+        register_node(fresh_exp, node_of, 5, info)
     assert str(err.value).startswith("partition 0: ") and expected in str(err.value)
     assert "\n" not in str(err.value)
     # a site without a partition id is named by its file
@@ -130,8 +137,10 @@ def test_site_labels_use_the_federations_class_ids(config_toml: str, tmp_path: P
     assert np.array_equal(data.features["input_ids"].shape, (20, exp.cfg.model.max_length))
 
 
-def test_sites_without_partition_id_get_the_free_ids_in_data_path_order(config_toml: str) -> None:
-    exp = client_app.experiment_for(config_toml)  # 6 clients
+def test_sites_without_partition_id_get_the_free_ids_in_data_path_order(
+    fresh_exp: Experiment,
+) -> None:
+    exp = fresh_exp  # 6 clients
     infos = {
         40: {"data": "/srv/c.csv"}, 10: {"data": "/srv/a.csv", "budget-layers": 1},
         30: {"partition-id": 1}, 20: {"data": "/srv/b.csv"},
@@ -159,3 +168,18 @@ def test_a_site_without_partition_id_trains_as_the_client_it_was_assigned(
     assert reply.content.metric_records["metrics"]["num-examples"] == 23
     with pytest.raises(ValueError, match="reached partition 3"):
         client_app.train(msg, _context(**{"partition-id": 3, "data": str(site)}))
+
+
+def test_a_node_may_declare_a_cost_or_memory_limit(config_toml: str, fresh_exp: Experiment) -> None:
+    exp = fresh_exp  # 4 blocks
+    node_of: dict[int, int] = {}
+    register_node(exp, node_of, 1, {"partition-id": 0, "budget-memory": 0.5})
+    register_node(exp, node_of, 2, {"partition-id": 1, "budget-cost": 1.0})
+    assert exp.budgets[0] == exp.strategy.budgets[0] == 2  # half the activation memory
+    assert exp.budgets[1] == 4
+    with pytest.raises(UserError, match=r"^partition 2: budget-memory=1.5; allowed: a fraction"):
+        register_node(exp, node_of, 3, {"partition-id": 2, "budget-memory": 1.5})
+    with pytest.raises(UserError, match=r"^partition 3: budget-cost=0.1 fits no layer of 4"):
+        register_node(exp, node_of, 4, {"partition-id": 3, "budget-cost": 0.1})
+    ctx = _context(**{"partition-id": 0, "budget-memory": 0.5})
+    assert _query(config_toml, ctx) == {"partition-id": 0, "budget-memory": 0.5}

@@ -1,10 +1,13 @@
 """The fedhello ClientApp: trains the allocated layers of its data with the shared code.
 
 A node declares in ``--node-config`` its ``partition-id`` (set automatically in Flower's
-simulation) and may declare ``budget-layers`` or ``budget-tier``. Its data is its partition of
-the configured dataset, or, if the node config names one (``data="/srv/site.csv"``), its own
-file, which never leaves the node (``fedhello.site_data``); such a site may leave out
-``partition-id`` and take the client id the server assigns (``discovery``).
+simulation) and may declare a budget: ``budget-layers`` (a count), ``budget-tier`` (a tier of
+``clients.tiers``), ``budget-cost`` or ``budget-memory`` (a fraction of the step time or
+activation memory of training every layer, turned into layers by ``fedhello.costmodel``).
+Its data is its partition of the configured dataset, or, if the node config names one
+(``data="/srv/site.csv"``), its own file, which never leaves the node
+(``fedhello.site_data``); such a site may leave out ``partition-id`` and take the client id
+the server assigns (``discovery``).
 
 The config arrives with every message; the experiment it describes is built once per process
 and reused. Only the examples this node trains on are tokenised: in a deployment every
@@ -70,10 +73,13 @@ def query(msg: Message, context: Context) -> Message:
     """Declare partition id, budget and data file; with the run's config, also check that file
     (so that a bad site file stops the run at the start with its reason, not mid-round)."""
     nc = context.node_config
-    info: dict[str, int | str] = {}
+    info: dict[str, int | float | str] = {}
     for key in ("partition-id", "budget-layers", "budget-tier"):
         if key in nc:
             info[key] = int(nc[key])
+    for key in ("budget-cost", "budget-memory"):
+        if key in nc:
+            info[key] = float(nc[key])
     request = msg.content.config_records.get("config", ConfigRecord())
     if "data" in nc:
         info["data"] = str(nc["data"])  # the server orders sites without partition-id by it

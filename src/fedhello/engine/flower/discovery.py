@@ -1,7 +1,7 @@
 """Who is in a deployment: each SuperNode's client id, budget and data, learned once.
 
 The server sends every node a query carrying the run's config; a node answers with what its
-``--node-config`` declares (``partition-id``, ``budget-layers`` or ``budget-tier``, ``data``)
+``--node-config`` declares (``partition-id``, a budget, ``data``)
 and, when it holds its own data file, the file's size or why it is unusable. A simulation
 node, or a site that wants a fixed client id, declares ``partition-id``; a real site may give
 only ``data=`` and gets one of the ids nobody declared, in the order of the sites' data paths,
@@ -131,6 +131,22 @@ def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any
         budget = tier_layers(tiers[tier], exp.num_layers, exp.cfg.clients.tier_kind)
         exp.budgets[pid] = exp.strategy.budgets[pid] = budget
         exp.tiers[pid] = tier
+    for kind in ("cost", "memory"):  # a limit relative to training every layer (costmodel)
+        if f"budget-{kind}" in info:
+            limit = float(info[f"budget-{kind}"])
+            if not 0 < limit <= 1:
+                raise UserError(
+                    f"partition {pid}: budget-{kind}={limit:g}; allowed: a fraction in (0, 1] "
+                    f"of the {kind} of training every layer"
+                )
+            try:
+                budget = tier_layers(limit, exp.num_layers, kind)
+            except UserError:
+                raise UserError(
+                    f"partition {pid}: budget-{kind}={limit:g} fits no layer of "
+                    f"{exp.num_layers}; allowed: a limit that fits the top layer alone"
+                ) from None
+            exp.budgets[pid] = exp.strategy.budgets[pid] = budget
     if "budget-layers" in info:
         budget = int(info["budget-layers"])
         if not 1 <= budget <= exp.num_layers:
