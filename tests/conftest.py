@@ -130,9 +130,10 @@ def tiny_overrides(model_dir: Path, data: Path | str, **extra: object) -> list[s
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def peft_test_accuracy(run_dir: Path, base_dir: Path | str) -> float:
+def peft_test_accuracy(run_dir: Path, base_dir: Path | str, site: Path | None = None) -> float:
     """Test accuracy of a run's exported adapter loaded with plain PEFT onto ``base_dir``,
-    on the run's test split: what a user who only has the adapter would measure."""
+    on the run's test split (or on the held-out rows of a ``site`` file): what a user who
+    only has the adapter would measure."""
     import json
 
     from peft import PeftModel
@@ -147,6 +148,11 @@ def peft_test_accuracy(run_dir: Path, base_dir: Path | str) -> float:
     labels = json.loads((run_dir / "adapter/labels.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(labels))
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
-    raw = load_raw(cfg.data, "text", False)
+    if site is None:
+        raw, split = load_raw(cfg.data, "text", False), "test"
+    else:
+        from fedhello.site_data import load_site_raw
+
+        raw, split = load_site_raw(str(site), cfg.data, "text", labels), "validation"
     data = encode(raw, AutoTokenizer.from_pretrained(base_dir), cfg.model.max_length)
-    return evaluate(model, data, raw.splits["test"], 64)["accuracy"]
+    return evaluate(model, data, raw.splits[split], 64)["accuracy"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_texts, tiny_overrides
+from conftest import make_texts, peft_test_accuracy, tiny_overrides
 from flower_harness import deployment, flower_env
 from safetensors.numpy import load_file
 
@@ -129,7 +129,7 @@ def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, t
     # the nodes declare their own budgets: a layer count, and a tier (0: half of 4 layers);
     # node 1 is a site: its own file instead of a partition, and no partition id (it gets 1)
     site = tmp_path / "site1.csv"
-    texts, labels = make_texts(29, seed=11)
+    texts, labels = make_texts(60, seed=11)
     pd.DataFrame({"sentence": texts, "topic": labels}).to_csv(site, index=False)
     extra = {0: "budget-layers=1", 1: f'budget-tier=0 data="{site}"'}
     with deployment(tmp_path, nodes=2, tls=True, node_extra=extra) as dep:
@@ -145,7 +145,14 @@ def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, t
     budgets = {c["client"]: (c["budget"], len(c["layers"])) for c in records[0]["clients"]}
     assert budgets == {0: (1, 1), 1: (2, 2)}
     examples = {c["client"]: c["num_examples"] for c in records[0]["clients"]}
-    assert examples[1] == 29 and examples[0] > 29
+    assert examples[1] == 57 and examples[0] > 60  # 3 of the site's 60 rows held out
+    # the site evaluated the final model on its held-out rows: what the exported adapter scores
+    summary = RunDir(out).read_summary()
+    assert summary["site_validation"]["1"]["num_examples"] == 3
+    assert summary["site_validation_examples"] == 3
+    assert summary["site_validation_accuracy"] == pytest.approx(
+        peft_test_accuracy(out, tiny_bert_dir, site=site), abs=1e-6
+    )
 
 
 def test_a_supernode_killed_mid_run_is_recorded_and_the_run_finishes(

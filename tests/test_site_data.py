@@ -77,7 +77,8 @@ def test_a_node_trains_on_its_own_file(config_toml: str, tmp_path: Path) -> None
     site = _site_csv(tmp_path / "site.csv", 37)
     ctx = _context(**{"partition-id": 1, "data": str(site)})
     info = _query(config_toml, ctx)
-    assert info == {"partition-id": 1, "data": str(site), "site-examples": 37}
+    # 5% (2 rows) held out for the site's evaluation of the final model
+    assert info == {"partition-id": 1, "data": str(site), "site-examples": 35, "site-validation": 2}
 
     exp = client_app.experiment_for(config_toml)
     config = ConfigRecord({"server-round": 1, "client": 1, "train-layers": [1], "lr": 1e-2,
@@ -85,10 +86,10 @@ def test_a_node_trains_on_its_own_file(config_toml: str, tmp_path: Path) -> None
     msg = Message(RecordDict({"arrays": to_record(exp.init_state), "config": config}),
                   dst_node_id=5, message_type=MessageType.TRAIN)  # fmt: skip
     own = client_app.train(msg, ctx).content.metric_records["metrics"]
-    assert own["num-examples"] == 37
+    assert own["num-examples"] == 35
     # without data= the same node trains its partition of the configured dataset
     part = client_app.train(msg, _context(**{"partition-id": 1})).content.metric_records["metrics"]
-    assert part["num-examples"] == len(exp.shards[1]) != 37
+    assert part["num-examples"] == len(exp.shards[1]) != 35
     assert own["train-loss"] != part["train-loss"]
 
 
@@ -131,7 +132,7 @@ def test_a_bad_site_file_stops_the_run_at_discovery(
 def test_site_labels_use_the_federations_class_ids(config_toml: str, tmp_path: Path) -> None:
     exp = client_app.experiment_for(config_toml)
     site = _site_csv(tmp_path / "site.csv", 20, seed=3)
-    data = client_app.site_data_for(exp, str(site))
+    data, _ = client_app.site_data_for(exp, str(site))
     names = pd.read_csv(site)["topic"].tolist()
     assert [exp.raw.label_names[i] for i in data.labels.tolist()] == names
     assert np.array_equal(data.features["input_ids"].shape, (20, exp.cfg.model.max_length))
@@ -165,7 +166,7 @@ def test_a_site_without_partition_id_trains_as_the_client_it_was_assigned(
     msg = Message(RecordDict({"arrays": to_record(exp.init_state), "config": config}),
                   dst_node_id=5, message_type=MessageType.TRAIN)  # fmt: skip
     reply = client_app.train(msg, _context(data=str(site)))
-    assert reply.content.metric_records["metrics"]["num-examples"] == 23
+    assert reply.content.metric_records["metrics"]["num-examples"] == 22  # 1 of 23 held out
     with pytest.raises(ValueError, match="reached partition 3"):
         client_app.train(msg, _context(**{"partition-id": 3, "data": str(site)}))
 
@@ -183,3 +184,34 @@ def test_a_node_may_declare_a_cost_or_memory_limit(config_toml: str, fresh_exp: 
         register_node(exp, node_of, 4, {"partition-id": 3, "budget-cost": 0.1})
     ctx = _context(**{"partition-id": 0, "budget-memory": 0.5})
     assert _query(config_toml, ctx) == {"partition-id": 0, "budget-memory": 0.5}
+
+
+def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
+    config_toml: str, tmp_path: Path
+) -> None:
+    from fedhello.evaluation import evaluate
+    from fedhello.lora import set_state
+    from fedhello.site_data import site_splits
+
+    site = _site_csv(tmp_path / "site.csv", 80, seed=5)
+    exp = client_app.experiment_for(config_toml)
+    splits = site_splits(80, exp.cfg.data.validation_fraction, exp.cfg.data.split_seed)
+    assert len(splits["validation"]) == 4
+    assert sorted([*splits["train"], *splits["validation"]]) == list(range(80))
+    rng = np.random.default_rng(0)  # a global state that is not the initial one
+    state = {k: v + rng.normal(0, 0.5, v.shape).astype(v.dtype) for k, v in exp.init_state.items()}
+    config = ConfigRecord({"fedhello-config": config_toml, "client": 0})
+    msg = Message(RecordDict({"arrays": to_record(state), "config": config}),
+                  dst_node_id=5, message_type=MessageType.EVALUATE)  # fmt: skip
+    got = client_app.evaluate(msg, _context(data=str(site))).content.metric_records["metrics"]
+
+    data, _ = client_app.site_data_for(exp, str(site))
+    set_state(exp.model, state)
+    want = evaluate(exp.model, data, splits["validation"], 64)
+    assert got["num-examples"] == 4
+    assert got["accuracy"] == pytest.approx(want["accuracy"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    on_train = evaluate(exp.model, data, splits["train"][:4], 64)
+    assert on_train["loss"] != pytest.approx(want["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="only a node with its own data file evaluates"):
+        client_app.evaluate(msg, _context(**{"partition-id": 0}))

@@ -23,6 +23,7 @@ class Purpose(IntEnum):
     EVAL_SUBSET = 6  # the fixed per-round evaluation subset
     INIT = 7  # adapter and head initialisation
     PROXY = 8  # server proxy set for Fisher scores
+    SITE_SPLIT = 9  # a site's own file: its training and held-out validation rows
 
 
 def generator(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:

@@ -3,9 +3,10 @@
 In a deployment each SuperNode may name a local file (``data="/srv/site.csv"`` in its node
 config) instead of training its partition of the configured dataset. The federation still
 defines the task: the site file is read with the configured ``data.text_column`` /
-``data.label_column`` (or ``image_column``), its labels must be classes of the federation's
-dataset (the classifier head is shared), and the whole file is the site's training data; the
-server keeps the validation and test splits.
+``data.label_column`` (or ``image_column``), and its labels must be classes of the federation's
+dataset (the classifier head is shared). A ``data.validation_fraction`` of the file is held
+out: the final global model is evaluated there, on the site, and only the scores leave it.
+The server keeps its own validation and test splits for everything else.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from fedhello.data import FILE_FORMATS, RawData, _column, _load_tables
 from fedhello.errors import DataError
+from fedhello.seeds import Purpose, generator
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,16 @@ def site_label_ids(labels: list[Any], label_names: list[str], path: str) -> np.n
     return ids
 
 
+def site_splits(n: int, validation_fraction: float, split_seed: int) -> dict[str, np.ndarray]:
+    """Training and held-out validation rows of a site's ``n`` examples (at least one to
+    train on); the same for the same file size and seed."""
+    n_val = min(round(validation_fraction * n), n - 1)
+    perm = generator(split_seed, Purpose.SITE_SPLIT, n).permutation(n)
+    return {"train": np.sort(perm[n_val:]), "validation": np.sort(perm[:n_val])}
+
+
 def load_site_raw(path: str, data_cfg: Any, kind: str, label_names: list[str]) -> RawData:
-    """Read a site's file (or saved ``datasets`` folder): every example is for training."""
+    """Read a site's file (or saved ``datasets`` folder), split into train and validation."""
     local = Path(path).expanduser()
     if not local.exists():
         raise DataError(
@@ -70,8 +80,9 @@ def load_site_raw(path: str, data_cfg: Any, kind: str, label_names: list[str]) -
     if any(v is None for v in labels):
         raise DataError(f"site data {path!r}: column {data_cfg.label_column!r} has missing labels")
     ids = site_label_ids(labels, label_names, path)
+    splits = site_splits(len(ids), data_cfg.validation_fraction, data_cfg.split_seed)
     logger.info(
-        "site data %s: %d examples, %d of %d classes",
-        path, len(ids), len(np.unique(ids)), len(label_names),
+        "site data %s: %d examples (%d held out), %d of %d classes",
+        path, len(ids), len(splits["validation"]), len(np.unique(ids)), len(label_names),
     )  # fmt: skip
-    return RawData(inputs, ids, list(label_names), kind, {"train": np.arange(len(ids))})
+    return RawData(inputs, ids, list(label_names), kind, splits)

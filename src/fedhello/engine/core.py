@@ -195,8 +195,11 @@ def run_federation(
     resume: bool = False,
     engine: str = "embedded",
     prepare: Callable[[Experiment], None] | None = None,
+    final_extra: Callable[[Experiment, State], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the whole federation; write metrics, checkpoints, summary and adapter into ``run``.
+    ``final_extra`` adds an engine's own scores of the final model to the summary (Flower: the
+    sites' evaluation on their held-out data).
 
     A new run checks its directory first and creates it only once the experiment is built (a
     bad model or data path leaves nothing behind). ``resume`` continues a run from its last
@@ -245,7 +248,8 @@ def run_federation(
             )  # fmt: skip
     obs.on_final_eval()
     seconds = time.perf_counter() - wall0
-    return finish(exp, run, state, seconds, engine, resumed_at=start if resume else None)
+    extra = final_extra(exp, state) if final_extra is not None else {}
+    return finish(exp, run, state, seconds, engine, start if resume else None, extra)
 
 
 def finish(
@@ -255,8 +259,9 @@ def finish(
     seconds: float,
     engine: str = "embedded",
     resumed_at: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Full-test evaluation, the PEFT adapter and summary.json."""
+    """Full-test evaluation, the PEFT adapter and summary.json (with ``extra`` in it)."""
     from fedhello.evaluation import evaluate
     from fedhello.lora import set_state
 
@@ -288,6 +293,7 @@ def finish(
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "bytes_down": sum(c["bytes_down"] for c in clients),
         "rejected_updates": sum(r["num_rejected"] for r in records),
+        **(extra or {}),
     }
     run.write_summary(summary)
     logger.info("finished: test accuracy %.4f", final["accuracy"])

@@ -29,12 +29,14 @@ from fedhello.encoding import Encoded, encode, encode_positions
 from fedhello.engine.flower.records import from_record, result_to_reply
 from fedhello.errors import UserError
 from fedhello.experiment import Experiment, build_experiment
+from fedhello.lora import set_state
 from fedhello.site_data import load_site_raw
 from fedhello.training import train_client
 
 app = ClientApp()
 _EXPERIMENTS: dict[str, Experiment] = {}
-_ENCODED: dict[tuple[int, str], Encoded] = {}  # (partition id, site file or "") -> data
+# (partition id, site file or "") -> the node's encoded examples and its splits of them
+_ENCODED: dict[tuple[int, str], tuple[Encoded, dict[str, np.ndarray]]] = {}
 
 
 def experiment_for(config_toml: str) -> Experiment:
@@ -47,25 +49,29 @@ def experiment_for(config_toml: str) -> Experiment:
     return _EXPERIMENTS[key]
 
 
-def site_data_for(exp: Experiment, path: str) -> Encoded:
-    """The node's own file, read and encoded once per experiment and process."""
+def site_data_for(exp: Experiment, path: str) -> tuple[Encoded, dict[str, np.ndarray]]:
+    """The node's own file and its train / validation rows, read and encoded once per
+    experiment and process."""
     key = (-1, path)
     if key not in _ENCODED:
         raw = load_site_raw(path, exp.cfg.data, exp.task, exp.raw.label_names)
-        _ENCODED[key] = encode(raw, exp.processor, exp.cfg.model.max_length)
+        _ENCODED[key] = encode(raw, exp.processor, exp.cfg.model.max_length), raw.splits
     return _ENCODED[key]
 
 
-def training_data(exp: Experiment, node_config: Any, pid: int) -> Encoded:
-    """The examples this node trains on, in order: its own file, or its partition (row i is
-    shard position i, so batches are the embedded engine's)."""
+def training_data(exp: Experiment, node_config: Any, pid: int) -> tuple[Encoded, np.ndarray]:
+    """(examples, rows to train on): the training rows of the node's own file, or its
+    partition (row i is shard position i, so batches are the embedded engine's)."""
     if "data" in node_config:
-        return site_data_for(exp, str(node_config["data"]))
+        data, splits = site_data_for(exp, str(node_config["data"]))
+        return data, splits["train"]
     if (pid, "") not in _ENCODED:
-        _ENCODED[pid, ""] = encode_positions(
+        encoded = encode_positions(
             exp.raw, exp.shards[pid], exp.processor, exp.cfg.model.max_length
         )
-    return _ENCODED[pid, ""]
+        _ENCODED[pid, ""] = encoded, {"train": np.arange(len(encoded))}
+    data, splits = _ENCODED[pid, ""]
+    return data, splits["train"]
 
 
 @app.query()
@@ -86,7 +92,9 @@ def query(msg: Message, context: Context) -> Message:
         if "fedhello-config" in request:
             try:
                 exp = experiment_for(str(request["fedhello-config"]))
-                info["site-examples"] = len(site_data_for(exp, str(nc["data"])))
+                _, splits = site_data_for(exp, str(nc["data"]))
+                info["site-examples"] = len(splits["train"])
+                info["site-validation"] = len(splits["validation"])
             except UserError as err:
                 info["data-error"] = str(err)
     return Message(RecordDict({"config": ConfigRecord(info)}), reply_to=msg)
@@ -102,12 +110,32 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"message for client {client} reached partition {nc['partition-id']}")
     if "partition-id" not in nc and "data" not in nc:
         raise ValueError("this node declares neither partition-id nor data in its node config")
-    data = training_data(exp, nc, client)
+    data, rows = training_data(exp, nc, client)
     state = from_record(msg.content.array_records["arrays"])
     layers = tuple(int(x) for x in config["train-layers"])  # type: ignore[union-attr]
     result = train_client(
-        exp.model, data, np.arange(len(data)), client, int(config["server-round"]), layers,
+        exp.model, data, rows, client, int(config["server-round"]), layers,
         state, exp.layer_of, exp.cfg.train, float(config["lr"]), exp.cfg.run.seed,
     )  # fmt: skip
     arrays, metrics = result_to_reply(result)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model on the held-out rows of the node's own file; only scores leave."""
+    from fedhello.evaluation import evaluate as evaluate_rows  # sklearn: not for train messages
+
+    config = msg.content.config_records["config"]
+    exp = experiment_for(str(config["fedhello-config"]))
+    nc = context.node_config
+    if "data" not in nc:
+        raise ValueError("only a node with its own data file evaluates (the server holds the rest)")
+    data, splits = site_data_for(exp, str(nc["data"]))
+    metrics: dict[str, int | float] = {"num-examples": len(splits["validation"])}
+    if len(splits["validation"]):
+        set_state(exp.model, from_record(msg.content.array_records["arrays"]))
+        scores = evaluate_rows(exp.model, data, splits["validation"], exp.cfg.train.eval_batch_size)
+        metrics |= {"accuracy": scores["accuracy"], "macro-f1": scores["macro_f1"],
+                    "loss": scores["loss"]}  # fmt: skip
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -25,8 +25,9 @@ from fedhello.experiment import Experiment
 logger = logging.getLogger(__name__)
 
 
-def discover_nodes(grid: Grid, exp: Experiment) -> dict[int, int]:
-    """Ask every node what it declares; returns client id -> Flower node id.
+def discover_nodes(grid: Grid, exp: Experiment) -> tuple[dict[int, int], dict[int, str]]:
+    """Ask every node what it declares; returns client id -> Flower node id, and client id ->
+    data path for the nodes that train on their own file (the sites).
 
     Waits up to ``federation.node_wait`` seconds for ``clients.num_clients`` nodes to connect
     and answer (a node's ClientApp may take a while to start). A node whose own data file is
@@ -63,7 +64,9 @@ def discover_nodes(grid: Grid, exp: Experiment) -> dict[int, int]:
     if missing:
         logger.warning("no SuperNode for clients %s: they will be recorded as failed", missing)
     logger.info("nodes by client id: %s; budgets %s", sorted(node_of), exp.budgets)
-    return node_of
+    client_of = {node: client for client, node in node_of.items()}
+    sites = {client_of[n]: str(i["data"]) for n, i in infos.items() if "data" in i}
+    return node_of, sites
 
 
 def who(info: dict[str, Any]) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedhello.config import Config, load_config
 from fedhello.engine.core import RoundPlan, State, run_federation
 from fedhello.engine.flower.discovery import discover_nodes
+from fedhello.engine.flower.records import to_record
 from fedhello.engine.flower.strategy import HelloFedAvg
 from fedhello.errors import UserError
 from fedhello.experiment import Experiment
@@ -36,10 +37,11 @@ def serve(
 ) -> dict[str, Any]:
     """Run the federation over ``grid`` into ``run`` (``resume``: from its last checkpoint,
     whichever engine wrote it: the checkpoint holds the whole server state)."""
-    holder: dict[str, HelloFedAvg] = {}
+    holder: dict[str, Any] = {}
 
     def prepare(exp: Experiment) -> None:
-        holder["strategy"] = HelloFedAvg(exp, discover_nodes(grid, exp), cfg.federation.min_replies)
+        node_of, holder["sites"] = discover_nodes(grid, exp)
+        holder["strategy"] = HelloFedAvg(exp, node_of, cfg.federation.min_replies)
 
     def trainer(
         exp: Experiment, rp: RoundPlan, state: State, obs: Any
@@ -64,7 +66,53 @@ def serve(
             obs.on_client_end(rp.round, r)
         return results, failed
 
-    return run_federation(cfg, run, trainer, observer, overwrite, resume, "flower", prepare)
+    def final_extra(exp: Experiment, state: State) -> dict[str, Any]:
+        if not holder["sites"]:
+            return {}
+        return evaluate_sites(grid, exp, state, holder["strategy"].node_of, holder["sites"])
+
+    return run_federation(
+        cfg, run, trainer, observer, overwrite, resume, "flower", prepare, final_extra
+    )
+
+
+def evaluate_sites(
+    grid: Grid, exp: Experiment, state: State, node_of: dict[int, int], sites: dict[int, str]
+) -> dict[str, Any]:
+    """The final global model on each site's held-out rows, evaluated on the site (its data
+    never leaves it): per-site scores, and their example-weighted mean accuracy."""
+    arrays, config_toml = to_record(state), exp.cfg.to_toml()
+    messages = [
+        Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
+                    {"fedhello-config": config_toml, "client": client})}),
+                dst_node_id=node_of[client], message_type=MessageType.EVALUATE)
+        for client in sorted(sites) if client in node_of
+    ]  # fmt: skip
+    client_of = {node: client for client, node in node_of.items()}
+    scores: dict[str, dict[str, Any]] = {}
+    for reply in grid.send_and_receive(messages, timeout=exp.cfg.federation.round_timeout):
+        client = client_of.get(reply.metadata.src_node_id)
+        if client is None:
+            continue
+        if reply.has_error():
+            scores[str(client)] = {"error": reply.error.reason}
+            continue
+        metrics = reply.content.metric_records.get("metrics", {})
+        scores[str(client)] = {k.replace("-", "_"): v for k, v in metrics.items()}
+    for client in sites:
+        scores.setdefault(str(client), {"error": "no reply before federation.round_timeout"})
+    for client, s in sorted(scores.items()):
+        if "error" in s:
+            logger.warning("site %s could not evaluate the final model: %s", client, s["error"])
+    scored = [s for s in scores.values() if s.get("num_examples")]
+    total = sum(int(s["num_examples"]) for s in scored)
+    out: dict[str, Any] = {
+        "site_validation": dict(sorted(scores.items(), key=lambda kv: int(kv[0])))
+    }
+    if total:
+        mean = sum(float(s["accuracy"]) * int(s["num_examples"]) for s in scored) / total
+        out |= {"site_validation_accuracy": mean, "site_validation_examples": total}
+    return out
 
 
 def make_server_app(
