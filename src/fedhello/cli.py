@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables and plots again from saved metrics")
     rep.add_argument("path", help="a comparison folder or a run directory")
     rep.add_argument("--out", help="where to write (default: the folder itself)")
+    exp = sub.add_parser("export", help="a finished run as a standalone model (LoRA merged in)")
+    exp.add_argument("run_dir", help="a finished run directory")
+    exp.add_argument(
+        "--merged", required=True, metavar="OUT",
+        help="folder for a plain transformers model with the LoRA merged into its weights",
+    )  # fmt: skip
+    exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
     for sp in (cmp, rep):
         sp.add_argument(
             "--baseline",
@@ -230,6 +237,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedhello.export import check_export, export_merged
+
+    _setup_output(args.verbose)
+    check_export(Path(args.run_dir), Path(args.merged), args.overwrite)  # before heavy imports
+    loader = export_merged(Path(args.run_dir), Path(args.merged), args.overwrite)
+    print(f"merged model in {args.merged}: load it with "
+          f"transformers.{loader}.from_pretrained({args.merged!r})")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for key, value in OFFLINE_ENV.items():
@@ -238,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {
             "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
-            "compare": cmd_compare, "report": cmd_report,
+            "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
         }  # fmt: skip
         return commands[args.command](args)
     except UserError as err:

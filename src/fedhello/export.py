@@ -1,0 +1,73 @@
+"""A finished run as a standalone model: the LoRA merged into the base weights.
+
+A run already holds a standard PEFT adapter (``RUN/adapter``, loadable with
+``PeftModel.from_pretrained``). Many deployments want no PEFT at serving time, so ``export``
+loads the base model the run was trained from, applies the adapter and its trained head,
+merges the low-rank updates into the weights (``merge_and_unload``) and saves a plain
+transformers model folder (safetensors) with its tokenizer or image processor and the class
+names, loadable with ``AutoModelForSequenceClassification.from_pretrained(OUT)`` or
+``pipeline("text-classification", OUT)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from fedhello.errors import RunDirError, UserError
+from fedhello.runs import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+def check_export(run_path: Path, out: Path, overwrite: bool) -> RunDir:
+    """Refuse an unfinished run or an occupied destination, before loading anything."""
+    run = RunDir(run_path)
+    if not run.path.is_dir():
+        raise RunDirError(f"run directory {str(run_path)!r} does not exist")
+    if not (run.adapter_dir / "adapter_config.json").is_file() or not run.config_path.is_file():
+        raise RunDirError(
+            f"run {str(run_path)!r} has no adapter: it has not finished; allowed: a finished run "
+            f"(continue this one with `fedhello run --resume {run_path}`)"
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--merged {str(out)!r} is a file; allowed: a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"--merged {str(out)!r} exists and is not empty; allowed: a new or empty folder, "
+            "or --overwrite to replace it"
+        )
+    if out.resolve() == run.path.resolve() or run.path.resolve() in out.resolve().parents:
+        raise UserError(f"--merged {str(out)!r} is inside the run; allowed: a folder outside it")
+    return run
+
+
+def export_merged(run_path: Path, out: Path, overwrite: bool = False) -> str:
+    """Write the run's model with the LoRA merged in to ``out``; returns the transformers
+    class that loads it."""
+    from peft import PeftModel
+
+    from fedhello.config import load_config
+    from fedhello.models import load_model
+
+    run = check_export(run_path, out, overwrite)
+    cfg = load_config(run.config_path)
+    labels = json.loads((run.adapter_dir / "labels.json").read_text())
+    loaded = load_model(cfg.model.name, labels, cfg.model.task, cfg.model.allow_download)
+    model = PeftModel.from_pretrained(loaded.model, str(run.adapter_dir))
+    merged = model.merge_and_unload()  # W + B A scaling, and the trained head in place
+    # write beside, then swap: a crash mid-write leaves neither a half model under the asked-for
+    # name nor a lost previous export
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    loaded.processor.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    logger.info("merged model of %s (%s) written to %s", run.path, loaded.source, out)
+    kind = "ImageClassification" if loaded.task == "image" else "SequenceClassification"
+    return f"AutoModelFor{kind}"
