@@ -50,6 +50,23 @@ def config_toml(tiny_bert_dir: Path, tiny_text_csv: Path) -> str:
     return load_config(None, overrides).to_toml()
 
 
+@pytest.fixture(scope="module")
+def site_toml(tiny_bert_dir: Path) -> str:
+    """The run's config as a site sees it: the coordinator's dataset is not on the site."""
+    overrides = tiny_overrides(
+        tiny_bert_dir, "/coordinator/only/tickets.csv", data__text_column='"sentence"',
+        data__label_column='"topic"',
+    )  # fmt: skip
+    return load_config(None, overrides).to_toml()
+
+
+@pytest.fixture(scope="module")
+def labels(config_toml: str) -> list[str]:
+    """The federation's classes, which the server sends to every node."""
+    cfg = build_config(tomllib.loads(config_toml))
+    return list(build_experiment(cfg, encode_data=False).raw.label_names)
+
+
 @pytest.fixture
 def fresh_exp(config_toml: str) -> Experiment:
     """An experiment of its own: registering nodes changes its budgets."""
@@ -67,30 +84,43 @@ def _context(**node_config: object) -> Context:
                    run_config={})  # fmt: skip
 
 
-def _query(config_toml: str, ctx: Context) -> dict[str, object]:
-    msg = Message(RecordDict({"config": ConfigRecord({"fedhello-config": config_toml})}),
-                  dst_node_id=5, message_type=MessageType.QUERY)  # fmt: skip
+def _query(config_toml: str, ctx: Context, labels: list[str]) -> dict[str, object]:
+    config = ConfigRecord({"fedhello-config": config_toml, "label-names": labels})
+    msg = Message(RecordDict({"config": config}), dst_node_id=5, message_type=MessageType.QUERY)
     return dict(client_app.query(msg, ctx).content.config_records["config"])
 
 
-def test_a_node_trains_on_its_own_file(config_toml: str, tmp_path: Path) -> None:
+def _train_msg(config_toml: str, labels: list[str], state: dict, client: int) -> Message:
+    config = ConfigRecord({
+        "server-round": 1, "client": client, "train-layers": [1, 2], "lr": 1e-2,
+        "fedhello-config": config_toml, "label-names": labels,
+    })  # fmt: skip
+    return Message(RecordDict({"arrays": to_record(state), "config": config}),
+                   dst_node_id=5, message_type=MessageType.TRAIN)  # fmt: skip
+
+
+def test_a_site_trains_on_its_own_file_without_the_configured_dataset(
+    config_toml: str, site_toml: str, labels: list[str], tmp_path: Path
+) -> None:
     site = _site_csv(tmp_path / "site.csv", 37)
     ctx = _context(**{"partition-id": 1, "data": str(site)})
-    info = _query(config_toml, ctx)
+    info = _query(site_toml, ctx, labels)  # data.name does not exist here: never read
     # 5% (2 rows) held out for the site's evaluation of the final model
     assert info == {"partition-id": 1, "data": str(site), "site-examples": 35, "site-validation": 2}
 
     exp = client_app.experiment_for(config_toml)
-    config = ConfigRecord({"server-round": 1, "client": 1, "train-layers": [1], "lr": 1e-2,
-                           "fedhello-config": config_toml})  # fmt: skip
-    msg = Message(RecordDict({"arrays": to_record(exp.init_state), "config": config}),
-                  dst_node_id=5, message_type=MessageType.TRAIN)  # fmt: skip
-    own = client_app.train(msg, ctx).content.metric_records["metrics"]
-    assert own["num-examples"] == 35
+    own = client_app.train(_train_msg(site_toml, labels, exp.init_state, 1), ctx)
+    own_metrics = own.content.metric_records["metrics"]
+    assert own_metrics["num-examples"] == 35
+    assert set(own.content.array_records["arrays"]) < set(exp.init_state)  # layers 1, 2 + head
     # without data= the same node trains its partition of the configured dataset
+    msg = _train_msg(config_toml, labels, exp.init_state, 1)
     part = client_app.train(msg, _context(**{"partition-id": 1})).content.metric_records["metrics"]
     assert part["num-examples"] == len(exp.shards[1]) != 35
-    assert own["train-loss"] != part["train-loss"]
+    assert own_metrics["train-loss"] != part["train-loss"]
+    with pytest.raises(DataError, match=r"/coordinator/only/tickets\.csv"):  # it is not there
+        client_app.train(_train_msg(site_toml, labels, exp.init_state, 1),
+                         _context(**{"partition-id": 1}))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -103,8 +133,9 @@ def test_a_node_trains_on_its_own_file(config_toml: str, tmp_path: Path) -> None
     ],
 )
 def test_a_bad_site_file_stops_the_run_at_discovery(
-    config_toml: str, fresh_exp: Experiment, tmp_path: Path, content: str, expected: str
-) -> None:
+    site_toml: str, labels: list[str], fresh_exp: Experiment, tmp_path: Path, content: str,
+    expected: str,
+) -> None:  # fmt: skip
     site = tmp_path / "site.csv"
     if content == "no-label-column":
         pd.DataFrame({"sentence": ["a b"], "label": ["class-0"]}).to_csv(site, index=False)
@@ -113,7 +144,7 @@ def test_a_bad_site_file_stops_the_run_at_discovery(
         pd.DataFrame({"sentence": ["a", "b", "c"], "topic": topics}).to_csv(site, index=False)
     elif content == "empty":
         pd.DataFrame({"sentence": [], "topic": []}).to_csv(site, index=False)
-    info = _query(config_toml, _context(**{"partition-id": 0, "data": str(site)}))
+    info = _query(site_toml, _context(**{"partition-id": 0, "data": str(site)}), labels)
     assert expected in str(info["data-error"]) and "site.csv" in str(info["data-error"])
 
     node_of: dict[int, int] = {}
@@ -129,13 +160,15 @@ def test_a_bad_site_file_stops_the_run_at_discovery(
     assert expected in str(err.value)
 
 
-def test_site_labels_use_the_federations_class_ids(config_toml: str, tmp_path: Path) -> None:
-    exp = client_app.experiment_for(config_toml)
+def test_site_labels_use_the_federations_class_ids(
+    site_toml: str, labels: list[str], tmp_path: Path
+) -> None:
+    site_model = client_app.site_model_for(site_toml, labels)
     site = _site_csv(tmp_path / "site.csv", 20, seed=3)
-    data, _ = client_app.site_data_for(exp, str(site))
+    data, _ = client_app.site_data_for(site_model, str(site))
     names = pd.read_csv(site)["topic"].tolist()
-    assert [exp.raw.label_names[i] for i in data.labels.tolist()] == names
-    assert np.array_equal(data.features["input_ids"].shape, (20, exp.cfg.model.max_length))
+    assert [labels[i] for i in data.labels.tolist()] == names
+    assert data.features["input_ids"].shape == (20, site_model.cfg.model.max_length)
 
 
 def test_sites_without_partition_id_get_the_free_ids_in_data_path_order(
@@ -157,14 +190,11 @@ def test_sites_without_partition_id_get_the_free_ids_in_data_path_order(
 
 
 def test_a_site_without_partition_id_trains_as_the_client_it_was_assigned(
-    config_toml: str, tmp_path: Path
+    config_toml: str, site_toml: str, labels: list[str], tmp_path: Path
 ) -> None:
     site = _site_csv(tmp_path / "site.csv", 23)
     exp = client_app.experiment_for(config_toml)
-    config = ConfigRecord({"server-round": 2, "client": 4, "train-layers": [0, 1], "lr": 1e-2,
-                           "fedhello-config": config_toml})  # fmt: skip
-    msg = Message(RecordDict({"arrays": to_record(exp.init_state), "config": config}),
-                  dst_node_id=5, message_type=MessageType.TRAIN)  # fmt: skip
+    msg = _train_msg(site_toml, labels, exp.init_state, 4)
     reply = client_app.train(msg, _context(data=str(site)))
     assert reply.content.metric_records["metrics"]["num-examples"] == 22  # 1 of 23 held out
     with pytest.raises(ValueError, match="reached partition 3"):
@@ -183,11 +213,11 @@ def test_a_node_may_declare_a_cost_or_memory_limit(config_toml: str, fresh_exp: 
     with pytest.raises(UserError, match=r"^partition 3: budget-cost=0.1 fits no layer of 4"):
         register_node(exp, node_of, 4, {"partition-id": 3, "budget-cost": 0.1})
     ctx = _context(**{"partition-id": 0, "budget-memory": 0.5})
-    assert _query(config_toml, ctx) == {"partition-id": 0, "budget-memory": 0.5}
+    assert _query(config_toml, ctx, []) == {"partition-id": 0, "budget-memory": 0.5}
 
 
 def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
-    config_toml: str, tmp_path: Path
+    config_toml: str, site_toml: str, labels: list[str], tmp_path: Path
 ) -> None:
     from fedhello.evaluation import evaluate
     from fedhello.lora import set_state
@@ -200,12 +230,13 @@ def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
     assert sorted([*splits["train"], *splits["validation"]]) == list(range(80))
     rng = np.random.default_rng(0)  # a global state that is not the initial one
     state = {k: v + rng.normal(0, 0.5, v.shape).astype(v.dtype) for k, v in exp.init_state.items()}
-    config = ConfigRecord({"fedhello-config": config_toml, "client": 0})
+    config = ConfigRecord({"fedhello-config": site_toml, "client": 0, "label-names": labels})
     msg = Message(RecordDict({"arrays": to_record(state), "config": config}),
                   dst_node_id=5, message_type=MessageType.EVALUATE)  # fmt: skip
     got = client_app.evaluate(msg, _context(data=str(site))).content.metric_records["metrics"]
 
-    data, _ = client_app.site_data_for(exp, str(site))
+    # independently: the same state in the server's own model, on the same held-out rows
+    data, _ = client_app.site_data_for(client_app.site_model_for(site_toml, labels), str(site))
     set_state(exp.model, state)
     want = evaluate(exp.model, data, splits["validation"], 64)
     assert got["num-examples"] == 4

@@ -1,7 +1,8 @@
 """A site's own training data: a file on the node that never leaves it.
 
 In a deployment each SuperNode may name a local file (``data="/srv/site.csv"`` in its node
-config) instead of training its partition of the configured dataset. The federation still
+config) instead of training its partition of the configured dataset, and needs nothing else
+on the site but the model (``build_site_model``). The federation still
 defines the task: the site file is read with the configured ``data.text_column`` /
 ``data.label_column`` (or ``image_column``), and its labels must be classes of the federation's
 dataset (the classifier head is shared). A ``data.validation_fraction`` of the file is held
@@ -12,6 +13,7 @@ The server keeps its own validation and test splits for everything else.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,35 @@ from fedhello.seeds import Purpose, generator
 logger = logging.getLogger(__name__)
 
 SHOWN_CLASSES = 8  # how many allowed class names an error message lists
+
+
+@dataclass
+class SiteModel:
+    """What a site's ClientApp needs to train and evaluate: the model with its LoRA and head
+    for the federation's classes, and the processor. No configured dataset: a site may hold
+    nothing but its own file (the server sends the class names)."""
+
+    cfg: Any  # fedhello.config.Config
+    model: Any
+    processor: Any
+    task: str
+    layer_of: dict[str, int | None]
+    label_names: list[str]
+
+
+def build_site_model(cfg: Any, label_names: list[str]) -> SiteModel:
+    from fedhello.experiment import model_shape, offline_env
+    from fedhello.lora import adapter_keys, build_lora_model, layer_of_keys
+    from fedhello.models import load_model, resolve_model_source
+
+    offline_env(cfg.model.allow_download)
+    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
+    task, num_layers = model_shape(source, cfg.model.task)
+    loaded = load_model(cfg.model.name, label_names, task, cfg.model.allow_download)
+    lora = cfg.lora
+    model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    layer_of = layer_of_keys(adapter_keys(model), num_layers)
+    return SiteModel(cfg, model, loaded.processor, task, layer_of, list(label_names))
 
 
 def site_label_ids(labels: list[Any], label_names: list[str], path: str) -> np.ndarray:

@@ -17,6 +17,7 @@ message starts a fresh process, and tokenising the whole dataset was most of its
 from __future__ import annotations
 
 import hashlib
+import json
 import tomllib
 from typing import Any
 
@@ -30,41 +31,51 @@ from fedhello.engine.flower.records import from_record, result_to_reply
 from fedhello.errors import UserError
 from fedhello.experiment import Experiment, build_experiment
 from fedhello.lora import set_state
-from fedhello.site_data import load_site_raw
+from fedhello.site_data import SiteModel, build_site_model, load_site_raw
 from fedhello.training import train_client
 
 app = ClientApp()
-_EXPERIMENTS: dict[str, Experiment] = {}
-# (partition id, site file or "") -> the node's encoded examples and its splits of them
+# One model per process (bounded memory): the experiment of a partition node, or the model
+# of a site; and the node's encoded examples with their splits, keyed by (partition, file).
+_MODELS: dict[str, Any] = {}
 _ENCODED: dict[tuple[int, str], tuple[Encoded, dict[str, np.ndarray]]] = {}
 
 
-def experiment_for(config_toml: str) -> Experiment:
-    key = hashlib.sha256(config_toml.encode()).hexdigest()
-    if key not in _EXPERIMENTS:
-        _EXPERIMENTS.clear()  # one experiment per process: bounded memory
+def _cached(key: str, build: Any) -> Any:
+    if key not in _MODELS:
+        _MODELS.clear()
         _ENCODED.clear()
-        cfg = build_config(tomllib.loads(config_toml))
-        _EXPERIMENTS[key] = build_experiment(cfg, encode_data=False)
-    return _EXPERIMENTS[key]
+        _MODELS[key] = build()
+    return _MODELS[key]
 
 
-def site_data_for(exp: Experiment, path: str) -> tuple[Encoded, dict[str, np.ndarray]]:
-    """The node's own file and its train / validation rows, read and encoded once per
-    experiment and process."""
+def experiment_for(config_toml: str) -> Experiment:
+    """A partition node's experiment: model, and the configured dataset to find its shard."""
+    key = "exp:" + hashlib.sha256(config_toml.encode()).hexdigest()
+    cfg = build_config(tomllib.loads(config_toml))
+    return _cached(key, lambda: build_experiment(cfg, encode_data=False))
+
+
+def site_model_for(config_toml: str, label_names: list[str]) -> SiteModel:
+    """A site's model for the federation's classes; the configured dataset is not read."""
+    blob = json.dumps([config_toml, label_names]).encode()
+    key = "site:" + hashlib.sha256(blob).hexdigest()
+    cfg = build_config(tomllib.loads(config_toml))
+    return _cached(key, lambda: build_site_model(cfg, label_names))
+
+
+def site_data_for(site: SiteModel, path: str) -> tuple[Encoded, dict[str, np.ndarray]]:
+    """The node's own file and its train / validation rows, read and encoded once."""
     key = (-1, path)
     if key not in _ENCODED:
-        raw = load_site_raw(path, exp.cfg.data, exp.task, exp.raw.label_names)
-        _ENCODED[key] = encode(raw, exp.processor, exp.cfg.model.max_length), raw.splits
+        raw = load_site_raw(path, site.cfg.data, site.task, site.label_names)
+        _ENCODED[key] = encode(raw, site.processor, site.cfg.model.max_length), raw.splits
     return _ENCODED[key]
 
 
-def training_data(exp: Experiment, node_config: Any, pid: int) -> tuple[Encoded, np.ndarray]:
-    """(examples, rows to train on): the training rows of the node's own file, or its
-    partition (row i is shard position i, so batches are the embedded engine's)."""
-    if "data" in node_config:
-        data, splits = site_data_for(exp, str(node_config["data"]))
-        return data, splits["train"]
+def partition_data(exp: Experiment, pid: int) -> tuple[Encoded, np.ndarray]:
+    """A partition node's shard alone, encoded (row i is shard position i, so batches are the
+    embedded engine's), and the rows to train on (all of them)."""
     if (pid, "") not in _ENCODED:
         encoded = encode_positions(
             exp.raw, exp.shards[pid], exp.processor, exp.cfg.model.max_length
@@ -72,6 +83,12 @@ def training_data(exp: Experiment, node_config: Any, pid: int) -> tuple[Encoded,
         _ENCODED[pid, ""] = encoded, {"train": np.arange(len(encoded))}
     data, splits = _ENCODED[pid, ""]
     return data, splits["train"]
+
+
+def _site(config: Any, node_config: Any) -> tuple[SiteModel, Encoded, dict[str, np.ndarray]]:
+    site = site_model_for(str(config["fedhello-config"]), [str(x) for x in config["label-names"]])
+    data, splits = site_data_for(site, str(node_config["data"]))
+    return site, data, splits
 
 
 @app.query()
@@ -91,8 +108,7 @@ def query(msg: Message, context: Context) -> Message:
         info["data"] = str(nc["data"])  # the server orders sites without partition-id by it
         if "fedhello-config" in request:
             try:
-                exp = experiment_for(str(request["fedhello-config"]))
-                _, splits = site_data_for(exp, str(nc["data"]))
+                _, _, splits = _site(request, nc)
                 info["site-examples"] = len(splits["train"])
                 info["site-validation"] = len(splits["validation"])
             except UserError as err:
@@ -103,19 +119,24 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
-    exp = experiment_for(str(config["fedhello-config"]))
     client = int(config["client"])  # the server's id for this node (declared or assigned)
     nc = context.node_config
     if "partition-id" in nc and int(nc["partition-id"]) != client:
         raise ValueError(f"message for client {client} reached partition {nc['partition-id']}")
-    if "partition-id" not in nc and "data" not in nc:
+    if "data" in nc:
+        learner, data, splits = _site(config, nc)
+        rows = splits["train"]
+    elif "partition-id" in nc:
+        learner = experiment_for(str(config["fedhello-config"]))
+        data, rows = partition_data(learner, client)
+    else:
         raise ValueError("this node declares neither partition-id nor data in its node config")
-    data, rows = training_data(exp, nc, client)
     state = from_record(msg.content.array_records["arrays"])
     layers = tuple(int(x) for x in config["train-layers"])  # type: ignore[union-attr]
+    cfg = learner.cfg
     result = train_client(
-        exp.model, data, rows, client, int(config["server-round"]), layers,
-        state, exp.layer_of, exp.cfg.train, float(config["lr"]), exp.cfg.run.seed,
+        learner.model, data, rows, client, int(config["server-round"]), layers, state,
+        learner.layer_of, cfg.train, float(config["lr"]), cfg.run.seed,
     )  # fmt: skip
     arrays, metrics = result_to_reply(result)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -127,15 +148,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedhello.evaluation import evaluate as evaluate_rows  # sklearn: not for train messages
 
     config = msg.content.config_records["config"]
-    exp = experiment_for(str(config["fedhello-config"]))
     nc = context.node_config
     if "data" not in nc:
         raise ValueError("only a node with its own data file evaluates (the server holds the rest)")
-    data, splits = site_data_for(exp, str(nc["data"]))
+    site, data, splits = _site(config, nc)
     metrics: dict[str, int | float] = {"num-examples": len(splits["validation"])}
     if len(splits["validation"]):
-        set_state(exp.model, from_record(msg.content.array_records["arrays"]))
-        scores = evaluate_rows(exp.model, data, splits["validation"], exp.cfg.train.eval_batch_size)
+        set_state(site.model, from_record(msg.content.array_records["arrays"]))
+        batch = site.cfg.train.eval_batch_size
+        scores = evaluate_rows(site.model, data, splits["validation"], batch)
         metrics |= {"accuracy": scores["accuracy"], "macro-f1": scores["macro_f1"],
                     "loss": scores["loss"]}  # fmt: skip
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -33,7 +33,7 @@ def discover_nodes(grid: Grid, exp: Experiment) -> tuple[dict[int, int], dict[in
     and answer (a node's ClientApp may take a while to start). A node whose own data file is
     unusable stops the run here, before any training."""
     cfg = exp.cfg
-    config_toml = cfg.to_toml()
+    config_toml, labels = cfg.to_toml(), list(exp.raw.label_names)
     deadline = time.monotonic() + cfg.federation.node_wait
     infos: dict[int, dict[str, Any]] = {}  # node id -> its query reply
     while len(infos) < cfg.clients.num_clients and time.monotonic() < deadline:
@@ -42,7 +42,8 @@ def discover_nodes(grid: Grid, exp: Experiment) -> tuple[dict[int, int], dict[in
             time.sleep(0.5)
             continue
         queries = [
-            Message(RecordDict({"config": ConfigRecord({"fedhello-config": config_toml})}),
+            Message(RecordDict({"config": ConfigRecord({"fedhello-config": config_toml,
+                                                        "label-names": labels})}),
                     dst_node_id=n, message_type=MessageType.QUERY)
             for n in pending
         ]  # fmt: skip

@@ -2,14 +2,18 @@
 
 Keys are kebab-case. Train message: ``arrays`` (ArrayRecord: the full global adapter, which
 the client needs for its forward pass) and ``config`` (ConfigRecord: ``server-round``,
-``client``, ``train-layers``, ``lr``, ``fedhello-config``: the resolved config as TOML).
+``client``, ``train-layers``, ``lr``, ``fedhello-config``: the resolved config as TOML,
+``label-names``: the classes, for sites that hold no copy of the configured dataset).
 Train reply: ``arrays`` (only the allocated layers' tensors and the head) and ``metrics``
 (MetricRecord: ``num-examples``, ``train-loss``, ``seconds``, ``peak-memory-mb``,
 ``train-memory-mb``, ``trainable-params``, ``steps``). Query message: ``config`` with
-``fedhello-config``. Query reply: ``config`` with what the node declares: ``partition-id``
-and/or ``data`` (its own file), ``budget-layers`` (a layer count) or ``budget-tier`` (an index
-into ``clients.tiers``); a node with its own file adds ``site-examples`` (its size) or
-``data-error`` (why the file is unusable: the server stops the run with it).
+``fedhello-config`` and ``label-names``. Query reply: ``config`` with what the node declares:
+``partition-id`` and/or ``data`` (its own file), a budget (``budget-layers``, ``budget-tier``,
+``budget-cost``, ``budget-memory``); a node with its own file adds ``site-examples`` and
+``site-validation`` (its train / held-out sizes) or ``data-error`` (why the file is unusable:
+the server stops the run with it). Evaluate message (sites, after the last round): ``arrays``
+and ``config`` as for training; reply ``metrics``: ``num-examples``, ``accuracy``,
+``macro-f1``, ``loss`` on the site's held-out rows.
 """
 
 from __future__ import annotations

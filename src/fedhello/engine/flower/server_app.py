@@ -84,7 +84,8 @@ def evaluate_sites(
     arrays, config_toml = to_record(state), exp.cfg.to_toml()
     messages = [
         Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
-                    {"fedhello-config": config_toml, "client": client})}),
+                    {"fedhello-config": config_toml, "client": client,
+                     "label-names": list(exp.raw.label_names)})}),
                 dst_node_id=node_of[client], message_type=MessageType.EVALUATE)
         for client in sorted(sites) if client in node_of
     ]  # fmt: skip

@@ -4,7 +4,7 @@ Client contract (``fedhello.engine.flower.records`` has the exact keys):
 
 * train message: ``arrays`` = the full global adapter (every LoRA tensor and the head);
   ``config`` = ``server-round``, ``client`` (partition id), ``train-layers`` (list of block
-  indices), ``lr``, ``fedhello-config`` (the resolved config as TOML).
+  indices), ``lr``, ``fedhello-config`` (the resolved config as TOML), ``label-names``.
 * train reply: ``arrays`` = exactly the LoRA tensors of ``train-layers`` and the head;
   ``metrics`` = ``num-examples``, ``train-loss`` and cost measurements.
 * query (once, at start; ``fedhello.engine.flower.discovery``): ``config`` =
@@ -47,6 +47,7 @@ class HelloFedAvg(FedAvg):
         self.client_of = {node: pid for pid, node in node_of.items()}
         self.min_replies = min_replies
         self.config_toml = exp.cfg.to_toml()
+        self.label_names = list(exp.raw.label_names)  # a site has no other way to know them
         self.momentum = ServerMomentum(
             exp.cfg.federation.server_momentum, exp.cfg.federation.server_lr
         )
@@ -67,7 +68,7 @@ class HelloFedAvg(FedAvg):
             config = ConfigRecord({
                 "server-round": rp.round, "client": alloc.client,
                 "train-layers": list(alloc.layers), "lr": rp.lr,
-                "fedhello-config": self.config_toml,
+                "fedhello-config": self.config_toml, "label-names": self.label_names,
             })  # fmt: skip
             content = RecordDict({"arrays": arrays, "config": config})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
