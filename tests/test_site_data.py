@@ -3,6 +3,7 @@ federation's classes, trained on instead of the partition; bad files named at th
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 
@@ -187,6 +188,18 @@ def test_sites_without_partition_id_get_the_free_ids_in_data_path_order(
         assign_clients(exp, too_many)
     with pytest.raises(UserError, match="neither partition-id nor data"):
         check_reply({"budget-layers": 2})
+
+
+def test_sites_sharing_a_data_path_are_warned_about(
+    fresh_exp: Experiment, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fedhello"):
+        assign_clients(fresh_exp, {8: {"data": "/d.csv"}, 9: {"data": "/d.csv"}})
+    assert "same data path ['/d.csv']" in caplog.text and "partition-id" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedhello"):
+        assign_clients(fresh_exp, {8: {"data": "/a.csv"}, 9: {"data": "/b.csv"}})
+    assert "same data path" not in caplog.text
 
 
 def test_a_site_without_partition_id_trains_as_the_client_it_was_assigned(

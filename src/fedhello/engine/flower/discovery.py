@@ -1,12 +1,13 @@
 """Who is in a deployment: each SuperNode's client id, budget and data, learned once.
 
 The server sends every node a query carrying the run's config; a node answers with what its
-``--node-config`` declares (``partition-id``, a budget, ``data``)
-and, when it holds its own data file, the file's size or why it is unusable. A simulation
-node, or a site that wants a fixed client id, declares ``partition-id``; a real site may give
-only ``data=`` and gets one of the ids nobody declared, in the order of the sites' data paths,
-so that the same sites get the same ids in every run (Flower's node ids are random per run,
-and client sampling follows client ids).
+``--node-config`` declares (``partition-id``, a budget, ``data``) and, when it holds its own
+data file, the file's size or why it is unusable. A simulation node, or a site that wants a
+fixed client id, declares ``partition-id``; a real site may give only ``data=`` and gets one
+of the ids nobody declared, in the order of the sites' data paths, so that the same sites get
+the same ids in every run (Flower's node ids are random per run, and client sampling follows
+client ids). Sites that share a path are ordered by node id, so not reproducibly: a warning
+says so, and ``partition-id`` fixes it.
 """
 
 from __future__ import annotations
@@ -97,6 +98,13 @@ def assign_clients(exp: Experiment, infos: dict[int, dict[str, Any]]) -> dict[in
             register_node(exp, node_of, node, info)
     sites = sorted((str(info["data"]), node) for node, info in infos.items()
                    if "partition-id" not in info)  # fmt: skip
+    paths = [path for path, _ in sites]
+    if len(set(paths)) < len(paths):
+        logger.warning(
+            "several sites gave the same data path %s: their client ids may differ between "
+            "runs; give each a partition-id to fix them",
+            sorted({p for p in paths if paths.count(p) > 1}),
+        )
     free = [c for c in range(k) if c not in node_of]
     if len(sites) > len(free):
         raise UserError(
