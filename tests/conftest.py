@@ -130,6 +130,24 @@ def tiny_overrides(model_dir: Path, data: Path | str, **extra: object) -> list[s
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.fixture(scope="session")
+def text_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> Path:
+    """A finished embedded run of the tiny BERT on the tiny text data (read it, don't change it)."""
+    from fedhello.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "text"
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', federation__rounds=3, train__local_steps=15,
+                        train__lr=0.02, data__partition="iid")  # fmt: skip
+    args = ["run", "--out", str(out)]
+    for o in ov:
+        args += ["--set", o]
+    assert main(args) == 0
+    return out
+
+
 def peft_test_accuracy(run_dir: Path, base_dir: Path | str, site: Path | None = None) -> float:
     """Test accuracy of a run's exported adapter loaded with plain PEFT onto ``base_dir``,
     on the run's test split (or on the held-out rows of a ``site`` file): what a user who

@@ -23,18 +23,6 @@ def run(out: Path, overrides: list[str], *extra: str) -> int:
     return main([*args, *extra])
 
 
-@pytest.fixture(scope="module")
-def text_run(
-    tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_text_csv: Path
-) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "text"
-    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
-                        data__label_column='"topic"', federation__rounds=3, train__local_steps=15,
-                        train__lr=0.02, data__partition="iid")  # fmt: skip
-    assert run(out, ov) == 0
-    return out
-
-
 def test_run_directory_explains_itself(text_run: Path) -> None:
     run = RunDir(text_run)
     assert run.config_path.is_file() and run.summary_path.is_file()

@@ -9,26 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
 from fedhello.runs import RunDir
-
-
-@pytest.fixture(scope="module")
-def finished_run(
-    tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_text_csv: Path
-) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "export"
-    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
-                        data__label_column='"topic"', federation__rounds=2, train__lr=0.02,
-                        train__local_steps=10, data__partition="iid")  # fmt: skip
-    args = ["run", "--out", str(out)]
-    for o in ov:
-        args += ["--set", o]
-    assert main(args) == 0
-    return out
 
 
 def _test_batch(run: Path, tokenizer_dir: Path) -> tuple[dict[str, torch.Tensor], np.ndarray]:
@@ -47,28 +31,28 @@ def _test_batch(run: Path, tokenizer_dir: Path) -> tuple[dict[str, torch.Tensor]
 
 
 def test_merged_model_predicts_what_the_adapter_predicts(
-    finished_run: Path, tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    text_run: Path, tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "merged"
-    assert main(["export", str(finished_run), "--merged", str(out)]) == 0
+    assert main(["export", str(text_run), "--merged", str(out)]) == 0
     assert "AutoModelForSequenceClassification.from_pretrained" in capsys.readouterr().out
     weights = load_file(str(out / "model.safetensors"))
     assert not any("lora" in k for k in weights)  # a plain model: no PEFT needed to load it
-    labels = json.loads((finished_run / "adapter" / "labels.json").read_text())
+    labels = json.loads((text_run / "adapter" / "labels.json").read_text())
 
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert [merged.config.id2label[i] for i in range(len(labels))] == labels
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(labels))
-    peft = PeftModel.from_pretrained(base, str(finished_run / "adapter")).eval()
-    batch, y = _test_batch(finished_run, out)  # the tokenizer saved beside the model
+    peft = PeftModel.from_pretrained(base, str(text_run / "adapter")).eval()
+    batch, y = _test_batch(text_run, out)  # the tokenizer saved beside the model
     with torch.inference_mode():
         a, b = merged(**batch).logits, peft(**batch).logits
     assert torch.allclose(a, b, atol=1e-5)
     accuracy = float((a.argmax(-1).numpy() == y).mean())
-    assert accuracy == pytest.approx(RunDir(finished_run).read_summary()["test_accuracy"])
+    assert accuracy == pytest.approx(RunDir(text_run).read_summary()["test_accuracy"])
     # the merge changed the base weights (a no-op export would equal the base model)
     plain = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     key = "bert.encoder.layer.0.attention.self.query.weight"
@@ -76,11 +60,11 @@ def test_merged_model_predicts_what_the_adapter_predicts(
 
 
 def test_bad_exports_are_refused_in_one_line(
-    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    text_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    (unfinished / "config.toml").write_text((finished_run / "config.toml").read_text())
+    (unfinished / "config.toml").write_text((text_run / "config.toml").read_text())
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
@@ -90,8 +74,8 @@ def test_bad_exports_are_refused_in_one_line(
             [str(unfinished), "--merged", str(tmp_path / "o2")],
             "has no adapter: it has not finished",
         ),
-        ([str(finished_run), "--merged", str(occupied)], "exists and is not empty"),
-        ([str(finished_run), "--merged", str(finished_run / "m")], "is inside the run"),
+        ([str(text_run), "--merged", str(occupied)], "exists and is not empty"),
+        ([str(text_run), "--merged", str(text_run / "m")], "is inside the run"),
     ]
     for args, expected in cases:
         assert main(["export", *args]) == 2
