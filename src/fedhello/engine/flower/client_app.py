@@ -49,19 +49,21 @@ def _cached(key: str, build: Any) -> Any:
     return _MODELS[key]
 
 
+def _config(config_toml: str) -> Any:
+    return build_config(tomllib.loads(config_toml))
+
+
 def experiment_for(config_toml: str) -> Experiment:
     """A partition node's experiment: model, and the configured dataset to find its shard."""
     key = "exp:" + hashlib.sha256(config_toml.encode()).hexdigest()
-    cfg = build_config(tomllib.loads(config_toml))
-    return _cached(key, lambda: build_experiment(cfg, encode_data=False))
+    return _cached(key, lambda: build_experiment(_config(config_toml), encode_data=False))
 
 
 def site_model_for(config_toml: str, label_names: list[str]) -> SiteModel:
     """A site's model for the federation's classes; the configured dataset is not read."""
     blob = json.dumps([config_toml, label_names]).encode()
     key = "site:" + hashlib.sha256(blob).hexdigest()
-    cfg = build_config(tomllib.loads(config_toml))
-    return _cached(key, lambda: build_site_model(cfg, label_names))
+    return _cached(key, lambda: build_site_model(_config(config_toml), label_names))
 
 
 def site_data_for(site: SiteModel, path: str) -> tuple[Encoded, dict[str, np.ndarray]]:
