@@ -114,13 +114,18 @@ def _column(table: Any, column: str, role: str, key: str, name: str) -> list[Any
     return list(table[column])
 
 
+def input_column(cfg: Any, kind: str) -> tuple[str, str]:
+    """(column name, its config key) of the model inputs: images or texts."""
+    if kind == "image":
+        return cfg.image_column, "image_column"
+    return cfg.text_column, "text_column"
+
+
 def load_raw(cfg: Any, kind: str, allow_download: bool) -> RawData:
     """Read the dataset named by ``cfg`` (a DataConfig) and fix its splits."""
     split_seed = cfg.split_seed
     tables = _load_tables(cfg.name, allow_download)
-    in_col, in_key = (
-        (cfg.image_column, "image_column") if kind == "image" else (cfg.text_column, "text_column")
-    )
+    in_col, in_key = input_column(cfg, kind)
     inputs: list[Any] = []
     labels: list[Any] = []
     offsets: dict[str, np.ndarray] = {}

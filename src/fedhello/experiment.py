@@ -90,20 +90,44 @@ def model_shape(source: str, task: str) -> tuple[str, int]:
     return task, layers
 
 
-def build_experiment(cfg: Config, encode_data: bool = True) -> Experiment:
-    """Model, data, partition and strategy of ``cfg``. ``encode_data=False`` skips tokenising
-    the whole dataset (most of the build on a large one): a ClientApp, which only trains its
-    own shard, encodes that alone (``fedhello.encoding.encode_positions``)."""
+def prepare_process(cfg: Config) -> None:
+    """Offline environment and torch threads, before anything is loaded."""
     import torch
-
-    from fedhello.encoding import encode
-    from fedhello.lora import adapter_keys, build_lora_model, get_state, layer_of_keys
-    from fedhello.models import load_model, resolve_model_source
-    from fedhello.partition import partition_indices
 
     offline_env(cfg.model.allow_download)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+
+
+def build_lora_classifier(
+    cfg: Config, label_names: list[str], task: str, num_layers: int
+) -> tuple[Any, Any, list[str], dict[str, int | None]]:
+    """The backbone with a head for ``label_names`` and LoRA on its blocks, initialised from
+    ``run.seed``: (loaded model and processor, PEFT model, adapter keys, block of each key).
+    Shared by the experiment and a site's ClientApp, so that both build the same model."""
+    import torch
+
+    from fedhello.lora import adapter_keys, build_lora_model, layer_of_keys
+    from fedhello.models import load_model
+
+    torch.manual_seed(derived_int(cfg.run.seed, Purpose.INIT))  # head and LoRA A init
+    loaded = load_model(cfg.model.name, label_names, task, cfg.model.allow_download)
+    lora = cfg.lora
+    model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    keys = adapter_keys(model)
+    return loaded, model, keys, layer_of_keys(keys, num_layers)
+
+
+def build_experiment(cfg: Config, encode_data: bool = True) -> Experiment:
+    """Model, data, partition and strategy of ``cfg``. ``encode_data=False`` skips tokenising
+    the whole dataset (most of the build on a large one): a ClientApp, which only trains its
+    own shard, encodes that alone (``fedhello.encoding.encode_positions``)."""
+    from fedhello.encoding import encode
+    from fedhello.lora import get_state
+    from fedhello.models import resolve_model_source
+    from fedhello.partition import partition_indices
+
+    prepare_process(cfg)
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
     budgets, strategy = allocation_for(cfg, num_layers)
@@ -126,12 +150,7 @@ def build_experiment(cfg: Config, encode_data: bool = True) -> Experiment:
         )
     ]
 
-    torch.manual_seed(derived_int(cfg.run.seed, Purpose.INIT))  # head and LoRA A init
-    loaded = load_model(cfg.model.name, raw.label_names, task, cfg.model.allow_download)
-    lora = cfg.lora
-    model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-    keys = adapter_keys(model)
-    layer_of = layer_of_keys(keys, num_layers)
+    loaded, model, keys, layer_of = build_lora_classifier(cfg, raw.label_names, task, num_layers)
     data = cached[1] if cached else None
     if data is None and encode_data:
         data = encode(raw, loaded.processor, cfg.model.max_length)

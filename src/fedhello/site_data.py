@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedhello.data import FILE_FORMATS, RawData, _column, _load_tables
+from fedhello.data import FILE_FORMATS, RawData, _column, _load_tables, input_column
 from fedhello.errors import DataError
 from fedhello.seeds import Purpose, generator
 
@@ -43,17 +43,13 @@ class SiteModel:
 
 
 def build_site_model(cfg: Any, label_names: list[str]) -> SiteModel:
-    from fedhello.experiment import model_shape, offline_env
-    from fedhello.lora import adapter_keys, build_lora_model, layer_of_keys
-    from fedhello.models import load_model, resolve_model_source
+    from fedhello.experiment import build_lora_classifier, model_shape, prepare_process
+    from fedhello.models import resolve_model_source
 
-    offline_env(cfg.model.allow_download)
+    prepare_process(cfg)
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
-    loaded = load_model(cfg.model.name, label_names, task, cfg.model.allow_download)
-    lora = cfg.lora
-    model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-    layer_of = layer_of_keys(adapter_keys(model), num_layers)
+    loaded, model, _, layer_of = build_lora_classifier(cfg, label_names, task, num_layers)
     return SiteModel(cfg, model, loaded.processor, task, layer_of, list(label_names))
 
 
@@ -96,11 +92,7 @@ def load_site_raw(path: str, data_cfg: Any, kind: str, label_names: list[str]) -
             f"{'/'.join(f.lstrip('.') for f in FILE_FORMATS)} file or a saved datasets folder"
         )
     tables = _load_tables(str(local), allow_download=False)
-    in_col, in_key = (
-        (data_cfg.image_column, "image_column")
-        if kind == "image"
-        else (data_cfg.text_column, "text_column")
-    )
+    in_col, in_key = input_column(data_cfg, kind)
     inputs: list[Any] = []
     labels: list[Any] = []
     for table in tables.values():
