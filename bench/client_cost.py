@@ -40,9 +40,9 @@ def measure(layers: list[int], mode: str, steps: int, queue: mp.Queue) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from fedhello.lora import adapter_keys, apply_layer_mask, build_lora_model, layer_of_keys
-    from fedhello.models import load_model
-    from fedhello.training import SavedTensorMeter
+    from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, layer_of_keys
+    from fedhello.model.loading import load_model
+    from fedhello.model.training import SavedTensorMeter
 
     torch.manual_seed(0)
     texts, names = wordnet_rows()  # no pandas here: keep the process lean and RSS honest
@@ -109,8 +109,8 @@ def run_one(layers: list[int], mode: str, steps: int) -> dict:
 
 
 def main() -> None:
-    from fedhello.allocation.geometric import geometric_layers
-    from fedhello.costmodel import relative_step_cost
+    from fedhello.core.allocation.geometric import geometric_layers
+    from fedhello.core.costmodel import relative_step_cost
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=16)

@@ -30,9 +30,9 @@ CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 import torch, transformers, peft, flwr.clientapp  # what the ClientApp module imports
-from fedhello.config import load_config
-from fedhello.encoding import encode_positions
-from fedhello.experiment import build_experiment
+from fedhello.core.config import load_config
+from fedhello.data.encoding import encode_positions
+from fedhello.engine.experiment import build_experiment
 t1 = time.perf_counter()
 cfg = load_config(sys.argv[1])
 whole = sys.argv[2] == "whole"

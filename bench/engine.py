@@ -28,9 +28,9 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from fedhello.config import load_config
-    from fedhello.engine.simulation import run_embedded
-    from fedhello.runs import RunDir
+    from fedhello.core.config import load_config
+    from fedhello.engine.embedded import run_embedded
+    from fedhello.store.runs import RunDir
 
     cfg = load_config(
         Path(__file__).parents[1] / "configs" / "default.toml",

@@ -1,4 +1,4 @@
-"""Rebuild ``src/fedhello/datasets/wordnet_nouns.tsv.gz`` from Debian's ``wordnet-base``.
+"""Rebuild ``src/fedhello/data/builtin/wordnet_nouns.tsv.gz`` from Debian's ``wordnet-base``.
 
 Every noun synset of WordNet 3.0 becomes one example: the text is ``"lemma: gloss"`` (the
 synset's first word, underscores turned into spaces, then its gloss) and the label is the
@@ -46,7 +46,7 @@ def parse_line(line: str) -> tuple[str, str] | None:
 def main(argv: list[str]) -> int:
     src = Path(argv[1] if len(argv) > 1 else "/usr/share/wordnet/data.noun")
     root = Path(__file__).resolve().parents[1]
-    out = Path(argv[2]) if len(argv) > 2 else root / "src/fedhello/datasets/wordnet_nouns.tsv.gz"
+    out = Path(argv[2]) if len(argv) > 2 else root / "src/fedhello/data/builtin/wordnet_nouns.tsv.gz"
     rows = [r for r in map(parse_line, src.read_text(encoding="utf-8").splitlines()) if r]
     with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         gz.write(b"text\tlabel\n")

@@ -11,19 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedhello.environment import OFFLINE_ENV
+
 _HOME = tempfile.mkdtemp(prefix="fedhello-test-home-")
 os.environ.update(
-    {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HOME": os.path.join(_HOME, "hf"),
-        "FLWR_HOME": os.path.join(_HOME, "flwr"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    {**OFFLINE_ENV, "HF_HOME": os.path.join(_HOME, "hf"), "FLWR_HOME": os.path.join(_HOME, "flwr")}
 )
 
 NUM_CLASSES = 4
@@ -157,10 +149,10 @@ def peft_test_accuracy(run_dir: Path, base_dir: Path | str, site: Path | None = 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedhello.config import load_config
-    from fedhello.data import load_raw
-    from fedhello.encoding import encode
-    from fedhello.evaluation import evaluate
+    from fedhello.core.config import load_config
+    from fedhello.data.loading import load_raw
+    from fedhello.data.encoding import encode
+    from fedhello.model.evaluation import evaluate
 
     cfg = load_config(run_dir / "config.toml")
     labels = json.loads((run_dir / "adapter/labels.json").read_text())
@@ -169,7 +161,7 @@ def peft_test_accuracy(run_dir: Path, base_dir: Path | str, site: Path | None = 
     if site is None:
         raw, split = load_raw(cfg.data, "text", False), "test"
     else:
-        from fedhello.site_data import load_site_raw
+        from fedhello.data.site import load_site_raw
 
         raw, split = load_site_raw(str(site), cfg.data, "text", labels), "validation"
     data = encode(raw, AutoTokenizer.from_pretrained(base_dir), cfg.model.max_length)

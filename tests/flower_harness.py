@@ -15,6 +15,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedhello.environment import OFFLINE_ENV
+
 BIN = Path(sys.executable).parent
 
 
@@ -27,9 +29,7 @@ def free_port() -> int:
 def flower_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
+        **OFFLINE_ENV, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     })  # fmt: skip
     return env
 

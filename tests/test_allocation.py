@@ -7,25 +7,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedhello.allocation import build_strategy, strategy_names
-from fedhello.allocation.fed_hello import cluster_levels
-from fedhello.allocation.randomized_geometric import draw_layers
-from fedhello.allocation.shapes import (
+from fedhello.core.allocation import build_strategy, strategy_class, strategy_names
+from fedhello.core.allocation.fed_hello import cluster_levels
+from fedhello.core.allocation.randomized_geometric import draw_layers
+from fedhello.core.allocation.shapes import (
     AUTHORS_BOTTLENECK_12,
     SHAPES,
     inclusion_probabilities,
     shape_weights,
     systematic_sample,
 )
-from fedhello.config import load_config
 
 BUDGET_RESPECTING = ["geometric", "randomized-geometric", "fedra", "fisher", "fed-hello"]
 
 
-def options(**kw: object):
-    return load_config(
-        None, [f"allocation.{k}={v!r}".replace("'", '"') for k, v in kw.items()]
-    ).allocation
+def make(name: str, num_layers: int, budgets: list[int], seed: int, **options: object):
+    """The strategy with those of ``options`` that it declares (fedra has no shape)."""
+    own = strategy_class(name).Options.model_fields
+    return build_strategy(name, num_layers, budgets, seed, **{k: v for k, v in options.items() if k in own})
 
 
 GOLDEN_8 = {  # 8 layers, budgets 2 / 4 / 6
@@ -38,7 +37,7 @@ GOLDEN_8 = {  # 8 layers, budgets 2 / 4 / 6
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_geometric_golden_tables(shape: str) -> None:
-    strategy = build_strategy("geometric", 8, [2, 4, 6], 0, options(shape=shape))
+    strategy = make("geometric", 8, [2, 4, 6], 0, shape=shape)
     for round_ in (1, 7):  # fixed across rounds
         plan = strategy.allocate(round_, [0, 1, 2])
         assert [list(a.layers) for a in plan.clients] == GOLDEN_8[shape]
@@ -46,7 +45,7 @@ def test_geometric_golden_tables(shape: str) -> None:
 
 def test_geometric_uniform_covers_every_layer_equally_up_to_one() -> None:
     budgets = [3, 3, 3, 3, 5, 5, 5, 5, 6, 6, 6, 6]
-    plan = build_strategy("geometric", 6, budgets, 0, options(shape="uniform")).allocate(
+    plan = make("geometric", 6, budgets, 0, shape="uniform").allocate(
         1, range(12)
     )
     assert max(plan.coverage()) - min(plan.coverage()) <= 1
@@ -55,7 +54,7 @@ def test_geometric_uniform_covers_every_layer_equally_up_to_one() -> None:
 def test_geometric_triangle_and_inverted_triangle_are_mirror_images() -> None:
     budgets = [2, 3, 5, 7, 8]
     cov = {
-        shape: build_strategy("geometric", 8, budgets, 0, options(shape=shape))
+        shape: make("geometric", 8, budgets, 0, shape=shape)
         .allocate(1, range(5))
         .coverage()
         for shape in ("triangle", "inverted-triangle")
@@ -92,18 +91,16 @@ def test_every_allocation_has_exactly_min_budget_layers_distinct_in_range(
     strategy: str, shape: str, sampler: str, num_layers: int, budgets: list[int], seed: int,
     round_: int, with_scores: bool,
 ) -> None:  # fmt: skip
-    s = build_strategy(strategy, num_layers, budgets, seed, options(shape=shape, sampler=sampler))
-    if with_scores and hasattr(s, "observe_scores"):
+    s = make(strategy, num_layers, budgets, seed, shape=shape, sampler=sampler)
+    if with_scores and s.uses_fisher:
         s.observe_scores(1, np.random.default_rng(seed).random(num_layers).tolist())
     plan = s.allocate(round_, range(len(budgets)))
     for alloc, budget in zip(plan.clients, budgets, strict=True):
         assert len(alloc.layers) == min(budget, num_layers)
         assert len(set(alloc.layers)) == len(alloc.layers)
         assert all(0 <= x < num_layers for x in alloc.layers)
-    again = build_strategy(
-        strategy, num_layers, budgets, seed, options(shape=shape, sampler=sampler)
-    )
-    if with_scores and hasattr(again, "observe_scores"):
+    again = make(strategy, num_layers, budgets, seed, shape=shape, sampler=sampler)
+    if with_scores and again.uses_fisher:
         again.observe_scores(1, np.random.default_rng(seed).random(num_layers).tolist())
     assert again.allocate(round_, range(len(budgets))) == plan  # same (seed, round) replays
 
@@ -111,7 +108,7 @@ def test_every_allocation_has_exactly_min_budget_layers_distinct_in_range(
 @pytest.mark.parametrize("strategy", ["randomized-geometric", "fedra", "fed-hello"])
 def test_different_seeds_give_different_allocations(strategy: str) -> None:
     plans = [
-        build_strategy(strategy, 12, [6] * 10, seed, options()).allocate(1, range(10))
+        make(strategy, 12, [6] * 10, seed).allocate(1, range(10))
         for seed in (0, 1)
     ]
     assert plans[0] != plans[1]
@@ -119,11 +116,11 @@ def test_different_seeds_give_different_allocations(strategy: str) -> None:
 
 def test_baselines() -> None:
     budgets = [3, 3, 5, 6]
-    full = build_strategy("full", 6, budgets, 0, options()).allocate(1, range(4))
+    full = make("full", 6, budgets, 0).allocate(1, range(4))
     assert all(a.layers == tuple(range(6)) for a in full.clients)
-    excl = build_strategy("exclusive", 6, budgets, 0, options()).allocate(1, range(4))
+    excl = make("exclusive", 6, budgets, 0).allocate(1, range(4))
     assert [a.layers for a in excl.clients] == [(), (), (), tuple(range(6))]
-    strag = build_strategy("straggler", 6, budgets, 0, options()).allocate(1, range(4))
+    strag = make("straggler", 6, budgets, 0).allocate(1, range(4))
     assert all(a.layers == (3, 4, 5) for a in strag.clients)
 
 
@@ -173,20 +170,20 @@ def test_kmeans_puts_the_highest_scores_on_the_highest_level(seed: int) -> None:
 
 
 def test_fed_hello_uses_prior_until_scores_then_fisher_weights() -> None:
-    s = build_strategy("fed-hello", 6, [3] * 4, 0, options(fisher_warmup=2, fisher_every=5))
+    s = make("fed-hello", 6, [3] * 4, 0, fisher_warmup=2, fisher_every=5)
     assert [r for r in range(1, 15) if s.needs_scores(r)] == [3, 8, 13]
     np.testing.assert_allclose(s.weights(1), shape_weights("bottleneck", 6))
     s.observe_scores(3, [0.1, 0.1, 5.0, 5.0, 9.0, 9.0])
     w = s.weights(4)
     assert w[4] > w[2] > w[0]
     state = s.state_dict()
-    other = build_strategy("fed-hello", 6, [3] * 4, 0, options())
+    other = make("fed-hello", 6, [3] * 4, 0)
     other.load_state_dict(state)
     assert other.allocate(4, range(4)) == s.allocate(4, range(4))
 
 
 def test_pure_fisher_gives_top_scoring_layers() -> None:
-    s = build_strategy("fisher", 6, [2, 4], 0, options())
+    s = make("fisher", 6, [2, 4], 0)
     s.observe_scores(3, [0.5, 0.1, 0.9, 0.3, 0.8, 0.2])
     plan = s.allocate(3, [0, 1])
     assert [a.layers for a in plan.clients] == [(2, 4), (0, 2, 3, 4)]

@@ -11,9 +11,9 @@ import pytest
 from conftest import tiny_overrides
 
 from fedhello.cli import main
-from fedhello.compare import ALL_STRATEGIES, parse_strategies
-from fedhello.errors import ConfigError
-from fedhello.runs import RunDir
+from fedhello.studies.compare import ALL_STRATEGIES, parse_strategies
+from fedhello.core.errors import ConfigError
+from fedhello.store.runs import RunDir
 
 STRATEGIES = ["fedra", "geometric:triangle"]
 
@@ -58,7 +58,7 @@ def test_strategies_see_the_same_partitions_and_clients(compare_dir: Path) -> No
 
 def test_finished_runs_are_reused(compare_dir: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    import fedhello.engine.simulation as sim
+    import fedhello.studies.compare as sim
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")
@@ -129,7 +129,7 @@ def test_reuse_ignores_operational_settings_and_names_real_differences(
 ) -> None:  # fmt: skip
     """A changed Flower timeout or checkpoint period must not invalidate finished runs; a
     changed learning rate must, with an error naming the setting and both values."""
-    import fedhello.engine.simulation as sim
+    import fedhello.studies.compare as sim
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedhello.budgets import client_budgets
-from fedhello.config import Config, load_config
-from fedhello.errors import ConfigError
+from fedhello.core.budgets import client_budgets
+from fedhello.core.config import Config, load_config
+from fedhello.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

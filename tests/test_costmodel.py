@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from fedhello.budgets import client_budgets
-from fedhello.costmodel import layers_for_cost, relative_activation_memory, relative_step_cost
-from fedhello.errors import ConfigError
+from fedhello.core.budgets import client_budgets
+from fedhello.core.costmodel import layers_for_cost, relative_activation_memory, relative_step_cost
+from fedhello.core.errors import ConfigError
 
 
 def test_cost_depends_on_the_lowest_trained_block() -> None:

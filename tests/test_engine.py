@@ -9,7 +9,8 @@ import pytest
 from conftest import peft_test_accuracy, tiny_overrides
 
 from fedhello.cli import main
-from fedhello.runs import RunDir, strip_timing
+from fedhello.store.runs import RunDir
+from helpers import strip_timing
 
 ROUND_KEYS = {"round", "test_accuracy", "test_macro_f1", "train_loss", "coverage", "clients"}
 CLIENT_KEYS = {"client", "budget", "layers", "num_examples", "seconds", "peak_memory_mb",
@@ -162,15 +163,15 @@ def test_bad_client_update_is_rejected_counted_and_the_round_goes_on(
     kind: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    import fedhello.engine.simulation as sim
+    import fedhello.engine.embedded as sim
 
     real = sim.train_client
     victims: list[int] = []
 
-    def faulty(*args, **kwargs):
-        result = real(*args, **kwargs)
+    def faulty(model, layer_of, shard, task, global_state, train_cfg):
+        result = real(model, layer_of, shard, task, global_state, train_cfg)
         u = result.update
-        round_, global_state = args[4], args[6]  # train_client's positional arguments
+        round_ = task.round
         if round_ not in victims:  # the first client of each round goes bad
             victims.append(round_)
             key = next(k for k in u.tensors if "lora_B" in k)

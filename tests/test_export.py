@@ -12,14 +12,14 @@ import torch
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
-from fedhello.runs import RunDir
+from fedhello.store.runs import RunDir
 
 
 def _test_batch(run: Path, tokenizer_dir: Path) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     from transformers import AutoTokenizer
 
-    from fedhello.config import load_config
-    from fedhello.data import load_raw
+    from fedhello.core.config import load_config
+    from fedhello.data.loading import load_raw
 
     cfg = load_config(run / "config.toml")
     raw = load_raw(cfg.data, "text", False)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedhello.fisher import fisher_scores, fisher_scores_loop
-from fedhello.lora import adapter_keys, build_lora_model, get_state, layer_of_keys, set_state
-from fedhello.models import load_model
+from fedhello.model.fisher import fisher_scores
+from helpers import fisher_scores_loop
+from fedhello.core.layers import layer_of_keys
+from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
+from fedhello.model.loading import load_model
 
 
 @pytest.mark.parametrize("kind", ["text", "image"])

@@ -17,7 +17,8 @@ from flower_harness import deployment, flower_env
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
-from fedhello.runs import RunDir, strip_timing
+from fedhello.store.runs import RunDir
+from helpers import strip_timing
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedhello.masks import (
+from fedhello.core.layers import (
     AllocationPlan,
     ClientAllocation,
     check_layers,

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedhello.errors import DataError
-from fedhello.partition import partition_indices
+from fedhello.core.errors import DataError
+from fedhello.data.partition import partition_indices
 
 RNG = np.random.default_rng(0)
 LABELS = RNG.integers(0, 10, 3000)
@@ -89,7 +89,7 @@ def test_fast_shard_reading_equals_load_partition(scheme: str) -> None:
         PathologicalPartitioner,
     )
 
-    from fedhello.partition import shard_positions
+    from fedhello.data.partition import shard_positions
 
     labels = np.random.default_rng(3).integers(0, 8, 600)
     make = {

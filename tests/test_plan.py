@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fedhello.allocation import strategy_names
+from fedhello.core.allocation import strategy_names
 
 
 def plan_json(*overrides: str, rounds: int = 4) -> tuple[dict, set[str]]:

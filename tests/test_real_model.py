@@ -9,8 +9,8 @@ import pytest
 from conftest import peft_test_accuracy
 
 from fedhello.cli import main
-from fedhello.models import resolve_model_source
-from fedhello.runs import RunDir
+from fedhello.model.loading import resolve_model_source
+from fedhello.store.runs import RunDir
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,11 @@ import pytest
 from conftest import tiny_overrides
 from safetensors.numpy import load_file
 
-from fedhello.checkpoint import load_latest, save_checkpoint
+from fedhello.store.checkpoint import load_latest, save_checkpoint
 from fedhello.cli import main
-from fedhello.errors import RunDirError
-from fedhello.runs import RunDir, strip_timing
+from fedhello.core.errors import RunDirError
+from fedhello.store.runs import RunDir
+from helpers import strip_timing
 
 ROUNDS = 6
 

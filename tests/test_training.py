@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedhello.config import load_config
-from fedhello.lora import adapter_keys, apply_layer_mask, build_lora_model, get_state, layer_of_keys
-from fedhello.models import load_model
-from fedhello.training import train_client
+from fedhello.core.config import load_config
+from fedhello.core.layers import layer_of_keys
+from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, get_state
+from fedhello.model.loading import load_model
+from fedhello.model.training import LocalTask, Shard, train_client
 
 
 def _model(model_dir: Path, labels: list[str]):
@@ -24,8 +25,8 @@ def _model(model_dir: Path, labels: list[str]):
 def _text_data(loaded, n: int = 64):
     from conftest import make_texts
 
-    from fedhello.data import RawData
-    from fedhello.encoding import encode
+    from fedhello.data.loading import RawData
+    from fedhello.data.encoding import encode
 
     texts, labels = make_texts(n)
     names = sorted(set(labels))
@@ -34,8 +35,8 @@ def _text_data(loaded, n: int = 64):
 
 
 def _image_data(loaded, n: int = 32):
-    from fedhello.data import RawData
-    from fedhello.encoding import encode
+    from fedhello.data.loading import RawData
+    from fedhello.data.encoding import encode
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (16, 16, 3)).astype(np.uint8) for _ in range(n)]
@@ -62,9 +63,8 @@ def test_step_changes_exactly_allocated_lora_and_head(
     }
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = load_config(None, ["train.local_steps=2", "train.batch_size=8"]).train
-    result = train_client(
-        model, data, np.arange(len(data)), 0, 1, layers, state, layer_of, cfg, 1e-2, seed=0
-    )
+    task = LocalTask(client=0, round=1, layers=tuple(layers), lr=1e-2, seed=0)
+    result = train_client(model, layer_of, Shard(data, np.arange(len(data))), task, state, cfg)
     after = dict(model.named_parameters())
     for name, old in before.items():
         start = torch.from_numpy(state[name]) if name in state else old
@@ -119,7 +119,9 @@ def test_training_only_the_top_block_keeps_less_for_backward(tiny_bert_dir: Path
     cfg = load_config(None, ["train.local_steps=1", "train.batch_size=16"]).train
     idx = np.arange(len(data))
     mem = {
-        layers: train_client(model, data, idx, 0, 1, layers, state, layer_of, cfg, 1e-3, 0)
+        layers: train_client(
+            model, layer_of, Shard(data, idx), LocalTask(0, 1, layers, 1e-3, 0), state, cfg
+        )
         for layers in [(3,), (0, 3), (0, 1, 2, 3)]
     }
     assert mem[(3,)].train_memory_mb < mem[(0, 3)].train_memory_mb

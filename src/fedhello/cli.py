@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from fedhello.errors import RunDirError, UserError
+from fedhello.core.errors import UserError
+from fedhello.api import ENGINES
+from fedhello.environment import apply_offline_env
 
 EXIT_USER_ERROR = 2
-
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--engine",
         default="embedded",
-        choices=["embedded", "flower-sim", "flower"],
+        choices=list(ENGINES),
         help="embedded (one process), flower-sim (Flower's simulation) or flower (a SuperLink)",
     )
     run.add_argument(
@@ -92,9 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_output(verbose: bool) -> None:
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+def _setup_output(verbose: bool, allow_download: bool = False) -> None:
+    """Environment and logging for a command that loads models (the CLI's to set)."""
+    apply_offline_env(allow_download)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -113,8 +106,10 @@ def _setup_output(verbose: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fedhello.config import load_config
-    from fedhello.runs import RunDir
+    import fedhello
+    from fedhello.core.config import load_config
+    from fedhello.progress import RichObserver, summary_table
+    from fedhello.store.runs import RunDir
 
     if args.resume:
         if args.config or args.overrides or args.out or args.overwrite:
@@ -122,49 +117,37 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "--resume RUN_DIR continues that run with its own config.toml: "
                 "give no CONFIG, --set, --out or --overwrite with it"
             )
-        run = RunDir(args.resume)
-        if not run.config_path.is_file():
-            raise RunDirError(f"--resume {args.resume!r}: no config.toml there, not a fedhello run")
-        cfg = load_config(run.config_path)
+        run_dir = RunDir(args.resume)
+        cfg = load_config(run_dir.config_path) if run_dir.config_path.is_file() else None
     else:
         cfg = load_config(args.config, args.overrides)
-        out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run_name()
-        run = RunDir(out)
-        run.check_free(args.overwrite)  # before any long work
-    _setup_output(args.verbose)
-    from fedhello.engine.simulation import run_embedded
-    from fedhello.progress import RichObserver, summary_table
-
+        run_dir = fedhello.api.run_dir_for(cfg, args.out)
+        run_dir.check_free(args.overwrite)  # before any long work
+    _setup_output(args.verbose, cfg is not None and cfg.model.allow_download)
     console = Console(stderr=True)
-    done = len(run.read_metrics()) if args.resume else 0
-    observer = RichObserver(console, cfg.federation.rounds, done)
-    if args.engine == "flower-sim":
-        from fedhello.engine.flower.runner import run_flower_sim
-
-        summary = run_flower_sim(
-            cfg, run, observer, overwrite=args.overwrite, resume=bool(args.resume)
-        )
-    elif args.engine == "flower":
-        from fedhello.engine.flower.runner import run_flower_deployment
-
-        if not args.superlink:
-            raise UserError("--engine flower needs --superlink HOST:PORT (the Control API)")
-        summary = run_flower_deployment(
-            cfg, run, args.superlink, args.root_certificates, overwrite=args.overwrite,
-            resume=bool(args.resume),
-        )  # fmt: skip
-    else:
-        summary = run_embedded(
-            cfg, run, observer, overwrite=args.overwrite, resume=bool(args.resume)
-        )
-    Console().print(summary_table(summary, str(run.path)))
+    done = len(run_dir.read_metrics()) if args.resume else 0
+    rounds = cfg.federation.rounds if cfg is not None else 0
+    summary = fedhello.run(
+        None if args.resume else cfg,
+        None if args.resume else run_dir.path,
+        engine=args.engine,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        observer=RichObserver(console, rounds, done),
+        superlink=args.superlink,
+        root_certificates=args.root_certificates,
+    )
+    Console().print(summary_table(summary, str(run_dir.path)))
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fedhello.config import load_config
+    from fedhello.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    note = cfg.allocation.foreign_note()
+    if note:
+        print(f"fedhello: warning: {note}", file=sys.stderr)
     sys.stdout.write(cfg.to_toml())
     return 0
 
@@ -174,16 +157,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from fedhello.config import load_config
-    from fedhello.errors import ConfigError
-    from fedhello.plan import make_plan, render_plan
+    import fedhello
+    from fedhello.core.allocation import strategy_class
+    from fedhello.core.config import load_config
+    from fedhello.planner import render_plan
 
     cfg = load_config(args.config, args.overrides)
-    if args.rounds is not None and args.rounds < 1:
-        raise ConfigError(f"--rounds {args.rounds}: must be at least 1")
-    if cfg.allocation.strategy in ("fisher", "fed-hello"):
-        _setup_output(args.verbose)
-    plan = make_plan(cfg, args.rounds)
+    if strategy_class(cfg.allocation.strategy).uses_fisher:  # builds the model: quiet it
+        _setup_output(args.verbose, cfg.model.allow_download)
+    plan = fedhello.plan(cfg, args.rounds)
     if args.json:
         sys.stdout.write(json.dumps(plan) + "\n")
     else:
@@ -194,32 +176,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fedhello.compare import parse_ints, parse_partitions, parse_strategies, run_compare
-    from fedhello.config import load_config
-    from fedhello.report import write_report
-
-    cfg = load_config(args.config, args.overrides)
-    strategies = parse_strategies(args.strategies)
-    seeds = parse_ints(args.seeds, "--seeds")
-    partitions = parse_partitions(args.partitions or cfg.data.partition)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(cfg.run.out_dir) / f"compare-{cfg.run.name or 'default'}"
-    )
-    _setup_output(args.verbose)
-    logging.getLogger("fedhello").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    import fedhello
+    from fedhello.core.config import load_config
     from fedhello.progress import RichObserver
 
+    cfg = load_config(args.config, args.overrides)
+    _setup_output(args.verbose, cfg.model.allow_download)
+    logging.getLogger("fedhello").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     console = Console(stderr=True)
 
-    def on_cell(cell: Any, i: int, n: int) -> Any:
+    def on_cell(cell: Any, i: int, n: int) -> RichObserver:
         console.rule(f"[{i + 1}/{n}] {cell.partition} / {cell.strategy} / seed {cell.seed}")
         return RichObserver(console, cfg.federation.rounds, quiet=True)
 
-    run_compare(cfg, out, strategies, seeds, partitions, on_cell=on_cell,
-                on_done=lambda cell, outcome: console.print(f"  {outcome}"))  # fmt: skip
-    result = write_report(out, baseline=args.baseline)
+    result = fedhello.compare(
+        cfg, args.strategies, args.seeds, args.partitions, args.out, baseline=args.baseline,
+        on_cell=on_cell, on_done=lambda cell, outcome: console.print(f"  {outcome}"),
+    )  # fmt: skip
+    out = Path(result["out"])
     Console().print((out / "results.md").read_text())
     Console().print((out / "paired.md").read_text())
     console.print(f"tables and {len(result['plots'])} plots in {out}")
@@ -227,7 +201,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedhello.report import write_report
+    from fedhello.studies.report import write_report
 
     out = Path(args.out) if args.out else Path(args.path)
     result = write_report(Path(args.path), out, baseline=args.baseline)
@@ -250,8 +224,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_offline_env(allow_download=True)  # the hub variables: once the config is known
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         commands = {

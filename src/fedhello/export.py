@@ -16,8 +16,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from fedhello.errors import RunDirError, UserError
-from fedhello.runs import RunDir
+from fedhello.core.errors import RunDirError, UserError
+from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def export_merged(run_path: Path, out: Path, overwrite: bool = False) -> str:
     class that loads it."""
     from peft import PeftModel
 
-    from fedhello.config import load_config
-    from fedhello.models import load_model
+    from fedhello.core.config import load_config
+    from fedhello.model.loading import load_model
 
     run = check_export(run_path, out, overwrite)
     cfg = load_config(run.config_path)

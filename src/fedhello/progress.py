@@ -8,8 +8,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedhello.core.layers import AllocationPlan
+from fedhello.engine.core import Observer
+from fedhello.engine.experiment import Experiment
+from fedhello.model.training import ClientResult
 
-class RichObserver:
+
+class RichObserver(Observer):
     """Renders engine events; a plain line per round when output is not a terminal."""
 
     def __init__(self, console: Console, rounds: int, done: int = 0, quiet: bool = False) -> None:
@@ -29,7 +34,7 @@ class RichObserver:
         self._rounds_task: Any = None
         self._clients_task: Any = None
 
-    def on_start(self, exp: Any) -> None:
+    def on_start(self, exp: Experiment) -> None:
         if not self.quiet:
             self.console.print(
                 f"{exp.cfg.model.name} ({exp.task}, {exp.num_layers} LoRA layers) on "
@@ -42,11 +47,11 @@ class RichObserver:
         )
         self._clients_task = self.progress.add_task("clients", total=1, status="")
 
-    def on_round_start(self, round_: int, plan: Any) -> None:
+    def on_round_start(self, round_: int, plan: AllocationPlan) -> None:
         active = sum(1 for c in plan.clients if c.layers)
         self.progress.reset(self._clients_task, total=max(1, active), status="")
 
-    def on_client_end(self, round_: int, result: Any) -> None:
+    def on_client_end(self, round_: int, result: ClientResult) -> None:
         u = result.update
         self.progress.update(
             self._clients_task,

@@ -3,15 +3,16 @@
 A node declares in ``--node-config`` its ``partition-id`` (set automatically in Flower's
 simulation) and may declare a budget: ``budget-layers`` (a count), ``budget-tier`` (a tier of
 ``clients.tiers``), ``budget-cost`` or ``budget-memory`` (a fraction of the step time or
-activation memory of training every layer, turned into layers by ``fedhello.costmodel``).
+activation memory of training every layer, turned into layers by ``fedhello.core.costmodel``).
 Its data is its partition of the configured dataset, or, if the node config names one
 (``data="/srv/site.csv"``), its own file, which never leaves the node
-(``fedhello.site_data``); such a site may leave out ``partition-id`` and take the client id
-the server assigns (``discovery``).
+(``fedhello.data.site``); such a site may leave out ``partition-id`` and take the client id
+the server assigns (``discovery``). The messages are ``fedhello.engine.flower.messages``'.
 
-The config arrives with every message; the experiment it describes is built once per process
-and reused. Only the examples this node trains on are tokenised: in a deployment every
-message starts a fresh process, and tokenising the whole dataset was most of its start-up.
+The config arrives with every message; the model it describes is built once per process and
+kept in this module's cache (in Flower's simulation a Ray actor serves many messages; in a
+deployment each message starts a fresh process). Only the examples this node trains on are
+tokenised: tokenising the whole dataset was most of a deployed node's start-up.
 """
 
 from __future__ import annotations
@@ -19,76 +20,91 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedhello.config import build_config
-from fedhello.encoding import Encoded, encode, encode_positions
-from fedhello.engine.flower.records import from_record, result_to_reply
-from fedhello.errors import UserError
-from fedhello.experiment import Experiment, build_experiment
-from fedhello.lora import set_state
-from fedhello.site_data import SiteModel, build_site_model, load_site_raw
-from fedhello.training import train_client
+from fedhello.core.config import Config, build_config
+from fedhello.core.errors import UserError
+from fedhello.data.encoding import Encoded, encode, encode_positions
+from fedhello.data.site import load_site_raw
+from fedhello.engine.experiment import Experiment, SiteModel, build_experiment, build_site_model
+from fedhello.engine.flower import messages as wire
+from fedhello.model.lora import set_state
+from fedhello.model.training import LocalTask, Shard, train_client
 
 app = ClientApp()
-# One model per process (bounded memory): the experiment of a partition node, or the model
-# of a site; and the node's encoded examples with their splits, keyed by (partition, file).
-_MODELS: dict[str, Any] = {}
-_ENCODED: dict[tuple[int, str], tuple[Encoded, dict[str, np.ndarray]]] = {}
+M = TypeVar("M", Experiment, SiteModel)
 
 
-def _cached(key: str, build: Any) -> Any:
-    if key not in _MODELS:
-        _MODELS.clear()
-        _ENCODED.clear()
-        _MODELS[key] = build()
-    return _MODELS[key]
+class NodeCache:
+    """One model per process (bounded memory): the experiment of a partition node or the
+    model of a site, and the node's encoded examples with their splits, keyed by
+    (partition, file)."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.model: Any = None
+        self.encoded: dict[tuple[int, str], tuple[Encoded, dict[str, np.ndarray]]] = {}
+
+    def get(self, key: str, build: Callable[[], M]) -> M:
+        if key != self.key:
+            self.key, self.model, self.encoded = None, None, {}
+            self.model, self.key = build(), key
+        return self.model  # type: ignore[no-any-return]
 
 
-def _config(config_toml: str) -> Any:
-    return build_config(tomllib.loads(config_toml))
+_CACHE = NodeCache()
+
+
+def _config(config_toml: str) -> Config:
+    cfg = build_config(tomllib.loads(config_toml))
+    if cfg.run.threads:  # this process is the node's: its thread count is the run's to set
+        torch.set_num_threads(cfg.run.threads)
+    return cfg
 
 
 def experiment_for(config_toml: str) -> Experiment:
     """A partition node's experiment: model, and the configured dataset to find its shard."""
     key = "exp:" + hashlib.sha256(config_toml.encode()).hexdigest()
-    return _cached(key, lambda: build_experiment(_config(config_toml), encode_data=False))
+    return _CACHE.get(key, lambda: build_experiment(_config(config_toml), encode_data=False))
 
 
 def site_model_for(config_toml: str, label_names: list[str]) -> SiteModel:
     """A site's model for the federation's classes; the configured dataset is not read."""
-    blob = json.dumps([config_toml, label_names]).encode()
-    key = "site:" + hashlib.sha256(blob).hexdigest()
-    return _cached(key, lambda: build_site_model(_config(config_toml), label_names))
+    key = "site:" + hashlib.sha256(json.dumps([config_toml, label_names]).encode()).hexdigest()
+    return _CACHE.get(key, lambda: build_site_model(_config(config_toml), label_names))
 
 
 def site_data_for(site: SiteModel, path: str) -> tuple[Encoded, dict[str, np.ndarray]]:
     """The node's own file and its train / validation rows, read and encoded once."""
     key = (-1, path)
-    if key not in _ENCODED:
+    if key not in _CACHE.encoded:
         raw = load_site_raw(path, site.cfg.data, site.task, site.label_names)
-        _ENCODED[key] = encode(raw, site.processor, site.cfg.model.max_length), raw.splits
-    return _ENCODED[key]
+        _CACHE.encoded[key] = encode(raw, site.processor, site.cfg.model.max_length), raw.splits
+    return _CACHE.encoded[key]
 
 
-def partition_data(exp: Experiment, pid: int) -> tuple[Encoded, np.ndarray]:
+def partition_shard(exp: Experiment, pid: int) -> Shard:
     """A partition node's shard alone, encoded (row i is shard position i, so batches are the
-    embedded engine's), and the rows to train on (all of them)."""
-    if (pid, "") not in _ENCODED:
+    embedded engine's), with every row to train on."""
+    if (pid, "") not in _CACHE.encoded:
         encoded = encode_positions(
             exp.raw, exp.shards[pid], exp.processor, exp.cfg.model.max_length
         )
-        _ENCODED[pid, ""] = encoded, {"train": np.arange(len(encoded))}
-    data, splits = _ENCODED[pid, ""]
-    return data, splits["train"]
+        _CACHE.encoded[pid, ""] = encoded, {"train": np.arange(len(encoded))}
+    data, splits = _CACHE.encoded[pid, ""]
+    return Shard(data, splits["train"])
 
 
-def _site(config: Any, node_config: Any) -> tuple[SiteModel, Encoded, dict[str, np.ndarray]]:
-    site = site_model_for(str(config["fedhello-config"]), [str(x) for x in config["label-names"]])
+def _site(req: wire.Request, node_config: Any) -> tuple[SiteModel, Encoded, dict[str, Any]]:
+    if req.config_toml is None:
+        raise ValueError("the message carries no fedhello-config")
+    site = site_model_for(req.config_toml, req.label_names)
     data, splits = site_data_for(site, str(node_config["data"]))
     return site, data, splits
 
@@ -98,67 +114,56 @@ def query(msg: Message, context: Context) -> Message:
     """Declare partition id, budget and data file; with the run's config, also check that file
     (so that a bad site file stops the run at the start with its reason, not mid-round)."""
     nc = context.node_config
-    info: dict[str, int | float | str] = {}
-    for key in ("partition-id", "budget-layers", "budget-tier"):
-        if key in nc:
-            info[key] = int(nc[key])
-    for key in ("budget-cost", "budget-memory"):
-        if key in nc:
-            info[key] = float(nc[key])
-    request = msg.content.config_records.get("config", ConfigRecord())
-    if "data" in nc:
-        info["data"] = str(nc["data"])  # the server orders sites without partition-id by it
-        if "fedhello-config" in request:
-            try:
-                _, _, splits = _site(request, nc)
-                info["site-examples"] = len(splits["train"])
-                info["site-validation"] = len(splits["validation"])
-            except UserError as err:
-                info["data-error"] = str(err)
-    return Message(RecordDict({"config": ConfigRecord(info)}), reply_to=msg)
+    info = wire.declared(nc)
+    req = wire.read_request(msg)
+    if "data" in nc and req.config_toml is not None:
+        try:
+            _, _, splits = _site(req, nc)
+            info["site-examples"] = len(splits["train"])
+            info["site-validation"] = len(splits["validation"])
+        except UserError as err:
+            info["data-error"] = str(err)
+    return wire.query_reply(msg, info)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content.config_records["config"]
-    client = int(config["client"])  # the server's id for this node (declared or assigned)
+    req = wire.read_request(msg)
     nc = context.node_config
+    client = req.client  # the server's id for this node (declared or assigned)
+    if client is None or req.round is None or req.lr is None or req.state is None:
+        raise ValueError("a train message needs client, server-round, lr and arrays")
     if "partition-id" in nc and int(nc["partition-id"]) != client:
         raise ValueError(f"message for client {client} reached partition {nc['partition-id']}")
+    learner: Experiment | SiteModel
     if "data" in nc:
-        learner, data, splits = _site(config, nc)
-        rows = splits["train"]
-    elif "partition-id" in nc:
-        learner = experiment_for(str(config["fedhello-config"]))
-        data, rows = partition_data(learner, client)
+        learner, data, splits = _site(req, nc)
+        shard = Shard(data, splits["train"])
+    elif "partition-id" in nc and req.config_toml is not None:
+        learner = experiment_for(req.config_toml)
+        shard = partition_shard(learner, client)
     else:
         raise ValueError("this node declares neither partition-id nor data in its node config")
-    state = from_record(msg.content.array_records["arrays"])
-    layers = tuple(int(x) for x in config["train-layers"])  # type: ignore[union-attr]
     cfg = learner.cfg
-    result = train_client(
-        learner.model, data, rows, client, int(config["server-round"]), layers, state,
-        learner.layer_of, cfg.train, float(config["lr"]), cfg.run.seed,
-    )  # fmt: skip
-    arrays, metrics = result_to_reply(result)
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    task = LocalTask(client, req.round, req.layers, req.lr, cfg.run.seed)
+    result = train_client(learner.model, learner.layer_of, shard, task, req.state, cfg.train)
+    return wire.train_reply(msg, result)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model on the held-out rows of the node's own file; only scores leave."""
-    from fedhello.evaluation import evaluate as evaluate_rows  # sklearn: not for train messages
-
-    config = msg.content.config_records["config"]
     nc = context.node_config
     if "data" not in nc:
         raise ValueError("only a node with its own data file evaluates (the server holds the rest)")
-    site, data, splits = _site(config, nc)
-    metrics: dict[str, int | float] = {"num-examples": len(splits["validation"])}
-    if len(splits["validation"]):
-        set_state(site.model, from_record(msg.content.array_records["arrays"]))
+    from fedhello.model.evaluation import evaluate as evaluate_rows  # sklearn: not for training
+
+    req = wire.read_request(msg)
+    site, data, splits = _site(req, nc)
+    scores: dict[str, int | float] = {"num_examples": len(splits["validation"])}
+    if len(splits["validation"]) and req.state is not None:
+        set_state(site.model, req.state)
         batch = site.cfg.train.eval_batch_size
-        scores = evaluate_rows(site.model, data, splits["validation"], batch)
-        metrics |= {"accuracy": scores["accuracy"], "macro-f1": scores["macro_f1"],
-                    "loss": scores["loss"]}  # fmt: skip
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        result = evaluate_rows(site.model, data, splits["validation"], batch)
+        scores |= {k: result[k] for k in ("accuracy", "macro_f1", "loss")}
+    return wire.evaluate_reply(msg, scores)

@@ -16,12 +16,12 @@ import logging
 import time
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedhello.budgets import tier_layers
-from fedhello.errors import UserError
-from fedhello.experiment import Experiment
+from fedhello.core.budgets import tier_layers
+from fedhello.core.errors import UserError
+from fedhello.engine.experiment import Experiment
+from fedhello.engine.flower import messages as wire
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +42,14 @@ def discover_nodes(grid: Grid, exp: Experiment) -> tuple[dict[int, int], dict[in
         if not pending:
             time.sleep(0.5)
             continue
-        queries = [
-            Message(RecordDict({"config": ConfigRecord({"fedhello-config": config_toml,
-                                                        "label-names": labels})}),
-                    dst_node_id=n, message_type=MessageType.QUERY)
-            for n in pending
-        ]  # fmt: skip
+        queries = [wire.query_message(n, config_toml, labels) for n in pending]
         timeout = max(1.0, deadline - time.monotonic())
         for reply in grid.send_and_receive(queries, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 logger.warning("node %d did not answer the query: %s", node, reply.error.reason)
                 continue
-            info = dict(reply.content.config_records["config"])
+            info = wire.read_query_reply(reply)
             check_reply(info)
             infos[node] = info
     if not infos:
@@ -141,7 +136,7 @@ def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any
         if not 0 <= tier < len(tiers):
             raise UserError(f"partition {pid}: budget-tier={tier}; allowed: 0..{len(tiers) - 1}")
         budget = tier_layers(tiers[tier], exp.num_layers, exp.cfg.clients.tier_kind)
-        exp.budgets[pid] = exp.strategy.budgets[pid] = budget
+        exp.strategy.set_budget(pid, budget)
         exp.tiers[pid] = tier
     for kind in ("cost", "memory"):  # a limit relative to training every layer (costmodel)
         if f"budget-{kind}" in info:
@@ -158,12 +153,11 @@ def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any
                     f"partition {pid}: budget-{kind}={limit:g} fits no layer of "
                     f"{exp.num_layers}; allowed: a limit that fits the top layer alone"
                 ) from None
-            exp.budgets[pid] = exp.strategy.budgets[pid] = budget
+            exp.strategy.set_budget(pid, budget)
     if "budget-layers" in info:
         budget = int(info["budget-layers"])
         if not 1 <= budget <= exp.num_layers:
             raise UserError(
                 f"partition {pid}: budget-layers={budget}; allowed: 1..{exp.num_layers}"
             )
-        exp.budgets[pid] = budget
-        exp.strategy.budgets[pid] = budget
+        exp.strategy.set_budget(pid, budget)

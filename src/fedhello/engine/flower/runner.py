@@ -18,9 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedhello.config import Config
-from fedhello.errors import UserError
-from fedhello.runs import RunDir
+from fedhello.core.config import Config
+from fedhello.engine.core import RunOptions
+from fedhello.core.errors import UserError
+from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,15 @@ resume = false
 """
 
 
-def run_flower_sim(
-    cfg: Config, run: RunDir, observer: Any = None, overwrite: bool = False, resume: bool = False
-) -> dict[str, Any]:
+def run_flower_sim(cfg: Config, run: RunDir, options: RunOptions | None = None) -> dict[str, Any]:
+    """Run the federation in Flower's simulation engine, one virtual SuperNode per client."""
     from flwr.simulation import run_simulation
 
     from fedhello.engine.flower.client_app import app as client_app
     from fedhello.engine.flower.server_app import make_server_app
 
     outcome: dict[str, Any] = {}
-    server = make_server_app(cfg, run, observer, overwrite, outcome, resume)
+    server = make_server_app(cfg, run, options or RunOptions(), outcome)
     threads = max(1, (os.cpu_count() or 1))
     run_simulation(
         server_app=server,
@@ -101,13 +101,15 @@ def run_flower_deployment(
     run: RunDir,
     superlink: str,
     root_certificates: str | None = None,
-    overwrite: bool = False,
+    options: RunOptions | None = None,
     timeout: float | None = None,
-    resume: bool = False,
 ) -> dict[str, Any]:
     """Submit the federation to the SuperLink at ``superlink`` (its Control API address) and
     wait for it. The ServerApp runs beside the SuperLink and writes ``run`` there; with
-    ``resume`` it continues ``run`` from its last checkpoint."""
+    ``options.resume`` it continues ``run`` from its last checkpoint (the ServerApp runs in
+    another process: the options' observer and cache do not reach it)."""
+    opts = options or RunOptions()
+    overwrite, resume = opts.overwrite, opts.resume
     flwr = shutil.which("flwr")
     if flwr is None:
         raise UserError("the flwr command is not on PATH: activate the environment fedhello is in")

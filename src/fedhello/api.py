@@ -1,0 +1,150 @@
+"""The Python front door's functions: run a federation, plan one, compare strategies.
+
+``import fedhello`` exposes these lazily (``fedhello.run``, ``fedhello.plan``,
+``fedhello.compare``); the ``fedhello`` command calls them too. They change no process-wide
+state behind the caller's back: no environment variables, no logging handlers, and the torch
+thread count of ``run.threads`` only for the duration of the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fedhello.core.config import Config, load_config
+from fedhello.core.errors import RunDirError, UserError
+from fedhello.store.runs import RunDir
+
+ENGINES = ("embedded", "flower-sim", "flower")
+ConfigLike = Config | str | Path | None
+
+
+def _config(cfg: ConfigLike) -> Config:
+    return cfg if isinstance(cfg, Config) else load_config(cfg)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``threads`` torch threads inside the block (0: leave torch's setting), restored after."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_dir_for(cfg: Config, out: str | Path | None) -> RunDir:
+    """``out``, or ``run.out_dir/<run name>``."""
+    return RunDir(Path(out) if out is not None else Path(cfg.run.out_dir) / cfg.run_name())
+
+
+def run(
+    cfg: ConfigLike = None,
+    out: str | Path | None = None,
+    *,
+    engine: str = "embedded",
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    observer: Any = None,
+    superlink: str | None = None,
+    root_certificates: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run one federation and return its summary (also written to ``<out>/summary.json``).
+
+    ``cfg``: a :class:`Config`, a TOML path, or None for the defaults. ``out``: the run
+    directory (default ``run.out_dir/<run name>``). ``engine``: ``embedded`` (this process),
+    ``flower-sim`` (Flower's simulation) or ``flower`` (a SuperLink at ``superlink``, TLS with
+    ``root_certificates``). ``resume``: a run directory to continue from its last complete
+    round, with its own config (give no ``cfg`` or ``out`` then). ``observer``: progress hooks
+    (a :class:`fedhello.engine.core.Observer`).
+    """
+    from fedhello.engine.core import Observer, RunOptions
+
+    if engine not in ENGINES:
+        raise UserError(f"engine = {engine!r}; allowed: {', '.join(ENGINES)}")
+    if resume is not None:
+        if cfg is not None or out is not None or overwrite:
+            raise UserError(
+                "resume continues that run with its own config.toml: give no config, out or "
+                "overwrite with it"
+            )
+        run_dir = RunDir(resume)
+        if not run_dir.config_path.is_file():
+            raise RunDirError(f"resume {str(resume)!r}: no config.toml there, not a fedhello run")
+        config = load_config(run_dir.config_path)
+    else:
+        config = _config(cfg)
+        run_dir = run_dir_for(config, out)
+        run_dir.check_free(overwrite)  # before any long work
+    options = RunOptions(observer or Observer(), overwrite=overwrite, resume=resume is not None)
+    with torch_threads(config.run.threads):
+        if engine == "flower-sim":
+            from fedhello.engine.flower.runner import run_flower_sim
+
+            return run_flower_sim(config, run_dir, options)
+        if engine == "flower":
+            from fedhello.engine.flower.runner import run_flower_deployment
+
+            if not superlink:
+                raise UserError("engine 'flower' needs superlink='HOST:PORT' (the Control API)")
+            certs = None if root_certificates is None else str(root_certificates)
+            return run_flower_deployment(config, run_dir, superlink, certs, options)
+        from fedhello.engine.embedded import run_embedded
+
+        return run_embedded(config, run_dir, options)
+
+
+def plan(cfg: ConfigLike = None, rounds: int | None = None) -> dict[str, Any]:
+    """Every round's allocation as plain data, without training (``fedhello plan --json``)."""
+    from fedhello.core.errors import ConfigError
+    from fedhello.planner import make_plan
+
+    if rounds is not None and rounds < 1:
+        raise ConfigError(f"rounds = {rounds}: must be at least 1")
+    return make_plan(_config(cfg), rounds)
+
+
+def compare(
+    cfg: ConfigLike = None,
+    strategies: str | Sequence[str] = "all",
+    seeds: str | Sequence[int] = (0, 1, 2),
+    partitions: str | Sequence[str] | None = None,
+    out: str | Path | None = None,
+    *,
+    baseline: str | None = None,
+    on_cell: Callable[[Any, int, int], Any] | None = None,
+    on_done: Callable[[Any, str], None] | None = None,
+) -> dict[str, Any]:
+    """Paired runs of ``strategies`` over ``seeds`` and ``partitions`` (default: the config's),
+    reusing finished runs; writes the report into the comparison folder ``out`` and returns
+    it: ``table``, ``paired`` (differences against ``baseline``), ``plots`` and ``out``.
+
+    Strategies are names, ``name:shape`` or "all"; lists may be given as comma-separated text.
+    """
+    from fedhello.studies.compare import (
+        parse_ints,
+        parse_partitions,
+        parse_strategies,
+        run_compare,
+    )
+    from fedhello.studies.report import write_report
+
+    config = _config(cfg)
+    names = parse_strategies(strategies if isinstance(strategies, str) else ",".join(strategies))
+    seed_list = parse_ints(seeds if isinstance(seeds, str) else ",".join(map(str, seeds)), "seeds")
+    wanted = partitions if partitions is not None else config.data.partition
+    parts = parse_partitions(wanted if isinstance(wanted, str) else ",".join(wanted))
+    root = Path(out) if out is not None else Path(config.run.out_dir) / (
+        f"compare-{config.run.name or 'default'}"
+    )
+    with torch_threads(config.run.threads):
+        run_compare(config, root, names, seed_list, parts, on_cell=on_cell, on_done=on_done)
+    return write_report(root, baseline=baseline) | {"out": str(root)}

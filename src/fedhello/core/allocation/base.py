@@ -1,0 +1,149 @@
+"""The allocation strategy interface and its registry.
+
+A strategy answers one question per round: which layers does each sampled client train?
+Strategies are pure python (numpy at most) so ``fedhello plan`` runs without torch. Every
+optional capability is declared here with its default, so the engine asks a strategy, never
+probes it: Fisher-based strategies say so with ``uses_fisher`` and receive the scores through
+``observe_scores``; randomized ones report their ``expected_coverage``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from fedhello.core.allocation.options import StrategyOptions
+from fedhello.core.errors import ConfigError
+from fedhello.core.layers import AllocationPlan, ClientAllocation, check_layers
+
+_REGISTRY: dict[str, type[AllocationStrategy]] = {}
+
+
+class AllocationStrategy(ABC):
+    """Decides each round's heterogeneous LoRA allocation (HLA).
+
+    ``budgets[c]`` is the number of layers client ``c`` can afford (at least 1); the
+    strategy owns them (``set_budget`` changes one, e.g. when a Flower node declares its own).
+    Every random draw comes from ``fedhello.core.seeds.generator(seed, Purpose.ALLOCATE,
+    round, client)``. Subclasses set ``name`` (the config's ``allocation.strategy``), may set
+    ``Options`` (a :class:`StrategyOptions` model) and implement ``layers_for``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    # True for strategies that allocate from the server's Fisher scores of the layers.
+    uses_fisher: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        num_layers: int,
+        budgets: Sequence[int],
+        seed: int = 0,
+        options: StrategyOptions | None = None,
+    ) -> None:
+        if num_layers < 1:
+            raise ConfigError(f"num_layers = {num_layers}: allowed: at least 1")
+        self.num_layers = num_layers
+        self.budgets: list[int] = []
+        for b in budgets:
+            self.budgets.append(self._checked(len(self.budgets), b))
+        self.seed = seed
+        self.options = options if options is not None else self.Options()
+        if not isinstance(self.options, self.Options):
+            raise ConfigError(
+                f"strategy {self.name!r} takes {self.Options.__name__}, "
+                f"got {type(self.options).__name__}"
+            )
+
+    def _checked(self, client: int, budget: int) -> int:
+        # A budget above num_layers affords every layer; strategies take min(budget, L).
+        if int(budget) < 1:
+            raise ConfigError(f"client {client}: budget of {budget} layers; allowed: at least 1")
+        return int(budget)
+
+    def set_budget(self, client: int, budget: int) -> None:
+        """The budget of one client (a node that declares its own resources)."""
+        self.budgets[client] = self._checked(client, budget)
+
+    @abstractmethod
+    def layers_for(self, round: int, client: int) -> Sequence[int]:
+        """The layers ``client`` trains in ``round`` (may be empty: the client sits out)."""
+
+    def allocate(self, round: int, clients: Sequence[int]) -> AllocationPlan:
+        """The plan of one round for the sampled ``clients``."""
+        allocs = tuple(
+            ClientAllocation(
+                c, self.budgets[c], check_layers(self.layers_for(round, c), self.num_layers)
+            )
+            for c in clients
+        )
+        return AllocationPlan(round=round, num_layers=self.num_layers, clients=allocs)
+
+    def target(self) -> list[float] | None:
+        """Target share of layer-slots per layer (sums to 1), or None if there is no target."""
+        return None
+
+    def expected_coverage(self, round: int, clients: Sequence[int]) -> list[float] | None:
+        """Expected number of clients per layer (randomized strategies), else None."""
+        del round, clients
+        return None
+
+    # Fisher-based strategies (``uses_fisher = True``) override these four.
+    def needs_scores(self, round: int) -> bool:
+        """Whether the server must score the layers at the start of ``round``."""
+        del round
+        return False
+
+    def observe_scores(self, round: int, scores: Sequence[float]) -> None:
+        """Receive the layers' Fisher scores computed at the start of ``round``."""
+        raise TypeError(f"strategy {self.name!r} does not use Fisher scores")
+
+    def layer_scores(self) -> list[float] | None:
+        """The latest Fisher scores, if the strategy has any."""
+        return None
+
+    def layer_probabilities(self, round: int) -> list[float] | None:
+        """The per-layer probabilities a Fisher-based strategy allocates with in ``round``."""
+        del round
+        return None
+
+    # Stateful strategies (Fisher scores) override these so a resumed run continues exactly.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+def register(cls: type[AllocationStrategy]) -> type[AllocationStrategy]:
+    """Class decorator adding a strategy to the registry under ``cls.name``."""
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise TypeError(f"{cls.__name__} needs a class attribute name = '...' to be registered")
+    if not (isinstance(cls.Options, type) and issubclass(cls.Options, StrategyOptions)):
+        raise TypeError(f"{cls.__name__}.Options must subclass StrategyOptions")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def strategy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def strategy_class(name: str) -> type[AllocationStrategy]:
+    """The strategy registered as ``name``; ConfigError naming the allowed ones otherwise."""
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"allocation.strategy = {name!r}: unknown strategy; choose one of: "
+            f"{', '.join(strategy_names())}"
+        )
+    return _REGISTRY[name]
+
+
+def option_owners() -> dict[str, list[str]]:
+    """Option name -> the strategies that declare it."""
+    owners: dict[str, list[str]] = {}
+    for name in strategy_names():
+        for option in _REGISTRY[name].Options.model_fields:
+            owners.setdefault(option, []).append(name)
+    return owners

@@ -1,0 +1,398 @@
+"""The typed, validated experiment config: TOML file + dotted ``--set`` overrides.
+
+Every field has a default and a help text, so ``fedhello run`` with no file runs the default
+experiment. Unknown keys and bad values raise :class:`ConfigError` with one line naming the key,
+the value and what is allowed. Pure python + pydantic: no torch.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from fedhello.core.allocation import (
+    StrategyOptions,
+    option_owners,
+    strategy_class,
+    strategy_names,
+    strategy_options,
+)
+from fedhello.core.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "minilm-l6", description="registry name (minilm-l6), local folder or hub name"
+    )
+    task: Literal["auto", "text", "image"] = Field("auto", description="auto: from the model type")
+    max_length: int = Field(32, ge=4, le=4096, description="text: tokens per example (truncated)")
+    allow_download: bool = Field(False, description="allow hub downloads (off: offline, fail fast)")
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        ["auto"],
+        min_length=1,
+        description="module names that get LoRA in every block; auto: the attention query "
+        "and value projections (query/value in BERT, q_proj/v_proj in ViT and Llama)",
+    )
+
+
+class DataConfig(Section):
+    name: str = Field("wordnet-nouns", description="registry name, local file/folder or hub name")
+    text_column: str = Field("text", description="column with the input text")
+    image_column: str = Field("image", description="column with the input image")
+    label_column: str = Field("label", description="column with the class label")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for the test split")
+    validation_fraction: float = Field(0.05, ge=0, lt=1, description="share for validation")
+    split_seed: int = Field(0, ge=0, description="seed of the fixed train/validation/test split")
+    max_train_examples: int | None = Field(None, ge=1, description="cap on the training pool")
+    partition: Literal["iid", "pathological", "dirichlet"] = Field(
+        "dirichlet", description="how the training pool is split across clients"
+    )
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration")
+    classes_per_client: int = Field(5, ge=1, description="pathological: classes per client (k)")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.test_fraction + self.validation_fraction >= 0.9:
+            raise ValueError(
+                f"data.test_fraction + data.validation_fraction = "
+                f"{self.test_fraction + self.validation_fraction:g}: must leave at least 10% "
+                "for training"
+            )
+        return self
+
+
+class ClientsConfig(Section):
+    num_clients: int = Field(12, ge=1, description="K: number of clients")
+    per_round: int = Field(6, ge=1, description="m: clients sampled per round")
+    tiers: list[float] = Field(
+        [0.5, 0.75, 1.0],
+        min_length=1,
+        description="equal-size resource tiers, each a fraction of the model's LoRA layers",
+    )
+    budgets: list[int] | None = Field(
+        None, description="per-client layer counts (overrides tiers; one per client)"
+    )
+    tier_kind: Literal["layers", "cost", "memory"] = Field(
+        "layers",
+        description="what a tier value limits: layers (fraction of the LoRA layers), cost "
+        "(step time relative to training every layer) or memory (activation memory relative "
+        "to training every layer); cost and memory are turned into the layer count that fits "
+        "by fedhello.core.costmodel",
+    )
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, v: list[float]) -> list[float]:
+        bad = [t for t in v if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"tier fractions must be in (0, 1], got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _counts(self) -> ClientsConfig:
+        if self.per_round > self.num_clients:
+            raise ValueError(
+                f"clients.per_round = {self.per_round}: must be at most "
+                f"clients.num_clients = {self.num_clients}"
+            )
+        if self.budgets is not None:
+            if len(self.budgets) != self.num_clients:
+                raise ValueError(
+                    f"clients.budgets has {len(self.budgets)} entries: needs one per client "
+                    f"(clients.num_clients = {self.num_clients})"
+                )
+            if any(b < 1 for b in self.budgets):
+                raise ValueError(f"clients.budgets = {self.budgets}: every budget must be >= 1")
+        return self
+
+
+class AllocationConfig(Section):
+    """The allocation strategy and its options.
+
+    Besides the keys below, the section holds the chosen strategy's own options (each
+    strategy declares them as a typed model: ``fedhello.core.allocation.options``), written
+    flat: ``shape``, ``sampler``, ``fisher-warmup`` ... ``cfg.allocation.options`` is that model,
+    validated, every default filled in. A key no strategy declares is an error. A key that
+    another strategy declares (``shape`` under ``fedra``) is kept but does not apply: the run
+    log warns about it (``foreign_options``). One config file may serve several strategies (a
+    comparison's base config, ``--set allocation.strategy=...`` on a file written for another
+    strategy), and run folders written before options were typed hold every option.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    strategy: str = Field("fedra", description="allocation strategy name (fedhello plan --help)")
+    proxy_examples: int = Field(
+        256,
+        ge=1,
+        description="server proxy set for Fisher scores, held out of the training pool for "
+        "every strategy (so that all strategies of a comparison see the same client shards)",
+    )
+    fisher_batch_size: int = Field(
+        32, ge=1, description="proxy examples per batch when the server computes Fisher scores"
+    )
+    _options: StrategyOptions = PrivateAttr(default_factory=StrategyOptions)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in strategy_names():
+            raise ValueError(f"unknown strategy; choose one of: {', '.join(strategy_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _strategy_options(self) -> AllocationConfig:
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        owners = option_owners()
+        unknown = [k for k in extra if k not in owners]
+        if unknown:
+            own = list(strategy_class(self.strategy).Options.model_fields)
+            allowed = ", ".join([*type(self).model_fields, *own])
+            raise ValueError(
+                f"unknown key 'allocation.{unknown[0]}'; allowed with strategy "
+                f"{self.strategy!r}: {allowed} (other strategies' options: "
+                f"{', '.join(k for k in owners if k not in own)})"
+            )
+        fields = strategy_class(self.strategy).Options.model_fields
+        try:
+            self._options = strategy_options(
+                self.strategy, {k: v for k, v in extra.items() if k in fields}
+            )
+            for key, value in extra.items():  # another strategy's option: still a valid value
+                if key not in fields:
+                    strategy_options(owners[key][0], {key: value})
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        extra.update(self._options.model_dump(mode="json"))  # every default spelled out
+        return self
+
+    @property
+    def options(self) -> StrategyOptions:
+        """The chosen strategy's options (typed, validated, with defaults)."""
+        return self._options
+
+    def foreign_options(self) -> list[str]:
+        """Keys of this section that are options of other strategies, not of this one."""
+        own = strategy_class(self.strategy).Options.model_fields
+        return [k for k in self.__pydantic_extra__ or {} if k not in own]
+
+    def foreign_note(self) -> str | None:
+        """One line for the run log about the options that do not apply, or None."""
+        foreign = self.foreign_options()
+        if not foreign:
+            return None
+        owners = option_owners()
+        listed = "; ".join(f"{k} (of {', '.join(owners[k])})" for k in foreign)
+        return (
+            f"allocation options that do not apply to strategy {self.strategy!r}, "
+            f"ignored: {listed}"
+        )
+
+    def without_foreign(self) -> dict[str, Any]:
+        """This section as a dict with only the options that apply."""
+        foreign = set(self.foreign_options())
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in foreign}
+
+
+class TrainConfig(Section):
+    local_steps: int = Field(10, ge=1, description="optimizer steps per client per round")
+    local_epochs: float | None = Field(
+        None, gt=0, description="if set, passes over the client's data instead of local_steps"
+    )
+    batch_size: int = Field(32, ge=1, description="examples per local step")
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate (LoRA and head)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="learning rate over rounds (decays to lr_min_factor * lr)"
+    )
+    lr_min_factor: float = Field(0.1, ge=0, le=1, description="final lr / lr for decays")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient-norm clipping (0: off)")
+    eval_batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
+
+
+class FederationConfig(Section):
+    rounds: int = Field(15, ge=1, description="communication rounds")
+    weighted: bool = Field(True, description="weight client updates by their example counts")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="FedAvgM momentum (0: FedAvg)")
+    server_lr: float = Field(1.0, gt=0, description="server step size on the averaged update")
+    eval_every: int = Field(1, ge=1, description="evaluate the global model every N rounds")
+    min_replies: int = Field(
+        1, ge=1, description="Flower: fewest valid replies a round needs to update the model"
+    )
+    round_timeout: float = Field(
+        600.0, gt=0, description="Flower: seconds to wait for the replies of a round"
+    )
+    node_wait: float = Field(
+        300.0, gt=0, description="Flower: seconds to wait for the SuperNodes to connect"
+    )
+    eval_examples: int = Field(
+        1000, ge=1, description="per-round evaluation on a fixed subset of test/validation"
+    )
+
+
+class RunConfig(Section):
+    name: str | None = Field(None, description="run directory name (default: derived)")
+    out_dir: str = Field("runs", description="parent folder of run directories")
+    seed: int = Field(0, ge=0, description="the seed every random choice derives from")
+    threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
+    checkpoint_every: int = Field(
+        1, ge=1, description="write a resumable checkpoint every N rounds"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+
+
+def outcome_differences(saved: Config, wanted: Config) -> list[str]:
+    """``section.key (saved -> wanted)`` for every result-relevant setting that differs."""
+    a, b = saved.outcome_dict(), wanted.outcome_dict()
+    return [
+        f"{section}.{key} ({a[section].get(key)!r} -> {b[section].get(key)!r})"
+        for section in b
+        for key in sorted(set(a[section]) | set(b[section]))
+        if a[section].get(key) != b[section].get(key)
+    ]
+
+
+# Settings that never change a run's results (see Config.outcome_dict).
+OPERATIONAL: dict[str, tuple[str, ...]] = {
+    "model": ("allow_download",),
+    "federation": ("round_timeout", "node_wait"),
+    "run": ("name", "out_dir", "checkpoint_every", "keep_checkpoints"),
+}
+
+
+class Config(Section):
+    """A whole experiment."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def run_name(self) -> str:
+        if self.run.name:
+            return self.run.name
+        return f"{self.allocation.strategy}-{self.data.partition}-seed{self.run.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_kebab(self.to_dict()))
+
+    def outcome_dict(self) -> dict[str, Any]:
+        """The settings a run's results depend on: what decides whether a run can be reused.
+
+        Operational settings (where the run is written, how often it checkpoints, how long a
+        Flower server waits) are left out, so a finished comparison stays reusable when one
+        of their defaults changes or a user moves the output folder.
+        """
+        data = self.to_dict()
+        data["allocation"] = self.allocation.without_foreign()
+        for section, keys in OPERATIONAL.items():
+            for key in keys:
+                data[section].pop(key, None)
+        return data
+
+
+def _kebab(d: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("_", "-"): _kebab(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _snake(d: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("-", "_"): _snake(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def parse_value(text: str) -> Any:
+    """A TOML literal (``5``, ``0.5``, ``true``, ``[1, 2]``, ``"x"``) or else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` to a nested dict (kebab- or snake-case keys)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. federation.rounds=5")
+    parts = key.strip().replace("-", "_").split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = None if value.strip().lower() == "none" else parse_value(value.strip())
+
+
+def format_error(err: ValidationError) -> str:
+    """One line for the first problem: key, value received, what is allowed."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        section = _section_of(e["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else ""
+        return f"config: unknown key {loc!r}; allowed here: {allowed}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if "input" in e and not isinstance(e["input"], dict) and loc:
+        return f"config: {loc} = {e['input']!r}: {msg}"
+    return f"config: {msg}"  # cross-field checks name their fields themselves
+
+
+def _section_of(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(_snake(data))
+    except ValidationError as err:
+        raise ConfigError(format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or the defaults), apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = _snake(tomllib.loads(p.read_text(encoding="utf-8")))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return build_config(data)

@@ -1,0 +1,32 @@
+"""The federation's schedule, decided by the server alone: which clients train in round r, and
+at which learning rate. Both depend only on (seed, round), never on the strategy, so every
+strategy of a paired comparison sees the same client sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fedhello.core.seeds import Purpose, generator
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
+    """The m clients of a round: same for every strategy with the same seed (paired runs)."""
+    rng = generator(seed, Purpose.SAMPLE, round_)
+    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
+
+
+def lr_at(round_: int, rounds: int, lr: float, schedule: str, min_factor: float) -> float:
+    """Learning rate of round ``round_`` (1-based): constant, or decaying to ``min_factor * lr``.
+
+    Cosine over 15 rounds from 5e-3 with factor 0.1: round 1 5e-3, round 8 2.75e-3, round 15
+    5e-4 (each round's value is computed from scratch: no decay applied twice or skipped).
+    """
+    if schedule == "constant" or rounds <= 1:
+        return lr
+    progress = (round_ - 1) / (rounds - 1)
+    if schedule == "linear":
+        factor = 1 - (1 - min_factor) * progress
+    else:  # cosine
+        factor = min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr * factor

@@ -1,0 +1,55 @@
+"""The embedded engine: a whole federation in one process, deterministic and fast.
+
+The sampled clients train one after the other on one shared model (adapter state swapped in
+and out, no deep copies); everything else is the shared core (``fedhello.engine.core``).
+(Called "embedded" rather than "simulation" so that it is not confused with Flower's
+simulation engine, which ``--engine flower-sim`` runs.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedhello.core.aggregation import State
+from fedhello.core.config import Config
+from fedhello.engine.core import (
+    Observer,
+    RoundPlan,
+    RoundResults,
+    RunOptions,
+    run_federation,
+)
+from fedhello.engine.experiment import Experiment
+from fedhello.model.training import LocalTask, Shard, train_client
+from fedhello.store.runs import RunDir
+
+
+class EmbeddedEngine:
+    """Trains every sampled client in this process, in client order."""
+
+    name = "embedded"
+
+    def start(self, exp: Experiment) -> None:
+        del exp  # nothing to discover: every client is here
+
+    def train_round(
+        self, exp: Experiment, rp: RoundPlan, state: State, observer: Observer
+    ) -> RoundResults:
+        results = []
+        for alloc in rp.plan.clients:
+            if not alloc.layers:  # e.g. `exclusive`: a client whose budget is too small sits out
+                continue
+            task = LocalTask(alloc.client, rp.round, alloc.layers, rp.lr, exp.cfg.run.seed)
+            shard = Shard(exp.encoded, exp.shards[alloc.client])
+            result = train_client(exp.model, exp.layer_of, shard, task, state, exp.cfg.train)
+            results.append(result)
+            observer.on_client_end(rp.round, result)
+        return RoundResults(results)
+
+    def final_scores(self, exp: Experiment, state: State) -> dict[str, Any]:
+        return {}
+
+
+def run_embedded(cfg: Config, run: RunDir, options: RunOptions | None = None) -> dict[str, Any]:
+    """Run the whole federation in this process (see ``run_federation``)."""
+    return run_federation(cfg, run, EmbeddedEngine(), options)

@@ -1,0 +1,219 @@
+"""Everything a federation needs, built once from a config: data, shards, model, budgets,
+allocation strategy and the initial global adapter. Every engine starts from here, and a
+Flower site builds its model with the same function (``build_site_model``).
+
+Cheap checks (model source, layer count, budgets) run before the expensive ones (reading and
+tokenising data, loading weights), so a bad config fails in a second, not after a minute.
+Nothing here changes process-wide state: threads, environment and logging are the caller's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedhello.core.aggregation import State
+from fedhello.core.allocation import AllocationStrategy
+from fedhello.core.budgets import client_tiers, strategy_for
+from fedhello.core.config import Config
+from fedhello.core.layers import layer_of_keys
+from fedhello.core.seeds import Purpose, derived_int, generator
+from fedhello.data.encoding import Encoded, encode
+from fedhello.data.loading import RawData, load_raw
+from fedhello.data.partition import hold_out_proxy, partition_indices
+from fedhello.model.fisher import fisher_scores
+from fedhello.model.loading import LoadedModel, load_model
+from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
+from fedhello.model.source import model_shape, resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+# What shapes the data but not how it is split across clients (see DataCache).
+PARTITION_FIELDS = {"partition", "dirichlet_alpha", "classes_per_client"}
+
+
+class DataCache:
+    """Loaded and tokenised data, reused by the runs that share it.
+
+    A comparison runs dozens of federations on the same data: reading and tokenising 82k
+    texts for each would cost more than a short run. The caller owns the cache (``compare``
+    makes one per comparison) and it holds one dataset at a time, so memory stays bounded.
+    """
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._value: tuple[RawData, Encoded | None] | None = None
+
+    @staticmethod
+    def key(cfg: Config, source: str, task: str) -> str:
+        fields = cfg.data.model_dump(exclude=PARTITION_FIELDS)
+        return json.dumps([fields, source, task, cfg.model.max_length], sort_keys=True)
+
+    def get(self, key: str) -> tuple[RawData, Encoded | None] | None:
+        return self._value if key == self._key else None
+
+    def put(self, key: str, raw: RawData, data: Encoded | None) -> None:
+        self._key, self._value = key, (raw, data)
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    raw: RawData
+    data: Encoded | None  # every example encoded; None when built with encode_data=False
+    model: torch.nn.Module  # the PEFT model shared by every client of this process
+    processor: Any  # tokenizer or image processor (a site's own data is encoded with it)
+    task: str
+    source: str
+    keys: list[str]
+    layer_of: dict[str, int | None]
+    num_layers: int
+    tiers: list[int]
+    shards: list[np.ndarray]  # per client: positions into raw/data
+    strategy: AllocationStrategy  # owns the clients' budgets
+    init_state: State
+    eval_test: np.ndarray  # fixed per-round evaluation subsets
+    eval_val: np.ndarray
+    proxy: np.ndarray  # the server's labelled proxy set (Fisher scores)
+
+    @property
+    def budgets(self) -> list[int]:
+        """Layers each client can afford: the strategy's (the one owner)."""
+        return self.strategy.budgets
+
+    @property
+    def encoded(self) -> Encoded:
+        if self.data is None:
+            raise RuntimeError("this experiment was built without encoding its data")
+        return self.data
+
+    def refresh_fisher(self, round_: int, state: State) -> dict[str, Any]:
+        """For strategies that use Fisher scores: score the layers of ``state`` at their
+        refresh rounds and hand the scores over; returns what the round's record shows."""
+        strategy = self.strategy
+        if not strategy.uses_fisher:
+            return {}
+        info: dict[str, Any] = {}
+        if strategy.needs_scores(round_):
+            t0 = time.perf_counter()
+            set_state(self.model, state)
+            scores = fisher_scores(
+                self.model, self.encoded, self.proxy, self.layer_of, self.num_layers,
+                self.cfg.allocation.fisher_batch_size,
+            )  # fmt: skip
+            strategy.observe_scores(round_, scores)
+            info["fisher_seconds"] = round(time.perf_counter() - t0, 4)
+            logger.info("round %d Fisher scores %s", round_, np.round(scores, 6).tolist())
+        info["layer_scores"] = strategy.layer_scores()
+        info["layer_probabilities"] = strategy.layer_probabilities(round_)
+        return info
+
+
+def build_lora_classifier(
+    cfg: Config, label_names: list[str], task: str, num_layers: int
+) -> tuple[LoadedModel, torch.nn.Module, list[str], dict[str, int | None]]:
+    """The backbone with a head for ``label_names`` and LoRA on its blocks, initialised from
+    ``run.seed``: (loaded model and processor, PEFT model, adapter keys, block of each key).
+    Shared by the experiment and a site's ClientApp, so that both build the same model."""
+    torch.manual_seed(derived_int(cfg.run.seed, Purpose.INIT))  # head and LoRA A init
+    loaded = load_model(cfg.model.name, label_names, task, cfg.model.allow_download)
+    lora = cfg.lora
+    model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    keys = adapter_keys(model)
+    return loaded, model, keys, layer_of_keys(keys, num_layers)
+
+
+def build_experiment(
+    cfg: Config, encode_data: bool = True, cache: DataCache | None = None
+) -> Experiment:
+    """Model, data, partition and strategy of ``cfg``. ``encode_data=False`` skips tokenising
+    the whole dataset (most of the build on a large one): a ClientApp, which only trains its
+    own shard, encodes that alone (``fedhello.data.encoding.encode_positions``). ``cache``
+    reuses the data of an earlier build with the same data settings."""
+    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
+    task, num_layers = model_shape(source, cfg.model.task)
+    strategy = strategy_for(cfg, num_layers)
+
+    key = DataCache.key(cfg, source, task)
+    cached = cache.get(key) if cache is not None else None
+    raw = cached[0] if cached else load_raw(cfg.data, task, cfg.model.allow_download)
+    proxy, train_pool = hold_out_proxy(
+        raw.splits["train"], cfg.allocation.proxy_examples, cfg.data.split_seed
+    )
+    shards = [
+        train_pool[s]
+        for s in partition_indices(
+            raw.labels[train_pool],
+            cfg.clients.num_clients,
+            cfg.data.partition,
+            cfg.run.seed,
+            cfg.data.dirichlet_alpha,
+            cfg.data.classes_per_client,
+        )
+    ]
+
+    loaded, model, keys, layer_of = build_lora_classifier(cfg, raw.label_names, task, num_layers)
+    data = cached[1] if cached else None
+    if data is None and encode_data:
+        data = encode(raw, loaded.processor, cfg.model.max_length)
+    if cache is not None:
+        cache.put(key, raw, data)
+
+    def subset(split: str, purpose_key: int) -> np.ndarray:
+        idx = raw.splits[split]
+        if len(idx) <= cfg.federation.eval_examples:
+            return idx
+        rng = generator(cfg.data.split_seed, Purpose.EVAL_SUBSET, purpose_key)
+        return np.sort(rng.choice(idx, cfg.federation.eval_examples, replace=False))
+
+    logger.info(
+        "experiment: %s (%s, %d blocks), %d clients, budgets %s",
+        cfg.model.name, task, num_layers, len(strategy.budgets), strategy.budgets,
+    )  # fmt: skip
+    return Experiment(
+        cfg=cfg,
+        raw=raw,
+        data=data,
+        model=model,
+        processor=loaded.processor,
+        task=task,
+        source=loaded.source,
+        keys=keys,
+        layer_of=layer_of,
+        num_layers=num_layers,
+        tiers=client_tiers(cfg.clients.num_clients, len(cfg.clients.tiers)),
+        shards=shards,
+        strategy=strategy,
+        init_state=get_state(model, keys),
+        eval_test=subset("test", 0),
+        eval_val=subset("validation", 1),
+        proxy=proxy,
+    )
+
+
+@dataclass
+class SiteModel:
+    """What a site's ClientApp needs to train and evaluate: the model with its LoRA and head
+    for the federation's classes, and the processor. No configured dataset: a site may hold
+    nothing but its own file (the server sends the class names)."""
+
+    cfg: Config
+    model: torch.nn.Module
+    processor: Any
+    task: str
+    layer_of: dict[str, int | None]
+    label_names: list[str]
+
+
+def build_site_model(cfg: Config, label_names: list[str]) -> SiteModel:
+    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
+    task, num_layers = model_shape(source, cfg.model.task)
+    loaded, model, _, layer_of = build_lora_classifier(cfg, label_names, task, num_layers)
+    return SiteModel(cfg, model, loaded.processor, task, layer_of, list(label_names))
+

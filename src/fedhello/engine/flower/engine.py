@@ -1,0 +1,131 @@
+"""``FlowerEngine``: the run loop's engine over a Flower grid (Message API).
+
+It implements :class:`fedhello.engine.core.Engine`: ``start`` learns who is in the
+deployment (``discovery``), ``train_round`` sends one train message per allocated client and
+turns the replies into client results, ``final_scores`` has the sites evaluate the final
+model on their own held-out rows. The messages and the client contract are in
+``fedhello.engine.flower.messages``.
+
+Why not a subclass of Flower's ``FedAvg``: the loop that owns checkpoints, resume, metrics
+and evaluation is the shared core (so the embedded and Flower engines cannot drift), and
+what differs from stock FedAvg is exactly what it would have to override: one message per
+node with its own ``train-layers`` (stock FedAvg sends one record to all), nodes sampled by
+client id with the run's seeded generator (Flower's node ids are random per run), and partial
+per-layer updates aggregated by ``fedhello.core.aggregation.aggregate_masked``, which
+validates every update and carries forward the layers nobody trained (stock FedAvg refuses
+replies whose arrays differ in keys).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedhello.core.aggregation import State
+from fedhello.engine.core import Observer, RoundPlan, RoundResults
+from fedhello.engine.experiment import Experiment
+from fedhello.engine.flower import messages as wire
+from fedhello.engine.flower.discovery import discover_nodes
+from fedhello.engine.flower.sites import evaluate_sites
+from fedhello.model.lora import state_nbytes
+from fedhello.model.training import ClientResult
+
+logger = logging.getLogger(__name__)
+
+
+class FlowerEngine:
+    """Clients reached as Flower messages over ``grid``."""
+
+    name = "flower"
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.node_of: dict[int, int] = {}  # client id -> Flower node id
+        self.sites: dict[int, str] = {}  # client id -> its own data file
+        self.config_toml = ""
+        self.label_names: list[str] = []
+
+    @property
+    def client_of(self) -> dict[int, int]:
+        return {node: client for client, node in self.node_of.items()}
+
+    def start(self, exp: Experiment) -> None:
+        self.config_toml = exp.cfg.to_toml()
+        self.label_names = list(exp.raw.label_names)  # a site has no other way to know them
+        self.node_of, self.sites = discover_nodes(self.grid, exp)
+
+    def train_round(
+        self, exp: Experiment, rp: RoundPlan, state: State, observer: Observer
+    ) -> RoundResults:
+        messages, failed = self.messages_for(rp, state)
+        timeout = exp.cfg.federation.round_timeout
+        replies = self.grid.send_and_receive(messages, timeout=timeout) if messages else []
+        outcome = self.collect(rp, replies, state)
+        outcome.failed = failed | outcome.failed
+        min_replies = exp.cfg.federation.min_replies
+        if len(outcome.results) < min_replies:
+            logger.warning(
+                "round %d: %d replies, fewer than federation.min_replies = %d: model unchanged",
+                rp.round, len(outcome.results), min_replies,
+            )  # fmt: skip
+            below = "round below federation.min_replies"
+            outcome.failed |= {r.update.client: below for r in outcome.results}
+            outcome.results = []
+        for r in outcome.results:
+            observer.on_client_end(rp.round, r)
+        return outcome
+
+    def final_scores(self, exp: Experiment, state: State) -> dict[str, Any]:
+        if not self.sites:
+            return {}
+        return evaluate_sites(self.grid, exp, state, self.node_of, self.sites)
+
+    def messages_for(self, rp: RoundPlan, state: State) -> tuple[list[Message], dict[int, str]]:
+        """One train message per allocated client; clients without a node are failures."""
+        arrays = wire.to_record(state)
+        messages, missing = [], {}
+        for alloc in rp.plan.clients:
+            if not alloc.layers:
+                continue
+            node = self.node_of.get(alloc.client)
+            if node is None:
+                missing[alloc.client] = "no SuperNode declared this partition-id"
+                continue
+            messages.append(wire.train_message(
+                node, arrays, rp.round, alloc.client, alloc.layers, rp.lr, self.config_toml,
+                self.label_names,
+            ))  # fmt: skip
+        return messages, missing
+
+    def collect(self, rp: RoundPlan, replies: Iterable[Message], state: State) -> RoundResults:
+        """Replies -> client results; error replies and silent nodes -> failures."""
+        replies = list(replies)
+        logger.debug(
+            "round %d: %d replies from nodes %s",
+            rp.round, len(replies), [m.metadata.src_node_id for m in replies],
+        )  # fmt: skip
+        layers_of = {a.client: a.layers for a in rp.plan.clients}
+        client_of = self.client_of
+        bytes_down = state_nbytes(state)
+        results: list[ClientResult] = []
+        failed: dict[int, str] = {}
+        for msg in replies:
+            client = client_of.get(msg.metadata.src_node_id)
+            if client is None:
+                continue
+            if msg.has_error():
+                failed[client] = f"node error: {msg.error.reason}"
+                continue
+            results.append(wire.read_train_reply(msg, client, layers_of[client], bytes_down))
+        answered = {r.update.client for r in results} | set(failed)
+        for alloc in rp.plan.clients:
+            if alloc.layers and alloc.client not in answered:
+                failed.setdefault(alloc.client, "no reply before the round's timeout")
+        for client, reason in failed.items():
+            logger.warning("round %d: client %d failed: %s", rp.round, client, reason)
+        results.sort(key=lambda r: r.update.client)  # replies arrive in any order
+        return RoundResults(results, failed)

@@ -1,0 +1,197 @@
+"""The wire format between the fedhello ServerApp and ClientApp: every Flower message and key
+is built and read here, and nowhere else.
+
+Client contract (keys are kebab-case):
+
+* **query** (once per node, at the start; ``discovery``): ``config`` = ``fedhello-config``
+  (the resolved config as TOML) and ``label-names``. Reply ``config`` = what the node's
+  ``--node-config`` declares: ``partition-id`` and/or ``data`` (its own file), optionally a
+  budget (``budget-layers``, ``budget-tier``, ``budget-cost``, ``budget-memory``); a node
+  with its own file adds ``site-examples`` and ``site-validation`` (its train / held-out
+  sizes) or ``data-error`` (why the file is unusable: the server stops the run with it).
+* **train**: ``arrays`` = the full global adapter (every LoRA tensor and the head: the
+  forward pass needs them all); ``config`` = ``server-round``, ``client`` (the server's id
+  for the node), ``train-layers`` (block indices), ``lr``, ``fedhello-config``,
+  ``label-names`` (a site holds no copy of the configured dataset). Reply ``arrays`` =
+  exactly the LoRA tensors of ``train-layers`` and the head; ``metrics`` = ``num-examples``,
+  ``train-loss``, ``seconds``, ``peak-memory-mb``, ``train-memory-mb``, ``trainable-params``,
+  ``steps``. The server validates every upload before it touches the global state.
+* **evaluate** (sites, after the last round): ``arrays`` and ``config`` as for training
+  (``client``, ``fedhello-config``, ``label-names``); reply ``metrics`` = ``num-examples``,
+  ``accuracy``, ``macro-f1``, ``loss`` on the site's held-out rows. Only scores leave a site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from fedhello.core.aggregation import ClientUpdate, State
+from fedhello.model.lora import state_nbytes
+from fedhello.model.training import ClientResult
+
+# What a node may declare in its --node-config, and how each value is read.
+DECLARED_INT = ("partition-id", "budget-layers", "budget-tier")
+DECLARED_FLOAT = ("budget-cost", "budget-memory")
+T = TypeVar("T")
+
+
+def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> State:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _task(config_toml: str, label_names: Sequence[str]) -> dict[str, Any]:
+    return {"fedhello-config": config_toml, "label-names": list(label_names)}
+
+
+# ---- server side: build requests, read replies ----------------------------------------------
+
+
+def query_message(node: int, config_toml: str, label_names: Sequence[str]) -> Message:
+    content = RecordDict({"config": ConfigRecord(_task(config_toml, label_names))})
+    return Message(content, dst_node_id=node, message_type=MessageType.QUERY)
+
+
+def read_query_reply(reply: Message) -> dict[str, Any]:
+    return dict(reply.content.config_records["config"])
+
+
+def train_message(
+    node: int, arrays: ArrayRecord, round_: int, client: int, layers: Sequence[int], lr: float,
+    config_toml: str, label_names: Sequence[str],
+) -> Message:  # fmt: skip
+    config = ConfigRecord({
+        "server-round": round_, "client": client, "train-layers": list(layers), "lr": lr,
+        **_task(config_toml, label_names),
+    })  # fmt: skip
+    content = RecordDict({"arrays": arrays, "config": config})
+    return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def read_train_reply(
+    reply: Message, client: int, layers: tuple[int, ...], bytes_down: int
+) -> ClientResult:
+    """A ClientResult from a train reply; validation happens later, in aggregation."""
+    metrics = dict(reply.content.metric_records.get("metrics", {}))
+    tensors = from_record(reply.content.array_records.get("arrays", ArrayRecord()))
+    update = ClientUpdate(
+        client=client,
+        layers=layers,
+        num_examples=int(metrics.get("num-examples", 0)),
+        tensors=tensors,
+        train_loss=float(metrics.get("train-loss", float("nan"))),
+    )
+    return ClientResult(
+        update=update,
+        seconds=float(metrics.get("seconds", 0.0)),
+        peak_memory_mb=float(metrics.get("peak-memory-mb", 0.0)),
+        train_memory_mb=float(metrics.get("train-memory-mb", 0.0)),
+        trainable_params=int(metrics.get("trainable-params", 0)),
+        bytes_up=state_nbytes(tensors),
+        bytes_down=bytes_down,
+        steps=int(metrics.get("steps", 0)),
+    )
+
+
+def evaluate_message(
+    node: int, arrays: ArrayRecord, client: int, config_toml: str, label_names: Sequence[str]
+) -> Message:
+    config = ConfigRecord({"client": client, **_task(config_toml, label_names)})
+    content = RecordDict({"arrays": arrays, "config": config})
+    return Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+
+
+def read_evaluate_reply(reply: Message) -> dict[str, Any]:
+    """A site's scores, snake_case keys (``num_examples``, ``accuracy``, ``macro_f1``, ...)."""
+    metrics = reply.content.metric_records.get("metrics", {})
+    return {k.replace("-", "_"): v for k, v in metrics.items()}
+
+
+# ---- client side: read requests, build replies ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a train, evaluate or query message asks of a node."""
+
+    config_toml: str | None
+    label_names: list[str]
+    client: int | None = None
+    round: int | None = None
+    layers: tuple[int, ...] = ()
+    lr: float | None = None
+    state: State | None = None
+
+
+def _get(config: ConfigRecord, key: str, cast: Callable[[Any], T]) -> T | None:
+    return cast(config[key]) if key in config else None
+
+
+def read_request(msg: Message) -> Request:
+    config = msg.content.config_records.get("config", ConfigRecord())
+    arrays = msg.content.array_records.get("arrays")
+    layers: Any = config.get("train-layers", [])
+    names: Any = config.get("label-names", [])
+    return Request(
+        config_toml=_get(config, "fedhello-config", str),
+        label_names=[str(x) for x in names],
+        client=_get(config, "client", int),
+        round=_get(config, "server-round", int),
+        layers=tuple(int(x) for x in layers),
+        lr=_get(config, "lr", float),
+        state=from_record(arrays) if arrays is not None else None,
+    )
+
+
+def declared(node_config: Mapping[str, Any]) -> dict[str, int | float | str]:
+    """What a node's ``--node-config`` declares, typed, for its query reply."""
+    info: dict[str, int | float | str] = {}
+    for key in DECLARED_INT:
+        if key in node_config:
+            info[key] = int(node_config[key])
+    for key in DECLARED_FLOAT:
+        if key in node_config:
+            info[key] = float(node_config[key])
+    if "data" in node_config:
+        info["data"] = str(node_config["data"])
+    return info
+
+
+def query_reply(msg: Message, info: Mapping[str, int | float | str]) -> Message:
+    return Message(RecordDict({"config": ConfigRecord(dict(info))}), reply_to=msg)
+
+
+def train_reply(msg: Message, result: ClientResult) -> Message:
+    u = result.update
+    metrics = {
+        "num-examples": u.num_examples,
+        "train-loss": float(u.train_loss),
+        "seconds": result.seconds,
+        "peak-memory-mb": result.peak_memory_mb,
+        "train-memory-mb": result.train_memory_mb,
+        "trainable-params": result.trainable_params,
+        "steps": result.steps,
+    }
+    content = RecordDict({"arrays": to_record(u.tensors), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+def evaluate_reply(msg: Message, scores: Mapping[str, int | float]) -> Message:
+    metrics = {k.replace("_", "-"): v for k, v in scores.items()}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

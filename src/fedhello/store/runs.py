@@ -1,0 +1,111 @@
+"""The run directory: it explains itself.
+
+runs/<name>/config.toml     the resolved config (every default spelled out)
+runs/<name>/metrics.jsonl   one JSON object per round
+runs/<name>/summary.json    final full-test metrics, wall time, totals
+runs/<name>/adapter/        PEFT adapter (LoRA + head): PeftModel.from_pretrained(base, here)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedhello.core.config import Config
+from fedhello.core.errors import RunDirError
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def error_note(self) -> Path:
+        """Where a deployed ServerApp leaves the one-line reason it stopped on bad input, for
+        ``fedhello run`` to show (the ServerApp runs in another process, beside the SuperLink)."""
+        return self.path.parent / f".{self.path.name}.error"
+
+    def check_free(self, overwrite: bool = False) -> None:
+        """Raise unless this directory may be (re)created: call before any long work."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run directory {str(self.path)!r} is a file")
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise RunDirError(
+                    f"run directory {str(self.path)!r} already exists: pass --overwrite to "
+                    "replace it, or choose another --out"
+                )
+            if not self.config_path.is_file():
+                raise RunDirError(
+                    f"run directory {str(self.path)!r} is not empty and holds no config.toml: "
+                    "not a fedhello run, refusing to overwrite it"
+                )
+
+    def create(self, overwrite: bool = False) -> None:
+        """Make the directory fresh; an existing run is replaced only with ``overwrite``."""
+        self.check_free(overwrite)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+
+    def write_config(self, cfg: Config) -> None:
+        _atomic_write(self.config_path, cfg.to_toml())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop the records of rounds after ``last_round`` (they are recomputed on resume)."""
+        keep = [r for r in self.read_metrics() if r["round"] <= last_round]
+        _atomic_write(
+            self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep)
+        )
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        records = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash: the round is redone
+                break
+        return records
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+

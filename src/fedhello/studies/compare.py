@@ -1,0 +1,204 @@
+"""``fedhello compare``: paired runs of several strategies over seeds and partitions.
+
+Everything but the allocation is shared by construction: partitions, client sampling, batch
+order and initialisation derive from (seed, purpose, round, client), never from the strategy,
+so for a given seed every strategy sees the same shards and the same clients in each round.
+A comparison folder holds one run directory per (partition, strategy, seed):
+
+    <compare>/compare.json                 what was compared, with the base config
+    <compare>/runs/<partition>/<strategy>/seed<k>/   ordinary run directories
+    <compare>/runs/centralized/seed<k>/    the non-federated reference (same steps in total)
+    <compare>/results.md, results.csv, plots/   written by fedhello.studies.report
+
+A finished run (summary.json with the same config) is reused, a crashed one resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedhello.core.allocation import SHAPES, strategy_class, strategy_names
+from fedhello.core.config import AllocationConfig, Config, build_config, load_config, outcome_differences
+from fedhello.core.errors import ConfigError, RunDirError
+from fedhello.engine.core import Observer, RunOptions
+from fedhello.engine.embedded import run_embedded
+from fedhello.engine.experiment import DataCache
+from fedhello.store.runs import RunDir
+from fedhello.studies.results import CENTRALIZED
+
+logger = logging.getLogger(__name__)
+
+PARTITIONS = ("iid", "pathological", "dirichlet")
+# "all" in --strategies: the paper's comparison (every strategy; the four GD shapes separately)
+ALL_STRATEGIES = (
+    "full", "exclusive", "straggler", "fedra", "geometric:uniform", "geometric:triangle",
+    "geometric:inverted-triangle", "geometric:bottleneck", "randomized-geometric:bottleneck",
+    "fisher", "fed-hello",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a comparison."""
+
+    partition: str
+    strategy: str  # "name" or "name:shape"; CENTRALIZED for the reference
+    seed: int
+
+    def path(self, root: Path) -> Path:
+        if self.strategy == CENTRALIZED:
+            return root / "runs" / CENTRALIZED / f"seed{self.seed}"
+        return root / "runs" / self.partition / self.strategy.replace(":", "-") / f"seed{self.seed}"
+
+
+def parse_strategies(text: str) -> list[str]:
+
+    items = (
+        ALL_STRATEGIES
+        if text.strip() == "all"
+        else [s.strip() for s in text.split(",") if s.strip()]
+    )
+    for item in items:
+        name, _, shape = item.partition(":")
+        if name not in strategy_names():
+            names = ", ".join(strategy_names())
+            raise ConfigError(
+                f"--strategies: unknown strategy {name!r}; choose from: {names}, or all "
+                "(a shape may follow a colon, e.g. geometric:triangle)"
+            )
+        if shape and shape not in SHAPES:
+            raise ConfigError(
+                f"--strategies: unknown shape {shape!r} in {item!r}; "
+                f"choose from: {', '.join(SHAPES)}"
+            )
+        if shape and "shape" not in strategy_class(name).Options.model_fields:
+            with_shape = [n for n in strategy_names() if "shape" in strategy_class(n).Options.model_fields]
+            raise ConfigError(
+                f"--strategies: {item!r}: strategy {name!r} has no shape; allowed with a "
+                f"shape: {', '.join(with_shape)}"
+            )
+    if not items:
+        raise ConfigError("--strategies: give at least one strategy name, or all")
+    return list(dict.fromkeys(items))
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {text!r}: expected comma-separated integers, e.g. 0,1,2"
+        ) from None
+    if not values or any(v < 0 for v in values):
+        raise ConfigError(f"{flag} {text!r}: expected non-negative integers, e.g. 0,1,2")
+    return values
+
+
+def parse_partitions(text: str) -> list[str]:
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in items if p not in PARTITIONS]
+    if bad or not items:
+        raise ConfigError(f"--partitions {text!r}: allowed: {', '.join(PARTITIONS)}")
+    return items
+
+
+def cell_config(base: Config, cell: Cell) -> Config:
+    """The base config with only what the cell varies changed."""
+    data = base.to_dict()
+    data["run"]["seed"] = cell.seed
+    data["run"].pop("name", None)
+    if cell.strategy == CENTRALIZED:
+        # One client holding the whole pool, every layer, the federation's total step count.
+        steps = base.clients.per_round * base.train.local_steps
+        data["clients"] = {"num_clients": 1, "per_round": 1, "tiers": [1.0]}
+        data["allocation"]["strategy"] = "full"
+        data["data"]["partition"] = "iid"
+        data["train"]["local_steps"] = steps
+        data["train"].pop("local_epochs", None)
+    else:
+        name, _, shape = cell.strategy.partition(":")
+        data["allocation"]["strategy"] = name
+        if shape:
+            data["allocation"]["shape"] = shape
+        data["data"]["partition"] = cell.partition
+    # The base config is a template for every strategy compared: each cell keeps the options
+    # that apply to its own strategy.
+    own = {*AllocationConfig.model_fields, *strategy_class(data["allocation"]["strategy"]).Options.model_fields}
+    data["allocation"] = {k: v for k, v in data["allocation"].items() if k in own}
+    return build_config(data)
+
+
+def plan_cells(
+    strategies: Sequence[str], seeds: Sequence[int], partitions: Sequence[str]
+) -> list[Cell]:
+    cells = [Cell(p, s, seed) for p in partitions for seed in seeds for s in strategies]
+    return cells + [Cell(CENTRALIZED, CENTRALIZED, seed) for seed in seeds]
+
+
+def run_cell(
+    cell: Cell, cfg: Config, root: Path, observer: Observer | None = None,
+    cache: DataCache | None = None,
+) -> str:  # fmt: skip
+    """Run one cell unless it is finished; returns "reused", "resumed" or "ran"."""
+    run = RunDir(cell.path(root))
+    options = RunOptions(observer=observer or Observer(), cache=cache)
+    if run.config_path.is_file():
+        diff = outcome_differences(load_config(run.config_path), cfg)
+        if diff:
+            raise RunDirError(
+                f"{run.path} holds a run with another config ({', '.join(diff)}): "
+                "use a new comparison folder"
+            )
+        if run.summary_path.is_file():
+            return "reused"
+        options.resume = True
+        run_embedded(cfg, run, options)
+        return "resumed"
+    run_embedded(cfg, run, options)
+    return "ran"
+
+
+def run_compare(
+    base: Config,
+    root: Path,
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    partitions: Sequence[str],
+    on_cell: Callable[[Cell, int, int], Observer | None] | None = None,
+    on_done: Callable[[Cell, str], None] | None = None,
+) -> list[Cell]:
+    """Run every cell (reusing finished ones) and write ``compare.json``."""
+    cells = plan_cells(strategies, seeds, partitions)
+    configs = {cell: cell_config(base, cell) for cell in cells}  # all errors before any work
+    root.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "strategies": list(strategies),
+        "seeds": list(seeds),
+        "partitions": list(partitions),
+        "base_config": base.to_dict(),
+    }
+    spec_path = root / "compare.json"
+    if spec_path.is_file():
+        old = json.loads(spec_path.read_text())
+        diff = outcome_differences(build_config(old.get("base_config", {})), base)
+        if diff:
+            raise RunDirError(
+                f"{root} holds a comparison of another base config ({', '.join(diff)}): "
+                "use a new --out"
+            )
+        for key in ("strategies", "seeds", "partitions"):  # a compare may grow
+            spec[key] = list(dict.fromkeys([*old.get(key, []), *spec[key]]))
+    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    cache = DataCache()  # every cell reads the same data: load and tokenise it once
+    for i, cell in enumerate(cells):
+        observer = on_cell(cell, i, len(cells)) if on_cell else None
+        outcome = run_cell(cell, configs[cell], root, observer, cache)
+        logger.info("%s %s seed %d: %s", cell.partition, cell.strategy, cell.seed, outcome)
+        if on_done:
+            on_done(cell, outcome)
+    return cells

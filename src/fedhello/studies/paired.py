@@ -1,0 +1,102 @@
+"""Paired differences between strategies: how a comparison should be read.
+
+Within a seed every strategy of a comparison sees the same shards, the same sampled clients and
+the same batches; only the allocation differs. The per-seed difference of two strategies'
+accuracies therefore cancels what the seed does to both (a lucky partition, an easy client
+sequence), and its spread over seeds is the noise a reader must compare the gap with. A
+difference whose sign flips between seeds is not a ranking, whatever the means say.
+
+``paired.md`` / ``paired.csv`` hold, per partition and strategy, the mean and sample standard
+deviation over the common seeds of ``accuracy(strategy) - accuracy(baseline)`` in points, for
+the final whole-test-split accuracy and for the validation-selected round, and how many seeds
+the strategy won, tied or lost.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from fedhello.core.errors import ConfigError
+from fedhello.studies.results import RunData, mean_std, val_selected
+
+# Preferred baselines, in order: the paper's main competitor, then the budget-ignoring bound.
+DEFAULT_BASELINES = ("fedra", "full")
+
+
+def pick_baseline(strategies: set[str], wanted: str | None = None) -> str:
+    """``wanted`` if given and present, else the first default present, else the first name."""
+    if wanted is not None and wanted in strategies:
+        return wanted
+    for name in DEFAULT_BASELINES:
+        if name in strategies:
+            return name
+    return sorted(strategies)[0]
+
+
+def paired_differences(runs: list[RunData], baseline: str | None = None) -> list[dict[str, Any]]:
+    """One row per (partition, strategy other than the baseline) with a common seed."""
+    by_cell: dict[tuple[str, str], dict[int, RunData]] = {}
+    for r in runs:
+        if not r.is_reference:  # the centralised reference has no partition to pair on
+            by_cell.setdefault((r.partition, r.strategy), {})[r.seed] = r
+    if baseline is not None and baseline not in {s for _, s in by_cell}:
+        names = ", ".join(sorted({s for _, s in by_cell}))
+        raise ConfigError(f"--baseline {baseline!r}: not a compared strategy; choose from: {names}")
+    rows = []
+    for partition in sorted({p for p, _ in by_cell}):
+        names = {s for p, s in by_cell if p == partition}
+        base_name = pick_baseline(names, baseline)
+        base = by_cell[(partition, base_name)]
+        for name in sorted(names - {base_name}):
+            runs_s = by_cell[(partition, name)]
+            seeds = sorted(runs_s.keys() & base.keys())
+            if not seeds:
+                continue
+            final = [
+                100 * (runs_s[k].summary["test_accuracy"] - base[k].summary["test_accuracy"])
+                for k in seeds
+            ]
+            chosen = [
+                100 * (val_selected(runs_s[k].records)[1] - val_selected(base[k].records)[1])
+                for k in seeds
+            ]
+            rows.append(
+                {
+                    "partition": partition,
+                    "strategy": name,
+                    "baseline": base_name,
+                    "seeds": len(seeds),
+                    "final_diff_mean": mean_std(final)[0],
+                    "final_diff_std": mean_std(final)[1],
+                    "wins": sum(d > 0 for d in final),
+                    "ties": sum(d == 0 for d in final),
+                    "losses": sum(d < 0 for d in final),
+                    "val_selected_diff_mean": mean_std(chosen)[0],
+                    "val_selected_diff_std": mean_std(chosen)[1],
+                }
+            )
+    return rows
+
+
+def write_paired(rows: list[dict[str, Any]], out: Path) -> None:
+    """``paired.csv`` (every column) and ``paired.md`` (points, signed, one decimal)."""
+    lines = [
+        "| partition | strategy | vs | seeds | final acc diff (points) | wins / ties / losses "
+        "| val-selected acc diff (points) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['partition']} | {r['strategy']} | {r['baseline']} | {r['seeds']} | "
+            f"{r['final_diff_mean']:+.1f} ± {r['final_diff_std']:.1f} | "
+            f"{r['wins']} / {r['ties']} / {r['losses']} | "
+            f"{r['val_selected_diff_mean']:+.1f} ± {r['val_selected_diff_std']:.1f} |"
+        )
+    (out / "paired.md").write_text("\n".join(lines) + "\n")
+    with open(out / "paired.csv", "w", newline="") as f:
+        columns = list(rows[0]) if rows else ["partition", "strategy", "baseline", "seeds"]
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

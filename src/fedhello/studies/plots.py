@@ -1,0 +1,163 @@
+"""Pictures of a comparison (matplotlib, written as PNG): accuracy curves with seed bands,
+layer x round coverage heatmaps, realized coverage vs the target shape, and client cost
+against budget and against the lowest trained layer."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhello.studies.results import CENTRALIZED, REFERENCE_PARTITION, RunData
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_partition(runs: list[RunData]) -> dict[str, dict[str, list[RunData]]]:
+    out: dict[str, dict[str, list[RunData]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        out[r.partition][r.strategy].append(r)
+    return out
+
+
+def _panels(n: int) -> tuple[Any, Any, Any]:
+    """One small panel per strategy, four to a row."""
+    plt = _plt()
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    return plt, fig, axes
+
+
+def accuracy_plot(
+    partition: str, groups: dict[str, list[RunData]], reference: list[RunData], path: Path
+) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors  # 11 strategies: the default 10-colour cycle repeats
+    series = [*groups.items(), *([("centralized", reference)] if reference else [])]
+    for i, (strategy, runs) in enumerate(series):
+        rounds = [x["round"] for x in runs[0].records if "test_accuracy" in x]
+        acc = np.array(
+            [[x["test_accuracy"] for x in r.records if "test_accuracy" in x] for r in runs]
+        )
+        mean = acc.mean(axis=0)
+        style = "--" if strategy == "centralized" else "-"
+        label = f"{strategy} (n={len(runs)})"
+        (line,) = ax.plot(
+            rounds, 100 * mean, style, color=colors[(2 * i) % 20 + (2 * i) // 20], label=label
+        )
+        if len(runs) > 1:
+            ax.fill_between(
+                rounds,
+                100 * acc.min(axis=0),
+                100 * acc.max(axis=0),
+                alpha=0.15,
+                color=line.get_color(),
+            )
+    ax.set(
+        xlabel="round",
+        ylabel="test accuracy (%)",
+        title=f"Test accuracy per round, {partition} (band: min-max over seeds)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap_plot(partition: str, groups: dict[str, list[RunData]], path: Path) -> Path:
+    plt, fig, axes = _panels(len(groups))
+    vmax = max(max(max(x["coverage"]) for x in rs[0].records) for rs in groups.values()) or 1
+    for ax, (strategy, runs) in zip(axes.flat, groups.items(), strict=False):
+        cov = np.array([x["coverage"] for x in runs[0].records]).T  # layers x rounds
+        im = ax.imshow(cov, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set(title=f"{strategy} (seed {runs[0].seed})", xlabel="round", ylabel="layer")
+        ax.set_xticks(range(cov.shape[1]), [str(x["round"]) for x in runs[0].records], fontsize=6)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="clients training the layer")
+    fig.suptitle(f"Coverage per layer and round, {partition}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def coverage_plot(partition: str, groups: dict[str, list[RunData]], path: Path) -> Path:
+    plt, fig, axes = _panels(len(groups))
+    for ax, (strategy, runs) in zip(axes.flat, groups.items(), strict=False):
+        total = np.sum([np.sum([x["coverage"] for x in r.records], axis=0) for r in runs], axis=0)
+        share = total / max(1, total.sum())
+        layers = np.arange(len(share))
+        ax.bar(layers, share, color="tab:blue", alpha=0.7, label="realized")
+        target = runs[0].summary.get("target")
+        if target:
+            ax.plot(layers, target, "o-", color="tab:red", label="target shape")
+        ax.set(title=strategy, xlabel="layer (shallow -> deep)", ylabel="share of layer-slots")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    fig.suptitle(f"Realized coverage vs target, {partition} (all seeds and rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cost_plot(partition: str, groups: dict[str, list[RunData]], path: Path) -> Path:
+    plt = _plt()
+    metrics = [
+        ("seconds", "seconds per round"),
+        ("train_memory_mb", "training memory (MB)"),
+        ("bytes_up", "MB uploaded"),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    rng = np.random.default_rng(0)
+    for strategy, runs in groups.items():
+        clients = [c for r in runs for x in r.records for c in x["clients"]]
+        if not clients:
+            continue
+        budget = np.array([c["budget"] for c in clients]) + rng.uniform(-0.2, 0.2, len(clients))
+        lowest = np.array([min(c["layers"]) for c in clients]) + rng.uniform(
+            -0.2, 0.2, len(clients)
+        )
+        for col, (key, label) in enumerate(metrics):
+            y = np.array([c[key] for c in clients], dtype=float) / (1e6 if key == "bytes_up" else 1)
+            axes[0, col].scatter(budget, y, s=8, alpha=0.5, label=strategy)
+            axes[1, col].scatter(lowest, y, s=8, alpha=0.5, label=strategy)
+            axes[0, col].set(xlabel="budget (layers)", ylabel=label)
+            axes[1, col].set(xlabel="lowest trained layer", ylabel=label)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"Client cost against budget and against the lowest trained layer, {partition}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(runs: list[RunData], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    by_partition = _by_partition(runs)
+    reference = by_partition.pop(REFERENCE_PARTITION, {}).get(CENTRALIZED, [])
+    written = []
+    for partition, groups in sorted(by_partition.items()):
+        written.append(
+            accuracy_plot(partition, groups, reference, out / f"accuracy-{partition}.png")
+        )
+        written.append(heatmap_plot(partition, groups, out / f"coverage-heatmap-{partition}.png"))
+        written.append(
+            coverage_plot(partition, groups, out / f"coverage-vs-target-{partition}.png")
+        )
+        written.append(cost_plot(partition, groups, out / f"client-cost-{partition}.png"))
+    return written

@@ -1,0 +1,104 @@
+"""Tables and plots from saved metrics alone (``fedhello report``), for a comparison folder or
+a single run directory. Nothing here trains or needs torch.
+
+Accuracy columns: ``final`` is each run's whole-test-split accuracy after the last round
+(summary.json); ``last-5`` averages the per-round accuracy (on the fixed evaluation subset) of
+the last five rounds; ``val-selected`` picks each run's round of best validation accuracy and
+reports the test accuracy of that round: the test set never chooses anything. ``train MB by tier``
+is the largest per-client training memory in each budget tier: tensors autograd saved for the
+backward pass (peak step) plus gradients and AdamW state of the trained tensors; it excludes
+the frozen model every client holds anyway.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedhello.studies.paired import paired_differences, write_paired
+from fedhello.studies.plots import write_plots
+from fedhello.studies.results import Row, collect, group, mean_std, val_selected
+
+
+def summarize(rows: list[Row]) -> list[dict[str, Any]]:
+    table = []
+    for row in rows:
+        acc = mean_std([r.summary["test_accuracy"] for r in row.runs])
+        f1 = mean_std([r.summary["test_macro_f1"] for r in row.runs])
+        last5 = [
+            statistics.fmean([x["test_accuracy"] for x in r.records if "test_accuracy" in x][-5:])
+            for r in row.runs
+        ]
+        selected = [val_selected(r.records) for r in row.runs]
+        tiers: dict[int, list[float]] = defaultdict(list)
+        for r in row.runs:
+            peak: dict[int, float] = {}
+            for rec in r.records:
+                for c in rec["clients"]:
+                    peak[c["tier"]] = max(peak.get(c["tier"], 0.0), c["train_memory_mb"])
+            for tier, mb in peak.items():
+                tiers[tier].append(mb)
+        table.append(
+            {
+                "partition": row.partition,
+                "strategy": row.strategy,
+                "seeds": len(row.runs),
+                "acc_mean": acc[0],
+                "acc_std": acc[1],
+                "f1_mean": f1[0],
+                "f1_std": f1[1],
+                "last5_mean": statistics.fmean(last5),
+                "val_round_mean": statistics.fmean(s[0] for s in selected),
+                "val_selected_acc_mean": statistics.fmean(s[1] for s in selected),
+                "client_seconds": statistics.fmean(r.summary["client_seconds"] for r in row.runs),
+                "train_mb_by_tier": {t: statistics.fmean(v) for t, v in sorted(tiers.items())},
+                "mb_up": statistics.fmean(r.summary["bytes_up"] for r in row.runs) / 1e6,
+                "mb_down": statistics.fmean(r.summary["bytes_down"] for r in row.runs) / 1e6,
+            }
+        )
+    return table
+
+
+def write_tables(table: list[dict[str, Any]], out: Path) -> None:
+    columns = [k for k in table[0] if k != "train_mb_by_tier"] + ["train_mb_by_tier"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in table:
+            writer.writerow(row | {"train_mb_by_tier": json.dumps(row["train_mb_by_tier"])})
+    lines = [
+        "| partition | strategy | seeds | final acc | final macro-F1 | last-5 acc | val-selected "
+        "acc (round) | client s | train MB by tier | MB up / down |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        tiers = " / ".join(f"{v:.1f}" for v in r["train_mb_by_tier"].values())
+        lines.append(
+            f"| {r['partition']} | {r['strategy']} | {r['seeds']} | "
+            f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f} | "
+            f"{100 * r['f1_mean']:.1f} ± {100 * r['f1_std']:.1f} | {100 * r['last5_mean']:.1f} | "
+            f"{100 * r['val_selected_acc_mean']:.1f} ({r['val_round_mean']:.1f}) | "
+            f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def write_report(
+    root: Path, out: Path | None = None, baseline: str | None = None
+) -> dict[str, Any]:
+    """Tables (results.*, paired.*) and plots (plots/*.png) into ``out`` (default: root)."""
+    root = Path(root)
+    out = Path(out) if out else root
+    out.mkdir(parents=True, exist_ok=True)
+    runs = collect(root)
+    table = summarize(group(runs))
+    paired = paired_differences(runs, baseline)  # a bad --baseline fails before any write
+    write_tables(table, out)
+    write_paired(paired, out)
+    plots = write_plots(runs, out / "plots")
+    return {"table": table, "paired": paired, "plots": [str(p) for p in plots]}
