@@ -2,11 +2,8 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-export HF_HUB_OFFLINE ?= 1
-export FLWR_TELEMETRY_ENABLED := 0
-export FLWR_DISABLE_UPDATE_CHECK := 1
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
-export RAY_USAGE_STATS_ENABLED := 0
+# The offline environment (no hub, no telemetry) is set by the fedhello command and by the
+# tests' conftest, from one table: src/fedhello/environment.py.
 
 .PHONY: install run test test-fast lint format clean bench
 
@@ -30,12 +27,13 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests scripts
-	$(VENV)/bin/ruff format --check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts bench
+	$(VENV)/bin/ruff format --check src tests scripts bench
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix src tests scripts
-	$(VENV)/bin/ruff format src tests scripts
+	$(VENV)/bin/ruff check --fix src tests scripts bench
+	$(VENV)/bin/ruff format src tests scripts bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -40,8 +40,8 @@ def measure(layers: list[int], mode: str, steps: int, queue: mp.Queue) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, layer_of_keys
     from fedhello.model.loading import load_model
+    from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, layer_of_keys
     from fedhello.model.training import SavedTensorMeter
 
     torch.manual_seed(0)

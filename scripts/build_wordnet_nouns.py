@@ -46,7 +46,9 @@ def parse_line(line: str) -> tuple[str, str] | None:
 def main(argv: list[str]) -> int:
     src = Path(argv[1] if len(argv) > 1 else "/usr/share/wordnet/data.noun")
     root = Path(__file__).resolve().parents[1]
-    out = Path(argv[2]) if len(argv) > 2 else root / "src/fedhello/data/builtin/wordnet_nouns.tsv.gz"
+    out = (
+        Path(argv[2]) if len(argv) > 2 else root / "src/fedhello/data/builtin/wordnet_nouns.tsv.gz"
+    )
     rows = [r for r in map(parse_line, src.read_text(encoding="utf-8").splitlines()) if r]
     with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         gz.write(b"text\tlabel\n")

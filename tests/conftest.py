@@ -150,8 +150,8 @@ def peft_test_accuracy(run_dir: Path, base_dir: Path | str, site: Path | None = 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from fedhello.core.config import load_config
-    from fedhello.data.loading import load_raw
     from fedhello.data.encoding import encode
+    from fedhello.data.loading import load_raw
     from fedhello.model.evaluation import evaluate
 
     cfg = load_config(run_dir / "config.toml")

@@ -5,7 +5,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedhello.core.aggregation import ClientUpdate, ServerMomentum, aggregate_masked, validate_update
+from fedhello.core.aggregation import (
+    ClientUpdate,
+    ServerMomentum,
+    aggregate_masked,
+    validate_update,
+)
 
 L = 3
 KEYS = {f"enc.layer.{i}.q.lora_{ab}.weight": i for i in range(L) for ab in "AB"}

@@ -24,7 +24,9 @@ BUDGET_RESPECTING = ["geometric", "randomized-geometric", "fedra", "fisher", "fe
 def make(name: str, num_layers: int, budgets: list[int], seed: int, **options: object):
     """The strategy with those of ``options`` that it declares (fedra has no shape)."""
     own = strategy_class(name).Options.model_fields
-    return build_strategy(name, num_layers, budgets, seed, **{k: v for k, v in options.items() if k in own})
+    return build_strategy(
+        name, num_layers, budgets, seed, **{k: v for k, v in options.items() if k in own}
+    )
 
 
 GOLDEN_8 = {  # 8 layers, budgets 2 / 4 / 6
@@ -45,18 +47,14 @@ def test_geometric_golden_tables(shape: str) -> None:
 
 def test_geometric_uniform_covers_every_layer_equally_up_to_one() -> None:
     budgets = [3, 3, 3, 3, 5, 5, 5, 5, 6, 6, 6, 6]
-    plan = make("geometric", 6, budgets, 0, shape="uniform").allocate(
-        1, range(12)
-    )
+    plan = make("geometric", 6, budgets, 0, shape="uniform").allocate(1, range(12))
     assert max(plan.coverage()) - min(plan.coverage()) <= 1
 
 
 def test_geometric_triangle_and_inverted_triangle_are_mirror_images() -> None:
     budgets = [2, 3, 5, 7, 8]
     cov = {
-        shape: make("geometric", 8, budgets, 0, shape=shape)
-        .allocate(1, range(5))
-        .coverage()
+        shape: make("geometric", 8, budgets, 0, shape=shape).allocate(1, range(5)).coverage()
         for shape in ("triangle", "inverted-triangle")
     }
     assert cov["triangle"] == cov["inverted-triangle"][::-1]
@@ -107,10 +105,7 @@ def test_every_allocation_has_exactly_min_budget_layers_distinct_in_range(
 
 @pytest.mark.parametrize("strategy", ["randomized-geometric", "fedra", "fed-hello"])
 def test_different_seeds_give_different_allocations(strategy: str) -> None:
-    plans = [
-        make(strategy, 12, [6] * 10, seed).allocate(1, range(10))
-        for seed in (0, 1)
-    ]
+    plans = [make(strategy, 12, [6] * 10, seed).allocate(1, range(10)) for seed in (0, 1)]
     assert plans[0] != plans[1]
 
 

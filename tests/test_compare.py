@@ -11,9 +11,9 @@ import pytest
 from conftest import tiny_overrides
 
 from fedhello.cli import main
-from fedhello.studies.compare import ALL_STRATEGIES, parse_strategies
 from fedhello.core.errors import ConfigError
 from fedhello.store.runs import RunDir
+from fedhello.studies.compare import ALL_STRATEGIES, parse_strategies
 
 STRATEGIES = ["fedra", "geometric:triangle"]
 

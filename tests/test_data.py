@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from fedhello.core.config import load_config
-from fedhello.data.loading import load_raw
 from fedhello.core.errors import DataError
+from fedhello.data.loading import load_raw
 
 
 def _cfg(**kw: object):
@@ -70,8 +70,8 @@ def test_encoding_a_subset_equals_the_same_rows_of_the_whole(tiny_bert_dir: Path
     from conftest import make_texts
     from transformers import AutoTokenizer
 
-    from fedhello.data.loading import RawData
     from fedhello.data.encoding import encode, encode_positions
+    from fedhello.data.loading import RawData
 
     texts, labels = make_texts(40)
     names = sorted(set(labels))

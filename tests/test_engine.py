@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import peft_test_accuracy, tiny_overrides
+from helpers import strip_timing
 
 from fedhello.cli import main
 from fedhello.store.runs import RunDir
-from helpers import strip_timing
 
 ROUND_KEYS = {"round", "test_accuracy", "test_macro_f1", "train_loss", "coverage", "clients"}
 CLIENT_KEYS = {"client", "budget", "layers", "num_examples", "seconds", "peak_memory_mb",

@@ -5,12 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from fedhello.model.fisher import fisher_scores
 from helpers import fisher_scores_loop
+
 from fedhello.core.layers import layer_of_keys
-from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
+from fedhello.model.fisher import fisher_scores
 from fedhello.model.loading import load_model
+from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
 
 
 @pytest.mark.parametrize("kind", ["text", "image"])

@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from conftest import make_texts, peft_test_accuracy, tiny_overrides
 from flower_harness import deployment, flower_env
+from helpers import strip_timing
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
 from fedhello.store.runs import RunDir
-from helpers import strip_timing
 
 pytestmark = pytest.mark.slow
 

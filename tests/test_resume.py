@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_overrides
+from helpers import strip_timing
 from safetensors.numpy import load_file
 
-from fedhello.store.checkpoint import load_latest, save_checkpoint
 from fedhello.cli import main
 from fedhello.core.errors import RunDirError
+from fedhello.store.checkpoint import load_latest, save_checkpoint
 from fedhello.store.runs import RunDir
-from helpers import strip_timing
 
 ROUNDS = 6
 

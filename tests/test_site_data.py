@@ -14,12 +14,12 @@ from conftest import make_texts, tiny_overrides
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedhello.core.config import build_config, load_config
+from fedhello.core.errors import DataError, UserError
+from fedhello.data.site import site_label_ids
+from fedhello.engine.experiment import Experiment, build_experiment
 from fedhello.engine.flower import client_app
 from fedhello.engine.flower.discovery import assign_clients, check_reply, register_node
 from fedhello.engine.flower.messages import to_record
-from fedhello.core.errors import DataError, UserError
-from fedhello.engine.experiment import Experiment, build_experiment
-from fedhello.data.site import site_label_ids
 
 
 @pytest.fixture(autouse=True)
@@ -232,9 +232,9 @@ def test_a_node_may_declare_a_cost_or_memory_limit(config_toml: str, fresh_exp: 
 def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
     config_toml: str, site_toml: str, labels: list[str], tmp_path: Path
 ) -> None:
+    from fedhello.data.site import site_splits
     from fedhello.model.evaluation import evaluate
     from fedhello.model.lora import set_state
-    from fedhello.data.site import site_splits
 
     site = _site_csv(tmp_path / "site.csv", 80, seed=5)
     exp = client_app.experiment_for(config_toml)

@@ -10,8 +10,8 @@ import torch
 
 from fedhello.core.config import load_config
 from fedhello.core.layers import layer_of_keys
-from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, get_state
 from fedhello.model.loading import load_model
+from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, get_state
 from fedhello.model.training import LocalTask, Shard, train_client
 
 
@@ -25,8 +25,8 @@ def _model(model_dir: Path, labels: list[str]):
 def _text_data(loaded, n: int = 64):
     from conftest import make_texts
 
-    from fedhello.data.loading import RawData
     from fedhello.data.encoding import encode
+    from fedhello.data.loading import RawData
 
     texts, labels = make_texts(n)
     names = sorted(set(labels))
@@ -35,8 +35,8 @@ def _text_data(loaded, n: int = 64):
 
 
 def _image_data(loaded, n: int = 32):
-    from fedhello.data.loading import RawData
     from fedhello.data.encoding import encode
+    from fedhello.data.loading import RawData
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (16, 16, 3)).astype(np.uint8) for _ in range(n)]

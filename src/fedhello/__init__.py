@@ -7,7 +7,7 @@ federation is built)::
     cfg = fedhello.load_config("configs/default.toml", ["federation.rounds=2"])
     summary = fedhello.run(cfg, out="runs/try")          # the embedded engine
     plan = fedhello.plan(cfg, rounds=3)                  # who trains which layer
-    strategy = fedhello.build_strategy("geometric", num_layers=8, budgets=[2, 4, 6], shape="uniform")
+    strategy = fedhello.build_strategy("geometric", 8, budgets=[2, 4, 6], shape="uniform")
 
 Your own strategy: subclass ``AllocationStrategy``, give it a ``name`` (and, if it has
 options, an ``Options`` model subclassing ``StrategyOptions``), decorate it with ``register``.
@@ -34,7 +34,21 @@ _EXPORTS = {
     "Observer": "fedhello.engine.core",
     "UserError": "fedhello.core.errors",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "AllocationStrategy",
+    "Config",
+    "Observer",
+    "StrategyOptions",
+    "UserError",
+    "__version__",
+    "build_strategy",
+    "compare",
+    "load_config",
+    "plan",
+    "register",
+    "run",
+    "strategy_names",
+]
 
 if TYPE_CHECKING:
     from fedhello.api import compare, plan, run

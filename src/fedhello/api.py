@@ -142,8 +142,10 @@ def compare(
     seed_list = parse_ints(seeds if isinstance(seeds, str) else ",".join(map(str, seeds)), "seeds")
     wanted = partitions if partitions is not None else config.data.partition
     parts = parse_partitions(wanted if isinstance(wanted, str) else ",".join(wanted))
-    root = Path(out) if out is not None else Path(config.run.out_dir) / (
-        f"compare-{config.run.name or 'default'}"
+    root = (
+        Path(out)
+        if out is not None
+        else Path(config.run.out_dir) / (f"compare-{config.run.name or 'default'}")
     )
     with torch_threads(config.run.threads):
         run_compare(config, root, names, seed_list, parts, on_cell=on_cell, on_done=on_done)

@@ -11,8 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fedhello.core.errors import UserError
 from fedhello.api import ENGINES
+from fedhello.core.errors import UserError
 from fedhello.environment import apply_offline_env
 
 EXIT_USER_ERROR = 2

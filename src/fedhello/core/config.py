@@ -206,8 +206,7 @@ class AllocationConfig(Section):
         owners = option_owners()
         listed = "; ".join(f"{k} (of {', '.join(owners[k])})" for k in foreign)
         return (
-            f"allocation options that do not apply to strategy {self.strategy!r}, "
-            f"ignored: {listed}"
+            f"allocation options that do not apply to strategy {self.strategy!r}, ignored: {listed}"
         )
 
     def without_foreign(self) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedhello.data.loading import RawData
 from fedhello.core.errors import DataError
+from fedhello.data.loading import RawData
 
 IMAGE_CHUNK = 256
 

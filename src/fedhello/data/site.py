@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from fedhello.data.loading import FILE_FORMATS, RawData, input_column, load_tables, read_column
 from fedhello.core.errors import DataError
 from fedhello.core.seeds import Purpose, generator
+from fedhello.data.loading import FILE_FORMATS, RawData, input_column, load_tables, read_column
 
 logger = logging.getLogger(__name__)
 

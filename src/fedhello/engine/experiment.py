@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
 
 from fedhello.core.aggregation import State
 from fedhello.core.allocation import AllocationStrategy
@@ -67,7 +68,7 @@ class Experiment:
     cfg: Config
     raw: RawData
     data: Encoded | None  # every example encoded; None when built with encode_data=False
-    model: torch.nn.Module  # the PEFT model shared by every client of this process
+    model: PeftModel  # the PEFT model shared by every client of this process
     processor: Any  # tokenizer or image processor (a site's own data is encoded with it)
     task: str
     source: str
@@ -117,7 +118,7 @@ class Experiment:
 
 def build_lora_classifier(
     cfg: Config, label_names: list[str], task: str, num_layers: int
-) -> tuple[LoadedModel, torch.nn.Module, list[str], dict[str, int | None]]:
+) -> tuple[LoadedModel, PeftModel, list[str], dict[str, int | None]]:
     """The backbone with a head for ``label_names`` and LoRA on its blocks, initialised from
     ``run.seed``: (loaded model and processor, PEFT model, adapter keys, block of each key).
     Shared by the experiment and a site's ClientApp, so that both build the same model."""
@@ -204,7 +205,7 @@ class SiteModel:
     nothing but its own file (the server sends the class names)."""
 
     cfg: Config
-    model: torch.nn.Module
+    model: PeftModel
     processor: Any
     task: str
     layer_of: dict[str, int | None]
@@ -216,4 +217,3 @@ def build_site_model(cfg: Config, label_names: list[str]) -> SiteModel:
     task, num_layers = model_shape(source, cfg.model.task)
     loaded, model, _, layer_of = build_lora_classifier(cfg, label_names, task, num_layers)
     return SiteModel(cfg, model, loaded.processor, task, layer_of, list(label_names))
-

@@ -58,7 +58,7 @@ def build_lora_model(
 ) -> PeftModel:
     config = LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; any float scales alpha / r
         lora_dropout=dropout,
         target_modules=resolve_target_modules(model, target_modules),
         modules_to_save=head_modules(model),

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +19,9 @@ from fedhello.core.config import TrainConfig
 from fedhello.core.layers import keys_for_layers
 from fedhello.core.seeds import Purpose, derived_int, generator
 from fedhello.data.encoding import Encoded
-from fedhello.model.meters import PeakRSS, SavedTensorMeter
 from fedhello.model.lora import apply_layer_mask, get_state, set_state, state_nbytes
+from fedhello.model.meters import PeakRSS, SavedTensorMeter
+
 
 @dataclass(frozen=True)
 class LocalTask:

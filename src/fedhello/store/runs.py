@@ -17,6 +17,7 @@ from typing import Any
 from fedhello.core.config import Config
 from fedhello.core.errors import RunDirError
 
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -108,4 +109,3 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-

@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.core.allocation import SHAPES, strategy_class, strategy_names
-from fedhello.core.config import AllocationConfig, Config, build_config, load_config, outcome_differences
+from fedhello.core.config import (
+    AllocationConfig,
+    Config,
+    build_config,
+    load_config,
+    outcome_differences,
+)
 from fedhello.core.errors import ConfigError, RunDirError
 from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
@@ -56,6 +62,10 @@ class Cell:
         return root / "runs" / self.partition / self.strategy.replace(":", "-") / f"seed{self.seed}"
 
 
+def _has_shape(name: str) -> bool:
+    return "shape" in strategy_class(name).Options.model_fields
+
+
 def parse_strategies(text: str) -> list[str]:
 
     items = (
@@ -77,7 +87,9 @@ def parse_strategies(text: str) -> list[str]:
                 f"choose from: {', '.join(SHAPES)}"
             )
         if shape and "shape" not in strategy_class(name).Options.model_fields:
-            with_shape = [n for n in strategy_names() if "shape" in strategy_class(n).Options.model_fields]
+            with_shape = [
+                n for n in strategy_names() if "shape" in strategy_class(n).Options.model_fields
+            ]
             raise ConfigError(
                 f"--strategies: {item!r}: strategy {name!r} has no shape; allowed with a "
                 f"shape: {', '.join(with_shape)}"
@@ -128,7 +140,10 @@ def cell_config(base: Config, cell: Cell) -> Config:
         data["data"]["partition"] = cell.partition
     # The base config is a template for every strategy compared: each cell keeps the options
     # that apply to its own strategy.
-    own = {*AllocationConfig.model_fields, *strategy_class(data["allocation"]["strategy"]).Options.model_fields}
+    own = {
+        *AllocationConfig.model_fields,
+        *strategy_class(data["allocation"]["strategy"]).Options.model_fields,
+    }
     data["allocation"] = {k: v for k, v in data["allocation"].items() if k in own}
     return build_config(data)
 
@@ -176,7 +191,7 @@ def run_compare(
     cells = plan_cells(strategies, seeds, partitions)
     configs = {cell: cell_config(base, cell) for cell in cells}  # all errors before any work
     root.mkdir(parents=True, exist_ok=True)
-    spec = {
+    spec: dict[str, Any] = {
         "strategies": list(strategies),
         "seeds": list(seeds),
         "partitions": list(partitions),

@@ -42,8 +42,8 @@ def paired_differences(runs: list[RunData], baseline: str | None = None) -> list
         if not r.is_reference:  # the centralised reference has no partition to pair on
             by_cell.setdefault((r.partition, r.strategy), {})[r.seed] = r
     if baseline is not None and baseline not in {s for _, s in by_cell}:
-        names = ", ".join(sorted({s for _, s in by_cell}))
-        raise ConfigError(f"--baseline {baseline!r}: not a compared strategy; choose from: {names}")
+        known = ", ".join(sorted({s for _, s in by_cell}))
+        raise ConfigError(f"--baseline {baseline!r}: not a compared strategy; choose from: {known}")
     rows = []
     for partition in sorted({p for p, _ in by_cell}):
         names = {s for p, s in by_cell if p == partition}

@@ -14,8 +14,8 @@ import numpy as np
 
 from fedhello.core.allocation.base import register
 from fedhello.core.allocation.options import FisherOptions
-from fedhello.core.allocation.shapes import shape_weights
 from fedhello.core.allocation.randomized_geometric import WeightedRandomAllocation
+from fedhello.core.allocation.shapes import shape_weights
 
 
 class FisherScheduled(WeightedRandomAllocation):

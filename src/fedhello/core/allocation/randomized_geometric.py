@@ -18,7 +18,11 @@ import numpy as np
 
 from fedhello.core.allocation.base import AllocationStrategy, register
 from fedhello.core.allocation.options import RandomShapeOptions, SamplerOptions
-from fedhello.core.allocation.shapes import inclusion_probabilities, shape_weights, systematic_sample
+from fedhello.core.allocation.shapes import (
+    inclusion_probabilities,
+    shape_weights,
+    systematic_sample,
+)
 from fedhello.core.layers import AllocationPlan
 from fedhello.core.seeds import Purpose, generator
 

@@ -55,7 +55,7 @@ class NodeCache:
         if key != self.key:
             self.key, self.model, self.encoded = None, None, {}
             self.model, self.key = build(), key
-        return self.model  # type: ignore[no-any-return]
+        return self.model
 
 
 _CACHE = NodeCache()

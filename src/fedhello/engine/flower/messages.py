@@ -88,7 +88,7 @@ def read_train_reply(
     reply: Message, client: int, layers: tuple[int, ...], bytes_down: int
 ) -> ClientResult:
     """A ClientResult from a train reply; validation happens later, in aggregation."""
-    metrics = dict(reply.content.metric_records.get("metrics", {}))
+    metrics: dict[str, Any] = dict(reply.content.metric_records.get("metrics", {}))
     tensors = from_record(reply.content.array_records.get("arrays", ArrayRecord()))
     update = ClientUpdate(
         client=client,
@@ -119,7 +119,7 @@ def evaluate_message(
 
 def read_evaluate_reply(reply: Message) -> dict[str, Any]:
     """A site's scores, snake_case keys (``num_examples``, ``accuracy``, ``macro_f1``, ...)."""
-    metrics = reply.content.metric_records.get("metrics", {})
+    metrics: dict[str, Any] = dict(reply.content.metric_records.get("metrics", {}))
     return {k.replace("-", "_"): v for k, v in metrics.items()}
 
 
@@ -179,7 +179,7 @@ def query_reply(msg: Message, info: Mapping[str, int | float | str]) -> Message:
 
 def train_reply(msg: Message, result: ClientResult) -> Message:
     u = result.update
-    metrics = {
+    metrics: dict[str, Any] = {
         "num-examples": u.num_examples,
         "train-loss": float(u.train_loss),
         "seconds": result.seconds,
@@ -193,5 +193,5 @@ def train_reply(msg: Message, result: ClientResult) -> Message:
 
 
 def evaluate_reply(msg: Message, scores: Mapping[str, int | float]) -> Message:
-    metrics = {k.replace("_", "-"): v for k, v in scores.items()}
+    metrics: dict[str, Any] = {k.replace("_", "-"): v for k, v in scores.items()}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.core.config import Config
-from fedhello.engine.core import RunOptions
 from fedhello.core.errors import UserError
+from fedhello.engine.core import RunOptions
 from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)

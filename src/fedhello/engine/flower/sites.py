@@ -37,11 +37,11 @@ def evaluate_sites(
             scores[str(client)] = {"error": reply.error.reason}
             continue
         scores[str(client)] = wire.read_evaluate_reply(reply)
-    for client in sites:
-        scores.setdefault(str(client), {"error": "no reply before federation.round_timeout"})
-    for client, s in sorted(scores.items()):
+    for site in sites:
+        scores.setdefault(str(site), {"error": "no reply before federation.round_timeout"})
+    for name, s in sorted(scores.items()):
         if "error" in s:
-            logger.warning("site %s could not evaluate the final model: %s", client, s["error"])
+            logger.warning("site %s could not evaluate the final model: %s", name, s["error"])
     scored = [s for s in scores.values() if s.get("num_examples")]
     total = sum(int(s["num_examples"]) for s in scored)
     out: dict[str, Any] = {
