@@ -25,7 +25,8 @@ def wordnet_rows() -> tuple[list[str], list[str]]:
     import gzip
     from importlib import resources
 
-    with resources.files("fedhello.datasets").joinpath("wordnet_nouns.tsv.gz").open("rb") as f:
+    shipped = resources.files("fedhello.data").joinpath("builtin", "wordnet_nouns.tsv.gz")
+    with shipped.open("rb") as f:
         lines = gzip.decompress(f.read()).decode().splitlines()[1:]
     rows = [line.rsplit("\t", 1) for line in lines]
     return [r[0] for r in rows], [r[1] for r in rows]
@@ -40,9 +41,10 @@ def measure(layers: list[int], mode: str, steps: int, queue: mp.Queue) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from fedhello.core.layers import layer_of_keys
     from fedhello.model.loading import load_model
-    from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, layer_of_keys
-    from fedhello.model.training import SavedTensorMeter
+    from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model
+    from fedhello.model.meters import SavedTensorMeter
 
     torch.manual_seed(0)
     texts, names = wordnet_rows()  # no pandas here: keep the process lean and RSS honest

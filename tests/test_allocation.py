@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import Field
 
 from fedhello.core.allocation import build_strategy, strategy_class, strategy_names
 from fedhello.core.allocation.fed_hello import cluster_levels
@@ -17,6 +18,7 @@ from fedhello.core.allocation.shapes import (
     shape_weights,
     systematic_sample,
 )
+from fedhello.core.errors import ConfigError
 
 BUDGET_RESPECTING = ["geometric", "randomized-geometric", "fedra", "fisher", "fed-hello"]
 
@@ -189,3 +191,55 @@ def test_every_strategy_is_registered() -> None:
         "full", "exclusive", "straggler", "fedra", "geometric", "randomized-geometric",
         "fisher", "fed-hello",
     }  # fmt: skip
+
+
+def test_a_strategy_is_built_in_python_without_a_config() -> None:
+    s = build_strategy("geometric", num_layers=8, budgets=[2, 4, 6], seed=0, shape="uniform")
+    assert [list(a.layers) for a in s.allocate(1, [0, 1, 2]).clients] == GOLDEN_8["uniform"]
+    with pytest.raises(ConfigError, match=r"strategy 'geometric' has no option 'sampler'"):
+        build_strategy("geometric", 8, [2, 4, 6], sampler="exact")
+    with pytest.raises(ConfigError, match=r"allocation.shape = 'round'"):
+        build_strategy("geometric", 8, [2, 4, 6], shape="round")
+    with pytest.raises(ConfigError, match=r"unknown strategy; choose one of: exclusive"):
+        build_strategy("nope", 8, [2])
+
+
+def test_capabilities_come_from_the_classes() -> None:
+    fisher_based = {n for n in strategy_names() if strategy_class(n).uses_fisher}
+    assert fisher_based == {"fisher", "fed-hello"}
+    geometric = make("geometric", 6, [3], 0)
+    assert geometric.expected_coverage(1, [0]) is None and not geometric.needs_scores(5)
+    assert geometric.layer_scores() is None and geometric.layer_probabilities(1) is None
+    with pytest.raises(TypeError, match="does not use Fisher scores"):
+        geometric.observe_scores(1, [1.0] * 6)
+    assert make("fedra", 6, [3, 6], 0).expected_coverage(1, [0, 1]) == pytest.approx([1.5] * 6)
+
+
+def test_a_user_strategy_registers_and_runs_through_the_config() -> None:
+    from fedhello.core.allocation import AllocationStrategy, StrategyOptions, register
+    from fedhello.core.budgets import strategy_for
+    from fedhello.core.config import load_config
+
+    class TopOptions(StrategyOptions):
+        skip_top: int = Field(0, ge=0, description="deepest layers to leave out")
+
+    @register
+    class TopDown(AllocationStrategy):
+        name = "test-top-down"
+        Options = TopOptions
+        options: TopOptions
+
+        def layers_for(self, round: int, client: int) -> list[int]:
+            top = self.num_layers - self.options.skip_top
+            return list(range(max(0, top - self.budgets[client]), top))
+
+    try:
+        cfg = load_config(None, ["allocation.strategy=test-top-down", "allocation.skip-top=1"])
+        plan = strategy_for(cfg, 6).allocate(1, [0, 8])
+        assert [a.layers for a in plan.clients] == [(2, 3, 4), (0, 1, 2, 3, 4)]
+        with pytest.raises(ConfigError, match=r"allocation.skip_top = -1"):
+            load_config(None, ["allocation.strategy=test-top-down", "allocation.skip-top=-1"])
+    finally:
+        from fedhello.core.allocation import base
+
+        base._REGISTRY.pop("test-top-down")

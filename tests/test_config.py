@@ -117,3 +117,74 @@ def test_cli_validate_prints_resolved_config() -> None:
     proc = run_cli("validate", str(ROOT / "configs/default.toml"), "--set", "federation.rounds=3")
     assert proc.returncode == 0, proc.stderr
     assert "rounds = 3" in proc.stdout and "[allocation]" in proc.stdout
+
+
+def test_every_strategy_option_has_help() -> None:
+    from fedhello.core.allocation import strategy_class, strategy_names
+
+    for name in strategy_names():
+        for option, field in strategy_class(name).Options.model_fields.items():
+            assert field.description, f"{name}: option {option} has no help text"
+
+
+def test_strategy_options_are_typed_and_owned_by_the_strategy() -> None:
+    cfg = load_config(None, ["allocation.strategy=fed-hello", "allocation.fisher-mix=0.5"])
+    opts = cfg.allocation.options
+    assert type(opts).__name__ == "HelloOptions"
+    assert opts.fisher_mix == 0.5 and opts.shape == "bottleneck"  # type: ignore[attr-defined]
+    # every default of the chosen strategy is spelled out in the resolved config
+    assert "fisher-every = 5" in cfg.to_toml() and 'sampler = "exact"' in cfg.to_toml()
+    plain = load_config(None, ["allocation.strategy=full"])
+    assert "shape" not in plain.to_toml() and plain.allocation.options.model_dump() == {}
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["allocation.shpe=triangle"], ["'allocation.shpe'", "allowed with strategy 'fedra'",
+                                        "sampler"]),
+        (["allocation.strategy=geometric", "allocation.shape=round"],
+         ["allocation.shape = 'round'", "'triangle'", "strategy 'geometric'"]),
+        (["allocation.strategy=fed-hello", "allocation.fisher_levels=[0.1, -1]"],
+         ["allocation.fisher_levels", "must be positive"]),
+        (["allocation.strategy=nope"], ["allocation.strategy = 'nope'", "fed-hello, fedra"]),
+    ],
+)  # fmt: skip
+def test_bad_allocation_options_are_one_line_errors(overrides: list[str], words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert "\n" not in str(err.value)
+    for w in words:
+        assert w in str(err.value), str(err.value)
+
+
+def test_an_option_of_another_strategy_is_kept_flagged_and_not_applied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fedhello.core.budgets import strategy_for
+
+    cfg = load_config(None, ["allocation.shape=triangle", "allocation.fisher-every=3"])
+    assert cfg.allocation.strategy == "fedra"
+    assert cfg.allocation.foreign_options() == ["shape", "fisher_every"]
+    with caplog.at_level("WARNING"):
+        strategy = strategy_for(cfg, 6)
+    assert "do not apply to strategy 'fedra'" in caplog.text and "shape (of " in caplog.text
+    assert strategy.options.model_dump() == {"sampler": "exact"}
+    # results do not depend on them: a run with them is reusable as one without
+    assert cfg.outcome_dict() == load_config().outcome_dict()
+
+
+def test_options_kept_for_another_strategy_apply_when_it_is_chosen() -> None:
+    """One file serves several strategies (a comparison's base config)."""
+    cfg = load_config(ROOT / "configs" / "compare.toml", ["allocation.strategy=fisher"])
+    assert cfg.allocation.options.fisher_every == 2  # type: ignore[attr-defined]
+    assert cfg.allocation.foreign_options() == []
+
+
+def test_the_validate_command_warns_about_options_that_do_not_apply() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fedhello.cli", "validate", "--set", "allocation.shape=triangle"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "warning: allocation options that do not apply to strategy 'fedra'" in out.stderr
+    assert 'shape = "triangle"' in out.stdout

@@ -4,7 +4,6 @@ the same config and seed."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -179,12 +178,16 @@ def test_a_supernode_killed_mid_run_is_recorded_and_the_run_finishes(
         killer.join(timeout=5)
         assert rc == 0
     records = RunDir(out).read_metrics()
-    assert len(records) == 3 and RunDir(out).read_summary()["test_accuracy"] >= 0
+    assert len(records) == 3
+    # the final adapter is the aggregate of the surviving clients: what a user reloads scores
+    # what the summary says
+    assert RunDir(out).read_summary()["test_accuracy"] == pytest.approx(
+        peft_test_accuracy(out, tiny_bert_dir), abs=1e-6
+    )
     later = records[1:]
     assert all("1" in r["failed"] for r in later), [r["failed"] for r in records]
     assert all(1 not in [c["client"] for c in r["clients"]] for r in later)
     assert all(sorted(c["client"] for c in r["clients"]) == [0, 2] for r in later)
-    assert os.environ.get("FLWR_HOME") == str(dep.home)
 
 
 def test_a_site_file_with_an_unknown_label_stops_a_deployment_with_one_line(

@@ -59,7 +59,12 @@ def test_plan_coverage_and_table() -> None:
     assert plan.layers_of(3) == (1, 2, 3)
 
 
-@pytest.mark.parametrize("layers", [[0, 0], [-1], [4]])
-def test_check_layers_rejects_bad_sets(layers: list[int]) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "layers,reason",
+    [([0, 0], r"\[0, 0\] repeats a layer"), ([-1], r"leaves the range 0\.\.3"),
+     ([4], r"\[4\] leaves the range 0\.\.3")],
+)  # fmt: skip
+def test_check_layers_rejects_bad_sets(layers: list[int], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
         check_layers(layers, 4)
+    assert check_layers([3, 0, 2], 4) == (0, 2, 3)
