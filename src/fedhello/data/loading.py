@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
 from fedhello.core.seeds import Purpose, generator
 
@@ -114,14 +115,14 @@ def read_column(table: Any, column: str, role: str, key: str, name: str) -> list
     return list(table[column])
 
 
-def input_column(cfg: Any, kind: str) -> tuple[str, str]:
+def input_column(cfg: DataConfig, kind: str) -> tuple[str, str]:
     """(column name, its config key) of the model inputs: images or texts."""
     if kind == "image":
         return cfg.image_column, "image_column"
     return cfg.text_column, "text_column"
 
 
-def load_raw(cfg: Any, kind: str, allow_download: bool) -> RawData:
+def load_raw(cfg: DataConfig, kind: str, allow_download: bool) -> RawData:
     """Read the dataset named by ``cfg`` (a DataConfig) and fix its splits."""
     split_seed = cfg.split_seed
     tables = load_tables(cfg.name, allow_download)
@@ -165,7 +166,7 @@ def _encode_labels(labels: list[Any], tables: dict[str, Any]) -> tuple[list[str]
 
 
 def _fix_splits(
-    offsets: dict[str, np.ndarray], n: int, cfg: Any, seed: int
+    offsets: dict[str, np.ndarray], n: int, cfg: DataConfig, seed: int
 ) -> dict[str, np.ndarray]:
     """Use the source's test split if it has one; otherwise carve test/validation by seed."""
     rng = generator(seed, Purpose.SPLIT, 0)

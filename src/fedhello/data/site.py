@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
 from fedhello.core.seeds import Purpose, generator
 from fedhello.data.loading import FILE_FORMATS, RawData, input_column, load_tables, read_column
@@ -57,7 +58,7 @@ def site_splits(n: int, validation_fraction: float, split_seed: int) -> dict[str
     return {"train": np.sort(perm[n_val:]), "validation": np.sort(perm[:n_val])}
 
 
-def load_site_raw(path: str, data_cfg: Any, kind: str, label_names: list[str]) -> RawData:
+def load_site_raw(path: str, data_cfg: DataConfig, kind: str, label_names: list[str]) -> RawData:
     """Read a site's file (or saved ``datasets`` folder), split into train and validation."""
     local = Path(path).expanduser()
     if not local.exists():
