@@ -4,6 +4,7 @@ the same config and seed."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from helpers import strip_timing
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
+from fedhello.core.config import load_config
 from fedhello.store.runs import RunDir
 
 pytestmark = pytest.mark.slow
@@ -136,10 +138,14 @@ def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, t
         for k, v in flower_env(dep.home).items():
             monkeypatch.setenv(k, v)
         ov = _overrides(tiny_bert_dir, tiny_text_csv, clients__num_clients=2, federation__rounds=1)
-        out = tmp_path / "tls"
-        rc = _run(out, ov, "--engine", "flower", "--superlink", dep.address,
-                  "--root-certificates", str(dep.ca))  # fmt: skip
+        # README step 5 verbatim, from the folder holding ca.crt: relative paths everywhere
+        assert dep.ca is not None and dep.ca.name == "ca.crt"
+        monkeypatch.chdir(dep.ca.parent)
+        Path("my-task.toml").write_text(load_config(None, ov).to_toml())
+        rc = main(["run", "my-task.toml", "--engine", "flower", "--superlink", dep.address,
+                   "--root-certificates", "ca.crt", "--out", "runs/site-run"])  # fmt: skip
         assert rc == 0
+        out = dep.ca.parent / "runs" / "site-run"
     records = RunDir(out).read_metrics()
     assert len(records) == 1 and not records[0]["failed"]
     budgets = {c["client"]: (c["budget"], len(c["layers"])) for c in records[0]["clients"]}
@@ -209,3 +215,31 @@ def test_a_site_file_with_an_unknown_label_stops_a_deployment_with_one_line(
     assert err[-1].startswith(f"fedhello: error: the SuperNode with data='{site}': site data ")
     assert "row 1 has label 'mineral'" in err[-1] and "allowed: class-0" in err[-1]
     assert not (tmp_path / "bad" / "summary.json").exists()
+
+
+def test_a_failing_flwr_is_one_line_exit_2(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Whatever flwr prints when it fails (a traceback here), the user sees one line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "flwr"
+    fake.write_text(
+        "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+        "echo '  File \"x.py\", line 1, in <module>' >&2\n"
+        "echo 'grpc.RpcError: failed to connect to all addresses' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    ov = _overrides(tiny_bert_dir, tiny_text_csv)
+    rc = _run(tmp_path / "run", ov, "--engine", "flower", "--superlink", "127.0.0.1:9")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "flwr run failed (exit 1, SuperLink 127.0.0.1:9)" in err
+    assert "grpc.RpcError: failed to connect to all addresses" in err
+    rc = _run(tmp_path / "run2", ov, "--engine", "flower", "--superlink", "127.0.0.1:9",
+              "--root-certificates", "nope.crt")  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--root-certificates 'nope.crt': no such file" in err

@@ -113,6 +113,7 @@ def run_flower_deployment(
     flwr = shutil.which("flwr")
     if flwr is None:
         raise UserError("the flwr command is not on PATH: activate the environment fedhello is in")
+    certificates = None if root_certificates is None else ca_certificate(root_certificates)
     if not resume:
         run.check_free(overwrite)
     run.path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def run_flower_deployment(
         shutil.copy(config_path, stored)  # the ServerApp reads it after this folder is gone
         home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
         name = "fedhello-" + superlink.replace(":", "-").replace(".", "-")
-        flwr_home_entry(home, name, superlink, root_certificates)
+        flwr_home_entry(home, name, superlink, certificates)
         run_config = (
             f'config="{stored.resolve()}" run-dir="{run.path.resolve()}" '
             f"overwrite={'true' if overwrite else 'false'} "
@@ -133,12 +134,43 @@ def run_flower_deployment(
         )
         cmd = [flwr, "run", str(app_dir), name, "--run-config", run_config, "--stream"]
         logger.info("submitting: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            raise UserError(
+                f"flwr run did not finish within {timeout:g} s (SuperLink {superlink})"
+            ) from None
     if run.error_note.is_file():  # the ServerApp stopped on bad input (a node's data, ...)
         reason = run.error_note.read_text().strip()
         run.error_note.unlink()
         raise UserError(reason)
     if proc.returncode != 0 or not run.summary_path.is_file():
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-        raise RuntimeError(f"flwr run failed (exit {proc.returncode}): " + " | ".join(tail))
+        reason = flwr_failure(proc.stdout + "\n" + proc.stderr)
+        raise UserError(
+            f"flwr run failed (exit {proc.returncode}, SuperLink {superlink}): {reason}"
+        )
     return run.read_summary()
+
+
+def ca_certificate(path: str) -> str:
+    """The CA certificate as an absolute path (``flwr`` refuses relative ones), checked."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise UserError(
+            f"--root-certificates {path!r}: no such file ({resolved}); allowed: the CA "
+            "certificate (PEM) that signed the SuperLink's certificate"
+        )
+    return str(resolved)
+
+
+def flwr_failure(output: str) -> str:
+    """The line of ``flwr``'s output that says what went wrong, as one line.
+
+    flwr prints its own errors after a cross mark, and a Python traceback ends with the
+    exception's line; the last such line is the reason. Box-drawing and spacing are dropped.
+    """
+    lines = [" ".join(line.strip(" │┃|").split()) for line in output.splitlines()]
+    lines = [line for line in lines if line and not set(line) <= set("─━═-+╭╮╰╯┏┓┗┛")]
+    marked = [ln for ln in lines if ln.startswith(("❌", "Error", "error")) or "Error:" in ln]
+    chosen = marked[-1] if marked else (lines[-1] if lines else "no output")
+    return chosen.lstrip("❌ ").strip()[:500]
