@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedhello.engine.flower.runner import flwr_home_entry
 from fedhello.environment import OFFLINE_ENV
 
 BIN = Path(sys.executable).parent
@@ -100,15 +101,37 @@ def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
 
 @contextmanager
 def deployment(
-    tmp: Path, nodes: int, tls: bool = False, node_extra: dict[int, str] | None = None
-) -> Iterator[Deployment]:
+    tmp: Path, nodes: int, tls: bool = False, node_extra: dict[int, str] | None = None,
+    registered: set[int] | None = None,
+) -> Iterator[Deployment]:  # fmt: skip
+    """``registered``: node authentication (``--enable-supernode-auth``, TLS): every node has
+    a key pair, and only the public keys of these nodes are registered with the SuperLink."""
     with ExitStack() as logs:
-        yield from _deployment(tmp, nodes, tls, logs, node_extra or {})
+        yield from _deployment(tmp, nodes, tls, logs, node_extra or {}, registered)
+
+
+def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """An EC key pair in OpenSSH format (what `ssh-keygen -t ecdsa -b 384` makes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ))  # fmt: skip
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ))  # fmt: skip
+    return private, public
 
 
 def _deployment(
-    tmp: Path, nodes: int, tls: bool, files: ExitStack, node_extra: dict[int, str]
-) -> Iterator[Deployment]:
+    tmp: Path, nodes: int, tls: bool, files: ExitStack, node_extra: dict[int, str],
+    registered: set[int] | None,
+) -> Iterator[Deployment]:  # fmt: skip
     home = tmp / "flwr-home"
     env = flower_env(home)
     port = free_port()
@@ -126,6 +149,9 @@ def _deployment(
             str(key),
         ]
         node_security = ["--root-certificates", str(ca)]
+    if registered is not None:
+        assert tls, "node authentication needs TLS"
+        security.append("--enable-supernode-auth")
     logs = tmp / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     superlink = subprocess.Popen(
@@ -138,14 +164,27 @@ def _deployment(
     )
     try:
         wait_for_port(port, superlink)
+        keys = {}
+        if registered is not None:
+            assert ca is not None
+            flwr_home_entry(home, "auth-admin", dep.address, str(ca))
+            for i in range(nodes):
+                keys[i] = make_node_keys(tmp / "keys", f"site{i}")
+                if i in registered:
+                    subprocess.run(
+                        [str(BIN / "flwr"), "supernode", "register", str(keys[i][1]),
+                         "auth-admin"],
+                        env=env, check=True, capture_output=True, timeout=60,
+                    )  # fmt: skip
         for i in range(nodes):
             log = files.enter_context(open(logs / f"supernode{i}.log", "w"))  # noqa: SIM115
             extra = node_extra.get(i, "")
             # a real site gives its data file and no partition id: the server assigns one
             node_config = extra if "data=" in extra else f"partition-id={i} {extra}".strip()
+            auth = ["--auth-supernode-private-key", str(keys[i][0])] if i in keys else []
             dep.supernodes.append(subprocess.Popen(
-                [str(BIN / "flower-supernode"), *node_security, "--superlink", dep.address,
-                 "--port", str(free_port()), "--node-config", node_config],
+                [str(BIN / "flower-supernode"), *node_security, *auth, "--superlink",
+                 dep.address, "--port", str(free_port()), "--node-config", node_config],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             ))  # fmt: skip
         yield dep

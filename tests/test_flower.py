@@ -4,7 +4,9 @@ the same config and seed."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_texts, peft_test_accuracy, tiny_overrides
-from flower_harness import deployment, flower_env
+from flower_harness import BIN, deployment, flower_env
 from helpers import strip_timing
 from safetensors.numpy import load_file
 
@@ -243,3 +245,30 @@ def test_a_failing_flwr_is_one_line_exit_2(
               "--root-certificates", "nope.crt")  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "--root-certificates 'nope.crt': no such file" in err
+
+
+def test_node_authentication_admits_registered_supernodes_only(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README step 4: with --enable-supernode-auth only a registered SuperNode joins. Node 1
+    is not registered: had it joined, its partition-id=1 (outside the one client of this
+    federation) would have stopped the run."""
+    with deployment(tmp_path, nodes=2, tls=True, registered={0}) as dep:
+        for k, v in flower_env(dep.home).items():
+            monkeypatch.setenv(k, v)
+        ov = _overrides(tiny_bert_dir, tiny_text_csv, clients__num_clients=1,
+                        clients__per_round=1, federation__rounds=1)  # fmt: skip
+        out = tmp_path / "auth"
+        rc = _run(out, ov, "--engine", "flower", "--superlink", dep.address,
+                  "--root-certificates", str(dep.ca))  # fmt: skip
+        assert rc == 0
+        listed = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "list", "auth-admin", "--format", "json"],
+            env=flower_env(dep.home), capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    nodes = json.loads(listed.stdout)["nodes"]
+    assert len(nodes) == 1 and nodes[0]["status"] == "online", nodes  # the registered one
+    records = RunDir(out).read_metrics()
+    assert [c["client"] for c in records[0]["clients"]] == [0] and not records[0]["failed"]
+    refused = (tmp_path / "logs" / "supernode1.log").read_text()
+    assert "Failed to activate SuperNode" in refused, refused[-2000:]
