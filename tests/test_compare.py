@@ -121,6 +121,22 @@ def test_strategy_list_parsing() -> None:
         parse_strategies("fedra,magic")
     with pytest.raises(ConfigError, match="unknown shape 'round'"):
         parse_strategies("geometric:round")
+    # a shape only for strategies that take one (the option would not apply)
+    with pytest.raises(ConfigError, match=r"'fedra' has no shape; allowed with a shape: fed-hello"):
+        parse_strategies("fedra:triangle")
+
+
+def test_each_cell_keeps_only_its_strategy_options() -> None:
+    from fedhello.core.config import load_config
+    from fedhello.studies.compare import Cell, cell_config
+
+    base = load_config(Path(__file__).parents[1] / "configs" / "compare.toml")
+    fedra = cell_config(base, Cell("dirichlet", "fedra", 0))
+    assert fedra.allocation.foreign_options() == [] and "shape" not in fedra.to_toml()
+    hello = cell_config(base, Cell("dirichlet", "fed-hello", 0))
+    assert hello.allocation.options.fisher_every == 2  # type: ignore[attr-defined]
+    tri = cell_config(base, Cell("iid", "geometric:triangle", 1))
+    assert tri.allocation.options.shape == "triangle" and tri.run.seed == 1  # type: ignore[attr-defined]
 
 
 def test_reuse_ignores_operational_settings_and_names_real_differences(
