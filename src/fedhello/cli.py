@@ -107,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import fedhello
+    from fedhello.api import run_dir_for
     from fedhello.core.config import load_config
     from fedhello.progress import RichObserver, summary_table
     from fedhello.store.runs import RunDir
@@ -121,8 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(run_dir.config_path) if run_dir.config_path.is_file() else None
     else:
         cfg = load_config(args.config, args.overrides)
-        run_dir = fedhello.api.run_dir_for(cfg, args.out)
-        run_dir.check_free(args.overwrite)  # before any long work
+        run_dir = run_dir_for(cfg, args.out)  # fedhello.run checks it before any long work
     _setup_output(args.verbose, cfg is not None and cfg.model.allow_download)
     console = Console(stderr=True)
     done = len(run_dir.read_metrics()) if args.resume else 0

@@ -18,7 +18,6 @@ import numpy as np
 from fedhello.core.allocation.base import register
 from fedhello.core.allocation.fisher import FisherScheduled
 from fedhello.core.allocation.options import HelloOptions
-from fedhello.core.allocation.shapes import shape_weights
 from fedhello.core.seeds import Purpose, derived_int
 
 
@@ -54,7 +53,7 @@ class HelloAllocation(FisherScheduled):
         self.fim_weights = levels / levels.sum()
 
     def weights(self, round: int) -> np.ndarray:
-        prior = shape_weights(self.options.shape, self.num_layers)
+        prior = super().weights(round)  # the shape
         if self.fim_weights is None:
             return prior
         lam = self.options.fisher_mix

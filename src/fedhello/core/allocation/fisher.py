@@ -14,13 +14,13 @@ import numpy as np
 
 from fedhello.core.allocation.base import register
 from fedhello.core.allocation.options import FisherOptions
-from fedhello.core.allocation.randomized_geometric import WeightedRandomAllocation
-from fedhello.core.allocation.shapes import shape_weights
+from fedhello.core.allocation.randomized_geometric import RandomizedGeometricAllocation
 
 
-class FisherScheduled(WeightedRandomAllocation):
+class FisherScheduled(RandomizedGeometricAllocation):
     """Holds the latest Fisher scores; refreshes after ``fisher_warmup`` rounds, every
-    ``fisher_every`` rounds (warm-up 2, every 5: rounds 3, 8, 13, ...)."""
+    ``fisher_every`` rounds (warm-up 2, every 5: rounds 3, 8, 13, ...). Before the first
+    refresh it is RGD-HLA with the prior shape (the inherited ``weights``)."""
 
     uses_fisher = True
     Options = FisherOptions
@@ -30,10 +30,6 @@ class FisherScheduled(WeightedRandomAllocation):
         super().__init__(*args, **kwargs)
         self.scores: np.ndarray | None = None
         self.scored_round: int | None = None
-
-    def weights(self, round: int) -> np.ndarray:
-        """The prior shape (the allocation before the first refresh)."""
-        return shape_weights(self.options.shape, self.num_layers)
 
     def needs_scores(self, round: int) -> bool:
         warmup, every = self.options.fisher_warmup, self.options.fisher_every
