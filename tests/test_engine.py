@@ -168,8 +168,8 @@ def test_bad_client_update_is_rejected_counted_and_the_round_goes_on(
     real = sim.train_client
     victims: list[int] = []
 
-    def faulty(model, layer_of, shard, task, global_state, train_cfg):
-        result = real(model, layer_of, shard, task, global_state, train_cfg)
+    def faulty(model, layer_of, shard, task, global_state, *rest):
+        result = real(model, layer_of, shard, task, global_state, *rest)
         u = result.update
         round_ = task.round
         if round_ not in victims:  # the first client of each round goes bad

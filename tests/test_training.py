@@ -10,9 +10,14 @@ import torch
 
 from fedhello.core.config import load_config
 from fedhello.core.layers import layer_of_keys
+from fedhello.model.accelerator import DTYPES, resolve
 from fedhello.model.loading import load_model
 from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, get_state
 from fedhello.model.training import LocalTask, Shard, train_client
+
+# Every precision a CPU runs (bf16 is emulated where the CPU lacks the instructions, so it runs
+# everywhere): compute precision, storage of the frozen base.
+CPU_PRECISIONS = [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")]
 
 
 def _model(model_dir: Path, labels: list[str]):
@@ -44,10 +49,12 @@ def _image_data(loaded, n: int = 32):
     return encode(raw, loaded.processor, 16)
 
 
+@pytest.mark.parametrize("precision,base", CPU_PRECISIONS)
 @pytest.mark.parametrize("kind,layers", [("text", (2,)), ("text", (0, 3)), ("image", (1,))])
 def test_step_changes_exactly_allocated_lora_and_head(
-    kind: str, layers: tuple[int, ...], tiny_bert_dir: Path, tiny_vit_dir: Path
-) -> None:
+    kind: str, layers: tuple[int, ...], precision: str, base: str,
+    tiny_bert_dir: Path, tiny_vit_dir: Path,
+) -> None:  # fmt: skip
     model_dir = tiny_bert_dir if kind == "text" else tiny_vit_dir
     labels = ["class-0", "class-1", "class-2", "class-3"] if kind == "text" else ["a", "b", "c"]
     loaded, model = _model(model_dir, labels)
@@ -55,6 +62,8 @@ def test_step_changes_exactly_allocated_lora_and_head(
     num_layers = model.config.num_hidden_layers
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, num_layers)
+    acc = resolve("cpu", precision, base)
+    acc.place(model, set(keys))
     # A global state with non-zero B, so that every LoRA tensor has a gradient.
     rng = np.random.default_rng(1)
     state = {
@@ -64,7 +73,8 @@ def test_step_changes_exactly_allocated_lora_and_head(
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = load_config(None, ["train.local_steps=2", "train.batch_size=8"]).train
     task = LocalTask(client=0, round=1, layers=tuple(layers), lr=1e-2, seed=0)
-    result = train_client(model, layer_of, Shard(data, np.arange(len(data))), task, state, cfg)
+    shard = Shard(data, np.arange(len(data)))
+    result = train_client(model, layer_of, shard, task, state, cfg, acc)
     after = dict(model.named_parameters())
     for name, old in before.items():
         start = torch.from_numpy(state[name]) if name in state else old
@@ -76,6 +86,12 @@ def test_step_changes_exactly_allocated_lora_and_head(
     assert uploaded == {k for k, layer in layer_of.items() if layer is None or layer in layers}
     assert result.bytes_up == sum(v.nbytes for v in result.update.tensors.values())
     assert result.trainable_params == sum(p.numel() for n, p in after.items() if p.requires_grad)
+    # the federated state stays fp32 whatever the compute precision; the frozen base is stored
+    # as asked
+    assert all(v.dtype == np.float32 for v in result.update.tensors.values())
+    frozen = [p for n, p in after.items() if n not in layer_of and p.is_floating_point()]
+    assert {p.dtype for p in frozen} == {DTYPES[base]}
+    assert (result.precision, result.device) == (precision, "cpu")
 
 
 def test_layer_map_covers_every_lora_tensor_once(tiny_bert_dir: Path) -> None:
@@ -90,14 +106,21 @@ def test_layer_map_covers_every_lora_tensor_once(tiny_bert_dir: Path) -> None:
     assert heads and all("classifier.modules_to_save" in k for k in heads)
 
 
-def test_frozen_lora_below_the_top_block_gets_no_gradient(tiny_bert_dir: Path) -> None:
+@pytest.mark.parametrize("precision,base", CPU_PRECISIONS)
+def test_frozen_lora_below_the_top_block_gets_no_gradient(
+    precision: str, base: str, tiny_bert_dir: Path
+) -> None:
     loaded, model = _model(tiny_bert_dir, ["class-0", "class-1", "class-2", "class-3"])
     data = _text_data(loaded, 16)
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, 4)
+    acc = resolve("cpu", precision, base)
+    acc.place(model, set(keys))
     params = apply_layer_mask(model, [3], layer_of)
     model.train()
-    model(**data.batch(np.arange(8))).loss.backward()
+    with acc.autocast():
+        loss = model(**data.batch(np.arange(8))).loss
+    loss.backward()
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert layer_of.get(name, -1) in (3, None), name
@@ -109,18 +132,23 @@ def test_frozen_lora_below_the_top_block_gets_no_gradient(tiny_bert_dir: Path) -
     assert len(optimizer.state) == len(params)
 
 
-def test_training_only_the_top_block_keeps_less_for_backward(tiny_bert_dir: Path) -> None:
+@pytest.mark.parametrize("precision,base", CPU_PRECISIONS)
+def test_training_only_the_top_block_keeps_less_for_backward(
+    precision: str, base: str, tiny_bert_dir: Path
+) -> None:
     labels = ["class-0", "class-1", "class-2", "class-3"]
     loaded, model = _model(tiny_bert_dir, labels)
     data = _text_data(loaded)
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, 4)
+    acc = resolve("cpu", precision, base)
+    acc.place(model, set(keys))
     state = get_state(model, keys)
     cfg = load_config(None, ["train.local_steps=1", "train.batch_size=16"]).train
     idx = np.arange(len(data))
     mem = {
         layers: train_client(
-            model, layer_of, Shard(data, idx), LocalTask(0, 1, layers, 1e-3, 0), state, cfg
+            model, layer_of, Shard(data, idx), LocalTask(0, 1, layers, 1e-3, 0), state, cfg, acc
         )
         for layers in [(3,), (0, 3), (0, 1, 2, 3)]
     }

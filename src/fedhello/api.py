@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedhello.core.config import Config, load_config
+from fedhello.core.config import Config, load_config, load_saved_config
 from fedhello.core.errors import RunDirError, UserError
 from fedhello.store.runs import RunDir
 
@@ -79,7 +79,7 @@ def run(
         run_dir = RunDir(resume)
         if not run_dir.config_path.is_file():
             raise RunDirError(f"resume {str(resume)!r}: no config.toml there, not a fedhello run")
-        config = load_config(run_dir.config_path)
+        config = load_saved_config(run_dir.config_path)
     else:
         config = _config(cfg)
         run_dir = run_dir_for(config, out)

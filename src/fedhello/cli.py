@@ -108,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import fedhello
     from fedhello.api import run_dir_for
-    from fedhello.core.config import load_config
+    from fedhello.core.config import load_config, load_saved_config
     from fedhello.progress import RichObserver, summary_table
     from fedhello.store.runs import RunDir
 
@@ -119,7 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "give no CONFIG, --set, --out or --overwrite with it"
             )
         run_dir = RunDir(args.resume)
-        cfg = load_config(run_dir.config_path) if run_dir.config_path.is_file() else None
+        cfg = load_saved_config(run_dir.config_path) if run_dir.config_path.is_file() else None
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = run_dir_for(cfg, args.out)  # fedhello.run checks it before any long work

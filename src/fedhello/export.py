@@ -6,7 +6,8 @@ loads the base model the run was trained from, applies the adapter and its train
 merges the low-rank updates into the weights (``merge_and_unload``) and saves a plain
 transformers model folder (safetensors) with its tokenizer or image processor and the class
 names, loadable with ``AutoModelForSequenceClassification.from_pretrained(OUT)`` or
-``pipeline("text-classification", OUT)``.
+``pipeline("text-classification", OUT)``. The merge runs on the run's ``train.device`` and in
+fp32 whatever precision the run trained in (its adapter is fp32).
 """
 
 from __future__ import annotations
@@ -49,15 +50,19 @@ def export_merged(run_path: Path, out: Path, overwrite: bool = False) -> str:
     class that loads it."""
     from peft import PeftModel
 
-    from fedhello.core.config import load_config
+    from fedhello.core.config import load_saved_config
+    from fedhello.model.accelerator import resolve_device
     from fedhello.model.loading import load_model
 
     run = check_export(run_path, out, overwrite)
-    cfg = load_config(run.config_path)
+    cfg = load_saved_config(run.config_path)
+    device = resolve_device(cfg.train.device)[0]  # before loading: a missing GPU fails fast
     labels = json.loads((run.adapter_dir / "labels.json").read_text())
     loaded = load_model(cfg.model.name, labels, cfg.model.task, cfg.model.allow_download)
-    model = PeftModel.from_pretrained(loaded.model, str(run.adapter_dir))
-    merged = model.merge_and_unload()  # W + B A scaling, and the trained head in place
+    model = PeftModel.from_pretrained(loaded.model.to(device), str(run.adapter_dir))
+    # W + B A scaling on the run's device, in fp32 whatever the run's precision: the adapter
+    # is fp32 and a served model should not inherit the training's rounding
+    merged = model.merge_and_unload().to("cpu")
     # write beside, then swap: a crash mid-write leaves neither a half model under the asked-for
     # name nor a lost previous export
     tmp = out.with_name(f".{out.name}.partial")

@@ -7,6 +7,7 @@ the value and what is allowed. Pure python + pydantic: no torch.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,8 @@ from fedhello.core.allocation import (
     strategy_options,
 )
 from fedhello.core.errors import ConfigError
+
+DEVICE_FORM = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class Section(BaseModel):
@@ -229,6 +232,37 @@ class TrainConfig(Section):
     lr_min_factor: float = Field(0.1, ge=0, le=1, description="final lr / lr for decays")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient-norm clipping (0: off)")
     eval_batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
+    device: str = Field(
+        "auto", description="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="compute precision: autocast dtype (auto: fastest safe on the device)"
+    )
+    base_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="storage of the frozen base weights: fp32 or the compute precision "
+        "(auto: the compute precision on an accelerator, fp32 on a CPU)",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        if not DEVICE_FORM.fullmatch(value):
+            raise ValueError("allowed: auto, cpu, cuda, cuda:N (N = 0, 1, ...), mps")
+        return value
+
+    @model_validator(mode="after")
+    def _base_precision(self) -> TrainConfig:
+        explicit = self.precision not in ("auto", "fp32")
+        base = self.base_precision
+        if base not in ("auto", "fp32") and (
+            self.precision == "fp32" or (explicit and base != self.precision)
+        ):
+            raise ValueError(
+                f"train.base_precision = {base!r} with train.precision = {self.precision!r}: "
+                "allowed: auto, fp32 or the compute precision"
+            )
+        return self
 
 
 class FederationConfig(Section):
@@ -248,6 +282,16 @@ class FederationConfig(Section):
     )
     eval_examples: int = Field(
         1000, ge=1, description="per-round evaluation on a fixed subset of test/validation"
+    )
+    client_cpus: int = Field(
+        0, ge=0, description="Flower simulation: CPU cores per virtual client (0: all cores)"
+    )
+    client_gpus: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Flower simulation: GPU share per virtual client, e.g. 0.25 = four share "
+        "a GPU (default: 1 where train.device finds CUDA, else 0)",
     )
 
 
@@ -276,7 +320,8 @@ def outcome_differences(saved: Config, wanted: Config) -> list[str]:
 # Settings that never change a run's results (see Config.outcome_dict).
 OPERATIONAL: dict[str, tuple[str, ...]] = {
     "model": ("allow_download",),
-    "federation": ("round_timeout", "node_wait"),
+    "train": ("device",),  # where, not what: the resolved precision is in the outcome
+    "federation": ("round_timeout", "node_wait", "client_cpus", "client_gpus"),
     "run": ("name", "out_dir", "checkpoint_every", "keep_checkpoints"),
 }
 
@@ -381,17 +426,39 @@ def build_config(data: dict[str, Any]) -> Config:
         raise ConfigError(format_error(err)) from None
 
 
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        return _snake(tomllib.loads(p.read_text(encoding="utf-8")))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML config (or the defaults), apply ``--set`` overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = _snake(tomllib.loads(p.read_text(encoding="utf-8")))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+    data: dict[str, Any] = _read_toml(path) if path is not None else {}
     for assignment in overrides or []:
         apply_override(data, assignment)
     return build_config(data)
+
+
+# Settings added after runs were first written, with the value in effect for a run whose saved
+# config lacks them (every run before ``train.precision`` existed trained in fp32 on a CPU).
+LEGACY: dict[str, dict[str, Any]] = {"train": {"precision": "fp32", "base_precision": "fp32"}}
+
+
+def build_saved_config(data: dict[str, Any]) -> Config:
+    """The config of a run (or comparison) as it was written: keys it lacks take the value
+    they had when it ran (``LEGACY``), not today's default."""
+    data = _snake(data)
+    for section, values in LEGACY.items():
+        given = data.get(section, {})
+        data[section] = {**values, **given} if isinstance(given, dict) else given
+    return build_config(data)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A run directory's config.toml (see ``build_saved_config``)."""
+    return build_saved_config(_read_toml(path))

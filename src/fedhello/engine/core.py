@@ -22,6 +22,7 @@ from fedhello.core.config import Config
 from fedhello.core.layers import AllocationPlan
 from fedhello.core.schedule import lr_at, sample_clients
 from fedhello.engine.experiment import DataCache, Experiment, build_experiment
+from fedhello.model.accelerator import accelerator_for
 from fedhello.model.evaluation import evaluate
 from fedhello.model.lora import set_state
 from fedhello.model.training import ClientResult
@@ -107,6 +108,11 @@ def client_record(
         "seconds": round(result.seconds, 4),
         "peak_memory_mb": round(result.peak_memory_mb, 1),
         "train_memory_mb": round(result.train_memory_mb, 3),
+        "device_peak_memory_mb": None
+        if result.device_peak_memory_mb is None
+        else round(result.device_peak_memory_mb, 1),
+        "device": result.device,
+        "precision": result.precision,
         "bytes_up": result.bytes_up,
         "bytes_down": result.bytes_down,
         "accepted": u.client not in rejected,
@@ -119,9 +125,9 @@ def client_record(
 def evaluate_global(exp: Experiment, state: State) -> dict[str, Any]:
     """The global model on the fixed per-round evaluation subsets."""
     set_state(exp.model, state)
-    bs = exp.cfg.train.eval_batch_size
-    test = evaluate(exp.model, exp.encoded, exp.eval_test, bs)
-    val = evaluate(exp.model, exp.encoded, exp.eval_val, bs) if len(exp.eval_val) else None
+    bs, acc = exp.cfg.train.eval_batch_size, exp.acc
+    test = evaluate(exp.model, exp.encoded, exp.eval_test, bs, acc)
+    val = evaluate(exp.model, exp.encoded, exp.eval_val, bs, acc) if len(exp.eval_val) else None
     out: dict[str, Any] = {
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
@@ -203,12 +209,17 @@ def run_federation(
         return run.read_summary()
     if not opts.resume:
         run.check_free(opts.overwrite)
-    exp = build_experiment(cfg, cache=opts.cache)
+    # device and precision first: a missing GPU fails before anything is loaded; a resumed
+    # run keeps the precision it has run in so far
+    acc = accelerator_for(cfg, run.recorded_precision() if opts.resume else None)
+    exp = build_experiment(cfg, cache=opts.cache, acc=acc)
     engine.start(exp)
     if not opts.resume:
         run.create(opts.overwrite)
         run.write_config(cfg)
-    cfg_hash = config_hash(cfg.to_toml())
+    # the checkpoints belong to the run's config.toml as written when it started (on resume the
+    # file, not today's rendering of it: a key added to fedhello since must not orphan them)
+    cfg_hash = config_hash(run.config_path.read_text(encoding="utf-8"))
     state = exp.init_state
     momentum = ServerMomentum(cfg.federation.server_momentum, cfg.federation.server_lr)
     start = 1
@@ -251,7 +262,9 @@ def finish(
     """Full-test evaluation, the PEFT adapter and summary.json (with ``extra`` in it)."""
     cfg = exp.cfg
     set_state(exp.model, state)
-    final = evaluate(exp.model, exp.encoded, exp.raw.splits["test"], cfg.train.eval_batch_size)
+    final = evaluate(
+        exp.model, exp.encoded, exp.raw.splits["test"], cfg.train.eval_batch_size, exp.acc
+    )
     exp.model.save_pretrained(str(run.adapter_dir))
     (run.adapter_dir / "labels.json").write_text(json.dumps(exp.raw.label_names) + "\n")
     records = run.read_metrics()
@@ -271,6 +284,7 @@ def finish(
         "tiers": exp.tiers,
         "target": exp.strategy.target(),
         "model_source": exp.source,
+        **exp.acc.describe(),
         "wall_seconds": round(seconds, 2),
         "resumed_at_round": resumed_at,
         "client_seconds": round(sum(c["seconds"] for c in clients), 2),

@@ -41,7 +41,9 @@ class EmbeddedEngine:
                 continue
             task = LocalTask(alloc.client, rp.round, alloc.layers, rp.lr, exp.cfg.run.seed)
             shard = Shard(exp.encoded, exp.shards[alloc.client])
-            result = train_client(exp.model, exp.layer_of, shard, task, state, exp.cfg.train)
+            result = train_client(
+                exp.model, exp.layer_of, shard, task, state, exp.cfg.train, exp.acc
+            )
             results.append(result)
             observer.on_client_end(rp.round, result)
         return RoundResults(results)

@@ -28,6 +28,7 @@ from fedhello.core.seeds import Purpose, derived_int, generator
 from fedhello.data.encoding import Encoded, encode
 from fedhello.data.loading import RawData, load_raw
 from fedhello.data.partition import hold_out_proxy, partition_indices
+from fedhello.model.accelerator import Accelerator, accelerator_for
 from fedhello.model.fisher import fisher_scores
 from fedhello.model.loading import LoadedModel, load_model
 from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
@@ -82,6 +83,7 @@ class Experiment:
     eval_test: np.ndarray  # fixed per-round evaluation subsets
     eval_val: np.ndarray
     proxy: np.ndarray  # the server's labelled proxy set (Fisher scores)
+    acc: Accelerator  # the device and precision everything of this process runs on
 
     @property
     def budgets(self) -> list[int]:
@@ -106,7 +108,7 @@ class Experiment:
             set_state(self.model, state)
             scores = fisher_scores(
                 self.model, self.encoded, self.proxy, self.layer_of, self.num_layers,
-                self.cfg.allocation.fisher_batch_size,
+                self.cfg.allocation.fisher_batch_size, self.acc,
             )  # fmt: skip
             strategy.observe_scores(round_, scores)
             info["fisher_seconds"] = round(time.perf_counter() - t0, 4)
@@ -117,26 +119,33 @@ class Experiment:
 
 
 def build_lora_classifier(
-    cfg: Config, label_names: list[str], task: str, num_layers: int
+    cfg: Config, label_names: list[str], task: str, num_layers: int, acc: Accelerator
 ) -> tuple[LoadedModel, PeftModel, list[str], dict[str, int | None]]:
     """The backbone with a head for ``label_names`` and LoRA on its blocks, initialised from
-    ``run.seed``: (loaded model and processor, PEFT model, adapter keys, block of each key).
+    ``run.seed`` (on the CPU, so every device starts from the same adapter) and placed on
+    ``acc``: (loaded model and processor, PEFT model, adapter keys, block of each key).
     Shared by the experiment and a site's ClientApp, so that both build the same model."""
     torch.manual_seed(derived_int(cfg.run.seed, Purpose.INIT))  # head and LoRA A init
     loaded = load_model(cfg.model.name, label_names, task, cfg.model.allow_download)
     lora = cfg.lora
     model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     keys = adapter_keys(model)
+    acc.place(model, set(keys))
     return loaded, model, keys, layer_of_keys(keys, num_layers)
 
 
 def build_experiment(
-    cfg: Config, encode_data: bool = True, cache: DataCache | None = None
+    cfg: Config,
+    encode_data: bool = True,
+    cache: DataCache | None = None,
+    acc: Accelerator | None = None,
 ) -> Experiment:
     """Model, data, partition and strategy of ``cfg``. ``encode_data=False`` skips tokenising
     the whole dataset (most of the build on a large one): a ClientApp, which only trains its
     own shard, encodes that alone (``fedhello.data.encoding.encode_positions``). ``cache``
-    reuses the data of an earlier build with the same data settings."""
+    reuses the data of an earlier build with the same data settings. ``acc``: the device and
+    precision (default: resolved from ``cfg``, first, so a missing GPU fails before loading)."""
+    acc = acc or accelerator_for(cfg)
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
     strategy = strategy_for(cfg, num_layers)
@@ -159,7 +168,9 @@ def build_experiment(
         )
     ]
 
-    loaded, model, keys, layer_of = build_lora_classifier(cfg, raw.label_names, task, num_layers)
+    loaded, model, keys, layer_of = build_lora_classifier(
+        cfg, raw.label_names, task, num_layers, acc
+    )
     data = cached[1] if cached else None
     if data is None and encode_data:
         data = encode(raw, loaded.processor, cfg.model.max_length)
@@ -174,8 +185,8 @@ def build_experiment(
         return np.sort(rng.choice(idx, cfg.federation.eval_examples, replace=False))
 
     logger.info(
-        "experiment: %s (%s, %d blocks), %d clients, budgets %s",
-        cfg.model.name, task, num_layers, len(strategy.budgets), strategy.budgets,
+        "experiment: %s (%s, %d blocks), %d clients, budgets %s; %s",
+        cfg.model.name, task, num_layers, len(strategy.budgets), strategy.budgets, acc.reason,
     )  # fmt: skip
     return Experiment(
         cfg=cfg,
@@ -195,6 +206,7 @@ def build_experiment(
         eval_test=subset("test", 0),
         eval_val=subset("validation", 1),
         proxy=proxy,
+        acc=acc,
     )
 
 
@@ -210,10 +222,11 @@ class SiteModel:
     task: str
     layer_of: dict[str, int | None]
     label_names: list[str]
+    acc: Accelerator
 
 
-def build_site_model(cfg: Config, label_names: list[str]) -> SiteModel:
+def build_site_model(cfg: Config, label_names: list[str], acc: Accelerator) -> SiteModel:
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
-    loaded, model, _, layer_of = build_lora_classifier(cfg, label_names, task, num_layers)
-    return SiteModel(cfg, model, loaded.processor, task, layer_of, list(label_names))
+    loaded, model, _, layer_of = build_lora_classifier(cfg, label_names, task, num_layers, acc)
+    return SiteModel(cfg, model, loaded.processor, task, layer_of, list(label_names), acc)

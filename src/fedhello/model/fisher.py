@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fedhello.data.encoding import Encoded
+from fedhello.model.accelerator import CPU_FP32, Accelerator
 
 
 def _lora_modules(
@@ -42,8 +43,11 @@ def fisher_scores(
     layer_of: Mapping[str, int | None],
     num_layers: int,
     batch_size: int = 32,
+    acc: Accelerator = CPU_FP32,
 ) -> list[float]:
-    """Per-layer Fisher scores of the model's current adapter, in eval mode (no dropout)."""
+    """Per-layer Fisher scores of the model's current adapter, in eval mode (no dropout). The
+    forward runs on ``acc`` under its autocast; the per-example products are taken in fp32
+    (squares of bf16 gradients summed over thousands of terms would lose the small layers)."""
     modules = _lora_modules(model, layer_of)
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -54,23 +58,28 @@ def fisher_scores(
         for name, (module, _) in modules.items()
     ]
     totals = np.zeros(num_layers, dtype=np.float64)
+    # fp16 gradients of small losses underflow: scale the loss, unscale in fp32 (as GradScaler)
+    scale = 1024.0 if acc.precision == "fp16" else 1.0
     try:
         for name, p in model.named_parameters():
             p.requires_grad_(name in layer_of and layer_of[name] is not None)
         model.eval()
         for start in range(0, len(indices), batch_size):
             captured.clear()
-            batch = data.batch(indices[start : start + batch_size])
+            batch = acc.to_device(data.batch(indices[start : start + batch_size]))
             labels = batch.pop("labels")
-            logits = model(**batch).logits
+            with acc.autocast():
+                logits = model(**batch).logits
             # Sum, not mean: each example's gradient of -log p(y|x) at full scale.
-            loss = F.cross_entropy(logits, labels, reduction="sum")
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             names = list(captured)
-            grads = torch.autograd.grad(loss, [captured[n][1] for n in names], allow_unused=True)
+            grads = torch.autograd.grad(
+                loss * scale, [captured[n][1] for n in names], allow_unused=True
+            )
             for name, g in zip(names, grads, strict=True):
                 if g is None:
                     continue
-                x = captured[name][0]
+                x, g = captured[name][0].float(), g.float() / scale
                 if x.dim() == 2:
                     x, g = x.unsqueeze(1), g.unsqueeze(1)
                 per_example = torch.einsum("btd,btk->bdk", g, x)  # (batch, d_out, d_in)

@@ -81,7 +81,13 @@ def _params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def get_state(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, np.ndarray]:
     params = _params(model)
-    return {k: params[k].detach().cpu().numpy().copy() for k in keys}
+    return {k: _to_numpy(params[k].detach()) for k in keys}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy copy of ``t``: the crossing to the aggregation boundary. From an accelerator the
+    transfer is the copy; on the CPU the array must not alias the live parameter."""
+    return t.cpu().numpy() if t.device.type != "cpu" else t.numpy().copy()
 
 
 @torch.no_grad()

@@ -98,6 +98,17 @@ class RunDir:
                 break
         return records
 
+    def recorded_precision(self) -> str | None:
+        """The compute precision this run has trained in so far: its summary's, else its first
+        client record's; ``fp32`` for runs written before fedhello had a precision setting
+        (they all ran in fp32); None for a run with no round yet."""
+        if self.summary_path.is_file():
+            return str(self.read_summary().get("precision", "fp32"))
+        for record in self.read_metrics():
+            for client in record.get("clients", []):
+                return str(client.get("precision", "fp32"))
+        return None
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 

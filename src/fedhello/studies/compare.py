@@ -27,13 +27,15 @@ from fedhello.core.config import (
     AllocationConfig,
     Config,
     build_config,
-    load_config,
+    build_saved_config,
+    load_saved_config,
     outcome_differences,
 )
 from fedhello.core.errors import ConfigError, RunDirError
 from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
 from fedhello.engine.experiment import DataCache
+from fedhello.model.accelerator import accelerator_for
 from fedhello.store.runs import RunDir
 from fedhello.studies.results import CENTRALIZED
 
@@ -163,7 +165,11 @@ def run_cell(
     run = RunDir(cell.path(root))
     options = RunOptions(observer=observer or Observer(), cache=cache)
     if run.config_path.is_file():
-        diff = outcome_differences(load_config(run.config_path), cfg)
+        diff = outcome_differences(load_saved_config(run.config_path), cfg)
+        recorded, wanted = run.recorded_precision(), accelerator_for(cfg).precision
+        if recorded is not None and recorded != wanted:  # auto resolves per machine
+            diff.append(f"precision ({recorded!r} -> {wanted!r}, train.precision = "
+                        f"{cfg.train.precision!r})")  # fmt: skip
         if diff:
             raise RunDirError(
                 f"{run.path} holds a run with another config ({', '.join(diff)}): "
@@ -200,7 +206,7 @@ def run_compare(
     spec_path = root / "compare.json"
     if spec_path.is_file():
         old = json.loads(spec_path.read_text())
-        diff = outcome_differences(build_config(old.get("base_config", {})), base)
+        diff = outcome_differences(build_saved_config(old.get("base_config", {})), base)
         if diff:
             raise RunDirError(
                 f"{root} holds a comparison of another base config ({', '.join(diff)}): "

@@ -34,6 +34,7 @@ from fedhello.data.encoding import Encoded, encode, encode_positions
 from fedhello.data.site import load_site_raw
 from fedhello.engine.experiment import Experiment, SiteModel, build_experiment, build_site_model
 from fedhello.engine.flower import messages as wire
+from fedhello.model.accelerator import Accelerator, resolve
 from fedhello.model.lora import set_state
 from fedhello.model.training import LocalTask, Shard, train_client
 
@@ -68,16 +69,32 @@ def _config(config_toml: str) -> Config:
     return cfg
 
 
-def experiment_for(config_toml: str) -> Experiment:
+def node_accelerator(cfg: Config, node_config: Any) -> Accelerator:
+    """This node's device and precision: what its ``--node-config`` declares (``device``,
+    ``precision``, ``base-precision``: a site with a small GPU in fp16, another on its CPU),
+    else the run's settings, resolved on this node's hardware."""
+    t = cfg.train
+    return resolve(
+        str(node_config.get("device", t.device)),
+        str(node_config.get("precision", t.precision)),
+        str(node_config.get("base-precision", t.base_precision)),
+    )
+
+
+def experiment_for(config_toml: str, node_config: Any) -> Experiment:
     """A partition node's experiment: model, and the configured dataset to find its shard."""
-    key = "exp:" + hashlib.sha256(config_toml.encode()).hexdigest()
-    return _CACHE.get(key, lambda: build_experiment(_config(config_toml), encode_data=False))
+    cfg = _config(config_toml)
+    acc = node_accelerator(cfg, node_config)
+    key = "exp:" + hashlib.sha256(f"{config_toml}{acc}".encode()).hexdigest()
+    return _CACHE.get(key, lambda: build_experiment(cfg, encode_data=False, acc=acc))
 
 
-def site_model_for(config_toml: str, label_names: list[str]) -> SiteModel:
+def site_model_for(config_toml: str, label_names: list[str], node_config: Any) -> SiteModel:
     """A site's model for the federation's classes; the configured dataset is not read."""
-    key = "site:" + hashlib.sha256(json.dumps([config_toml, label_names]).encode()).hexdigest()
-    return _CACHE.get(key, lambda: build_site_model(_config(config_toml), label_names))
+    cfg = _config(config_toml)
+    acc = node_accelerator(cfg, node_config)
+    digest = hashlib.sha256(json.dumps([config_toml, label_names, str(acc)]).encode())
+    return _CACHE.get("site:" + digest.hexdigest(), lambda: build_site_model(cfg, label_names, acc))
 
 
 def site_data_for(site: SiteModel, path: str) -> tuple[Encoded, dict[str, np.ndarray]]:
@@ -104,7 +121,7 @@ def partition_shard(exp: Experiment, pid: int) -> Shard:
 def _site(req: wire.Request, node_config: Any) -> tuple[SiteModel, Encoded, dict[str, Any]]:
     if req.config_toml is None:
         raise ValueError("the message carries no fedhello-config")
-    site = site_model_for(req.config_toml, req.label_names)
+    site = site_model_for(req.config_toml, req.label_names, node_config)
     data, splits = site_data_for(site, str(node_config["data"]))
     return site, data, splits
 
@@ -116,6 +133,13 @@ def query(msg: Message, context: Context) -> Message:
     nc = context.node_config
     info = wire.declared(nc)
     req = wire.read_request(msg)
+    if req.config_toml is not None:
+        try:
+            acc = node_accelerator(_config(req.config_toml), nc)
+            info |= {"device": str(acc.device), "precision": acc.precision}
+        except UserError as err:
+            info["device-error"] = str(err)
+            return wire.query_reply(msg, info)
     if "data" in nc and req.config_toml is not None:
         try:
             _, _, splits = _site(req, nc)
@@ -140,13 +164,15 @@ def train(msg: Message, context: Context) -> Message:
         learner, data, splits = _site(req, nc)
         shard = Shard(data, splits["train"])
     elif "partition-id" in nc and req.config_toml is not None:
-        learner = experiment_for(req.config_toml)
+        learner = experiment_for(req.config_toml, nc)
         shard = partition_shard(learner, client)
     else:
         raise ValueError("this node declares neither partition-id nor data in its node config")
     cfg = learner.cfg
     task = LocalTask(client, req.round, req.layers, req.lr, cfg.run.seed)
-    result = train_client(learner.model, learner.layer_of, shard, task, req.state, cfg.train)
+    result = train_client(
+        learner.model, learner.layer_of, shard, task, req.state, cfg.train, learner.acc
+    )
     return wire.train_reply(msg, result)
 
 
@@ -164,6 +190,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     if len(splits["validation"]) and req.state is not None:
         set_state(site.model, req.state)
         batch = site.cfg.train.eval_batch_size
-        result = evaluate_rows(site.model, data, splits["validation"], batch)
+        result = evaluate_rows(site.model, data, splits["validation"], batch, site.acc)
         scores |= {k: result[k] for k in ("accuracy", "macro_f1", "loss")}
     return wire.evaluate_reply(msg, scores)

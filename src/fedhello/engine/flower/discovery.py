@@ -74,8 +74,11 @@ def who(info: dict[str, Any]) -> str:
 
 def check_reply(info: dict[str, Any]) -> None:
     """Stop at once on a node that cannot take part (unusable data, no identity)."""
-    if "data-error" in info:
-        raise UserError(f"{who(info)}: {info['data-error']}")
+    for key in ("device-error", "data-error"):
+        if key in info:
+            raise UserError(f"{who(info)}: {info[key]}")
+    if "device" in info:
+        logger.info("%s trains on %s in %s", who(info), info["device"], info.get("precision"))
     if "partition-id" not in info and "data" not in info:
         raise UserError(
             "a SuperNode declared neither partition-id nor data in its --node-config; "

@@ -6,16 +6,21 @@ Client contract (keys are kebab-case):
 * **query** (once per node, at the start; ``discovery``): ``config`` = ``fedhello-config``
   (the resolved config as TOML) and ``label-names``. Reply ``config`` = what the node's
   ``--node-config`` declares: ``partition-id`` and/or ``data`` (its own file), optionally a
-  budget (``budget-layers``, ``budget-tier``, ``budget-cost``, ``budget-memory``); a node
-  with its own file adds ``site-examples`` and ``site-validation`` (its train / held-out
-  sizes) or ``data-error`` (why the file is unusable: the server stops the run with it).
+  budget (``budget-layers``, ``budget-tier``, ``budget-cost``, ``budget-memory``) and its
+  own ``device``, ``precision`` and ``base-precision`` (else the run's); the reply adds the
+  resolved ``device`` and ``precision``, or ``device-error`` (e.g. ``cuda`` on a node without
+  one); a node with its own file adds ``site-examples`` and ``site-validation`` (its train /
+  held-out sizes) or ``data-error`` (why the file is unusable). The server stops the run on
+  either error, before round 1.
 * **train**: ``arrays`` = the full global adapter (every LoRA tensor and the head: the
   forward pass needs them all); ``config`` = ``server-round``, ``client`` (the server's id
   for the node), ``train-layers`` (block indices), ``lr``, ``fedhello-config``,
   ``label-names`` (a site holds no copy of the configured dataset). Reply ``arrays`` =
   exactly the LoRA tensors of ``train-layers`` and the head; ``metrics`` = ``num-examples``,
   ``train-loss``, ``seconds``, ``peak-memory-mb``, ``train-memory-mb``, ``trainable-params``,
-  ``steps``. The server validates every upload before it touches the global state.
+  ``steps`` and, on CUDA, ``device-peak-memory-mb``; ``config`` = ``device``, ``precision``
+  (what this node trained on, recorded per client). The server validates every upload
+  before it touches the global state.
 * **evaluate** (sites, after the last round): ``arrays`` and ``config`` as for training
   (``client``, ``fedhello-config``, ``label-names``); reply ``metrics`` = ``num-examples``,
   ``accuracy``, ``macro-f1``, ``loss`` on the site's held-out rows. Only scores leave a site.
@@ -45,6 +50,7 @@ from fedhello.model.training import ClientResult
 # What a node may declare in its --node-config, and how each value is read.
 DECLARED_INT = ("partition-id", "budget-layers", "budget-tier")
 DECLARED_FLOAT = ("budget-cost", "budget-memory")
+DECLARED_STR = ("data", "device", "precision", "base-precision")
 T = TypeVar("T")
 
 
@@ -89,7 +95,9 @@ def read_train_reply(
 ) -> ClientResult:
     """A ClientResult from a train reply; validation happens later, in aggregation."""
     metrics: dict[str, Any] = dict(reply.content.metric_records.get("metrics", {}))
+    info: dict[str, Any] = dict(reply.content.config_records.get("config", {}))
     tensors = from_record(reply.content.array_records.get("arrays", ArrayRecord()))
+    device_peak = metrics.get("device-peak-memory-mb")
     update = ClientUpdate(
         client=client,
         layers=layers,
@@ -106,6 +114,9 @@ def read_train_reply(
         bytes_up=state_nbytes(tensors),
         bytes_down=bytes_down,
         steps=int(metrics.get("steps", 0)),
+        device=str(info.get("device", "unknown")),
+        precision=str(info.get("precision", "unknown")),
+        device_peak_memory_mb=None if device_peak is None else float(device_peak),
     )
 
 
@@ -168,8 +179,9 @@ def declared(node_config: Mapping[str, Any]) -> dict[str, int | float | str]:
     for key in DECLARED_FLOAT:
         if key in node_config:
             info[key] = float(node_config[key])
-    if "data" in node_config:
-        info["data"] = str(node_config["data"])
+    for key in DECLARED_STR:
+        if key in node_config:
+            info[key] = str(node_config[key])
     return info
 
 
@@ -188,7 +200,13 @@ def train_reply(msg: Message, result: ClientResult) -> Message:
         "trainable-params": result.trainable_params,
         "steps": result.steps,
     }
-    content = RecordDict({"arrays": to_record(u.tensors), "metrics": MetricRecord(metrics)})
+    if result.device_peak_memory_mb is not None:
+        metrics["device-peak-memory-mb"] = result.device_peak_memory_mb
+    content = RecordDict({
+        "arrays": to_record(u.tensors),
+        "metrics": MetricRecord(metrics),
+        "config": ConfigRecord({"device": result.device, "precision": result.precision}),
+    })  # fmt: skip
     return Message(content, reply_to=msg)
 
 

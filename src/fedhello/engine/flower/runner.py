@@ -61,19 +61,35 @@ def run_flower_sim(cfg: Config, run: RunDir, options: RunOptions | None = None) 
     from fedhello.engine.flower.server_app import make_server_app
 
     outcome: dict[str, Any] = {}
+    resources = client_resources(cfg)
+    logger.info("Flower simulation: client resources %s", resources)
     server = make_server_app(cfg, run, options or RunOptions(), outcome)
-    threads = max(1, (os.cpu_count() or 1))
     run_simulation(
         server_app=server,
         client_app=client_app,
         num_supernodes=cfg.clients.num_clients,
-        backend_config={"client_resources": {"num_cpus": threads, "num_gpus": 0.0}},
+        backend_config={"client_resources": resources},
     )
     if "error" in outcome:
         raise outcome["error"]
     if not run.summary_path.is_file():
         raise RuntimeError("the Flower simulation ended without finishing the run")
     return run.read_summary()
+
+
+def client_resources(cfg: Config) -> dict[str, Any]:
+    """Ray resources of one virtual client. Ray runs as many clients at once as fit: all
+    cores each (the default) trains one client at a time with every core; ``client_gpus =
+    0.25`` lets four share a GPU. Ray hides the GPUs from an actor that asks for none, so a
+    run whose device finds CUDA asks for a whole one unless told otherwise."""
+    from fedhello.model.accelerator import accelerator_for
+
+    fed = cfg.federation
+    cpus = fed.client_cpus or max(1, os.cpu_count() or 1)
+    gpus = fed.client_gpus
+    if gpus is None:
+        gpus = 1.0 if accelerator_for(cfg).device.type == "cuda" else 0.0
+    return {"num_cpus": cpus, "num_gpus": float(gpus)}
 
 
 def write_app(folder: Path) -> Path:

@@ -1,0 +1,123 @@
+"""Device and precision: resolution, the one-line errors, and what each choice does to a model.
+
+CUDA's answers are monkeypatched where a test is about the resolution logic (this machine and CI
+have no GPU); what runs on a real GPU is in test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedhello.core.config import load_config
+from fedhello.core.errors import ConfigError
+from fedhello.model import accelerator as accel
+from fedhello.model.accelerator import accelerator_for, resolve, resolve_precision
+from fedhello.store.runs import RunDir
+
+
+def fake_cuda(monkeypatch: pytest.MonkeyPatch, count: int, bf16: bool) -> None:
+    monkeypatch.setattr(accel, "cuda_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
+
+
+@pytest.mark.parametrize(
+    "device,precision,message",
+    [
+        ("cuda", "auto", "train.device = 'cuda': this machine has no CUDA device"),
+        ("cuda:1", "auto", "train.device = 'cuda:1': this machine has no CUDA device"),
+        ("cpu", "fp16", "train.precision = 'fp16' on the CPU"),
+    ],
+)
+def test_impossible_choices_are_one_line_errors(device: str, precision: str, message: str) -> None:
+    if accel.cuda_count():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(ConfigError) as err:
+        resolve(device, precision)
+    text = str(err.value)
+    assert text.startswith(message) and "\n" not in text and "allowed" in text
+
+
+def test_a_gpu_index_past_the_last_names_the_ones_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cuda(monkeypatch, count=2, bf16=True)
+    with pytest.raises(ConfigError, match=r"has 2 CUDA device\(s\), cuda:0..cuda:1"):
+        resolve("cuda:3")
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, ("bf16", "bf16")), (False, ("fp16", "fp16"))])
+def test_auto_on_cuda_is_bf16_where_supported_else_scaled_fp16(
+    monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: tuple[str, str]
+) -> None:
+    fake_cuda(monkeypatch, count=1, bf16=bf16)
+    acc = resolve("auto", "auto")
+    assert str(acc.device) == "cuda:0"
+    assert (acc.precision, acc.base_precision) == expected  # base stored low on a GPU
+    assert "Fake GPU" in acc.reason
+    if not bf16:
+        with pytest.raises(ConfigError, match="does not support bf16"):
+            resolve("cuda", "bf16")
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cpu_is_bf16_only_with_native_instructions(
+    monkeypatch: pytest.MonkeyPatch, native: bool, expected: str
+) -> None:
+    monkeypatch.setattr(accel, "cpu_has_bf16", lambda: native)
+    precision, reason = resolve_precision("auto", torch.device("cpu"))
+    assert precision == expected and reason.startswith("auto:")
+    acc = resolve("cpu", "auto")
+    assert acc.base_precision == "fp32"  # a CPU keeps the base in fp32 (docs/PERFORMANCE.md)
+
+
+def test_config_refuses_unknown_values_before_any_resolution() -> None:
+    with pytest.raises(ConfigError, match=r"train.device = 'gpu': allowed: auto, cpu, cuda"):
+        load_config(None, ["train.device=gpu"])
+    with pytest.raises(ConfigError, match=r"train.precision = 'fp8'"):
+        load_config(None, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="allowed: auto, fp32 or the compute precision"):
+        load_config(None, ["train.precision=bf16", "train.base_precision=fp16"])
+
+
+def test_place_keeps_the_adapter_fp32_and_stores_the_base_low() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    acc = resolve("cpu", "bf16", "bf16")
+    acc.place(model, {"1.weight", "1.bias"})
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes == {"0.weight": torch.bfloat16, "0.bias": torch.bfloat16,
+                      "1.weight": torch.float32, "1.bias": torch.float32}  # fmt: skip
+    with acc.autocast():
+        out = model(torch.ones(3, 4))
+    assert out.dtype == torch.bfloat16
+    assert not acc.grad_scaler().is_enabled()  # bf16 needs no loss scaling
+
+
+def test_a_resumed_run_keeps_the_precision_it_ran_in(tmp_path: Path) -> None:
+    cfg = load_config(None, ["train.device=cpu"])
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    assert run.recorded_precision() is None
+    run.append_metrics({"round": 1, "clients": [{"client": 0}]})  # written before precision
+    assert run.recorded_precision() == "fp32"
+    assert accelerator_for(cfg, run.recorded_precision()).precision == "fp32"
+    bf16 = load_config(None, ["train.device=cpu", "train.precision=bf16"])
+    with pytest.raises(ConfigError, match="has run in 'fp32' so far"):
+        accelerator_for(bf16, "fp32")
+
+
+@pytest.mark.skipif(accel.cuda_count() > 0, reason="this machine has a CUDA device")
+def test_cli_refuses_a_missing_gpu_before_loading_anything(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedhello.cli", "run", "--set", "train.device=cuda:1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.device = 'cuda:1'" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
