@@ -126,13 +126,15 @@ def tiny_overrides(model_dir: Path, data: Path | str, **extra: object) -> list[s
 def text_run(
     tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_text_csv: Path
 ) -> Path:
-    """A finished embedded run of the tiny BERT on the tiny text data (read it, don't change it)."""
+    """A finished embedded run of the tiny BERT on the tiny text data (read it, don't change it),
+    trained in bf16 autocast (on any CPU: emulated where it has no bf16 instructions)."""
     from fedhello.cli import main
 
     out = tmp_path_factory.mktemp("runs") / "text"
     ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
                         data__label_column='"topic"', federation__rounds=3, train__local_steps=15,
-                        train__lr=0.02, data__partition="iid")  # fmt: skip
+                        train__lr=0.02, data__partition="iid",
+                        train__precision='"bf16"')  # fmt: skip
     args = ["run", "--out", str(out)]
     for o in ov:
         args += ["--set", o]
@@ -140,7 +142,9 @@ def text_run(
     return out
 
 
-def peft_test_accuracy(run_dir: Path, base_dir: Path | str, site: Path | None = None) -> float:
+def peft_test_accuracy(
+    run_dir: Path, base_dir: Path | str, site: Path | None = None, precision: str | None = None
+) -> float:
     """Test accuracy of a run's exported adapter loaded with plain PEFT onto ``base_dir``,
     on the run's test split (or on the held-out rows of a ``site`` file): what a user who
     only has the adapter would measure."""
@@ -152,7 +156,9 @@ def peft_test_accuracy(run_dir: Path, base_dir: Path | str, site: Path | None = 
     from fedhello.core.config import load_config
     from fedhello.data.encoding import encode
     from fedhello.data.loading import load_raw
+    from fedhello.model.accelerator import resolve
     from fedhello.model.evaluation import evaluate
+    from fedhello.store.runs import RunDir
 
     cfg = load_config(run_dir / "config.toml")
     labels = json.loads((run_dir / "adapter/labels.json").read_text())
@@ -165,4 +171,5 @@ def peft_test_accuracy(run_dir: Path, base_dir: Path | str, site: Path | None = 
 
         raw, split = load_site_raw(str(site), cfg.data, "text", labels), "validation"
     data = encode(raw, AutoTokenizer.from_pretrained(base_dir), cfg.model.max_length)
-    return evaluate(model, data, raw.splits[split], 64)["accuracy"]
+    acc = resolve("cpu", precision or RunDir(run_dir).recorded_precision() or "fp32", "fp32")
+    return evaluate(model, data, raw.splits[split], 64, acc)["accuracy"]

@@ -61,7 +61,7 @@ def test_same_seed_same_metrics_other_seed_differs(
 ) -> None:
     common = {"data__text_column": '"sentence"', "data__label_column": '"topic"',
               "federation__rounds": 3, "train__local_steps": 15, "train__lr": 0.02,
-              "data__partition": "iid"}  # fmt: skip
+              "data__partition": "iid", "train__precision": '"bf16"'}  # fmt: skip
     assert run(tmp_path / "again", tiny_overrides(tiny_bert_dir, tiny_text_csv, **common)) == 0
     first = [strip_timing(r) for r in RunDir(text_run).read_metrics()]
     again = [strip_timing(r) for r in RunDir(tmp_path / "again").read_metrics()]

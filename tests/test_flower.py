@@ -135,7 +135,11 @@ def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, t
     site = tmp_path / "site1.csv"
     texts, labels = make_texts(60, seed=11)
     pd.DataFrame({"sentence": texts, "topic": labels}).to_csv(site, index=False)
-    extra = {0: "budget-layers=1", 1: f'budget-tier=0 data="{site}"'}
+    # and each its own precision: what each used is recorded per client
+    extra = {
+        0: 'budget-layers=1 precision="bf16"',
+        1: f'budget-tier=0 data="{site}" precision="fp32"',
+    }
     with deployment(tmp_path, nodes=2, tls=True, node_extra=extra) as dep:
         for k, v in flower_env(dep.home).items():
             monkeypatch.setenv(k, v)
@@ -154,12 +158,14 @@ def test_tls_deployment_completes_a_round(tmp_path: Path, tiny_bert_dir: Path, t
     assert budgets == {0: (1, 1), 1: (2, 2)}
     examples = {c["client"]: c["num_examples"] for c in records[0]["clients"]}
     assert examples[1] == 57 and examples[0] > 60  # 3 of the site's 60 rows held out
+    used = {c["client"]: (c["device"], c["precision"]) for c in records[0]["clients"]}
+    assert used == {0: ("cpu", "bf16"), 1: ("cpu", "fp32")}
     # the site evaluated the final model on its held-out rows: what the exported adapter scores
     summary = RunDir(out).read_summary()
     assert summary["site_validation"]["1"]["num_examples"] == 3
     assert summary["site_validation_examples"] == 3
     assert summary["site_validation_accuracy"] == pytest.approx(
-        peft_test_accuracy(out, tiny_bert_dir, site=site), abs=1e-6
+        peft_test_accuracy(out, tiny_bert_dir, site=site, precision="fp32"), abs=1e-6
     )
 
 

@@ -23,12 +23,12 @@ from fedhello.store.runs import RunDir
 ROUNDS = 6
 
 
-def _overrides(model: Path, data: Path) -> list[str]:
+def _overrides(model: Path, data: Path, precision: str = "auto") -> list[str]:
     return tiny_overrides(
         model, data, data__text_column='"sentence"', data__label_column='"topic"',
         federation__rounds=ROUNDS, federation__server_momentum=0.5,
         allocation__strategy='"fed-hello"', allocation__fisher_warmup=1,
-        allocation__fisher_every=2, train__local_steps=6,
+        allocation__fisher_every=2, train__local_steps=6, train__precision=f'"{precision}"',
     )  # fmt: skip
 
 
@@ -43,10 +43,11 @@ def _adapter(run: Path) -> dict[str, np.ndarray]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(
-    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+    precision: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
 ) -> None:
-    ov = _overrides(tiny_bert_dir, tiny_text_csv)
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, precision)
     ref = tmp_path / "ref"
     assert main(["run", "--out", str(ref)] + [a for o in ov for a in ("--set", o)]) == 0
 
@@ -73,10 +74,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    assert (
-        RunDir(crashed).read_summary()["test_accuracy"]
-        == RunDir(ref).read_summary()["test_accuracy"]
-    )
+    summary = RunDir(crashed).read_summary()
+    assert summary["test_accuracy"] == RunDir(ref).read_summary()["test_accuracy"]
+    assert summary["precision"] == precision  # and every client trained in it
+    assert {c["precision"] for r in RunDir(crashed).read_metrics() for c in r["clients"]} == {
+        precision
+    }
     # a finished run resumed again recomputes nothing
     before = (crashed / "metrics.jsonl").read_bytes()
     assert main(["run", "--resume", str(crashed)]) == 0
