@@ -121,3 +121,25 @@ def test_cli_refuses_a_missing_gpu_before_loading_anything(tmp_path: Path) -> No
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.device = 'cuda:1'" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_env_reports_devices_resolution_and_offline_availability(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from fedhello.cli import main
+
+    assert main(["env", "--json", "--set", "train.precision=fp32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["versions"]["torch"].startswith("2.13.0")  # the pin
+    assert report["devices"][-1]["device"] == "cpu"
+    assert report["resolved"]["precision"] == "fp32"
+    assert report["offline"]["model"]["available"]  # the shipped MiniLM snapshot
+    assert report["offline"]["data"]["available"]  # the built-in WordNet file
+    # a config that cannot run here is described, not refused: env is what bug reports quote
+    args = ["env", "--set", "train.device=cuda:7", "--set", "model.name=no-such-model"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "cannot run here: train.device = 'cuda:7'" in out
+    assert "model      NOT available: model.name = 'no-such-model'" in out

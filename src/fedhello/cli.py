@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         help="folder for a plain transformers model with the LoRA merged into its weights",
     )  # fmt: skip
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    env = sub.add_parser(
+        "env", help="what fedhello will use here: versions, devices, device/precision, data"
+    )
+    config_args(env)
+    env.add_argument("--json", action="store_true", help="print one JSON object")
     for sp in (cmp, rep):
         sp.add_argument(
             "--baseline",
@@ -222,6 +227,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from fedhello.core.config import load_config
+    from fedhello.machine import describe
+
+    cfg = load_config(args.config, args.overrides)
+    _setup_output(args.verbose, cfg.model.allow_download)
+    report = describe(cfg)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"platform   {report['platform']}")
+    print("versions   " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    for dev in report["devices"]:
+        facts = ", ".join(f"{k} {v}" for k, v in dev.items() if k not in ("device", "name"))
+        print(f"device     {dev['device']}: {dev['name']} ({facts})")
+    res = report["resolved"]
+    conf = res["configured"]
+    asked = f"train.device = {conf['device']!r}, train.precision = {conf['precision']!r}"
+    if "error" in res:
+        print(f"resolved   {asked}: cannot run here: {res['error']}")
+    else:
+        print(f"resolved   {asked} -> {res['device']}, {res['precision']} "
+              f"(frozen base in {res['base_precision']}): {res['precision_reason']}")  # fmt: skip
+    th = report["threads"]
+    print(f"threads    torch {th['torch']} of {th['cpu_cores']} cores; "
+          f"run.threads = {th['run.threads']}")  # fmt: skip
+    for what in ("model", "data"):
+        item = report["offline"][what]
+        state = item["source"] if item["available"] else f"NOT available: {item['reason']}"
+        print(f"{what:<10} {state}")
+    print(f"flwr       {'on PATH' if report['flwr_on_path'] else 'not on PATH'}; "
+          f"hub {'offline' if report['offline']['hub_offline'] else 'online'}")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     apply_offline_env(allow_download=True)  # the hub variables: once the config is known
@@ -230,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
             "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
+            "env": cmd_env,
         }  # fmt: skip
         return commands[args.command](args)
     except UserError as err:
