@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The offline environment (no hub, no telemetry) is set by the fedhello command and by the
 # tests' conftest, from one table: src/fedhello/environment.py.
 
-.PHONY: install run test test-fast lint format clean bench
+.PHONY: install run test test-fast lint format clean bench bench-gpu
 
 install: $(STAMP)
 
@@ -42,3 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/client_cost.py
 	$(PY) bench/engine.py
 	$(PY) bench/clientapp_startup.py
+	$(PY) bench/precision.py
+
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py

@@ -26,24 +26,17 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).parent))
+from client_cost import wordnet_rows  # the same real batches as the other benchmarks
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "precision.json"
 RUNS = ROOT / "runs" / "bench-precision"
-
-
-def wordnet_rows() -> tuple[list[str], list[str]]:
-    import gzip
-    from importlib import resources
-
-    shipped = resources.files("fedhello.data").joinpath("builtin", "wordnet_nouns.tsv.gz")
-    with shipped.open("rb") as f:
-        lines = gzip.decompress(f.read()).decode().splitlines()[1:]
-    rows = [line.rsplit("\t", 1) for line in lines]
-    return [r[0] for r in rows], [r[1] for r in rows]
 
 
 def variants(device: str) -> dict[str, tuple[str, str]]:

@@ -15,9 +15,17 @@ from fedhello.model.loading import load_model
 from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, get_state
 from fedhello.model.training import LocalTask, Shard, train_client
 
-# Every precision a CPU runs (bf16 is emulated where the CPU lacks the instructions, so it runs
-# everywhere): compute precision, storage of the frozen base.
-CPU_PRECISIONS = [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")]
+# (device, compute precision, storage of the frozen base): every precision a CPU runs (bf16 is
+# emulated where the CPU lacks the instructions, so it runs everywhere), and on a CUDA machine
+# the GPU's (marked `gpu`: skipped with the reason elsewhere).
+NO_CUDA = not torch.cuda.is_available()
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")]
+PRECISIONS = [
+    ("cpu", "fp32", "fp32"), ("cpu", "bf16", "fp32"), ("cpu", "bf16", "bf16"),
+    pytest.param("cuda", "fp32", "fp32", marks=ON_GPU),
+    pytest.param("cuda", "bf16", "bf16", marks=ON_GPU),
+    pytest.param("cuda", "fp16", "fp16", marks=ON_GPU),
+]  # fmt: skip
 
 
 def _model(model_dir: Path, labels: list[str]):
@@ -49,10 +57,10 @@ def _image_data(loaded, n: int = 32):
     return encode(raw, loaded.processor, 16)
 
 
-@pytest.mark.parametrize("precision,base", CPU_PRECISIONS)
+@pytest.mark.parametrize("device,precision,base", PRECISIONS)
 @pytest.mark.parametrize("kind,layers", [("text", (2,)), ("text", (0, 3)), ("image", (1,))])
 def test_step_changes_exactly_allocated_lora_and_head(
-    kind: str, layers: tuple[int, ...], precision: str, base: str,
+    kind: str, layers: tuple[int, ...], device: str, precision: str, base: str,
     tiny_bert_dir: Path, tiny_vit_dir: Path,
 ) -> None:  # fmt: skip
     model_dir = tiny_bert_dir if kind == "text" else tiny_vit_dir
@@ -62,7 +70,7 @@ def test_step_changes_exactly_allocated_lora_and_head(
     num_layers = model.config.num_hidden_layers
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, num_layers)
-    acc = resolve("cpu", precision, base)
+    acc = resolve(device, precision, base)
     acc.place(model, set(keys))
     # A global state with non-zero B, so that every LoRA tensor has a gradient.
     rng = np.random.default_rng(1)
@@ -77,10 +85,10 @@ def test_step_changes_exactly_allocated_lora_and_head(
     result = train_client(model, layer_of, shard, task, state, cfg, acc)
     after = dict(model.named_parameters())
     for name, old in before.items():
-        start = torch.from_numpy(state[name]) if name in state else old
+        start = torch.from_numpy(state[name]) if name in state else old.cpu()
         layer = layer_of.get(name, -1)
         allowed = name in layer_of and (layer is None or layer in layers)
-        changed = not torch.equal(after[name].detach(), start)
+        changed = not torch.equal(after[name].detach().cpu(), start)
         assert changed == allowed, f"{name}: changed={changed}, allocated={allowed}"
     uploaded = set(result.update.tensors)
     assert uploaded == {k for k, layer in layer_of.items() if layer is None or layer in layers}
@@ -91,7 +99,9 @@ def test_step_changes_exactly_allocated_lora_and_head(
     assert all(v.dtype == np.float32 for v in result.update.tensors.values())
     frozen = [p for n, p in after.items() if n not in layer_of and p.is_floating_point()]
     assert {p.dtype for p in frozen} == {DTYPES[base]}
-    assert (result.precision, result.device) == (precision, "cpu")
+    assert (result.precision, result.device) == (precision, str(acc.device))
+    # the allocator's peak on CUDA, nothing pretended on the CPU
+    assert (result.device_peak_memory_mb is not None) == (acc.device.type == "cuda")
 
 
 def test_layer_map_covers_every_lora_tensor_once(tiny_bert_dir: Path) -> None:
@@ -106,20 +116,20 @@ def test_layer_map_covers_every_lora_tensor_once(tiny_bert_dir: Path) -> None:
     assert heads and all("classifier.modules_to_save" in k for k in heads)
 
 
-@pytest.mark.parametrize("precision,base", CPU_PRECISIONS)
+@pytest.mark.parametrize("device,precision,base", PRECISIONS)
 def test_frozen_lora_below_the_top_block_gets_no_gradient(
-    precision: str, base: str, tiny_bert_dir: Path
+    device: str, precision: str, base: str, tiny_bert_dir: Path
 ) -> None:
     loaded, model = _model(tiny_bert_dir, ["class-0", "class-1", "class-2", "class-3"])
     data = _text_data(loaded, 16)
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, 4)
-    acc = resolve("cpu", precision, base)
+    acc = resolve(device, precision, base)
     acc.place(model, set(keys))
     params = apply_layer_mask(model, [3], layer_of)
     model.train()
     with acc.autocast():
-        loss = model(**data.batch(np.arange(8))).loss
+        loss = model(**acc.to_device(data.batch(np.arange(8)))).loss
     loss.backward()
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -132,16 +142,16 @@ def test_frozen_lora_below_the_top_block_gets_no_gradient(
     assert len(optimizer.state) == len(params)
 
 
-@pytest.mark.parametrize("precision,base", CPU_PRECISIONS)
+@pytest.mark.parametrize("device,precision,base", PRECISIONS)
 def test_training_only_the_top_block_keeps_less_for_backward(
-    precision: str, base: str, tiny_bert_dir: Path
+    device: str, precision: str, base: str, tiny_bert_dir: Path
 ) -> None:
     labels = ["class-0", "class-1", "class-2", "class-3"]
     loaded, model = _model(tiny_bert_dir, labels)
     data = _text_data(loaded)
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, 4)
-    acc = resolve("cpu", precision, base)
+    acc = resolve(device, precision, base)
     acc.place(model, set(keys))
     state = get_state(model, keys)
     cfg = load_config(None, ["train.local_steps=1", "train.batch_size=16"]).train
@@ -156,3 +166,6 @@ def test_training_only_the_top_block_keeps_less_for_backward(
     # the lowest trained block decides how deep backward goes: (0, 3) keeps about what all do
     assert mem[(0, 3)].train_memory_mb <= mem[(0, 1, 2, 3)].train_memory_mb
     assert mem[(3,)].trainable_params < mem[(0, 1, 2, 3)].trainable_params
+    if acc.device.type == "cuda":  # and where the allocator measures it, it agrees
+        peak = {layers: r.device_peak_memory_mb or 0.0 for layers, r in mem.items()}
+        assert 0 < peak[(3,)] < peak[(0, 1, 2, 3)]

@@ -1,0 +1,119 @@
+"""Step time and the allocator's peak memory per layer set, on a CUDA GPU, in each precision.
+
+The GPU counterpart of bench/client_cost.py: the real MiniLM-L6 with LoRA r=16 on query/value,
+real WordNet batches (``--batch`` x up to 32 tokens), the engines' own training step
+(``Accelerator`` autocast, GradScaler for fp16, ``apply_layer_mask``). For every precision
+(fp32; bf16 where the GPU has it; fp16) and layer set: the median step time and the allocator's
+peak during the steps (``torch.cuda.max_memory_allocated``, reset per set), both also as ratios
+to training every layer in fp32. Writes bench/results/gpu.json. On a machine without CUDA it
+says so and exits 0 (``make bench-gpu``).   Usage: python bench/gpu.py [--steps N] [--batch B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from client_cost import wordnet_rows
+
+OUT = Path(__file__).parent / "results" / "gpu.json"
+SETS = {"all 6": list(range(6)), "top 1": [5], "top 3": [3, 4, 5], "bottom 1": [0]}
+
+
+def measure(steps: int, batch_size: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from fedhello.core.layers import layer_of_keys
+    from fedhello.model.accelerator import resolve
+    from fedhello.model.loading import load_model
+    from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model
+
+    torch.manual_seed(0)
+    texts, names = wordnet_rows()
+    label_names = sorted(set(names))
+    loaded = load_model("minilm-l6", label_names)
+    base = build_lora_model(loaded.model, 16, 16, 0.1, ["auto"])
+    keys = adapter_keys(base)
+    layer_of = layer_of_keys(keys, 6)
+    pick = np.random.default_rng(0).choice(len(texts), batch_size * (steps + 2), replace=False)
+    tok = loaded.processor([texts[i] for i in pick], padding="max_length", truncation=True,
+                           max_length=32, return_tensors="pt")  # fmt: skip
+    labels = torch.as_tensor([label_names.index(names[i]) for i in pick])
+    precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    rows = []
+    for precision in precisions:
+        acc = resolve("cuda", precision)  # auto base: stored in the compute precision
+        model = acc.place(copy.deepcopy(base), set(keys))
+        model.train()
+        for set_name, layers in SETS.items():
+            params = apply_layer_mask(model, layers, layer_of)
+            opt = torch.optim.AdamW(params, lr=1e-3)
+            scaler = acc.grad_scaler()
+            times = []
+            acc.reset_peak_memory()
+            for step in range(steps + 2):
+                sl = slice(batch_size * step, batch_size * (step + 1))
+                batch = acc.to_device({k: v[sl] for k, v in tok.items()} | {"labels": labels[sl]})
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with acc.autocast():
+                    loss = model(**batch).loss
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                torch.cuda.synchronize()
+                if step >= 2:
+                    times.append(time.perf_counter() - t0)
+            rows.append({"precision": precision, "base": acc.base_precision, "set": set_name,
+                         "layers": layers, "step_s": statistics.median(times),
+                         "peak_mb": acc.peak_memory_mb()})  # fmt: skip
+            del opt
+        del model
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(0), "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"no CUDA device here (torch {torch.__version__}): nothing to measure")
+        return
+    result = measure(args.steps, args.batch)
+    ref = next(r for r in result["rows"] if r["precision"] == "fp32" and r["set"] == "all 6")
+    print(f"{result['device']}; batch {args.batch} x 32 tokens; median of {args.steps} steps")
+    print(
+        f"{'precision':<10}{'set':<10}{'step ms':>9}{'speedup':>9}{'peak MB':>9}{'mem ratio':>10}"
+    )
+    for r in result["rows"]:
+        r["speedup"] = ref["step_s"] / r["step_s"]
+        r["memory_ratio"] = r["peak_mb"] / ref["peak_mb"]
+        print(f"{r['precision']:<10}{r['set']:<10}{1000 * r['step_s']:>9.1f}"
+              f"{r['speedup']:>8.2f}x{r['peak_mb']:>9.0f}{r['memory_ratio']:>10.2f}")  # fmt: skip
+    result |= {"batch": args.batch, "steps": args.steps, "platform": platform.platform(),
+               "torch": torch.__version__}  # fmt: skip
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"(speedup, mem ratio: against every layer in fp32) -> {OUT}")
+
+
+if __name__ == "__main__":
+    main()
