@@ -17,6 +17,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 OUT = Path(__file__).parent / "results" / "client_cost.json"
 
@@ -32,32 +33,42 @@ def wordnet_rows() -> tuple[list[str], list[str]]:
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
+def minilm_lora_and_batches(count: int) -> tuple[Any, list[str], dict, dict, Any]:
+    """The benchmarks' subject: MiniLM-L6 with LoRA r=16 on query/value (seeded), its adapter
+    keys and their blocks, and ``count`` random WordNet examples tokenised to 32 tokens with
+    their labels. No pandas: keep the process lean and RSS honest."""
+    import numpy as np
+    import torch
+
+    from fedhello.core.layers import layer_of_keys
+    from fedhello.model.loading import load_model
+    from fedhello.model.lora import adapter_keys, build_lora_model
+
+    torch.manual_seed(0)
+    texts, names = wordnet_rows()
+    label_names = sorted(set(names))
+    loaded = load_model("minilm-l6", label_names)
+    model = build_lora_model(loaded.model, 16, 16, 0.1, ["auto"])
+    keys = adapter_keys(model)
+    pick = np.random.default_rng(0).choice(len(texts), count, replace=False)
+    tok = loaded.processor([texts[i] for i in pick], padding="max_length", truncation=True,
+                           max_length=32, return_tensors="pt")  # fmt: skip
+    labels = torch.as_tensor([label_names.index(names[i]) for i in pick])
+    return model, keys, layer_of_keys(keys, 6), dict(tok), labels
+
+
 def measure(layers: list[int], mode: str, steps: int, queue: mp.Queue) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import numpy as np
     import psutil
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from fedhello.core.layers import layer_of_keys
-    from fedhello.model.loading import load_model
-    from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model
+    from fedhello.model.lora import apply_layer_mask
     from fedhello.model.meters import SavedTensorMeter
 
-    torch.manual_seed(0)
-    texts, names = wordnet_rows()  # no pandas here: keep the process lean and RSS honest
-    label_names = sorted(set(names))
-    loaded = load_model("minilm-l6", label_names)
-    model = build_lora_model(loaded.model, 16, 16, 0.1, ["auto"])
-    keys = adapter_keys(model)
-    layer_of = layer_of_keys(keys, 6)
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(texts), 32 * (steps + 2), replace=False)
-    tok = loaded.processor([texts[i] for i in pick], padding="max_length", truncation=True,
-                           max_length=32, return_tensors="pt")  # fmt: skip
-    labels = torch.as_tensor([label_names.index(names[i]) for i in pick])
+    model, _, layer_of, tok, labels = minilm_lora_and_batches(32 * (steps + 2))
     if mode == "ours":
         params = apply_layer_mask(model, layers, layer_of)
         optimizer = torch.optim.AdamW(params, lr=1e-3)

@@ -23,34 +23,21 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from client_cost import wordnet_rows
+from client_cost import minilm_lora_and_batches
 
 OUT = Path(__file__).parent / "results" / "gpu.json"
 SETS = {"all 6": list(range(6)), "top 1": [5], "top 3": [3, 4, 5], "bottom 1": [0]}
 
 
 def measure(steps: int, batch_size: int) -> dict[str, Any]:
-    import numpy as np
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from fedhello.core.layers import layer_of_keys
     from fedhello.model.accelerator import resolve
-    from fedhello.model.loading import load_model
-    from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model
+    from fedhello.model.lora import apply_layer_mask
 
-    torch.manual_seed(0)
-    texts, names = wordnet_rows()
-    label_names = sorted(set(names))
-    loaded = load_model("minilm-l6", label_names)
-    base = build_lora_model(loaded.model, 16, 16, 0.1, ["auto"])
-    keys = adapter_keys(base)
-    layer_of = layer_of_keys(keys, 6)
-    pick = np.random.default_rng(0).choice(len(texts), batch_size * (steps + 2), replace=False)
-    tok = loaded.processor([texts[i] for i in pick], padding="max_length", truncation=True,
-                           max_length=32, return_tensors="pt")  # fmt: skip
-    labels = torch.as_tensor([label_names.index(names[i]) for i in pick])
+    base, keys, layer_of, tok, labels = minilm_lora_and_batches(batch_size * (steps + 2))
     precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
     rows = []
     for precision in precisions:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from client_cost import wordnet_rows  # the same real batches as the other benchmarks
+from client_cost import minilm_lora_and_batches  # the same subject as the other benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "precision.json"
@@ -48,30 +48,16 @@ def variants(device: str) -> dict[str, tuple[str, str]]:
 
 
 def step_times(device: str, steps: int) -> dict[str, Any]:
-    import numpy as np
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from fedhello.core.layers import layer_of_keys
     from fedhello.model.accelerator import resolve
-    from fedhello.model.loading import load_model
-    from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model
+    from fedhello.model.lora import apply_layer_mask
     from fedhello.model.meters import SavedTensorMeter
 
-    torch.manual_seed(0)
-    texts, names = wordnet_rows()
-    label_names = sorted(set(names))
-    loaded = load_model("minilm-l6", label_names)
-    base = build_lora_model(loaded.model, 16, 16, 0.1, ["auto"])
-    keys = adapter_keys(base)
-    layer_of = layer_of_keys(keys, 6)
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(texts), 32 * (steps + 2), replace=False)
-    tok = loaded.processor([texts[i] for i in pick], padding="max_length", truncation=True,
-                           max_length=32, return_tensors="pt")  # fmt: skip
-    labels = torch.as_tensor([label_names.index(names[i]) for i in pick])
+    base, keys, layer_of, tok, labels = minilm_lora_and_batches(32 * (steps + 2))
     width = int(tok["attention_mask"].sum(dim=1).max())  # as Encoded.batch trims
     batches = [
         {k: v[32 * s : 32 * (s + 1), :width] for k, v in tok.items()}
