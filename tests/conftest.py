@@ -171,5 +171,6 @@ def peft_test_accuracy(
 
         raw, split = load_site_raw(str(site), cfg.data, "text", labels), "validation"
     data = encode(raw, AutoTokenizer.from_pretrained(base_dir), cfg.model.max_length)
-    acc = resolve("cpu", precision or RunDir(run_dir).recorded_precision() or "fp32", "fp32")
+    recorded = RunDir(run_dir).recorded_precision() or {"precision": "fp32"}
+    acc = resolve("cpu", precision or recorded["precision"], "fp32")
     return evaluate(model, data, raw.splits[split], 64, acc)["accuracy"]

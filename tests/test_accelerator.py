@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedhello.core.config import load_config
-from fedhello.core.errors import ConfigError
+from fedhello.core.errors import ConfigError, RunDirError
 from fedhello.model import accelerator as accel
 from fedhello.model.accelerator import accelerator_for, resolve, resolve_precision
 from fedhello.store.runs import RunDir
@@ -102,11 +102,12 @@ def test_a_resumed_run_keeps_the_precision_it_ran_in(tmp_path: Path) -> None:
     run.path.mkdir()
     assert run.recorded_precision() is None
     run.append_metrics({"round": 1, "clients": [{"client": 0}]})  # written before precision
-    assert run.recorded_precision() == "fp32"
-    assert accelerator_for(cfg, run.recorded_precision()).precision == "fp32"
+    fp32 = {"precision": "fp32", "base_precision": "fp32"}
+    assert run.recorded_precision() == fp32
+    assert accelerator_for(cfg, fp32).precision == "fp32"  # auto keeps what the run ran in
     bf16 = load_config(None, ["train.device=cpu", "train.precision=bf16"])
     with pytest.raises(ConfigError, match="has run in 'fp32' so far"):
-        accelerator_for(bf16, "fp32")
+        accelerator_for(bf16, fp32)
 
 
 @pytest.mark.skipif(accel.cuda_count() > 0, reason="this machine has a CUDA device")
@@ -143,3 +144,31 @@ def test_env_reports_devices_resolution_and_offline_availability(
     out = capsys.readouterr().out
     assert "cannot run here: train.device = 'cuda:7'" in out
     assert "model      NOT available: model.name = 'no-such-model'" in out
+
+
+def test_a_legacy_run_reads_as_fp32_and_compare_will_not_mix_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell run before ``train.precision`` existed (no key in its config, none in its
+    records) ran in fp32: reused where the cell resolves to fp32, refused where ``auto`` now
+    means bf16 (a CPU with bf16 instructions), so a comparison never mixes the two."""
+    import json
+
+    from fedhello.core.config import load_saved_config
+    from fedhello.studies.compare import Cell, run_cell
+
+    monkeypatch.setattr(accel, "cpu_has_bf16", lambda: True)
+    cell = Cell("iid", "fedra", 0)
+    cfg = load_config(None, ["train.device=cpu", "data.partition=iid"])
+    run = RunDir(cell.path(tmp_path))
+    run.path.mkdir(parents=True)
+    lines = cfg.to_toml().splitlines(keepends=True)
+    legacy = "".join(x for x in lines if "precision = " not in x)  # precision, base-precision
+    assert "precision" not in legacy
+    run.config_path.write_text(legacy)
+    run.summary_path.write_text(json.dumps({"test_accuracy": 0.5}))
+    assert load_saved_config(run.config_path).train.precision == "fp32"
+    with pytest.raises(RunDirError, match=r"precision \('fp32' -> 'bf16'"):
+        run_cell(cell, cfg, tmp_path)
+    fp32 = load_config(None, ["train.device=cpu", "data.partition=iid", "train.precision=fp32"])
+    assert run_cell(cell, fp32, tmp_path) == "reused"

@@ -93,6 +93,8 @@ def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
         ),
         ("rejected updates", str(summary["rejected_updates"])),
     ]
+    if "precision" in summary:  # runs finished before fedhello had devices lack it
+        rows.insert(1, ("device / precision", f"{summary['device']} / {summary['precision']}"))
     for k, v in rows:
         table.add_row(k, v)
     return table

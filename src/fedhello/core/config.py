@@ -306,14 +306,18 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
 
 
-def outcome_differences(saved: Config, wanted: Config) -> list[str]:
-    """``section.key (saved -> wanted)`` for every result-relevant setting that differs."""
+def outcome_differences(
+    saved: Config, wanted: Config, resolved_elsewhere: tuple[str, ...] = ()
+) -> list[str]:
+    """``section.key (saved -> wanted)`` for every result-relevant setting that differs;
+    ``resolved_elsewhere``: ``train`` keys the caller compares as resolved (the precisions)."""
     a, b = saved.outcome_dict(), wanted.outcome_dict()
+    skip = {("train", key) for key in resolved_elsewhere}
     return [
         f"{section}.{key} ({a[section].get(key)!r} -> {b[section].get(key)!r})"
         for section in b
         for key in sorted(set(a[section]) | set(b[section]))
-        if a[section].get(key) != b[section].get(key)
+        if a[section].get(key) != b[section].get(key) and (section, key) not in skip
     ]
 
 

@@ -180,6 +180,9 @@ def close_round(
         "rejected": {str(c): reason for c, reason in report.rejected.items()},
         "num_rejected": len(report.rejected),
         "failed": {str(c): reason for c, reason in outcome.failed.items()},
+        # the server's (evaluation, Fisher scores): a resumed run keeps them
+        "precision": exp.acc.precision,
+        "base_precision": exp.acc.base_precision,
         **rp.fisher_info,
     }
     if rp.round % cfg.federation.eval_every == 0 or rp.round == cfg.federation.rounds:

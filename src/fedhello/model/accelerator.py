@@ -212,17 +212,32 @@ def resolve(device: str = "auto", precision: str = "auto", base: str = "auto") -
     return Accelerator(dev, prec, base, reason)
 
 
-def accelerator_for(cfg: Config, recorded: str | None = None) -> Accelerator:
-    """The accelerator of ``cfg`` on this machine. ``recorded``: the precision a run being
-    continued has run in so far; ``auto`` keeps it (a resumed run never switches precision
-    half-way, e.g. when it moves to a machine where ``auto`` resolves otherwise)."""
+def accelerator_for(cfg: Config, recorded: Mapping[str, str] | None = None) -> Accelerator:
+    """The accelerator of ``cfg`` on this machine. ``recorded``: the ``precision`` and
+    ``base_precision`` a run being continued has run in so far; ``auto`` keeps them (a resumed
+    run never switches precision half-way, e.g. on a machine where ``auto`` resolves otherwise),
+    an explicit other value is refused."""
     t = cfg.train
-    precision: str = t.precision
-    if recorded is not None and precision == "auto":
-        precision = recorded
-    elif recorded is not None and recorded != precision:
-        raise ConfigError(
-            f"train.precision = {precision!r}, but this run has run in {recorded!r} so far; "
-            f"allowed: {recorded!r} or auto"
-        )
-    return resolve(t.device, precision, t.base_precision)
+    chosen: dict[str, str] = {"precision": t.precision, "base_precision": t.base_precision}
+    for key, value in (recorded or {}).items():
+        if chosen[key] == "auto":
+            chosen[key] = value
+        elif chosen[key] != value:
+            raise ConfigError(
+                f"train.{key} = {chosen[key]!r}, but this run has run in {value!r} so far; "
+                f"allowed: {value!r} or auto"
+            )
+    return resolve(t.device, chosen["precision"], chosen["base_precision"])
+
+
+def differs_from_recorded(cfg: Config, recorded: Mapping[str, str] | None) -> list[str]:
+    """``key (recorded -> here)`` for each precision that a run's records and ``cfg`` resolved
+    on this machine disagree on (what ``compare`` checks before reusing a run)."""
+    if recorded is None:
+        return []
+    here = accelerator_for(cfg).describe()
+    return [
+        f"{key} ({recorded[key]!r} -> {here[key]!r}, train.{key} = {getattr(cfg.train, key)!r})"
+        for key in recorded
+        if recorded[key] != here[key]
+    ]

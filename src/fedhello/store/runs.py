@@ -17,6 +17,9 @@ from typing import Any
 from fedhello.core.config import Config
 from fedhello.core.errors import RunDirError
 
+# What a run records of its resolved precision (summary.json and every round's record).
+PRECISION_KEYS = ("precision", "base_precision")
+
 
 class RunDir:
     def __init__(self, path: str | Path) -> None:
@@ -98,16 +101,15 @@ class RunDir:
                 break
         return records
 
-    def recorded_precision(self) -> str | None:
-        """The compute precision this run has trained in so far: its summary's, else its first
-        client record's; ``fp32`` for runs written before fedhello had a precision setting
-        (they all ran in fp32); None for a run with no round yet."""
-        if self.summary_path.is_file():
-            return str(self.read_summary().get("precision", "fp32"))
-        for record in self.read_metrics():
-            for client in record.get("clients", []):
-                return str(client.get("precision", "fp32"))
-        return None
+    def recorded_precision(self) -> dict[str, str] | None:
+        """``precision`` and ``base_precision`` this run has run in so far (the server's: its
+        summary's or its first round's); fp32 for runs written before fedhello had precision
+        settings (they all ran in fp32); None for a run with no round yet."""
+        records = [] if self.summary_path.is_file() else self.read_metrics()[:1]
+        if not self.summary_path.is_file() and not records:
+            return None
+        source = self.read_summary() if self.summary_path.is_file() else records[0]
+        return {k: str(source.get(k, "fp32")) for k in PRECISION_KEYS}
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -35,8 +35,8 @@ from fedhello.core.errors import ConfigError, RunDirError
 from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
 from fedhello.engine.experiment import DataCache
-from fedhello.model.accelerator import accelerator_for
-from fedhello.store.runs import RunDir
+from fedhello.model.accelerator import differs_from_recorded
+from fedhello.store.runs import PRECISION_KEYS, RunDir
 from fedhello.studies.results import CENTRALIZED
 
 logger = logging.getLogger(__name__)
@@ -165,11 +165,9 @@ def run_cell(
     run = RunDir(cell.path(root))
     options = RunOptions(observer=observer or Observer(), cache=cache)
     if run.config_path.is_file():
-        diff = outcome_differences(load_saved_config(run.config_path), cfg)
-        recorded, wanted = run.recorded_precision(), accelerator_for(cfg).precision
-        if recorded is not None and recorded != wanted:  # auto resolves per machine
-            diff.append(f"precision ({recorded!r} -> {wanted!r}, train.precision = "
-                        f"{cfg.train.precision!r})")  # fmt: skip
+        # precisions compare as resolved (``auto`` resolves per machine), the rest as written
+        diff = outcome_differences(load_saved_config(run.config_path), cfg, PRECISION_KEYS)
+        diff += differs_from_recorded(cfg, run.recorded_precision())
         if diff:
             raise RunDirError(
                 f"{run.path} holds a run with another config ({', '.join(diff)}): "
@@ -206,7 +204,8 @@ def run_compare(
     spec_path = root / "compare.json"
     if spec_path.is_file():
         old = json.loads(spec_path.read_text())
-        diff = outcome_differences(build_saved_config(old.get("base_config", {})), base)
+        saved = build_saved_config(old.get("base_config", {}))
+        diff = outcome_differences(saved, base, PRECISION_KEYS)  # each cell checks them
         if diff:
             raise RunDirError(
                 f"{root} holds a comparison of another base config ({', '.join(diff)}): "
