@@ -43,6 +43,13 @@ def test_impossible_choices_are_one_line_errors(device: str, precision: str, mes
     assert text.startswith(message) and "\n" not in text and "allowed" in text
 
 
+def test_unchecked_values_from_a_node_config_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"precision = 'fp8': allowed: auto, fp32, bf16, fp16"):
+        resolve("cpu", "fp8")
+    with pytest.raises(ConfigError, match=r"device = 'gpu0': allowed: auto, cpu, cuda"):
+        resolve("gpu0")
+
+
 def test_a_gpu_index_past_the_last_names_the_ones_there(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cuda(monkeypatch, count=2, bf16=True)
     with pytest.raises(ConfigError, match=r"has 2 CUDA device\(s\), cuda:0..cuda:1"):

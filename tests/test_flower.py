@@ -204,15 +204,20 @@ def test_a_supernode_killed_mid_run_is_recorded_and_the_run_finishes(
     assert all(sorted(c["client"] for c in r["clients"]) == [0, 2] for r in later)
 
 
-def test_a_site_file_with_an_unknown_label_stops_a_deployment_with_one_line(
-    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize("problem", ["label", "device"])
+def test_a_bad_site_stops_a_deployment_with_one_line(
+    problem: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
+    """A site file with a label the federation lacks, or a node declaring a GPU it does not
+    have: the run stops before round 1 with one line naming the node and the problem."""
     site = tmp_path / "site0.csv"
     pd.DataFrame({"sentence": ["red fox", "oak"], "topic": ["class-0", "mineral"]}).to_csv(
         site, index=False
     )
-    with deployment(tmp_path, nodes=1, node_extra={0: f'data="{site}"'}) as dep:
+    # (the harness gives a node without data= its partition-id)
+    node = f'data="{site}"' if problem == "label" else 'device="cuda:5"'
+    with deployment(tmp_path, nodes=1, node_extra={0: node}) as dep:
         for k, v in flower_env(dep.home).items():
             monkeypatch.setenv(k, v)
         ov = _overrides(tiny_bert_dir, tiny_text_csv, clients__num_clients=1,
@@ -220,8 +225,12 @@ def test_a_site_file_with_an_unknown_label_stops_a_deployment_with_one_line(
         rc = _run(tmp_path / "bad", ov, "--engine", "flower", "--superlink", dep.address)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert err[-1].startswith(f"fedhello: error: the SuperNode with data='{site}': site data ")
-    assert "row 1 has label 'mineral'" in err[-1] and "allowed: class-0" in err[-1]
+    if problem == "label":
+        assert err[-1].startswith(f"fedhello: error: the SuperNode with data='{site}': site data ")
+        assert "row 1 has label 'mineral'" in err[-1] and "allowed: class-0" in err[-1]
+    else:
+        assert err[-1].startswith("fedhello: error: partition 0: train.device = 'cuda:5': ")
+        assert err[-1].endswith("(from its --node-config)")
     assert not (tmp_path / "bad" / "summary.json").exists()
 
 

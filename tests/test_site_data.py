@@ -20,6 +20,7 @@ from fedhello.engine.experiment import Experiment, build_experiment
 from fedhello.engine.flower import client_app
 from fedhello.engine.flower.discovery import assign_clients, check_reply, register_node
 from fedhello.engine.flower.messages import to_record
+from fedhello.model.accelerator import resolve
 
 
 @pytest.fixture(autouse=True)
@@ -107,9 +108,11 @@ def test_a_site_trains_on_its_own_file_without_the_configured_dataset(
     ctx = _context(**{"partition-id": 1, "data": str(site)})
     info = _query(site_toml, ctx, labels)  # data.name does not exist here: never read
     # 5% (2 rows) held out for the site's evaluation of the final model
-    assert info == {"partition-id": 1, "data": str(site), "site-examples": 35, "site-validation": 2}
+    here = resolve()  # the run's auto settings, resolved on this node: what it reports
+    assert info == {"partition-id": 1, "data": str(site), "site-examples": 35,
+                    "site-validation": 2, "device": "cpu", "precision": here.precision}  # fmt: skip
 
-    exp = client_app.experiment_for(config_toml)
+    exp = client_app.experiment_for(config_toml, {})
     own = client_app.train(_train_msg(site_toml, labels, exp.init_state, 1), ctx)
     own_metrics = own.content.metric_records["metrics"]
     assert own_metrics["num-examples"] == 35
@@ -164,7 +167,7 @@ def test_a_bad_site_file_stops_the_run_at_discovery(
 def test_site_labels_use_the_federations_class_ids(
     site_toml: str, labels: list[str], tmp_path: Path
 ) -> None:
-    site_model = client_app.site_model_for(site_toml, labels)
+    site_model = client_app.site_model_for(site_toml, labels, {})
     site = _site_csv(tmp_path / "site.csv", 20, seed=3)
     data, _ = client_app.site_data_for(site_model, str(site))
     names = pd.read_csv(site)["topic"].tolist()
@@ -206,7 +209,7 @@ def test_a_site_without_partition_id_trains_as_the_client_it_was_assigned(
     config_toml: str, site_toml: str, labels: list[str], tmp_path: Path
 ) -> None:
     site = _site_csv(tmp_path / "site.csv", 23)
-    exp = client_app.experiment_for(config_toml)
+    exp = client_app.experiment_for(config_toml, {})
     msg = _train_msg(site_toml, labels, exp.init_state, 4)
     reply = client_app.train(msg, _context(data=str(site)))
     assert reply.content.metric_records["metrics"]["num-examples"] == 22  # 1 of 23 held out
@@ -226,7 +229,9 @@ def test_a_node_may_declare_a_cost_or_memory_limit(config_toml: str, fresh_exp: 
     with pytest.raises(UserError, match=r"^partition 3: budget-cost=0.1 fits no layer of 4"):
         register_node(exp, node_of, 4, {"partition-id": 3, "budget-cost": 0.1})
     ctx = _context(**{"partition-id": 0, "budget-memory": 0.5})
-    assert _query(config_toml, ctx, []) == {"partition-id": 0, "budget-memory": 0.5}
+    assert _query(config_toml, ctx, []) == {
+        "partition-id": 0, "budget-memory": 0.5, "device": "cpu", "precision": resolve().precision
+    }  # fmt: skip
 
 
 def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
@@ -237,7 +242,7 @@ def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
     from fedhello.model.lora import set_state
 
     site = _site_csv(tmp_path / "site.csv", 80, seed=5)
-    exp = client_app.experiment_for(config_toml)
+    exp = client_app.experiment_for(config_toml, {})
     splits = site_splits(80, exp.cfg.data.validation_fraction, exp.cfg.data.split_seed)
     assert len(splits["validation"]) == 4
     assert sorted([*splits["train"], *splits["validation"]]) == list(range(80))
@@ -249,13 +254,13 @@ def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
     got = client_app.evaluate(msg, _context(data=str(site))).content.metric_records["metrics"]
 
     # independently: the same state in the server's own model, on the same held-out rows
-    data, _ = client_app.site_data_for(client_app.site_model_for(site_toml, labels), str(site))
+    data, _ = client_app.site_data_for(client_app.site_model_for(site_toml, labels, {}), str(site))
     set_state(exp.model, state)
-    want = evaluate(exp.model, data, splits["validation"], 64)
+    want = evaluate(exp.model, data, splits["validation"], 64, exp.acc)  # the node's precision
     assert got["num-examples"] == 4
     assert got["accuracy"] == pytest.approx(want["accuracy"])
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-    on_train = evaluate(exp.model, data, splits["train"][:4], 64)
+    on_train = evaluate(exp.model, data, splits["train"][:4], 64, exp.acc)
     assert on_train["loss"] != pytest.approx(want["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="only a node with its own data file evaluates"):
         client_app.evaluate(msg, _context(**{"partition-id": 0}))

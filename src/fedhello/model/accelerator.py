@@ -12,7 +12,8 @@ The frozen base may also be *stored* in the compute precision (``train.base_prec
 autocast casts an fp32 weight to bf16 on every forward, and since frozen weights do not
 require grad its cast cache does not keep the copy, so storing them low halves the model's
 memory and saves the casts. ``auto`` does so on an accelerator, where memory is the limit, and
-keeps fp32 on a CPU (docs/PERFORMANCE.md has the measurements behind both choices).
+keeps fp32 on a CPU, where it measured only 1-4% faster (docs/PERFORMANCE.md; the GPU side is
+``make bench-gpu``'s to measure, not yet run).
 
 ``auto`` precision: bf16 where the hardware has it (CUDA with bf16 support, a CPU with native
 bf16 instructions, AVX512-BF16 or AMX), fp16 with scaling on older CUDA GPUs, fp32 elsewhere
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fedhello.core.config import Config
+from fedhello.core.config import DEVICE_FORM, Config
 from fedhello.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,13 @@ CPU_FP32 = Accelerator(torch.device("cpu"), "fp32", "fp32", "fp32 on the CPU")
 
 
 def resolve(device: str = "auto", precision: str = "auto", base: str = "auto") -> Accelerator:
-    """Resolve the three settings together; raises ConfigError before anything is loaded."""
+    """Resolve the three settings together; raises ConfigError before anything is loaded.
+    (The config validates its own values; a SuperNode's node config arrives unchecked.)"""
+    if not DEVICE_FORM.fullmatch(device):
+        raise ConfigError(f"device = {device!r}: allowed: auto, cpu, cuda, cuda:N, mps")
+    for key, value in (("precision", precision), ("base-precision", base)):
+        if value not in ("auto", *DTYPES):
+            raise ConfigError(f"{key} = {value!r}: allowed: auto, {', '.join(DTYPES)}")
     dev, dev_reason = resolve_device(device)
     prec, prec_reason = resolve_precision(precision, dev)
     if base == "auto":

@@ -138,7 +138,9 @@ def query(msg: Message, context: Context) -> Message:
             acc = node_accelerator(_config(req.config_toml), nc)
             info |= {"device": str(acc.device), "precision": acc.precision}
         except UserError as err:
-            info["device-error"] = str(err)
+            own = any(k in nc for k in ("device", "precision", "base-precision"))
+            source = "its --node-config" if own else "the run's train settings, on this node"
+            info["device-error"] = f"{err} (from {source})"
             return wire.query_reply(msg, info)
     if "data" in nc and req.config_toml is not None:
         try:
