@@ -81,20 +81,32 @@ def node_accelerator(cfg: Config, node_config: Any) -> Accelerator:
     )
 
 
+def _node_key(node_config: Any) -> list[str]:
+    """What of a node's config changes the model it builds (its device and precisions)."""
+    return [str(node_config.get(k, "")) for k in ("device", "precision", "base-precision")]
+
+
 def experiment_for(config_toml: str, node_config: Any) -> Experiment:
     """A partition node's experiment: model, and the configured dataset to find its shard."""
-    cfg = _config(config_toml)
-    acc = node_accelerator(cfg, node_config)
-    key = "exp:" + hashlib.sha256(f"{config_toml}{acc}".encode()).hexdigest()
-    return _CACHE.get(key, lambda: build_experiment(cfg, encode_data=False, acc=acc))
+    digest = hashlib.sha256(json.dumps([config_toml, _node_key(node_config)]).encode())
+
+    def build() -> Experiment:
+        cfg = _config(config_toml)
+        return build_experiment(cfg, encode_data=False, acc=node_accelerator(cfg, node_config))
+
+    return _CACHE.get("exp:" + digest.hexdigest(), build)
 
 
 def site_model_for(config_toml: str, label_names: list[str], node_config: Any) -> SiteModel:
     """A site's model for the federation's classes; the configured dataset is not read."""
-    cfg = _config(config_toml)
-    acc = node_accelerator(cfg, node_config)
-    digest = hashlib.sha256(json.dumps([config_toml, label_names, str(acc)]).encode())
-    return _CACHE.get("site:" + digest.hexdigest(), lambda: build_site_model(cfg, label_names, acc))
+    key = [config_toml, label_names, _node_key(node_config)]
+    digest = hashlib.sha256(json.dumps(key).encode())
+
+    def build() -> SiteModel:
+        cfg = _config(config_toml)
+        return build_site_model(cfg, label_names, node_accelerator(cfg, node_config))
+
+    return _CACHE.get("site:" + digest.hexdigest(), build)
 
 
 def site_data_for(site: SiteModel, path: str) -> tuple[Encoded, dict[str, np.ndarray]]:
