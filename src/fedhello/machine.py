@@ -65,12 +65,11 @@ def devices() -> list[dict[str, Any]]:
     return found
 
 
-def _availability(kind: str, lookup: Any) -> dict[str, Any]:
+def _availability(lookup: Any) -> dict[str, Any]:
     try:
-        where = lookup()
+        return {"available": True, "source": lookup()}
     except UserError as err:
         return {"available": False, "reason": str(err)}
-    return {"available": True, "source": where, "kind": kind}
 
 
 def _data_source(cfg: Config) -> str:
@@ -120,9 +119,9 @@ def describe(cfg: Config) -> dict[str, Any]:
         },
         "offline": {
             "model": _availability(
-                "model", lambda: resolve_model_source(cfg.model.name, cfg.model.allow_download)
+                lambda: resolve_model_source(cfg.model.name, cfg.model.allow_download)
             ),
-            "data": _availability("data", lambda: _data_source(cfg)),
+            "data": _availability(lambda: _data_source(cfg)),
             "hub_offline": os.environ.get("HF_HUB_OFFLINE") == "1",
         },
         "flwr_on_path": shutil.which("flwr") is not None,

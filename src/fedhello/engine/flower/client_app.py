@@ -74,16 +74,17 @@ def node_accelerator(cfg: Config, node_config: Any) -> Accelerator:
     ``precision``, ``base-precision``: a site with a small GPU in fp16, another on its CPU),
     else the run's settings, resolved on this node's hardware."""
     t = cfg.train
-    return resolve(
-        str(node_config.get("device", t.device)),
-        str(node_config.get("precision", t.precision)),
-        str(node_config.get("base-precision", t.base_precision)),
+    run_values = (t.device, t.precision, t.base_precision)  # in NODE_DEVICE_KEYS' order
+    device, precision, base = (
+        str(node_config.get(key, value))
+        for key, value in zip(wire.NODE_DEVICE_KEYS, run_values, strict=True)
     )
+    return resolve(device, precision, base)
 
 
 def _node_key(node_config: Any) -> list[str]:
     """What of a node's config changes the model it builds (its device and precisions)."""
-    return [str(node_config.get(k, "")) for k in ("device", "precision", "base-precision")]
+    return [str(node_config.get(k, "")) for k in wire.NODE_DEVICE_KEYS]
 
 
 def experiment_for(config_toml: str, node_config: Any) -> Experiment:
@@ -150,7 +151,7 @@ def query(msg: Message, context: Context) -> Message:
             acc = node_accelerator(_config(req.config_toml), nc)
             info |= {"device": str(acc.device), "precision": acc.precision}
         except UserError as err:
-            own = any(k in nc for k in ("device", "precision", "base-precision"))
+            own = any(k in nc for k in wire.NODE_DEVICE_KEYS)
             source = "its --node-config" if own else "the run's train settings, on this node"
             info["device-error"] = f"{err} (from {source})"
             return wire.query_reply(msg, info)

@@ -50,7 +50,9 @@ from fedhello.model.training import ClientResult
 # What a node may declare in its --node-config, and how each value is read.
 DECLARED_INT = ("partition-id", "budget-layers", "budget-tier")
 DECLARED_FLOAT = ("budget-cost", "budget-memory")
-DECLARED_STR = ("data", "device", "precision", "base-precision")
+# A node's own device settings (else the run's ``train`` settings apply on it).
+NODE_DEVICE_KEYS = ("device", "precision", "base-precision")
+DECLARED_STR = ("data", *NODE_DEVICE_KEYS)
 T = TypeVar("T")
 
 
