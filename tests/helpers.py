@@ -16,6 +16,7 @@ from fedhello.data.encoding import Encoded
 # runs of the same config; everything else must not.
 TIMING_FIELDS = {
     "seconds", "peak_memory_mb", "round_seconds", "wall_seconds", "eval_seconds", "fisher_seconds",
+    "step_seconds",
 }  # fmt: skip
 
 

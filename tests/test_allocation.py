@@ -189,7 +189,7 @@ def test_pure_fisher_gives_top_scoring_layers() -> None:
 def test_every_strategy_is_registered() -> None:
     assert set(strategy_names()) == {
         "full", "exclusive", "straggler", "fedra", "geometric", "randomized-geometric",
-        "fisher", "fed-hello",
+        "fisher", "fed-hello", "deepest-fit",
     }  # fmt: skip
 
 
@@ -200,7 +200,9 @@ def test_a_strategy_is_built_in_python_without_a_config() -> None:
         build_strategy("geometric", 8, [2, 4, 6], sampler="exact")
     with pytest.raises(ConfigError, match=r"allocation.shape = 'round'"):
         build_strategy("geometric", 8, [2, 4, 6], shape="round")
-    with pytest.raises(ConfigError, match=r"unknown strategy; choose one of: exclusive"):
+    with pytest.raises(
+        ConfigError, match=r"unknown strategy; choose one of: deepest-fit, exclusive"
+    ):
         build_strategy("nope", 8, [2])
 
 

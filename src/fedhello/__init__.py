@@ -7,6 +7,7 @@ federation is built)::
     cfg = fedhello.load_config("configs/default.toml", ["federation.rounds=2"])
     summary = fedhello.run(cfg, out="runs/try")          # the embedded engine
     plan = fedhello.plan(cfg, rounds=3)                  # who trains which layer
+    profile = fedhello.calibrate(cfg)                    # what each layer depth costs here
     strategy = fedhello.build_strategy("geometric", 8, budgets=[2, 4, 6], shape="uniform")
 
 Your own strategy: subclass ``AllocationStrategy``, give it a ``name`` (and, if it has
@@ -26,6 +27,7 @@ _EXPORTS = {
     "run": "fedhello.api",
     "plan": "fedhello.api",
     "compare": "fedhello.api",
+    "calibrate": "fedhello.api",
     "build_strategy": "fedhello.core.allocation",
     "AllocationStrategy": "fedhello.core.allocation",
     "StrategyOptions": "fedhello.core.allocation",
@@ -42,6 +44,7 @@ __all__ = [
     "UserError",
     "__version__",
     "build_strategy",
+    "calibrate",
     "compare",
     "load_config",
     "plan",
@@ -51,7 +54,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from fedhello.api import compare, plan, run
+    from fedhello.api import calibrate, compare, plan, run
     from fedhello.core.allocation import (
         AllocationStrategy,
         StrategyOptions,

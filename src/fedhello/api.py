@@ -112,6 +112,16 @@ def plan(cfg: ConfigLike = None, rounds: int | None = None) -> dict[str, Any]:
     return make_plan(_config(cfg), rounds)
 
 
+def calibrate(cfg: ConfigLike = None, steps: int = 3, remeasure: bool = False) -> dict[str, Any]:
+    """The cost profile of ``cfg``'s model, batch, device and precision: the stored one, or
+    measured now and stored (``fedhello calibrate``); with what each limit affords."""
+    from fedhello.calibration import calibrate as measure
+
+    config = _config(cfg)
+    with torch_threads(config.run.threads):
+        return measure(config, steps, remeasure)
+
+
 def compare(
     cfg: ConfigLike = None,
     strategies: str | Sequence[str] = "all",

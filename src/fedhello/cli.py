@@ -77,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
         help="folder for a plain transformers model with the LoRA merged into its weights",
     )  # fmt: skip
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    cal = sub.add_parser(
+        "calibrate", help="measure (or show the stored) cost of each layer depth on this device"
+    )
+    config_args(cal)
+    cal.add_argument("--steps", type=int, default=3, help="timed steps per entry (default 3)")
+    cal.add_argument(
+        "--remeasure", action="store_true", help="measure again even if a profile is stored"
+    )
+    cal.add_argument("--json", action="store_true", help="print one JSON object")
     env = sub.add_parser(
         "env", help="what fedhello will use here: versions, devices, device/precision, data"
     )
@@ -227,6 +236,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    import fedhello
+    from fedhello.calibration import render_profile
+    from fedhello.core.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: allowed: at least 1")
+    _setup_output(args.verbose, cfg.model.allow_download)
+    result = fedhello.calibrate(cfg, steps=args.steps, remeasure=args.remeasure)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        render_profile(result, Console())
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     import json
 
@@ -272,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
             "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
-            "env": cmd_env,
+            "env": cmd_env, "calibrate": cmd_calibrate,
         }  # fmt: skip
         return commands[args.command](args)
     except UserError as err:

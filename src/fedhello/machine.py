@@ -29,22 +29,12 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def devices() -> list[dict[str, Any]]:
     """Every device torch can use here, with its memory."""
     import psutil
     import torch
 
-    from fedhello.model.accelerator import cpu_has_bf16, cuda_count, mps_available
+    from fedhello.model.accelerator import cpu_has_bf16, cpu_name, cuda_count, mps_available
 
     found: list[dict[str, Any]] = []
     for i in range(cuda_count()):
@@ -58,7 +48,7 @@ def devices() -> list[dict[str, Any]]:
     if mps_available():
         found.append({"device": "mps", "name": "Apple MPS"})
     found.append({
-        "device": "cpu", "name": _cpu_name(), "cores": os.cpu_count(),
+        "device": "cpu", "name": cpu_name(), "cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "capability": torch.backends.cpu.get_cpu_capability(), "bf16": cpu_has_bf16(),
     })  # fmt: skip

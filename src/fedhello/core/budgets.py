@@ -3,6 +3,11 @@
 The paper's main setting has three equal tiers training 6, 9 and 12 of 12 layers; for
 MiniLM-L6's 6 layers the default tiers (1/2, 3/4, all) give 3, 5 and 6 layers (fractions are
 rounded up: a client that can afford 4.5 layers is given 5 rather than 4).
+
+With ``clients.budget_kind`` in real units (``memory-mb``, ``step-seconds``) or an upload limit,
+tiers and budgets are :class:`ResourceLimit` s (``client_limits``); a measured cost profile turns
+each into a layer count and a floor (``fedhello.core.fit.allowance``), which the strategy gets
+through ``set_budget`` once the profile exists.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import TYPE_CHECKING
 from fedhello.core.allocation import AllocationStrategy, build_strategy
 from fedhello.core.costmodel import layers_for_cost
 from fedhello.core.errors import ConfigError
+from fedhello.core.fit import ResourceLimit, allowance
+from fedhello.core.profile import CostProfile
 
 if TYPE_CHECKING:
     from fedhello.core.config import Config
@@ -75,7 +82,58 @@ def strategy_for(cfg: Config, num_layers: int) -> AllocationStrategy:
     if note:
         logger.warning(note)
     c = cfg.clients
-    budgets = client_budgets(c.num_clients, num_layers, c.tiers, c.budgets, c.tier_kind)
+    if c.real_budgets:  # placeholders until the profile gives the counts (apply_limits)
+        budgets = [num_layers] * c.num_clients
+    else:
+        ints = None if c.budgets is None else [int(b) for b in c.budgets]
+        budgets = client_budgets(c.num_clients, num_layers, c.tiers, ints, c.tier_kind)
     return build_strategy(
         cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation.options
     )
+
+
+def client_limits(cfg: Config) -> list[ResourceLimit | None]:
+    """Each client's limit in real units (None: a layer count only, nothing to check)."""
+    c = cfg.clients
+    if not c.real_budgets and c.upload_mb is None:
+        return [None] * c.num_clients
+    out: list[ResourceLimit | None] = []
+    for client in range(c.num_clients):
+        tier = tier_of(client, c.num_clients, len(c.tiers))
+        value = float(c.budgets[client] if c.budgets is not None else c.tiers[tier])
+        upload = None if c.upload_mb is None else c.upload_mb[tier]
+        out.append(
+            ResourceLimit(
+                memory_mb=value if c.budget_kind == "memory-mb" else None,
+                step_seconds=value if c.budget_kind == "step-seconds" else None,
+                upload_mb=upload,
+            )
+        )
+    return out
+
+
+def limit_source(cfg: Config, client: int) -> str:
+    """Where a client's limit comes from, for error messages."""
+    c = cfg.clients
+    if c.budgets is not None:
+        return f"clients.budgets[{client}] (client {client})"
+    tier = tier_of(client, c.num_clients, len(c.tiers))
+    return f"clients.tiers[{tier}] (client {client})"
+
+
+def apply_limit(
+    strategy: AllocationStrategy,
+    client: int,
+    limit: ResourceLimit,
+    profile: CostProfile,
+    who: str,
+    layer_count: int | None = None,
+    floors: bool = True,
+) -> None:
+    """Give ``client`` the count and floor its ``limit`` affords (capped by a layer count
+    from the config, for an upload limit on top of layer budgets). ``floors=False``
+    (``allocation.fit = off``): the count only, placed anywhere, as in the paper."""
+    allowed = allowance(limit, profile, who)
+    count = allowed.count if layer_count is None else min(layer_count, allowed.count)
+    floor = allowed.floor if limit.needs_profile and floors else 0
+    strategy.set_budget(client, count, floor)

@@ -55,9 +55,15 @@ class ClientAllocation:
     client: int
     budget: int
     layers: tuple[int, ...]
+    repaired_from: tuple[int, ...] | None = None  # the strategy's set, when the fit repaired it
 
     def as_dict(self) -> dict[str, object]:
-        return {"client": self.client, "budget": self.budget, "layers": list(self.layers)}
+        out: dict[str, object] = {
+            "client": self.client, "budget": self.budget, "layers": list(self.layers),
+        }  # fmt: skip
+        if self.repaired_from is not None:
+            out["repaired_from"] = list(self.repaired_from)
+        return out
 
 
 @dataclass(frozen=True)

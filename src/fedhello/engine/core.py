@@ -27,6 +27,7 @@ from fedhello.model.evaluation import evaluate
 from fedhello.model.lora import set_state
 from fedhello.model.training import ClientResult
 from fedhello.store.checkpoint import config_hash, load_latest, save_checkpoint
+from fedhello.store.profiles import read_profile, write_profile
 from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class RunOptions:
 
 
 def client_record(
-    exp: Experiment, result: ClientResult, rejected: dict[int, str]
+    exp: Experiment, result: ClientResult, rejected: dict[int, str], plan: AllocationPlan
 ) -> dict[str, Any]:
     u = result.update
     rec: dict[str, Any] = {
@@ -108,6 +109,8 @@ def client_record(
         "seconds": round(result.seconds, 4),
         "peak_memory_mb": round(result.peak_memory_mb, 1),
         "train_memory_mb": round(result.train_memory_mb, 3),
+        "step_seconds": round(result.step_seconds, 5),
+        **exp.resources.record(u.client),
         "device_peak_memory_mb": None
         if result.device_peak_memory_mb is None
         else round(result.device_peak_memory_mb, 1),
@@ -117,9 +120,19 @@ def client_record(
         "bytes_down": result.bytes_down,
         "accepted": u.client not in rejected,
     }
+    repaired = next((a.repaired_from for a in plan.clients if a.client == u.client), None)
+    if repaired is not None:
+        rec["repaired_from"] = list(repaired)
     if u.client in rejected:
         rec["rejected_reason"] = rejected[u.client]
     return rec
+
+
+def repairs_field(exp: Experiment, plan: AllocationPlan) -> dict[str, Any]:
+    """``num_repairs`` of a round, where clients have limits (absent with layer budgets)."""
+    if all(limit is None for limit in exp.resources.limits):
+        return {}
+    return {"num_repairs": sum(a.repaired_from is not None for a in plan.clients)}
 
 
 def evaluate_global(exp: Experiment, state: State) -> dict[str, Any]:
@@ -145,7 +158,7 @@ def open_round(exp: Experiment, round_: int, state: State) -> RoundPlan:
     t0 = time.perf_counter()
     sampled = sample_clients(cfg.run.seed, round_, cfg.clients.num_clients, cfg.clients.per_round)
     fisher_info = exp.refresh_fisher(round_, state)
-    plan = exp.strategy.allocate(round_, sampled)
+    plan = exp.allocate(round_, sampled)
     lr = lr_at(
         round_, cfg.federation.rounds, cfg.train.lr, cfg.train.lr_schedule, cfg.train.lr_min_factor
     )
@@ -176,10 +189,11 @@ def close_round(
         "train_loss": float(np.average([r.update.train_loss for r in accepted], weights=weights))
         if accepted
         else None,
-        "clients": [client_record(exp, r, report.rejected) for r in results],
+        "clients": [client_record(exp, r, report.rejected, rp.plan) for r in results],
         "rejected": {str(c): reason for c, reason in report.rejected.items()},
         "num_rejected": len(report.rejected),
         "failed": {str(c): reason for c, reason in outcome.failed.items()},
+        **repairs_field(exp, rp.plan),
         # the server's (evaluation, Fisher scores): a resumed run keeps them
         "precision": exp.acc.precision,
         "base_precision": exp.acc.base_precision,
@@ -215,11 +229,14 @@ def run_federation(
     # device and precision first: a missing GPU fails before anything is loaded; a resumed
     # run keeps the precision it has run in so far
     acc = accelerator_for(cfg, run.recorded_precision() if opts.resume else None)
-    exp = build_experiment(cfg, cache=opts.cache, acc=acc)
+    saved = read_profile(run.profile_path) if opts.resume else None  # repair as before
+    exp = build_experiment(cfg, cache=opts.cache, acc=acc, saved_profile=saved)
     engine.start(exp)
     if not opts.resume:
         run.create(opts.overwrite)
         run.write_config(cfg)
+    if exp.resources.profile is not None and exp.resources.profile.table and saved is None:
+        write_profile(run.profile_path, exp.resources.profile)
     # the checkpoints belong to the run's config.toml as written when it started (on resume the
     # file, not today's rendering of it: a key added to fedhello since must not orphan them)
     cfg_hash = config_hash(run.config_path.read_text(encoding="utf-8"))
@@ -284,6 +301,7 @@ def finish(
         "num_classes": len(exp.raw.label_names),
         "num_layers": exp.num_layers,
         "budgets": exp.budgets,
+        "floors": exp.strategy.floors,
         "tiers": exp.tiers,
         "target": exp.strategy.target(),
         "model_source": exp.source,
@@ -294,6 +312,9 @@ def finish(
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "bytes_down": sum(c["bytes_down"] for c in clients),
         "rejected_updates": sum(r["num_rejected"] for r in records),
+        "budget_kind": cfg.clients.budget_kind,
+        "fit": exp.resources.policy,
+        "repairs": sum(r.get("num_repairs", 0) for r in records),
         **extra,
     }
     run.write_summary(summary)

@@ -23,11 +23,13 @@ from fedhello.core.aggregation import State
 from fedhello.core.allocation import AllocationStrategy
 from fedhello.core.budgets import client_tiers, strategy_for
 from fedhello.core.config import Config
-from fedhello.core.layers import layer_of_keys
+from fedhello.core.layers import AllocationPlan, layer_of_keys
+from fedhello.core.profile import CostProfile
 from fedhello.core.seeds import Purpose, derived_int, generator
 from fedhello.data.encoding import Encoded, encode
 from fedhello.data.loading import RawData, load_raw
 from fedhello.data.partition import hold_out_proxy, partition_indices
+from fedhello.engine.resources import ModelUnderTest, Resources, setup_resources
 from fedhello.model.accelerator import Accelerator, accelerator_for
 from fedhello.model.fisher import fisher_scores
 from fedhello.model.loading import LoadedModel, load_model
@@ -84,6 +86,11 @@ class Experiment:
     eval_val: np.ndarray
     proxy: np.ndarray  # the server's labelled proxy set (Fisher scores)
     acc: Accelerator  # the device and precision everything of this process runs on
+    resources: Resources  # the clients' limits, their cost profile and the fit policy
+
+    def allocate(self, round_: int, sampled: list[int]) -> AllocationPlan:
+        """The strategy's plan of ``round_``, every set checked against its client's limit."""
+        return self.resources.fit(self.strategy.allocate(round_, sampled))
 
     @property
     def budgets(self) -> list[int]:
@@ -139,12 +146,14 @@ def build_experiment(
     encode_data: bool = True,
     cache: DataCache | None = None,
     acc: Accelerator | None = None,
+    saved_profile: CostProfile | None = None,
 ) -> Experiment:
     """Model, data, partition and strategy of ``cfg``. ``encode_data=False`` skips tokenising
     the whole dataset (most of the build on a large one): a ClientApp, which only trains its
     own shard, encodes that alone (``fedhello.data.encoding.encode_positions``). ``cache``
     reuses the data of an earlier build with the same data settings. ``acc``: the device and
-    precision (default: resolved from ``cfg``, first, so a missing GPU fails before loading)."""
+    precision (default: resolved from ``cfg``, first, so a missing GPU fails before loading).
+    ``saved_profile``: the cost profile a resumed run used (else stored or measured)."""
     acc = acc or accelerator_for(cfg)
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
@@ -184,9 +193,14 @@ def build_experiment(
         rng = generator(cfg.data.split_seed, Purpose.EVAL_SUBSET, purpose_key)
         return np.sort(rng.choice(idx, cfg.federation.eval_examples, replace=False))
 
+    init_state = get_state(model, keys)
+    under_test = ModelUnderTest(model, layer_of, num_layers, task, len(raw.label_names),
+                                loaded.source, acc)  # fmt: skip
+    resources = setup_resources(cfg, strategy, under_test, init_state, saved_profile)
     logger.info(
-        "experiment: %s (%s, %d blocks), %d clients, budgets %s; %s",
-        cfg.model.name, task, num_layers, len(strategy.budgets), strategy.budgets, acc.reason,
+        "experiment: %s (%s, %d blocks), %d clients, budgets %s (floors %s); %s",
+        cfg.model.name, task, num_layers, len(strategy.budgets), strategy.budgets,
+        strategy.floors, acc.reason,
     )  # fmt: skip
     return Experiment(
         cfg=cfg,
@@ -202,11 +216,12 @@ def build_experiment(
         tiers=client_tiers(cfg.clients.num_clients, len(cfg.clients.tiers)),
         shards=shards,
         strategy=strategy,
-        init_state=get_state(model, keys),
+        init_state=init_state,
         eval_test=subset("test", 0),
         eval_val=subset("validation", 1),
         proxy=proxy,
         acc=acc,
+        resources=resources,
     )
 
 

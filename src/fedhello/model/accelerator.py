@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +39,16 @@ from fedhello.core.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cuda_count() -> int:
@@ -181,6 +193,19 @@ class Accelerator:
                     if name not in trainable and param.is_floating_point():
                         param.data = param.data.to(low)
         return model
+
+    def device_name(self) -> str:
+        """The hardware, for keys of what was measured on it: ``cuda: NVIDIA H100 ...``."""
+        if self.device.type == "cuda":
+            return f"cuda: {torch.cuda.get_device_name(self.device)}"
+        if self.device.type == "cpu":
+            return f"cpu: {cpu_name()}"
+        return self.device.type
+
+    def synchronize(self) -> None:
+        """Wait for the device's queue (timing a step on CUDA needs it; a no-op elsewhere)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":

@@ -57,6 +57,7 @@ class ClientResult:
     device: str = "cpu"
     precision: str = "fp32"
     device_peak_memory_mb: float | None = None  # the accelerator allocator's peak (CUDA)
+    step_seconds: float = 0.0  # median time of a local step (batch, forward, backward, update)
 
 
 def num_local_steps(num_examples: int, batch_size: int, steps: int, epochs: float | None) -> int:
@@ -101,7 +102,9 @@ def train_client(
         model.train()
         losses = []
         meter = SavedTensorMeter(model)
+        step_times = []
         for batch_pos in batch_order(rng, len(indices), train_cfg.batch_size, steps):
+            step_start = time.perf_counter()
             batch = acc.to_device(shard.data.batch(indices[batch_pos]))
             with meter.hooks(), acc.autocast():
                 loss = model(**batch).loss
@@ -114,6 +117,8 @@ def train_client(
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss.detach())
+            acc.synchronize()  # a step's time on CUDA is known once its queue has run
+            step_times.append(time.perf_counter() - step_start)
         upload = get_state(model, keys_for_layers(layer_of, layers))
         del optimizer
         device_peak = acc.peak_memory_mb()
@@ -139,4 +144,6 @@ def train_client(
         device=str(acc.device),
         precision=acc.precision,
         device_peak_memory_mb=device_peak,
+        # the median, as the profile measures it (the first step also warms caches up)
+        step_seconds=float(np.median(step_times)),
     )

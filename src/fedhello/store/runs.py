@@ -4,6 +4,7 @@ runs/<name>/config.toml     the resolved config (every default spelled out)
 runs/<name>/metrics.jsonl   one JSON object per round
 runs/<name>/summary.json    final full-test metrics, wall time, totals
 runs/<name>/adapter/        PEFT adapter (LoRA + head): PeftModel.from_pretrained(base, here)
+runs/<name>/profile.json    the cost profile its limits were checked with (real budgets)
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class RunDir:
     @property
     def summary_path(self) -> Path:
         return self.path / "summary.json"
+
+    @property
+    def profile_path(self) -> Path:
+        """The cost profile the run checked its clients' limits with (real budgets only)."""
+        return self.path / "profile.json"
 
     @property
     def adapter_dir(self) -> Path:

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 # Importing the modules registers the strategies.
 from fedhello.core.allocation import (  # noqa: F401
+    deepest_fit,
     exclusive,
     fed_hello,
     fedra,

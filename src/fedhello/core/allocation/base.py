@@ -23,8 +23,11 @@ _REGISTRY: dict[str, type[AllocationStrategy]] = {}
 class AllocationStrategy(ABC):
     """Decides each round's heterogeneous LoRA allocation (HLA).
 
-    ``budgets[c]`` is the number of layers client ``c`` can afford (at least 1); the
-    strategy owns them (``set_budget`` changes one, e.g. when a Flower node declares its own).
+    ``budgets[c]`` is the number of layers client ``c`` can afford (at least 1) and
+    ``floors[c]`` the lowest block it may train (0 with layer-count budgets; with limits in
+    real units the lowest block from which any ``budgets[c]`` layers fit, see
+    ``fedhello.core.fit``): a strategy chooses within ``[floor, L)`` (``window``). The strategy
+    owns both (``set_budget`` changes one, e.g. when a Flower node declares its own).
     Every random draw comes from ``fedhello.core.seeds.generator(seed, Purpose.ALLOCATE,
     round, client)``. Subclasses set ``name`` (the config's ``allocation.strategy``), may set
     ``Options`` (a :class:`StrategyOptions` model) and implement ``layers_for``.
@@ -48,6 +51,7 @@ class AllocationStrategy(ABC):
         self.budgets: list[int] = []
         for b in budgets:
             self.budgets.append(self._checked(len(self.budgets), b))
+        self.floors: list[int] = [0] * len(self.budgets)
         self.seed = seed
         self.options = options if options is not None else self.Options()
         if not isinstance(self.options, self.Options):
@@ -62,9 +66,18 @@ class AllocationStrategy(ABC):
             raise ConfigError(f"client {client}: budget of {budget} layers; allowed: at least 1")
         return int(budget)
 
-    def set_budget(self, client: int, budget: int) -> None:
-        """The budget of one client (a node that declares its own resources)."""
+    def set_budget(self, client: int, budget: int, floor: int = 0) -> None:
+        """The budget of one client (a node that declares its own resources): ``budget``
+        layers at or above block ``floor``."""
+        if not 0 <= floor < self.num_layers:
+            raise ConfigError(f"client {client}: floor {floor}; allowed: 0..{self.num_layers - 1}")
         self.budgets[client] = self._checked(client, budget)
+        self.floors[client] = floor
+
+    def window(self, client: int) -> tuple[int, int]:
+        """``(n, floor)``: how many layers ``client`` trains, all in ``[floor, L)``."""
+        floor = self.floors[client]
+        return min(self.budgets[client], self.num_layers - floor), floor
 
     @abstractmethod
     def layers_for(self, round: int, client: int) -> Sequence[int]:

@@ -72,6 +72,8 @@ class FisherAllocation(FisherScheduled):
     def layers_for(self, round: int, client: int) -> Sequence[int]:
         if self.scores is None:
             return super().layers_for(round, client)  # prior shape until the first refresh
-        n = min(self.budgets[client], self.num_layers)
-        # stable sort on -score: ties go to the shallower layer, deterministically
-        return sorted(np.argsort(-self.scores, kind="stable")[:n].tolist())
+        n, floor = self.window(client)
+        # the n best-scored layers of the window; stable sort on -score: ties go to the
+        # shallower layer, deterministically
+        best = np.argsort(-self.scores[floor:], kind="stable")[:n]
+        return sorted(floor + int(i) for i in best)

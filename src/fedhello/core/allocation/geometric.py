@@ -37,8 +37,14 @@ class GeometricAllocation(AllocationStrategy):
     options: ShapeOptions
 
     def layers_for(self, round: int, client: int) -> Sequence[int]:
+        """The shape drawn on the client's window ``[floor, L)`` (every layer with layer
+        budgets): a triangle starts at the floor, a bottleneck splits between floor and top."""
         offset = sum(self.budgets[:client])  # uniform: windows laid end to end
-        return geometric_layers(self.options.shape, self.budgets[client], self.num_layers, offset)
+        n, floor = self.window(client)
+        return [
+            floor + i
+            for i in geometric_layers(self.options.shape, n, self.num_layers - floor, offset)
+        ]
 
     def target(self) -> list[float]:
         return shape_weights(self.options.shape, self.num_layers).tolist()

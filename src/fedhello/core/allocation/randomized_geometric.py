@@ -51,15 +51,21 @@ class WeightedRandomAllocation(AllocationStrategy):
         """Per-layer weights of ``round`` (any positive scale)."""
 
     def layers_for(self, round: int, client: int) -> Sequence[int]:
+        """Drawn from the weights of the client's window ``[floor, L)``: the shape keeps its
+        relative probabilities there (with layer budgets the window is every layer)."""
         rng = generator(self.seed, Purpose.ALLOCATE, round, client)
-        return draw_layers(self.weights(round), self.budgets[client], self.options.sampler, rng)
+        n, floor = self.window(client)
+        drawn = draw_layers(self.weights(round)[floor:], n, self.options.sampler, rng)
+        return [floor + i for i in drawn]
 
     def expected_coverage(self, round: int, clients: Sequence[int]) -> list[float]:
-        """Expected number of clients per layer under the exact sampler."""
+        """Expected number of clients per layer under the exact sampler (each client drawing
+        within its window): the target that realized coverage is logged against."""
         w = self.weights(round)
         total = np.zeros(self.num_layers)
         for c in clients:
-            total += inclusion_probabilities(w, self.budgets[c])
+            n, floor = self.window(c)
+            total[floor:] += inclusion_probabilities(w[floor:], n)
         return total.tolist()
 
     def allocate(self, round: int, clients: Sequence[int]) -> AllocationPlan:

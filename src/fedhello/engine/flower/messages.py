@@ -17,7 +17,8 @@ Client contract (keys are kebab-case):
   for the node), ``train-layers`` (block indices), ``lr``, ``fedhello-config``,
   ``label-names`` (a site holds no copy of the configured dataset). Reply ``arrays`` =
   exactly the LoRA tensors of ``train-layers`` and the head; ``metrics`` = ``num-examples``,
-  ``train-loss``, ``seconds``, ``peak-memory-mb``, ``train-memory-mb``, ``trainable-params``,
+  ``train-loss``, ``seconds``, ``step-seconds``, ``peak-memory-mb``, ``train-memory-mb``,
+  ``trainable-params``,
   ``steps`` and, on CUDA, ``device-peak-memory-mb``; ``config`` = ``device``, ``precision``
   (what this node trained on, recorded per client). The server validates every upload
   before it touches the global state.
@@ -110,6 +111,7 @@ def read_train_reply(
     return ClientResult(
         update=update,
         seconds=float(metrics.get("seconds", 0.0)),
+        step_seconds=float(metrics.get("step-seconds", 0.0)),
         peak_memory_mb=float(metrics.get("peak-memory-mb", 0.0)),
         train_memory_mb=float(metrics.get("train-memory-mb", 0.0)),
         trainable_params=int(metrics.get("trainable-params", 0)),
@@ -197,6 +199,7 @@ def train_reply(msg: Message, result: ClientResult) -> Message:
         "num-examples": u.num_examples,
         "train-loss": float(u.train_loss),
         "seconds": result.seconds,
+        "step-seconds": result.step_seconds,
         "peak-memory-mb": result.peak_memory_mb,
         "train-memory-mb": result.train_memory_mb,
         "trainable-params": result.trainable_params,

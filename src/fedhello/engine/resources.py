@@ -1,0 +1,145 @@
+"""The clients' resources in an experiment: their limits, the cost profile the limits are
+checked with, and the fit policy, set up once the model exists (the profile measures it).
+
+With layer-count budgets (the default, the paper's) there is nothing to set up: no limit, no
+profile, every plan passes through unchanged. With limits in real units the profile comes from
+the run's own copy (a resumed run), from the profile store (another run measured the same
+setting) or from the probe; each client then gets the layer count and floor its limit affords
+(``fedhello.core.fit.allowance``), so strategies choose within it, and ``fit`` checks every
+plan. A Flower node that declares its own limit brings its own profile, measured on its own
+device (``set_client``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedhello.core.allocation import AllocationStrategy
+from fedhello.core.budgets import apply_limit, client_limits, limit_source
+from fedhello.core.config import Config
+from fedhello.core.fit import ResourceLimit, apply_fit, fit_policy
+from fedhello.core.layers import AllocationPlan
+from fedhello.core.profile import CostProfile
+from fedhello.model.accelerator import Accelerator
+from fedhello.model.probe import measure_profile, synthetic_batch, upload_sizes
+from fedhello.store.profiles import (
+    profile_dir,
+    profile_key,
+    profile_path,
+    read_profile,
+    write_profile,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelUnderTest:
+    """What the probe needs of a built model: the model on its device and how it is keyed."""
+
+    model: torch.nn.Module
+    layer_of: Mapping[str, int | None]
+    num_layers: int
+    task: str
+    num_labels: int
+    source: str
+    acc: Accelerator
+
+
+def obtain_profile(
+    cfg: Config, m: ModelUnderTest, steps: int = 3, remeasure: bool = False
+) -> tuple[CostProfile, str]:
+    """The stored profile of this setting, or a fresh measurement (then stored);
+    returns it with ``"reused"`` or ``"measured"``."""
+    acc = m.acc
+    key = profile_key(cfg, m.source, m.task, m.num_layers, m.num_labels, acc.device_name(),
+                      acc.precision, acc.base_precision)  # fmt: skip
+    path = profile_path(profile_dir(cfg), key)
+    found = None if remeasure else read_profile(path, key)
+    if found is not None:
+        logger.info("cost profile reused: %s", path)
+        return found, "reused"
+    t0 = time.perf_counter()
+    batch = synthetic_batch(m.model, m.task, cfg.train.batch_size, cfg.model.max_length,
+                            m.num_labels)  # fmt: skip
+    profile = measure_profile(m.model, m.layer_of, m.num_layers, batch, acc, key, steps)
+    write_profile(path, profile)
+    logger.info("cost profile measured in %.1f s: %s", time.perf_counter() - t0, path)
+    return profile, "measured"
+
+
+def upload_only_profile(state: Mapping[str, Any], m: ModelUnderTest) -> CostProfile:
+    """Tensor sizes only: what an upload limit on layer-count budgets needs."""
+    head, per_layer = upload_sizes(state, m.layer_of, m.num_layers)
+    return CostProfile({}, m.num_layers, {}, per_layer, head)
+
+
+@dataclass
+class Resources:
+    """Per client: its limit (None: a layer count only) and the profile it is checked with."""
+
+    limits: list[ResourceLimit | None]
+    profiles: list[CostProfile | None]
+    policy: str  # repair, strict or off (resolved)
+    profile: CostProfile | None = None  # the config's limits are checked with this one
+    profile_source: str | None = None  # measured, reused (the store) or run (its own copy)
+
+    def fit(self, plan: AllocationPlan) -> AllocationPlan:
+        return apply_fit(plan, self.limits, self.profiles, self.policy)
+
+    def record(self, client: int) -> dict[str, Any]:
+        """The limit fields of a client's record (none with layer-count budgets)."""
+        limit = self.limits[client]
+        return {} if limit is None else limit.as_record()
+
+    def set_client(
+        self, strategy: AllocationStrategy, client: int, limit: ResourceLimit,
+        profile: CostProfile | None, who: str,
+    ) -> None:  # fmt: skip
+        """A limit declared for one client (a Flower node), checked with its own profile
+        (else the server's)."""
+        profile = profile or self.profile
+        if profile is None:
+            raise ValueError(f"{who}: a limit of {limit} needs a cost profile")
+        if self.policy == "off" and limit.needs_profile:
+            logger.warning("%s: allocation.fit = off: its limit of %s is not enforced", who, limit)
+        apply_limit(strategy, client, limit, profile, who, floors=self.policy != "off")
+        self.limits[client], self.profiles[client] = limit, profile
+
+
+def setup_resources(
+    cfg: Config,
+    strategy: AllocationStrategy,
+    m: ModelUnderTest,
+    state: Mapping[str, Any],
+    saved: CostProfile | None = None,
+) -> Resources:
+    """The clients' limits from the config, their profile, and the budgets they afford."""
+    limits = client_limits(cfg)
+    policy = fit_policy(cfg.allocation.fit, cfg.clients.real_budgets)
+    if all(limit is None for limit in limits):
+        return Resources(limits, [None] * len(limits), policy)
+    if not any(limit is not None and limit.needs_profile for limit in limits):
+        profile, source = upload_only_profile(state, m), None
+    elif saved is not None:
+        profile, source = saved, "run"
+    else:
+        profile, source = obtain_profile(cfg, m)
+    if policy == "off" and cfg.clients.real_budgets:
+        logger.warning(
+            "allocation.fit = off: the clients' limits (%s) only set their layer counts and "
+            "are not enforced; a layer set may exceed them", cfg.clients.budget_kind,
+        )  # fmt: skip
+    counts = list(strategy.budgets)  # layer budgets, capped below by an upload limit
+    for client, limit in enumerate(limits):
+        if limit is not None:
+            layer_count = None if cfg.clients.real_budgets else counts[client]
+            apply_limit(strategy, client, limit, profile, limit_source(cfg, client),
+                        layer_count, floors=policy != "off")  # fmt: skip
+    return Resources(limits, [profile] * len(limits), policy, profile, source)

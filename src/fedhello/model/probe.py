@@ -1,0 +1,130 @@
+"""The probe: measure what one local step costs for every lowest trained block and layer count.
+
+For each ``(b, n)`` it trains the contiguous set ``b .. b+n-1`` for a few steps on a synthetic
+batch of ``batch_size`` inputs of the full ``max_length`` (a real batch is cut back to its
+longest example, so it never needs more), exactly as a client trains (same masks, autocast,
+grad scaler, AdamW), and records the same training memory a client records (saved-for-backward
+peak + fp32 gradients + AdamW's two moments), the median step time and, on CUDA, the
+allocator's peak. Synthetic inputs make the profile independent of any dataset: a site can
+measure itself before it has read a row.
+
+Learning rate 0 and a saved adapter state leave the model as it was; the torch RNG is forked,
+so the probe changes no draw of the run that follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from fedhello.core.fit import MB
+from fedhello.core.profile import Cost, CostProfile
+from fedhello.model.accelerator import Accelerator
+from fedhello.model.lora import apply_layer_mask, get_state, set_state
+from fedhello.model.meters import SavedTensorMeter
+
+logger = logging.getLogger(__name__)
+
+
+def synthetic_batch(
+    model: torch.nn.Module, task: str, batch_size: int, max_length: int, num_labels: int
+) -> dict[str, torch.Tensor]:
+    """A full-size batch: ``max_length`` tokens without padding, or full-size images."""
+    gen = torch.Generator().manual_seed(0)
+    config = model.config
+    labels = torch.randint(0, num_labels, (batch_size,), generator=gen)
+    if task == "text":
+        vocab = int(getattr(config, "vocab_size", 30000))
+        ids = torch.randint(min(1000, vocab - 1), vocab, (batch_size, max_length), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    size = int(getattr(config, "image_size", 224))
+    channels = int(getattr(config, "num_channels", 3))
+    pixels = torch.randn(batch_size, channels, size, size, generator=gen)
+    return {"pixel_values": pixels, "labels": labels}
+
+
+def _measure(
+    model: torch.nn.Module,
+    layers: range,
+    layer_of: Mapping[str, int | None],
+    batch: dict[str, torch.Tensor],
+    acc: Accelerator,
+    steps: int,
+) -> Cost:
+    params = apply_layer_mask(model, layers, layer_of)
+    optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: the weights stay as they are
+    scaler = acc.grad_scaler()
+    meter = SavedTensorMeter(model)
+    times = []
+    acc.reset_peak_memory()
+    for step in range(steps + 1):  # one warm-up step (allocator, autocast caches, kernels)
+        acc.synchronize()
+        t0 = time.perf_counter()
+        with meter.hooks(), acc.autocast():
+            loss = model(**batch).loss
+        meter.step_done()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        acc.synchronize()
+        if step > 0:
+            times.append(time.perf_counter() - t0)
+    trainable = sum(p.numel() for p in params)
+    peak = acc.peak_memory_mb()
+    del optimizer
+    # the same formula as a client's train_memory_mb (fedhello.model.training)
+    return Cost((meter.peak + 3 * 4 * trainable) / MB, statistics.median(times), peak)
+
+
+def measure_profile(
+    model: torch.nn.Module,
+    layer_of: Mapping[str, int | None],
+    num_layers: int,
+    batch: dict[str, torch.Tensor],
+    acc: Accelerator,
+    key: dict[str, Any],
+    steps: int = 3,
+    on_entry: Callable[[int, int, Cost], None] | None = None,
+) -> CostProfile:
+    """Every ``(lowest block, count)`` measured on ``model`` (already on ``acc``'s device)."""
+    state = get_state(model, list(layer_of))
+    was_training = model.training
+    on_device = acc.to_device(batch)
+    model.train()
+    table: dict[tuple[int, int], Cost] = {}
+    devices = [acc.device] if acc.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            for b in range(num_layers):
+                for n in range(1, num_layers - b + 1):
+                    cost = _measure(model, range(b, b + n), layer_of, on_device, acc, steps)
+                    table[(b, n)] = cost
+                    if on_entry is not None:
+                        on_entry(b, n, cost)
+    finally:
+        set_state(model, state)
+        model.train(was_training)
+        for p in model.parameters():
+            p.grad = None
+    head, per_layer = upload_sizes(state, layer_of, num_layers)
+    return CostProfile(key, num_layers, table, per_layer, head, probe_steps=steps)
+
+
+def upload_sizes(
+    state: Mapping[str, Any], layer_of: Mapping[str, int | None], num_layers: int
+) -> tuple[int, list[int]]:
+    """Bytes of the head and of each block's LoRA tensors in an upload (fp32 arrays)."""
+    head = sum(int(v.nbytes) for k, v in state.items() if layer_of[k] is None)
+    per_layer = [0] * num_layers
+    for k, v in state.items():
+        layer = layer_of[k]
+        if layer is not None:
+            per_layer[layer] += int(v.nbytes)
+    return head, per_layer

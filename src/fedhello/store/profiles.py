@@ -1,0 +1,81 @@
+"""Cost profiles on disk: one JSON file per setting, reused by every run and comparison that
+shares it, and re-measured when anything it depends on changes.
+
+The key holds everything a step's cost depends on: the model (source, task, blocks, classes),
+the LoRA shape (rank, dropout, target modules), the batch (size, tokens), the device (its
+kind and name) and the precisions, and the torch version. The file's name is a hash of the key
+and the file holds the key itself: a file whose key differs from the wanted one (an edit, a
+collision, an older format) is measured again, never reused. A run keeps a copy of the profile
+it used (``profile.json`` in its directory), so a resumed run repairs exactly as it did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fedhello.core.config import Config
+from fedhello.core.profile import CostProfile
+
+logger = logging.getLogger(__name__)
+
+
+def profile_key(
+    cfg: Config, source: str, task: str, num_layers: int, num_labels: int, device: str,
+    precision: str, base_precision: str,
+) -> dict[str, Any]:  # fmt: skip
+    import torch
+
+    return {
+        "model": source,
+        "task": task,
+        "num_layers": num_layers,
+        "num_labels": num_labels,
+        "lora_r": cfg.lora.r,
+        "lora_dropout": cfg.lora.dropout,
+        "lora_target_modules": list(cfg.lora.target_modules),
+        "batch_size": cfg.train.batch_size,
+        "max_length": cfg.model.max_length if task == "text" else None,
+        "device": device,
+        "precision": precision,
+        "base_precision": base_precision,
+        "torch": torch.__version__,
+    }
+
+
+def profile_dir(cfg: Config) -> Path:
+    return Path(cfg.run.profile_dir or Path(cfg.run.out_dir) / "profiles")
+
+
+def profile_path(directory: Path, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return directory / f"profile-{digest}.json"
+
+
+def read_profile(path: Path, key: dict[str, Any] | None = None) -> CostProfile | None:
+    """The profile at ``path`` if it exists, is readable and (given ``key``) has that key."""
+    if not path.is_file():
+        return None
+    try:
+        profile = CostProfile.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as err:
+        logger.warning("cost profile %s is unreadable (%s): measuring again", path, err)
+        return None
+    if key is not None and profile.key != key:
+        changed = sorted(k for k in {*key, *profile.key} if key.get(k) != profile.key.get(k))
+        logger.warning("cost profile %s is for another setting (%s): measuring again",
+                       path, ", ".join(changed))  # fmt: skip
+        return None
+    return profile
+
+
+def write_profile(path: Path, profile: CostProfile) -> None:
+    """Written whole or not at all (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(profile.to_json(), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
