@@ -29,7 +29,7 @@ from fedhello.core.seeds import Purpose, derived_int, generator
 from fedhello.data.encoding import Encoded, encode
 from fedhello.data.loading import RawData, load_raw
 from fedhello.data.partition import hold_out_proxy, partition_indices
-from fedhello.engine.resources import ModelUnderTest, Resources, setup_resources
+from fedhello.engine.resources import ModelUnderTest, Resources, no_limits, setup_resources
 from fedhello.model.accelerator import Accelerator, accelerator_for
 from fedhello.model.fisher import fisher_scores
 from fedhello.model.loading import LoadedModel, load_model
@@ -147,13 +147,16 @@ def build_experiment(
     cache: DataCache | None = None,
     acc: Accelerator | None = None,
     saved_profile: CostProfile | None = None,
+    resources: bool = True,
 ) -> Experiment:
     """Model, data, partition and strategy of ``cfg``. ``encode_data=False`` skips tokenising
     the whole dataset (most of the build on a large one): a ClientApp, which only trains its
     own shard, encodes that alone (``fedhello.data.encoding.encode_positions``). ``cache``
     reuses the data of an earlier build with the same data settings. ``acc``: the device and
     precision (default: resolved from ``cfg``, first, so a missing GPU fails before loading).
-    ``saved_profile``: the cost profile a resumed run used (else stored or measured)."""
+    ``saved_profile``: the cost profile a resumed run used (else stored or measured).
+    ``resources=False`` (a Flower node, which trains what the server allocated): no limits,
+    so no profile is measured."""
     acc = acc or accelerator_for(cfg)
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
@@ -196,7 +199,11 @@ def build_experiment(
     init_state = get_state(model, keys)
     under_test = ModelUnderTest(model, layer_of, num_layers, task, len(raw.label_names),
                                 loaded.source, acc)  # fmt: skip
-    resources = setup_resources(cfg, strategy, under_test, init_state, saved_profile)
+    res = (
+        setup_resources(cfg, strategy, under_test, init_state, saved_profile)
+        if resources
+        else no_limits(cfg)
+    )
     logger.info(
         "experiment: %s (%s, %d blocks), %d clients, budgets %s (floors %s); %s",
         cfg.model.name, task, num_layers, len(strategy.budgets), strategy.budgets,
@@ -221,7 +228,7 @@ def build_experiment(
         eval_val=subset("validation", 1),
         proxy=proxy,
         acc=acc,
-        resources=resources,
+        resources=res,
     )
 
 
@@ -238,10 +245,13 @@ class SiteModel:
     layer_of: dict[str, int | None]
     label_names: list[str]
     acc: Accelerator
+    source: str
+    num_layers: int
 
 
 def build_site_model(cfg: Config, label_names: list[str], acc: Accelerator) -> SiteModel:
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
     loaded, model, _, layer_of = build_lora_classifier(cfg, label_names, task, num_layers, acc)
-    return SiteModel(cfg, model, loaded.processor, task, layer_of, list(label_names), acc)
+    return SiteModel(cfg, model, loaded.processor, task, layer_of, list(label_names), acc,
+                     loaded.source, num_layers)  # fmt: skip

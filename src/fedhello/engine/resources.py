@@ -74,10 +74,12 @@ def obtain_profile(
     return profile, "measured"
 
 
-def upload_only_profile(state: Mapping[str, Any], m: ModelUnderTest) -> CostProfile:
+def upload_only_profile(
+    state: Mapping[str, Any], layer_of: Mapping[str, int | None], num_layers: int
+) -> CostProfile:
     """Tensor sizes only: what an upload limit on layer-count budgets needs."""
-    head, per_layer = upload_sizes(state, m.layer_of, m.num_layers)
-    return CostProfile({}, m.num_layers, {}, per_layer, head)
+    head, per_layer = upload_sizes(state, layer_of, num_layers)
+    return CostProfile({}, num_layers, {}, per_layer, head)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Resources:
     limits: list[ResourceLimit | None]
     profiles: list[CostProfile | None]
     policy: str  # repair, strict or off (resolved)
+    configured: str = "auto"  # allocation.fit as configured
     profile: CostProfile | None = None  # the config's limits are checked with this one
     profile_source: str | None = None  # measured, reused (the store) or run (its own copy)
 
@@ -107,6 +110,8 @@ class Resources:
         profile = profile or self.profile
         if profile is None:
             raise ValueError(f"{who}: a limit of {limit} needs a cost profile")
+        if limit.needs_profile and self.configured == "auto":
+            self.policy = "repair"  # a limit in real units is enforced unless told otherwise
         if self.policy == "off" and limit.needs_profile:
             logger.warning("%s: allocation.fit = off: its limit of %s is not enforced", who, limit)
         apply_limit(strategy, client, limit, profile, who, floors=self.policy != "off")
@@ -124,9 +129,9 @@ def setup_resources(
     limits = client_limits(cfg)
     policy = fit_policy(cfg.allocation.fit, cfg.clients.real_budgets)
     if all(limit is None for limit in limits):
-        return Resources(limits, [None] * len(limits), policy)
+        return Resources(limits, [None] * len(limits), policy, cfg.allocation.fit)
     if not any(limit is not None and limit.needs_profile for limit in limits):
-        profile, source = upload_only_profile(state, m), None
+        profile, source = upload_only_profile(state, m.layer_of, m.num_layers), None
     elif saved is not None:
         profile, source = saved, "run"
     else:
@@ -142,4 +147,10 @@ def setup_resources(
             layer_count = None if cfg.clients.real_budgets else counts[client]
             apply_limit(strategy, client, limit, profile, limit_source(cfg, client),
                         layer_count, floors=policy != "off")  # fmt: skip
-    return Resources(limits, [profile] * len(limits), policy, profile, source)
+    return Resources(limits, [profile] * len(limits), policy, cfg.allocation.fit, profile, source)
+
+
+def no_limits(cfg: Config) -> Resources:
+    """Layer counts only: nothing to check (a node's experiment; the server holds the limits)."""
+    k = cfg.clients.num_clients
+    return Resources([None] * k, [None] * k, "off", cfg.allocation.fit)

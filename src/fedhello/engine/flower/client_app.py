@@ -2,8 +2,11 @@
 
 A node declares in ``--node-config`` its ``partition-id`` (set automatically in Flower's
 simulation) and may declare a budget: ``budget-layers`` (a count), ``budget-tier`` (a tier of
-``clients.tiers``), ``budget-cost`` or ``budget-memory`` (a fraction of the step time or
-activation memory of training every layer, turned into layers by ``fedhello.core.costmodel``).
+``clients.tiers``), limits in real units (``budget-memory-mb``, ``budget-step-seconds``,
+``budget-upload-mb``: the node measures its own cost profile for the first two and sends it
+with its query reply, so the server checks every set it allocates against what this device
+costs), or the legacy ``budget-cost`` / ``budget-memory`` (fractions turned into a layer count,
+not enforced).
 Its data is its partition of the configured dataset, or, if the node config names one
 (``data="/srv/site.csv"``), its own file, which never leaves the node
 (``fedhello.data.site``); such a site may leave out ``partition-id`` and take the client id
@@ -30,10 +33,12 @@ from flwr.clientapp import ClientApp
 
 from fedhello.core.config import Config, build_config
 from fedhello.core.errors import UserError
+from fedhello.core.profile import CostProfile
 from fedhello.data.encoding import Encoded, encode, encode_positions
 from fedhello.data.site import load_site_raw
 from fedhello.engine.experiment import Experiment, SiteModel, build_experiment, build_site_model
 from fedhello.engine.flower import messages as wire
+from fedhello.engine.resources import ModelUnderTest, obtain_profile
 from fedhello.model.accelerator import Accelerator, resolve
 from fedhello.model.lora import set_state
 from fedhello.model.training import LocalTask, Shard, train_client
@@ -93,7 +98,8 @@ def experiment_for(config_toml: str, node_config: Any) -> Experiment:
 
     def build() -> Experiment:
         cfg = _config(config_toml)
-        return build_experiment(cfg, encode_data=False, acc=node_accelerator(cfg, node_config))
+        acc = node_accelerator(cfg, node_config)
+        return build_experiment(cfg, encode_data=False, acc=acc, resources=False)
 
     return _CACHE.get("exp:" + digest.hexdigest(), build)
 
@@ -162,7 +168,33 @@ def query(msg: Message, context: Context) -> Message:
             info["site-validation"] = len(splits["validation"])
         except UserError as err:
             info["data-error"] = str(err)
+            return wire.query_reply(msg, info)
+    if any(k in nc for k in wire.MEASURED_LIMITS) and req.config_toml is not None:
+        try:
+            info["cost-profile"] = json.dumps(node_profile(req, nc).to_json())
+        except (UserError, RuntimeError) as err:  # e.g. out of memory on the node's device
+            info["profile-error"] = f"measuring its cost profile failed: {err}"
     return wire.query_reply(msg, info)
+
+
+def node_profile(req: wire.Request, nc: Any) -> CostProfile:
+    """This node's cost profile, on its own device and precision: stored on the node
+    (``profile-dir`` in its node config, else the run's ``run.profile_dir``) or measured."""
+    learner: Experiment | SiteModel
+    if "data" in nc:
+        learner = _site(req, nc)[0]
+        labels, source = len(learner.label_names), learner.source
+    else:
+        assert req.config_toml is not None
+        learner = experiment_for(req.config_toml, nc)
+        labels, source = len(learner.raw.label_names), learner.source
+    cfg = learner.cfg
+    if "profile-dir" in nc:
+        run = cfg.run.model_copy(update={"profile_dir": str(nc["profile-dir"])})
+        cfg = cfg.model_copy(update={"run": run})
+    m = ModelUnderTest(learner.model, learner.layer_of, learner.num_layers, learner.task, labels,
+                       source, learner.acc)  # fmt: skip
+    return obtain_profile(cfg, m)[0]
 
 
 @app.train()

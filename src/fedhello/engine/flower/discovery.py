@@ -12,6 +12,7 @@ says so, and ``partition-id`` fixes it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -20,8 +21,11 @@ from flwr.serverapp import Grid
 
 from fedhello.core.budgets import tier_layers
 from fedhello.core.errors import UserError
+from fedhello.core.fit import ResourceLimit
+from fedhello.core.profile import CostProfile
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.flower import messages as wire
+from fedhello.engine.resources import upload_only_profile
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ def who(info: dict[str, Any]) -> str:
 
 def check_reply(info: dict[str, Any]) -> None:
     """Stop at once on a node that cannot take part (unusable data, no identity)."""
-    for key in ("device-error", "data-error"):
+    for key in ("device-error", "data-error", "profile-error"):
         if key in info:
             raise UserError(f"{who(info)}: {info[key]}")
     if "device" in info:
@@ -164,3 +168,33 @@ def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any
                 f"partition {pid}: budget-layers={budget}; allowed: 1..{exp.num_layers}"
             )
         exp.strategy.set_budget(pid, budget)
+    register_limit(exp, pid, info)
+
+
+def register_limit(exp: Experiment, pid: int, info: Any) -> None:
+    """A node's limits in real units, checked with the cost profile it measured itself."""
+    values = {}
+    for key in ("budget-memory-mb", "budget-step-seconds", "budget-upload-mb"):
+        if key in info:
+            values[key] = float(info[key])
+            if not values[key] > 0:
+                raise UserError(
+                    f"partition {pid}: {key}={values[key]:g}; allowed: a positive limit"
+                )
+    if not values:
+        return
+    limit = ResourceLimit(values.get("budget-memory-mb"), values.get("budget-step-seconds"),
+                          values.get("budget-upload-mb"))  # fmt: skip
+    profile = None
+    if "cost-profile" in info:
+        profile = CostProfile.from_json(json.loads(str(info["cost-profile"])))
+        if profile.num_layers != exp.num_layers:
+            raise UserError(
+                f"partition {pid}: its cost profile has {profile.num_layers} blocks, the "
+                f"model {exp.num_layers}; allowed: a profile of the run's model"
+            )
+    elif exp.resources.profile is None:  # an upload limit alone: tensor sizes suffice
+        profile = upload_only_profile(exp.init_state, exp.layer_of, exp.num_layers)
+    exp.resources.set_client(exp.strategy, pid, limit, profile, f"partition {pid}")
+    logger.info("client %d: %s -> %d layers from block %d", pid, limit,
+                exp.strategy.budgets[pid], exp.strategy.floors[pid])  # fmt: skip

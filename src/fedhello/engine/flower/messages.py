@@ -6,12 +6,14 @@ Client contract (keys are kebab-case):
 * **query** (once per node, at the start; ``discovery``): ``config`` = ``fedhello-config``
   (the resolved config as TOML) and ``label-names``. Reply ``config`` = what the node's
   ``--node-config`` declares: ``partition-id`` and/or ``data`` (its own file), optionally a
-  budget (``budget-layers``, ``budget-tier``, ``budget-cost``, ``budget-memory``) and its
+  budget (``budget-layers``, ``budget-tier``, ``budget-cost``, ``budget-memory``, or limits in
+  real units: ``budget-memory-mb``, ``budget-step-seconds``, ``budget-upload-mb``) and its
   own ``device``, ``precision`` and ``base-precision`` (else the run's); the reply adds the
   resolved ``device`` and ``precision``, or ``device-error`` (e.g. ``cuda`` on a node without
   one); a node with its own file adds ``site-examples`` and ``site-validation`` (its train /
-  held-out sizes) or ``data-error`` (why the file is unusable). The server stops the run on
-  either error, before round 1.
+  held-out sizes) or ``data-error`` (why the file is unusable); a node with a memory or time
+  limit adds ``cost-profile`` (its profile as JSON, measured on its own device) or
+  ``profile-error``. The server stops the run on any error, before round 1.
 * **train**: ``arrays`` = the full global adapter (every LoRA tensor and the head: the
   forward pass needs them all); ``config`` = ``server-round``, ``client`` (the server's id
   for the node), ``train-layers`` (block indices), ``lr``, ``fedhello-config``,
@@ -50,10 +52,13 @@ from fedhello.model.training import ClientResult
 
 # What a node may declare in its --node-config, and how each value is read.
 DECLARED_INT = ("partition-id", "budget-layers", "budget-tier")
-DECLARED_FLOAT = ("budget-cost", "budget-memory")
+DECLARED_FLOAT = ("budget-cost", "budget-memory", *["budget-memory-mb", "budget-step-seconds"],
+                  "budget-upload-mb")  # fmt: skip
+# Limits in real units: a node declaring memory or time measures its own cost profile.
+MEASURED_LIMITS = ("budget-memory-mb", "budget-step-seconds")
 # A node's own device settings (else the run's ``train`` settings apply on it).
 NODE_DEVICE_KEYS = ("device", "precision", "base-precision")
-DECLARED_STR = ("data", *NODE_DEVICE_KEYS)
+DECLARED_STR = ("data", "profile-dir", *NODE_DEVICE_KEYS)
 T = TypeVar("T")
 
 
