@@ -287,3 +287,33 @@ def test_node_authentication_admits_registered_supernodes_only(
     assert [c["client"] for c in records[0]["clients"]] == [0] and not records[0]["failed"]
     refused = (tmp_path / "logs" / "supernode1.log").read_text()
     assert "Failed to activate SuperNode" in refused, refused[-2000:]
+
+
+def test_a_supernode_with_a_memory_limit_trains_within_it(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedhello
+    from fedhello.core.fit import MEMORY_TOLERANCE
+
+    # full-width batches (6 tokens), so the node's measured memory is its profile's
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, clients__num_clients=2, federation__rounds=2,
+                    model__max_length=6, train__precision='"fp32"', allocation__strategy="fedra",
+                    run__profile_dir=f'"{tmp_path / "server-profiles"}"')  # fmt: skip
+    probe = fedhello.calibrate(load_config(None, ov), steps=1)["profile"]["entries"]
+    top = next(e["memory_mb"] for e in probe if (e["lowest"], e["count"]) == (3, 1))
+    limit = round(top * 1.02, 4)  # the top block alone: blocks 0-2 are out of reach
+    node_profiles = tmp_path / "node-profiles"
+    extra = {0: f'budget-memory-mb={limit} profile-dir="{node_profiles}"'}
+    with deployment(tmp_path, nodes=2, node_extra=extra) as dep:
+        for k, v in flower_env(dep.home).items():
+            monkeypatch.setenv(k, v)
+        out = tmp_path / "limited"
+        assert _run(out, ov, "--engine", "flower", "--superlink", dep.address) == 0
+    # the node measured its own profile, on its own device, and the server used it
+    assert len(list(node_profiles.glob("profile-*.json"))) == 1
+    clients = [c for r in RunDir(out).read_metrics() for c in r["clients"]]
+    limited = [c for c in clients if c["client"] == 0]
+    assert limited and all(c["memory_limit_mb"] == limit for c in limited)
+    assert all(c["layers"] == [3] for c in limited)
+    assert all(c["train_memory_mb"] <= limit * (1 + MEMORY_TOLERANCE) for c in limited)
+    assert all("memory_limit_mb" not in c for c in clients if c["client"] == 1)
