@@ -268,3 +268,26 @@ def test_cli_calibrate_and_a_limit_too_small(
     assert rc == 2 and len(err) == 1
     assert "clients.tiers[0] (client 0)" in err[0] and "the top layer alone needs" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_compare_reports_memory_against_limits(
+    tmp_path: Path, tiny_profile: tuple[dict, Path], tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    import fedhello
+
+    result, profiles = tiny_profile
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, run__profile_dir=f'"{profiles}"',
+                    clients__budget_kind='"memory-mb"',
+                    clients__tiers=str(_limits(result)))  # fmt: skip
+    out = fedhello.compare(fedhello.load_config(None, ov), "deepest-fit,full", [0], "iid",
+                           tmp_path / "cmp")  # fmt: skip
+    text = (tmp_path / "cmp" / "results.md").read_text()
+    assert "largest train MB / limit, by tier" in text
+    rows = {r["strategy"]: r for r in out["table"]}
+    limits = _limits(result)
+    assert rows["full"]["repairs"] > 0 and rows["deepest-fit"]["repairs"] == 0
+    for r in (rows["full"], rows["deepest-fit"]):
+        assert r["limit_mb_by_tier"] == {t: pytest.approx(v) for t, v in enumerate(limits)}
+        for t, mb in r["train_mb_max_by_tier"].items():
+            assert mb <= limits[t] * (1 + MEMORY_TOLERANCE)
+    assert (tmp_path / "cmp" / "plots" / "accuracy-vs-resources-iid.png").is_file()

@@ -98,8 +98,11 @@ def test_plots_are_written_and_not_blank(compare_dir: Path) -> None:
 
     plots = sorted((compare_dir / "plots").glob("*.png"))
     kinds = {p.name.rsplit("-", 1)[0] for p in plots}
-    assert kinds == {"accuracy", "coverage-heatmap", "coverage-vs-target", "client-cost"}
-    assert len(plots) == 8  # four kinds x two partitions
+    assert kinds == {
+        "accuracy", "coverage-heatmap", "coverage-vs-target", "client-cost",
+        "accuracy-vs-resources",
+    }  # fmt: skip
+    assert len(plots) == 10  # five kinds x two partitions
     for p in plots:
         img = mpimg.imread(p)
         assert img.shape[0] > 200 and img.std() > 0.01, p.name
@@ -108,7 +111,7 @@ def test_plots_are_written_and_not_blank(compare_dir: Path) -> None:
 def test_report_regenerates_from_saved_metrics(compare_dir: Path, tmp_path: Path) -> None:
     assert main(["report", str(compare_dir), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.md").read_text() == (compare_dir / "results.md").read_text()
-    assert len(list((tmp_path / "plots").glob("*.png"))) == 8
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 10
     single = _run(compare_dir, "iid", "fedra", 0).path
     assert main(["report", str(single), "--out", str(tmp_path / "one")]) == 0
     assert "fedra" in (tmp_path / "one" / "results.md").read_text()

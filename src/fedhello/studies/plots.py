@@ -125,7 +125,8 @@ def cost_plot(partition: str, groups: dict[str, list[RunData]], path: Path) -> P
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     rng = np.random.default_rng(0)
     for strategy, runs in groups.items():
-        clients = [c for r in runs for x in r.records for c in x["clients"]]
+        # a client that sat out (exclusive) trained nothing and has no lowest layer
+        clients = [c for r in runs for x in r.records for c in x["clients"] if c["layers"]]
         if not clients:
             continue
         budget = np.array([c["budget"] for c in clients]) + rng.uniform(-0.2, 0.2, len(clients))
@@ -146,6 +147,42 @@ def cost_plot(partition: str, groups: dict[str, list[RunData]], path: Path) -> P
     return path
 
 
+def peak_train_mb(run: RunData) -> float:
+    """The largest training memory any client of the run used."""
+    return max((c["train_memory_mb"] for x in run.records for c in x["clients"]), default=0.0)
+
+
+def resource_plot(partition: str, groups: dict[str, list[RunData]], path: Path) -> Path:
+    """Final accuracy against what it cost: total client compute and peak client training
+    memory, one point per strategy (mean over seeds, bars: min-max over seeds)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for strategy, runs in groups.items():
+        acc = 100 * np.array([r.summary["test_accuracy"] for r in runs])
+        costs = {
+            "client_seconds": np.array([r.summary["client_seconds"] for r in runs]),
+            "peak_mb": np.array([peak_train_mb(r) for r in runs]),
+        }
+        for ax, key in zip(axes, costs, strict=True):
+            x = costs[key]
+            ax.errorbar(
+                x.mean(), acc.mean(),
+                xerr=[[x.mean() - x.min()], [x.max() - x.mean()]],
+                yerr=[[acc.mean() - acc.min()], [acc.max() - acc.mean()]],
+                fmt="o", capsize=3, label=f"{strategy} (n={len(runs)})",
+            )  # fmt: skip
+    axes[0].set(xlabel="total client compute per run (s)", ylabel="final test accuracy (%)")
+    axes[1].set(xlabel="peak client training memory (MB)", ylabel="final test accuracy (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Accuracy against resources, {partition} (bars: min-max over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(runs: list[RunData], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     by_partition = _by_partition(runs)
@@ -160,4 +197,7 @@ def write_plots(runs: list[RunData], out: Path) -> list[Path]:
             coverage_plot(partition, groups, out / f"coverage-vs-target-{partition}.png")
         )
         written.append(cost_plot(partition, groups, out / f"client-cost-{partition}.png"))
+        written.append(
+            resource_plot(partition, groups, out / f"accuracy-vs-resources-{partition}.png")
+        )
     return written

@@ -7,7 +7,9 @@ the last five rounds; ``val-selected`` picks each run's round of best validation
 reports the test accuracy of that round: the test set never chooses anything. ``train MB by tier``
 is the largest per-client training memory in each budget tier: tensors autograd saved for the
 backward pass (peak step) plus gradients and AdamW state of the trained tensors; it excludes
-the frozen model every client holds anyway.
+the frozen model every client holds anyway. With memory limits a second table sets, per tier,
+the largest training memory of any client in any seed against the tier's limit, with the
+number of repaired layer sets per run (``allocation.fit = repair``).
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
         ]
         selected = [val_selected(r.records) for r in row.runs]
         tiers: dict[int, list[float]] = defaultdict(list)
+        limits: dict[int, float] = {}
         for r in row.runs:
             peak: dict[int, float] = {}
             for rec in r.records:
                 for c in rec["clients"]:
                     peak[c["tier"]] = max(peak.get(c["tier"], 0.0), c["train_memory_mb"])
+                    if c.get("memory_limit_mb") is not None:
+                        limits[c["tier"]] = max(limits.get(c["tier"], 0.0), c["memory_limit_mb"])
             for tier, mb in peak.items():
                 tiers[tier].append(mb)
         table.append(
@@ -56,6 +61,12 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
                 "val_selected_acc_mean": statistics.fmean(s[1] for s in selected),
                 "client_seconds": statistics.fmean(r.summary["client_seconds"] for r in row.runs),
                 "train_mb_by_tier": {t: statistics.fmean(v) for t, v in sorted(tiers.items())},
+                # the largest over seeds, against the tier's limit: a limit must hold in every run
+                "train_mb_max_by_tier": {t: max(v) for t, v in sorted(tiers.items())},
+                "limit_mb_by_tier": dict(sorted(limits.items())),
+                "repairs": statistics.fmean(
+                    sum(x.get("num_repairs", 0) for x in r.records) for r in row.runs
+                ),
                 "mb_up": statistics.fmean(r.summary["bytes_up"] for r in row.runs) / 1e6,
                 "mb_down": statistics.fmean(r.summary["bytes_down"] for r in row.runs) / 1e6,
             }
@@ -63,13 +74,16 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
     return table
 
 
+BY_TIER = ("train_mb_by_tier", "train_mb_max_by_tier", "limit_mb_by_tier")
+
+
 def write_tables(table: list[dict[str, Any]], out: Path) -> None:
-    columns = [k for k in table[0] if k != "train_mb_by_tier"] + ["train_mb_by_tier"]
+    columns = [k for k in table[0] if k not in BY_TIER] + list(BY_TIER)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in table:
-            writer.writerow(row | {"train_mb_by_tier": json.dumps(row["train_mb_by_tier"])})
+            writer.writerow(row | {k: json.dumps(row[k]) for k in BY_TIER})
     lines = [
         "| partition | strategy | seeds | final acc | final macro-F1 | last-5 acc | val-selected "
         "acc (round) | client s | train MB by tier | MB up / down |",
@@ -84,7 +98,29 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> None:
             f"{100 * r['val_selected_acc_mean']:.1f} ({r['val_round_mean']:.1f}) | "
             f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} |"
         )
+    if any(r["limit_mb_by_tier"] for r in table):
+        lines += ["", *resource_lines(table)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def resource_lines(table: list[dict[str, Any]]) -> list[str]:
+    """Memory limits against what was measured: per tier, the largest training memory any
+    client of the tier used in any seed, over the tier's limit; and the repairs per run."""
+    lines = [
+        "| partition | strategy | largest train MB / limit, by tier | repairs per run | client s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in table:
+        limits = r["limit_mb_by_tier"]
+        cells = " / ".join(
+            f"{mb:.1f} of {limits[t]:g}" if t in limits else f"{mb:.1f}"
+            for t, mb in r["train_mb_max_by_tier"].items()
+        )
+        lines.append(
+            f"| {r['partition']} | {r['strategy']} | {cells} | {r['repairs']:.1f} | "
+            f"{r['client_seconds']:.1f} |"
+        )
+    return lines
 
 
 def write_report(
