@@ -52,7 +52,7 @@ def test_allowance_is_the_top_count_and_the_lowest_block_where_it_fits() -> None
 
 def test_a_limit_that_fits_no_layer_names_who_and_the_smallest_limit() -> None:
     with pytest.raises(
-        ConfigError, match=r"clients.tiers\[0\].*10 MB.*top layer alone needs 11.0 MB"
+        ConfigError, match=r"clients.tiers\[0\].*10 MB.*the top layer alone needs 11 MB of train"
     ):
         allowance(ResourceLimit(memory_mb=10), synthetic_profile(), "clients.tiers[0]")
 

@@ -99,17 +99,15 @@ def fits(layers: Sequence[int], limit: ResourceLimit, profile: CostProfile) -> b
     return not excesses(layers, limit, profile)
 
 
-def smallest_fitting(limit: ResourceLimit, profile: CostProfile) -> str:
-    """The smallest limits under which the top layer alone fits (for error messages)."""
+def smallest_fitting(limit: ResourceLimit, profile: CostProfile) -> ResourceLimit:
+    """The smallest limits of ``limit``'s kinds under which the top layer alone fits."""
     top = [profile.num_layers - 1]
-    parts = []
-    if limit.memory_mb is not None:
-        parts.append(f"{profile.cost(top).memory_mb:.1f} MB")
-    if limit.step_seconds is not None:
-        parts.append(f"{profile.cost(top).step_seconds:.3f} s per step")
-    if limit.upload_mb is not None:
-        parts.append(f"{profile.upload_bytes(top) / MB:.3f} MB of upload")
-    return " and ".join(parts)
+    cost = profile.cost(top) if limit.needs_profile else None
+    return ResourceLimit(
+        None if limit.memory_mb is None or cost is None else round(cost.memory_mb, 1),
+        None if limit.step_seconds is None or cost is None else round(cost.step_seconds, 3),
+        None if limit.upload_mb is None else round(profile.upload_bytes(top) / MB, 3),
+    )
 
 
 def allowance(limit: ResourceLimit, profile: CostProfile, who: str) -> Allowance:

@@ -68,7 +68,8 @@ def obtain_profile(
     t0 = time.perf_counter()
     batch = synthetic_batch(m.model, m.task, cfg.train.batch_size, cfg.model.max_length,
                             m.num_labels)  # fmt: skip
-    profile = measure_profile(m.model, m.layer_of, m.num_layers, batch, acc, key, steps)
+    profile = measure_profile(m.model, m.layer_of, m.num_layers, batch, acc, key, steps,
+                              cfg.train.max_grad_norm)  # fmt: skip
     write_profile(path, profile)
     logger.info("cost profile measured in %.1f s: %s", time.perf_counter() - t0, path)
     return profile, "measured"

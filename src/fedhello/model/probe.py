@@ -2,11 +2,11 @@
 
 For each ``(b, n)`` it trains the contiguous set ``b .. b+n-1`` for a few steps on a synthetic
 batch of ``batch_size`` inputs of the full ``max_length`` (a real batch is cut back to its
-longest example, so it never needs more), exactly as a client trains (same masks, autocast,
-grad scaler, AdamW), and records the same training memory a client records (saved-for-backward
-peak + fp32 gradients + AdamW's two moments), the median step time and, on CUDA, the
-allocator's peak. Synthetic inputs make the profile independent of any dataset: a site can
-measure itself before it has read a row.
+longest example, so it never needs more), exactly as a client trains (the same masks and
+``LocalStep``: autocast, grad scaler, clipping, AdamW), and records the same training memory
+a client records (saved-for-backward peak + fp32 gradients + AdamW's two moments), the median
+step time and, on CUDA, the allocator's peak. Synthetic inputs make the profile independent
+of any dataset: a site can measure itself before it has read a row.
 
 Learning rate 0 and a saved adapter state leave the model as it was; the torch RNG is forked,
 so the probe changes no draw of the run that follows.
@@ -27,6 +27,7 @@ from fedhello.core.profile import Cost, CostProfile
 from fedhello.model.accelerator import Accelerator
 from fedhello.model.lora import apply_layer_mask, get_state, set_state
 from fedhello.model.meters import SavedTensorMeter
+from fedhello.model.training import LocalStep
 
 logger = logging.getLogger(__name__)
 
@@ -55,23 +56,18 @@ def _measure(
     batch: dict[str, torch.Tensor],
     acc: Accelerator,
     steps: int,
+    max_grad_norm: float,
 ) -> Cost:
     params = apply_layer_mask(model, layers, layer_of)
     optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: the weights stay as they are
-    scaler = acc.grad_scaler()
     meter = SavedTensorMeter(model)
+    step_once = LocalStep(model, params, optimizer, acc.grad_scaler(), meter, acc)
     times = []
     acc.reset_peak_memory()
     for step in range(steps + 1):  # one warm-up step (allocator, autocast caches, kernels)
         acc.synchronize()
         t0 = time.perf_counter()
-        with meter.hooks(), acc.autocast():
-            loss = model(**batch).loss
-        meter.step_done()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        step_once(batch, max_grad_norm)
         acc.synchronize()
         if step > 0:
             times.append(time.perf_counter() - t0)
@@ -90,6 +86,7 @@ def measure_profile(
     acc: Accelerator,
     key: dict[str, Any],
     steps: int = 3,
+    max_grad_norm: float = 1.0,
     on_entry: Callable[[int, int, Cost], None] | None = None,
 ) -> CostProfile:
     """Every ``(lowest block, count)`` measured on ``model`` (already on ``acc``'s device)."""
@@ -104,7 +101,8 @@ def measure_profile(
             torch.manual_seed(0)
             for b in range(num_layers):
                 for n in range(1, num_layers - b + 1):
-                    cost = _measure(model, range(b, b + n), layer_of, on_device, acc, steps)
+                    layers = range(b, b + n)
+                    cost = _measure(model, layers, layer_of, on_device, acc, steps, max_grad_norm)
                     table[(b, n)] = cost
                     if on_entry is not None:
                         on_entry(b, n, cost)

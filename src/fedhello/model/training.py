@@ -60,6 +60,33 @@ class ClientResult:
     step_seconds: float = 0.0  # median time of a local step (batch, forward, backward, update)
 
 
+@dataclass
+class LocalStep:
+    """One local step as every client takes it (and the cost probe measures it): forward
+    under autocast with the saved-for-backward meter on, backward (loss-scaled under fp16),
+    gradient clipping on the true gradients, AdamW update."""
+
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    meter: SavedTensorMeter
+    acc: Accelerator
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+        with self.meter.hooks(), self.acc.autocast():
+            loss = self.model(**batch).loss
+        self.meter.step_done()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+
 def num_local_steps(num_examples: int, batch_size: int, steps: int, epochs: float | None) -> int:
     if epochs is None:
         return steps
@@ -102,21 +129,12 @@ def train_client(
         model.train()
         losses = []
         meter = SavedTensorMeter(model)
+        step = LocalStep(model, params, optimizer, scaler, meter, acc)
         step_times = []
         for batch_pos in batch_order(rng, len(indices), train_cfg.batch_size, steps):
             step_start = time.perf_counter()
             batch = acc.to_device(shard.data.batch(indices[batch_pos]))
-            with meter.hooks(), acc.autocast():
-                loss = model(**batch).loss
-            meter.step_done()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if train_cfg.max_grad_norm > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.detach())
+            losses.append(step(batch, train_cfg.max_grad_norm))
             acc.synchronize()  # a step's time on CUDA is known once its queue has run
             step_times.append(time.perf_counter() - step_start)
         upload = get_state(model, keys_for_layers(layer_of, layers))
