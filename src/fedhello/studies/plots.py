@@ -152,16 +152,24 @@ def peak_train_mb(run: RunData) -> float:
     return max((c["train_memory_mb"] for x in run.records for c in x["clients"]), default=0.0)
 
 
+def mean_train_mb(run: RunData) -> float:
+    """The mean training memory of a client that trained, over all its rounds."""
+    used = [c["train_memory_mb"] for x in run.records for c in x["clients"] if c["layers"]]
+    return float(np.mean(used)) if used else 0.0
+
+
 def resource_plot(partition: str, groups: dict[str, list[RunData]], path: Path) -> Path:
-    """Final accuracy against what it cost: total client compute and peak client training
-    memory, one point per strategy (mean over seeds, bars: min-max over seeds)."""
+    """Final accuracy against what it cost: total client compute, peak client training memory
+    and the mean over the clients that trained (the peak is the strongest tier's, often the
+    same for every strategy), one point per strategy (mean over seeds, bars: min-max)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for strategy, runs in groups.items():
         acc = 100 * np.array([r.summary["test_accuracy"] for r in runs])
         costs = {
             "client_seconds": np.array([r.summary["client_seconds"] for r in runs]),
             "peak_mb": np.array([peak_train_mb(r) for r in runs]),
+            "mean_mb": np.array([mean_train_mb(r) for r in runs]),
         }
         for ax, key in zip(axes, costs, strict=True):
             x = costs[key]
@@ -173,6 +181,8 @@ def resource_plot(partition: str, groups: dict[str, list[RunData]], path: Path) 
             )  # fmt: skip
     axes[0].set(xlabel="total client compute per run (s)", ylabel="final test accuracy (%)")
     axes[1].set(xlabel="peak client training memory (MB)", ylabel="final test accuracy (%)")
+    axes[2].set(xlabel="mean training memory of a training client (MB)",
+                ylabel="final test accuracy (%)")  # fmt: skip
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
