@@ -291,3 +291,19 @@ def test_compare_reports_memory_against_limits(
         for t, mb in r["train_mb_max_by_tier"].items():
             assert mb <= limits[t] * (1 + MEMORY_TOLERANCE)
     assert (tmp_path / "cmp" / "plots" / "accuracy-vs-resources-iid.png").is_file()
+
+
+def test_plan_shows_the_sets_within_the_limits(
+    tiny_profile: tuple[dict, Path], tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    import fedhello
+
+    result, profiles = tiny_profile
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, run__profile_dir=f'"{profiles}"',
+                    clients__budget_kind='"memory-mb"', allocation__strategy='"fedra"',
+                    clients__tiers=str(_limits(result)))  # fmt: skip
+    plan = fedhello.plan(fedhello.load_config(None, ov), rounds=4)
+    for entry in plan["rounds"]:
+        for c in entry["clients"]:
+            tier = c["client"] * 3 // 6
+            assert c["layers"] == [[3], [2, 3], [0, 1, 2, 3]][tier], c

@@ -177,7 +177,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fedhello.planner import render_plan
 
     cfg = load_config(args.config, args.overrides)
-    if strategy_class(cfg.allocation.strategy).uses_fisher:  # builds the model: quiet it
+    limited = cfg.clients.real_budgets or cfg.clients.upload_mb is not None
+    if strategy_class(cfg.allocation.strategy).uses_fisher or limited:  # builds the model
         _setup_output(args.verbose, cfg.model.allow_download)
     plan = fedhello.plan(cfg, args.rounds)
     if args.json:

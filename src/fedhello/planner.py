@@ -1,8 +1,10 @@
 """``fedhello plan``: the allocation alone, before spending compute on training.
 
-Non-Fisher strategies need neither torch nor the model weights: the layer count comes from the
-model's ``config.json``. Fisher-based strategies build the experiment and score the initial
-global adapter at their refresh rounds (in a real run the scores come from the trained one).
+Non-Fisher strategies with layer-count budgets need neither torch nor the model weights: the
+layer count comes from the model's ``config.json``. Fisher-based strategies build the
+experiment and score the initial global adapter at their refresh rounds (in a real run the
+scores come from the trained one); limits in real units build it for the cost profile (stored,
+or measured once) and show every set as the fit policy leaves it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
     """Every round's allocation as plain data (the ``--json`` output)."""
     rounds = rounds or cfg.federation.rounds
     uses_fisher = strategy_class(cfg.allocation.strategy).uses_fisher
+    limited = cfg.clients.real_budgets or cfg.clients.upload_mb is not None
     exp = None
-    if uses_fisher:  # scores need the model and the proxy data: torch from here on
+    # scores need the model and the proxy data, limits the cost profile: torch from here on
+    if uses_fisher or limited:
         from fedhello.engine.experiment import build_experiment
 
         exp = build_experiment(cfg)
@@ -40,7 +44,7 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"round": r}
         if exp is not None:
             entry |= exp.refresh_fisher(r, exp.init_state)
-        plan = strategy.allocate(r, sampled)
+        plan = exp.allocate(r, sampled) if exp is not None else strategy.allocate(r, sampled)
         coverage += np.asarray(plan.coverage())
         step = strategy.expected_coverage(r, sampled)
         expected = None if expected is None or step is None else expected + np.asarray(step)

@@ -178,8 +178,9 @@ def apply_fit(
     return replace(plan, clients=tuple(allocs))
 
 
-def fit_policy(configured: str, real_budgets: bool) -> str:
-    """``auto`` resolves to repair with limits in real units, off with layer counts."""
+def fit_policy(configured: str, limited: bool) -> str:
+    """``auto`` resolves to repair where clients have limits (real units, uploads), off with
+    layer counts alone."""
     if configured != "auto":
         return configured
-    return "repair" if real_budgets else "off"
+    return "repair" if limited else "off"

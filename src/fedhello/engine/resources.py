@@ -128,7 +128,7 @@ def setup_resources(
 ) -> Resources:
     """The clients' limits from the config, their profile, and the budgets they afford."""
     limits = client_limits(cfg)
-    policy = fit_policy(cfg.allocation.fit, cfg.clients.real_budgets)
+    policy = fit_policy(cfg.allocation.fit, any(limit is not None for limit in limits))
     if all(limit is None for limit in limits):
         return Resources(limits, [None] * len(limits), policy, cfg.allocation.fit)
     if not any(limit is not None and limit.needs_profile for limit in limits):
