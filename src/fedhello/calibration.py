@@ -21,26 +21,24 @@ from fedhello.core.fit import MB, allowance
 def calibrate(cfg: Config, steps: int = 3, remeasure: bool = False) -> dict[str, Any]:
     """The profile of ``cfg``'s setting (stored or measured) as plain data."""
     from fedhello.data.loading import load_raw
-    from fedhello.engine.experiment import build_lora_classifier
+    from fedhello.engine.experiment import build_site_model
     from fedhello.engine.resources import ModelUnderTest, obtain_profile
     from fedhello.model.accelerator import accelerator_for
     from fedhello.model.source import model_shape, resolve_model_source
     from fedhello.store.profiles import profile_dir, profile_path
 
-    acc = accelerator_for(cfg)
+    acc = accelerator_for(cfg)  # a missing device fails before anything loads
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
-    task, num_layers = model_shape(source, cfg.model.task)
-    raw = load_raw(cfg.data, task, cfg.model.allow_download)
-    loaded, model, _, layer_of = build_lora_classifier(cfg, raw.label_names, task, num_layers, acc)
-    m = ModelUnderTest(model, layer_of, num_layers, task, len(raw.label_names), loaded.source, acc)
+    raw = load_raw(cfg.data, model_shape(source, cfg.model.task)[0], cfg.model.allow_download)
+    site = build_site_model(cfg, raw.label_names, acc)  # the model a client trains, its head
+    m = ModelUnderTest(site.model, site.layer_of, site.num_layers, site.task,
+                       len(raw.label_names), site.source, acc)  # fmt: skip
     profile, how = obtain_profile(cfg, m, steps, remeasure)
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     out: dict[str, Any] = {
         "profile": profile.to_json(),
         "source": how,
         "path": str(profile_path(profile_dir(cfg), profile.key)),
-        "model_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
-        "frozen_mb": frozen / MB,
+        "model_mb": sum(p.numel() * p.element_size() for p in site.model.parameters()) / MB,
         "allowances": [],
     }
     c = cfg.clients

@@ -50,12 +50,6 @@ class AnalyticFit:
         x = (1.0, num_layers - lowest, count)
         return float(np.dot(self.memory, x)), float(np.dot(self.seconds, x))
 
-    def beta(self, num_layers: int) -> float:
-        """costmodel's ``beta`` (a frozen block's backward in units of its forward) implied by
-        the fitted step time: the base is ~L forward passes, each block of depth adds beta."""
-        base, per_block, _ = self.seconds
-        return 0.0 if base <= 0 else per_block * num_layers / base
-
 
 def fit_analytic(table: Mapping[tuple[int, int], Cost], num_layers: int) -> AnalyticFit:
     """Least-squares fit of the linear model to the measured entries."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -87,7 +87,6 @@ def measure_profile(
     key: dict[str, Any],
     steps: int = 3,
     max_grad_norm: float = 1.0,
-    on_entry: Callable[[int, int, Cost], None] | None = None,
 ) -> CostProfile:
     """Every ``(lowest block, count)`` measured on ``model`` (already on ``acc``'s device)."""
     state = get_state(model, list(layer_of))
@@ -104,8 +103,6 @@ def measure_profile(
                     layers = range(b, b + n)
                     cost = _measure(model, layers, layer_of, on_device, acc, steps, max_grad_norm)
                     table[(b, n)] = cost
-                    if on_entry is not None:
-                        on_entry(b, n, cost)
     finally:
         set_state(model, state)
         model.train(was_training)
