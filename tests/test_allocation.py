@@ -189,7 +189,7 @@ def test_pure_fisher_gives_top_scoring_layers() -> None:
 def test_every_strategy_is_registered() -> None:
     assert set(strategy_names()) == {
         "full", "exclusive", "straggler", "fedra", "geometric", "randomized-geometric",
-        "fisher", "fed-hello", "deepest-fit",
+        "fisher", "fed-hello", "deepest-fit", "hetlora", "flexlora", "ffa-lora",
     }  # fmt: skip
 
 

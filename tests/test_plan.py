@@ -36,7 +36,10 @@ def test_plan_json_without_torch(strategy: str) -> None:
         assert len(r["clients"]) == 6
         for c in r["clients"]:
             assert c["budget"] in (3, 5, 6)
-            if strategy not in ("full", "exclusive", "straggler"):
+            if strategy in ("hetlora", "flexlora"):  # every layer, at the budget's rank
+                assert c["layers"] == list(range(6))
+                assert c["rank"] == {3: 8, 5: 13, 6: 16}[c["budget"]]
+            elif strategy not in ("full", "exclusive", "straggler"):
                 assert len(c["layers"]) == c["budget"]
             for layer in c["layers"]:
                 total[layer] += 1

@@ -74,14 +74,20 @@ def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> Non
     L = plan["num_layers"]
     for entry in plan["rounds"][:show_rounds]:
         table = Table(title=f"round {entry['round']}: who trains which layer (shallow -> deep)")
+        ranked = any("rank" in c for c in entry["clients"])  # rank methods: a rank column
         table.add_column("client", justify="right")
         table.add_column("budget", justify="right")
+        if ranked:
+            table.add_column("rank", justify="right")
         for i in range(L):
             table.add_column(str(i), justify="center")
         for c in entry["clients"]:
-            marks = ["x" if i in c["layers"] else "." for i in range(L)]
-            table.add_row(str(c["client"]), str(c["budget"]), *marks)
-        table.add_row("", "cover", *map(str, entry["coverage"]))
+            # x: trains the layer (b: its B factor alone, FFA-LoRA), .: does not
+            mark = "b" if c.get("tensors") == "B" else "x"
+            marks = [mark if i in c["layers"] else "." for i in range(L)]
+            rank = [str(c.get("rank", "-"))] if ranked else []
+            table.add_row(str(c["client"]), str(c["budget"]), *rank, *marks)
+        table.add_row("", "cover", *([""] if ranked else []), *map(str, entry["coverage"]))
         console.print(table)
     if len(plan["rounds"]) > show_rounds:
         console.print(f"... {len(plan['rounds']) - show_rounds} more rounds (--json for all)")

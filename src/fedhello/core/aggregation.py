@@ -2,8 +2,10 @@
 
 Each LoRA tensor of layer l is the weighted mean of the uploads of the clients that trained
 layer l this round; a layer nobody trained keeps its value; the head, trained by everyone, is
-averaged over everyone. Updates are validated *before* anything touches the global state: one
-bad client is rejected with a reason and the round goes on with the others.
+averaged over everyone. Factors uploaded at a lower rank (rank methods) are zero-padded to the
+global rank first. Updates are validated *before* anything touches the global state: one bad
+client is rejected with a reason and the round goes on with the others. The rank methods'
+own aggregations (HetLoRA, FlexLoRA) reuse ``accept`` and ``weighted_mean``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedhello.core.layers import keys_for_layers
+from fedhello.core.layers import AdapterSpec, keys_for_spec
+from fedhello.core.ranks import expected_shape, pad, rank_of
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +27,26 @@ State = dict[str, np.ndarray]
 
 @dataclass
 class ClientUpdate:
-    """What one client uploads: its allocated layers' LoRA tensors and the head."""
+    """What one client uploads: its allocated layers' LoRA tensors and the head. ``rank`` and
+    ``kind`` are what the server handed out (its ``AdapterSpec``): the factors may come back
+    at that rank or lower (HetLoRA prunes), never higher."""
 
     client: int
     layers: tuple[int, ...]
     num_examples: int
     tensors: Mapping[str, np.ndarray]
     train_loss: float = 0.0
+    rank: int | None = None
+    kind: str = "AB"
+
+    @property
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec(self.layers, self.rank, self.kind)
+
+    @property
+    def upload_rank(self) -> int | None:
+        """The rank of the uploaded factors (None: a full-rank spec)."""
+        return None if self.rank is None else rank_of(self.tensors)
 
 
 @dataclass
@@ -48,22 +64,34 @@ def validate_update(
         return f"num_examples = {update.num_examples!r}: must be a positive integer"
     if not math.isfinite(update.train_loss):
         return f"training loss is {update.train_loss}: not finite"
-    allowed = set(keys_for_layers(layer_of, update.layers))
+    allowed = set(keys_for_spec(layer_of, update.spec))
     for key in sorted(update.tensors):
         if key not in global_state:
             return f"unknown tensor {key!r}"
         if key not in allowed:
             layers = list(update.layers)
+            if layer_of[key] in update.layers:  # FFA-LoRA: an A factor
+                return f"tensor {key!r} is frozen under FFA-LoRA: only B factors are uploaded"
             return f"tensor {key!r} of layer {layer_of[key]} outside the allocation {layers}"
     missing = allowed - set(update.tensors)
     if missing:
         return f"missing {len(missing)} allocated tensors, e.g. {sorted(missing)[0]!r}"
     for key, value in update.tensors.items():
-        ref = global_state[key]
         if not isinstance(value, np.ndarray):
             return f"tensor {key!r} is a {type(value).__name__}, not an array"
-        if value.shape != ref.shape:
-            return f"tensor {key!r} has shape {value.shape}, expected {ref.shape}"
+    rank = None
+    if update.rank is not None:
+        try:
+            rank = update.upload_rank
+        except ValueError as err:
+            return f"uploaded factors disagree: {err}"
+        if rank is not None and not 1 <= rank <= update.rank:
+            return f"factors of rank {rank}; allowed: 1..{update.rank} (the rank handed out)"
+    for key, value in update.tensors.items():
+        ref = global_state[key]
+        want = expected_shape(key, ref.shape, rank)
+        if value.shape != want:
+            return f"tensor {key!r} has shape {value.shape}, expected {want}"
         if value.dtype != ref.dtype:
             return f"tensor {key!r} has dtype {value.dtype}, expected {ref.dtype}"
         if not np.isfinite(value).all():
@@ -71,14 +99,13 @@ def validate_update(
     return None
 
 
-def aggregate_masked(
+def accept(
     global_state: Mapping[str, np.ndarray],
     updates: Sequence[ClientUpdate],
     layer_of: Mapping[str, int | None],
     num_layers: int,
-    weighted: bool = True,
-) -> tuple[State, AggregationReport]:
-    """New global state: per tensor, the (weighted) mean over the accepted uploads holding it."""
+) -> tuple[list[ClientUpdate], AggregationReport]:
+    """The well-formed updates, and a report of who was accepted or rejected (and why)."""
     report = AggregationReport(coverage=[0] * num_layers)
     good: list[ClientUpdate] = []
     for update in updates:
@@ -91,18 +118,49 @@ def aggregate_masked(
         else:
             report.rejected[update.client] = reason
             logger.warning("rejected the update of client %d: %s", update.client, reason)
+    return good, report
 
+
+def example_weights(updates: Sequence[ClientUpdate], weighted: bool) -> dict[int, float]:
+    """FedAvg's weight of each client: its example count, or 1 (``weighted = False``)."""
+    return {u.client: float(u.num_examples) if weighted else 1.0 for u in updates}
+
+
+def weighted_mean(
+    global_state: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    weight_of: Mapping[int, float],
+    keys: Sequence[str] | None = None,
+) -> State:
+    """Per tensor (of ``keys``, default all), the mean of the uploads holding it weighted by
+    ``weight_of[client]``, each zero-padded to the global shape; a tensor nobody uploaded
+    keeps its value (so do all weights zero)."""
     new_state: State = {}
-    for key, old in global_state.items():
-        holders = [u for u in good if key in u.tensors]
-        if not holders:
+    for key in global_state if keys is None else keys:
+        old = global_state[key]
+        holders = [u for u in updates if key in u.tensors]
+        weights = np.array([weight_of[u.client] for u in holders], dtype=np.float64)
+        if not holders or weights.sum() <= 0:
             new_state[key] = old.copy()  # nobody trained it this round: keep
             continue
-        weights = np.array([u.num_examples if weighted else 1.0 for u in holders], dtype=np.float64)
-        stacked = np.stack([u.tensors[key].astype(np.float64) for u in holders])
+        stacked = np.stack(
+            [pad(key, u.tensors[key], old.shape).astype(np.float64) for u in holders]
+        )
         mean = np.tensordot(weights / weights.sum(), stacked, axes=1)
         new_state[key] = mean.astype(old.dtype)
-    return new_state, report
+    return new_state
+
+
+def aggregate_masked(
+    global_state: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    layer_of: Mapping[str, int | None],
+    num_layers: int,
+    weighted: bool = True,
+) -> tuple[State, AggregationReport]:
+    """New global state: per tensor, the (weighted) mean over the accepted uploads holding it."""
+    good, report = accept(global_state, updates, layer_of, num_layers)
+    return weighted_mean(global_state, good, example_weights(good, weighted)), report
 
 
 class ServerMomentum:

@@ -87,9 +87,11 @@ def strategy_for(cfg: Config, num_layers: int) -> AllocationStrategy:
     else:
         ints = None if c.budgets is None else [int(b) for b in c.budgets]
         budgets = client_budgets(c.num_clients, num_layers, c.tiers, ints, c.tier_kind)
-    return build_strategy(
+    strategy = build_strategy(
         cfg.allocation.strategy, num_layers, budgets, cfg.run.seed, cfg.allocation.options
     )
+    strategy.configure_adapter(cfg.lora.r, cfg.lora.freeze_a)
+    return strategy
 
 
 def client_limits(cfg: Config) -> list[ResourceLimit | None]:

@@ -50,13 +50,23 @@ class ModelConfig(Section):
 
 class LoraSection(Section):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank")
-    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r)")
+    alpha: float = Field(
+        16.0,
+        gt=0,
+        description="LoRA scaling alpha: every module is scaled by alpha / r with the global "
+        "r, also where a rank method's client trains a lower-rank slice",
+    )
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(
         ["auto"],
         min_length=1,
         description="module names that get LoRA in every block; auto: the attention query "
         "and value projections (query/value in BERT, q_proj/v_proj in ViT and Llama)",
+    )
+    freeze_a: bool = Field(
+        False,
+        description="FFA-LoRA: keep every A at its shared initialisation, train and average "
+        "only B (exact aggregation); with any strategy but flexlora",
     )
 
 
@@ -213,6 +223,12 @@ class AllocationConfig(Section):
         "its shallowest layers up, drop layers only if that is not enough), strict (stop with "
         "an error) or off (the paper's semantics: count only, not enforced); auto: repair with "
         "real budgets, off with layer budgets",
+    )
+    client_model: Literal["full", "subnetwork"] = Field(
+        "full",
+        description="what a client runs: the full model (the paper's: backward stops at the "
+        "lowest trained block, forward runs them all), or subnetwork (FedRA's own code: only "
+        "its allocated blocks, in order, so the forward skips the others); layer strategies",
     )
     _options: StrategyOptions = PrivateAttr(default_factory=StrategyOptions)
 
@@ -404,6 +420,37 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> Config:
+        name = self.allocation.strategy
+        cls = strategy_class(name)
+        if cls.rank_method:
+            c = self.clients
+            if c.real_budgets or c.upload_mb is not None:
+                raise ValueError(
+                    f"allocation.strategy = {name!r} with clients.budget_kind = "
+                    f"{c.budget_kind!r}{' and clients.upload_mb' if c.upload_mb else ''}: "
+                    "a rank method takes layer budgets (each tier's share of the layers becomes "
+                    "its rank); allowed: budget_kind = layers without upload_mb"
+                )
+            if self.allocation.client_model != "full":
+                raise ValueError(
+                    f"allocation.client_model = {self.allocation.client_model!r} with the rank "
+                    f"method {name!r}: its clients train every block; allowed: full"
+                )
+        if name == "flexlora" and self.lora.freeze_a:
+            raise ValueError(
+                "lora.freeze_a = true with allocation.strategy = 'flexlora': its server "
+                "re-factorises A every round; allowed: false"
+            )
+        if self.allocation.client_model == "subnetwork" and self.clients.real_budgets:
+            raise ValueError(
+                "allocation.client_model = 'subnetwork' with clients.budget_kind = "
+                f"{self.clients.budget_kind!r}: cost profiles are measured on the full model; "
+                "allowed: budget_kind = layers"
+            )
+        return self
 
     def run_name(self) -> str:
         if self.run.name:

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 # h (GPT-2) or blocks; the block number follows it as a whole dotted component.
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)\.")
 _LORA_RE = re.compile(r"(?:^|\.)lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.|$)")
+_FACTOR_RE = re.compile(r"(?:^|\.)lora_(A|B)(?:\.|$)")
+
+# Which LoRA factors a client trains and uploads: both (LoRA), or B alone (FFA-LoRA: A stays
+# at its shared initialisation, so the average of the uploads is the exact average update).
+TENSOR_KINDS = ("AB", "B")
 
 
 def is_lora_key(name: str) -> bool:
@@ -39,6 +44,17 @@ def layer_index_of(name: str) -> int | None:
     return int(matches[-1])
 
 
+def lora_factor(name: str) -> str | None:
+    """``"A"`` (shape ``r x in``: rank on axis 0) or ``"B"`` (``out x r``: rank on axis 1) for a
+    LoRA factor, None for the head.
+
+    >>> lora_factor("bert.encoder.layer.0.attention.self.query.lora_B.default.weight")
+    'B'
+    """
+    m = _FACTOR_RE.search(name)
+    return m.group(1) if m else None
+
+
 def layer_of_keys(keys: Iterable[str], num_layers: int) -> dict[str, int | None]:
     """``key -> block`` for a model's adapter keys; checks that every block has LoRA tensors."""
     mapping = {k: layer_index_of(k) for k in keys}
@@ -49,18 +65,49 @@ def layer_of_keys(keys: Iterable[str], num_layers: int) -> dict[str, int | None]
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A client's share of the adapter: these layers, at this rank, these factors.
+
+    ``rank`` None is the adapter's full rank (every layer strategy); a rank method hands out
+    the leading ``rank`` components (``A[:r, :]``, ``B[:, :r]``) of every block. ``tensors``
+    is ``"AB"`` or ``"B"`` (FFA-LoRA). The head is always part of it.
+    """
+
+    layers: tuple[int, ...]
+    rank: int | None = None
+    tensors: str = "AB"
+
+    def __post_init__(self) -> None:
+        if self.tensors not in TENSOR_KINDS:
+            raise ValueError(f"tensors = {self.tensors!r}; allowed: {', '.join(TENSOR_KINDS)}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank = {self.rank}; allowed: at least 1")
+
+
+@dataclass(frozen=True)
 class ClientAllocation:
-    """The layers one client trains in one round (sorted, distinct)."""
+    """The layers one client trains in one round (sorted, distinct), at a rank (None: full)
+    and with the factors of ``tensors``."""
 
     client: int
     budget: int
     layers: tuple[int, ...]
     repaired_from: tuple[int, ...] | None = None  # the strategy's set, when the fit repaired it
+    rank: int | None = None
+    tensors: str = "AB"
+
+    @property
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec(self.layers, self.rank, self.tensors)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
             "client": self.client, "budget": self.budget, "layers": list(self.layers),
         }  # fmt: skip
+        if self.rank is not None:
+            out["rank"] = self.rank
+        if self.tensors != "AB":
+            out["tensors"] = self.tensors
         if self.repaired_from is not None:
             out["repaired_from"] = list(self.repaired_from)
         return out
@@ -107,7 +154,18 @@ def check_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
     return out
 
 
+def keys_for_spec(layer_of: Mapping[str, int | None], spec: AdapterSpec) -> list[str]:
+    """The tensors a client with ``spec`` trains and uploads: the LoRA factors of its layers
+    (both, or B alone) plus the head. The one rule, used by the server (what to accept) and by
+    every client (what to train and send)."""
+    chosen = set(spec.layers)
+    return [
+        k
+        for k, layer in layer_of.items()
+        if layer is None or (layer in chosen and (spec.tensors == "AB" or lora_factor(k) == "B"))
+    ]
+
+
 def keys_for_layers(layer_of: Mapping[str, int | None], layers: Iterable[int]) -> list[str]:
-    """The tensors a client with these layers uploads: their LoRA tensors plus the head."""
-    chosen = set(layers)
-    return [k for k, layer in layer_of.items() if layer is None or layer in chosen]
+    """``keys_for_spec`` of a full-rank, both-factor spec: the layers' LoRA tensors + head."""
+    return keys_for_spec(layer_of, AdapterSpec(tuple(layers)))

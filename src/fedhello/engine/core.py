@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedhello.core.aggregation import ServerMomentum, State, aggregate_masked
+from fedhello.core.aggregation import ClientUpdate, ServerMomentum, State
 from fedhello.core.config import Config
 from fedhello.core.layers import AllocationPlan
 from fedhello.core.schedule import lr_at, sample_clients
@@ -102,6 +102,7 @@ def client_record(
         "tier": exp.tiers[u.client],
         "budget": exp.budgets[u.client],
         "layers": list(u.layers),
+        **rank_field(u),
         "num_examples": u.num_examples,
         "steps": result.steps,
         "train_loss": u.train_loss,
@@ -126,6 +127,16 @@ def client_record(
     if u.client in rejected:
         rec["rejected_reason"] = rejected[u.client]
     return rec
+
+
+def rank_field(u: ClientUpdate) -> dict[str, Any]:
+    """``rank`` of a rank method's upload (absent for layer strategies: always full)."""
+    if u.rank is None:
+        return {}
+    try:
+        return {"rank": u.upload_rank}
+    except ValueError:  # a malformed upload (rejected, with its reason)
+        return {"rank": None}
 
 
 def repairs_field(exp: Experiment, plan: AllocationPlan) -> dict[str, Any]:
@@ -171,8 +182,8 @@ def close_round(
     """Validate and aggregate the uploads, evaluate, and build the round's metrics record."""
     cfg = exp.cfg
     results = outcome.results
-    averaged, report = aggregate_masked(
-        state, [r.update for r in results], exp.layer_of, exp.num_layers, cfg.federation.weighted
+    averaged, report, method_record = exp.strategy.aggregate(
+        state, [r.update for r in results], exp.layer_of, cfg.federation.weighted
     )
     updated = {k for r in results if r.update.client in report.accepted for k in r.update.tensors}
     new_state = momentum.step(state, averaged, updated) if report.accepted else state
@@ -194,6 +205,7 @@ def close_round(
         "num_rejected": len(report.rejected),
         "failed": {str(c): reason for c, reason in outcome.failed.items()},
         **repairs_field(exp, rp.plan),
+        **method_record,  # e.g. HetLoRA's sparsity weights, FlexLoRA's singular values
         # the server's (evaluation, Fisher scores): a resumed run keeps them
         "precision": exp.acc.precision,
         "base_precision": exp.acc.base_precision,

@@ -39,7 +39,7 @@ class EmbeddedEngine:
         for alloc in rp.plan.clients:
             if not alloc.layers:  # e.g. `exclusive`: a client whose budget is too small sits out
                 continue
-            task = LocalTask(alloc.client, rp.round, alloc.layers, rp.lr, exp.cfg.run.seed)
+            task = LocalTask.of(exp.cfg, alloc.client, rp.round, alloc.spec, rp.lr)
             shard = Shard(exp.encoded, exp.shards[alloc.client])
             result = train_client(
                 exp.model, exp.layer_of, shard, task, state, exp.cfg.train, exp.acc

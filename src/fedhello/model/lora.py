@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedhello.core.errors import ModelError
-from fedhello.core.layers import is_lora_key
+from fedhello.core.layers import AdapterSpec, is_lora_key, keys_for_spec
 
 HEAD_NAMES = ("classifier", "score")
 # Query and value projections by architecture, tried in order for target_modules = ["auto"].
@@ -92,24 +92,40 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def set_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Copy ``state`` into the model. A LoRA factor of another rank (a rank method's slice,
+    or the full rank back after one) replaces the parameter's storage, on its device and in
+    its dtype: PEFT's forward is ``B(A(x)) * scale`` with the scale fixed at build time, so a
+    rank-``r`` slice computes at rank ``r`` and is scaled as the whole adapter."""
     params = _params(model)
     for k, v in state.items():
-        params[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+        p = params[k]
+        value = torch.from_numpy(np.ascontiguousarray(v))
+        if tuple(p.shape) == value.shape:
+            p.copy_(value)
+        else:
+            p.data = value.to(device=p.device, dtype=p.dtype)
+
+
+def apply_spec_mask(
+    model: torch.nn.Module, spec: AdapterSpec, layer_of: Mapping[str, int | None]
+) -> list[torch.nn.Parameter]:
+    """Train exactly the tensors of ``spec`` (``keys_for_spec``: its layers' LoRA factors, B
+    alone under FFA-LoRA, and the head); freeze every other parameter."""
+    chosen = set(keys_for_spec(layer_of, spec))
+    trainable = []
+    for name, param in model.named_parameters():
+        train = name in chosen
+        param.requires_grad_(train)
+        if train:
+            trainable.append(param)
+    return trainable
 
 
 def apply_layer_mask(
     model: torch.nn.Module, layers: Iterable[int], layer_of: Mapping[str, int | None]
 ) -> list[torch.nn.Parameter]:
     """Train exactly the LoRA tensors of ``layers`` and the head; freeze every other parameter."""
-    chosen = set(layers)
-    trainable = []
-    for name, param in model.named_parameters():
-        layer = layer_of.get(name, -1)
-        train = name in layer_of and (layer is None or layer in chosen)
-        param.requires_grad_(train)
-        if train:
-            trainable.append(param)
-    return trainable
+    return apply_spec_mask(model, AdapterSpec(tuple(layers)), layer_of)
 
 
 def state_nbytes(state: Mapping[str, Any]) -> int:

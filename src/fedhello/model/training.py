@@ -1,27 +1,54 @@
-"""Local training of one client: its allocated LoRA layers and the head, nothing else.
+"""Local training of one client: its share of the adapter (``AdapterSpec``) and the head.
 
 The model is shared by all clients of a run; a client only swaps the adapter state in and out,
-so there is no deep copy per client.
+so there is no deep copy per client. A spec's rank slices every LoRA factor (rank methods),
+its ``tensors`` may freeze A (FFA-LoRA), HetLoRA adds its rank self-pruning regulariser
+(``RankPruning``), and FedRA's subnetwork runs only the allocated blocks.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedhello.core.aggregation import ClientUpdate
-from fedhello.core.config import TrainConfig
-from fedhello.core.layers import keys_for_layers
+from fedhello.core.allocation.hetlora import HetLoRAOptions
+from fedhello.core.config import Config, TrainConfig
+from fedhello.core.layers import AdapterSpec, keys_for_spec
+from fedhello.core.ranks import lora_pairs, truncate
 from fedhello.core.seeds import Purpose, derived_int, generator
 from fedhello.data.encoding import Encoded
 from fedhello.model.accelerator import CPU_FP32, Accelerator
-from fedhello.model.lora import apply_layer_mask, get_state, set_state, state_nbytes
+from fedhello.model.lora import apply_spec_mask, get_state, set_state, state_nbytes
 from fedhello.model.meters import PeakRSS, SavedTensorMeter
+from fedhello.model.subnetwork import subnetwork
+
+
+@dataclass(frozen=True)
+class RankPruning:
+    """HetLoRA's rank self-pruning: ``penalty * sum ||B[:, m:r]|| ||A[m:r, :]||`` joins the
+    loss, ``m = max(min_rank, floor(decay * r))``; a client whose tail norm shrank uploads
+    rank ``m``."""
+
+    penalty: float
+    decay: float
+    min_rank: int
+
+    def keep(self, rank: int) -> int:
+        return max(self.min_rank, math.floor(self.decay * rank))
+
+    @classmethod
+    def of(cls, cfg: Config) -> RankPruning | None:
+        o = cfg.allocation.options
+        if not isinstance(o, HetLoRAOptions):
+            return None
+        return cls(o.rank_penalty, o.rank_decay, o.min_rank)
 
 
 @dataclass(frozen=True)
@@ -34,6 +61,22 @@ class LocalTask:
     layers: tuple[int, ...]
     lr: float
     seed: int  # the run's seed
+    rank: int | None = None  # the spec's rank (None: full)
+    tensors: str = "AB"  # "B": FFA-LoRA
+    pruning: RankPruning | None = None  # HetLoRA
+    subnetwork: bool = False  # FedRA's client model: only the allocated blocks run
+
+    @property
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec(self.layers, self.rank, self.tensors)
+
+    @classmethod
+    def of(cls, cfg: Config, client: int, round_: int, spec: AdapterSpec, lr: float) -> LocalTask:
+        """The task of ``spec`` under ``cfg``'s method (the same on every engine)."""
+        return cls(
+            client, round_, spec.layers, lr, cfg.run.seed, spec.rank, spec.tensors,
+            RankPruning.of(cfg), cfg.allocation.client_model == "subnetwork",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,19 +115,21 @@ class LocalStep:
     scaler: torch.amp.GradScaler
     meter: SavedTensorMeter
     acc: Accelerator
+    penalty: Callable[[], torch.Tensor] | None = None  # a regulariser added to the loss
 
     def __call__(self, batch: Mapping[str, torch.Tensor], max_grad_norm: float) -> torch.Tensor:
         with self.meter.hooks(), self.acc.autocast():
             loss = self.model(**batch).loss
+            total = loss if self.penalty is None else loss + self.penalty()
         self.meter.step_done()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(total).backward()
         if max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach()
+        return loss.detach()  # the task's loss (a regulariser is not part of the record)
 
 
 def num_local_steps(num_examples: int, batch_size: int, steps: int, epochs: float | None) -> int:
@@ -117,8 +162,9 @@ def train_client(
     start = time.perf_counter()
     acc.reset_peak_memory()
     with PeakRSS() as rss:
-        set_state(model, global_state)
-        params = apply_layer_mask(model, layers, layer_of)
+        set_state(model, truncate(global_state, task.rank))  # a no-op slice when sent sliced
+        params = apply_spec_mask(model, task.spec, layer_of)
+        tails = TailNorm(model, task) if task.pruning is not None else None
         optimizer = torch.optim.AdamW(params, lr=task.lr, weight_decay=train_cfg.weight_decay)
         scaler = acc.grad_scaler()  # fp16 only; a no-op otherwise
         steps = num_local_steps(
@@ -129,15 +175,22 @@ def train_client(
         model.train()
         losses = []
         meter = SavedTensorMeter(model)
-        step = LocalStep(model, params, optimizer, scaler, meter, acc)
+        penalty = tails.penalty if tails is not None and tails.pairs else None
+        step = LocalStep(model, params, optimizer, scaler, meter, acc, penalty)
         step_times = []
-        for batch_pos in batch_order(rng, len(indices), train_cfg.batch_size, steps):
-            step_start = time.perf_counter()
-            batch = acc.to_device(shard.data.batch(indices[batch_pos]))
-            losses.append(step(batch, train_cfg.max_grad_norm))
-            acc.synchronize()  # a step's time on CUDA is known once its queue has run
-            step_times.append(time.perf_counter() - step_start)
-        upload = get_state(model, keys_for_layers(layer_of, layers))
+        blocks = (
+            subnetwork(model, layers, num_blocks(layer_of)) if task.subnetwork else nullcontext()
+        )
+        with blocks:
+            for batch_pos in batch_order(rng, len(indices), train_cfg.batch_size, steps):
+                step_start = time.perf_counter()
+                batch = acc.to_device(shard.data.batch(indices[batch_pos]))
+                losses.append(step(batch, train_cfg.max_grad_norm))
+                acc.synchronize()  # a step's time on CUDA is known once its queue has run
+                step_times.append(time.perf_counter() - step_start)
+        upload = get_state(model, keys_for_spec(layer_of, task.spec))
+        if tails is not None:
+            upload = truncate(upload, tails.pruned_rank())
         del optimizer
         device_peak = acc.peak_memory_mb()
     update = ClientUpdate(
@@ -147,6 +200,8 @@ def train_client(
         tensors=upload,
         # one transfer at the end rather than a device sync per step; float64 mean as before
         train_loss=float(np.mean(torch.stack(losses).double().cpu().numpy())),
+        rank=task.rank,
+        kind=task.tensors,
     )
     trainable = sum(p.numel() for p in params)
     return ClientResult(
@@ -157,7 +212,7 @@ def train_client(
         train_memory_mb=(meter.peak + 3 * 4 * trainable) / 2**20,
         trainable_params=trainable,
         bytes_up=state_nbytes(upload),
-        bytes_down=state_nbytes(global_state),
+        bytes_down=state_nbytes(truncate(global_state, task.rank)),  # what the spec needs
         steps=steps,
         device=str(acc.device),
         precision=acc.precision,
@@ -165,3 +220,37 @@ def train_client(
         # the median, as the profile measures it (the first step also warms caches up)
         step_seconds=float(np.median(step_times)),
     )
+
+
+def num_blocks(layer_of: Mapping[str, int | None]) -> int:
+    return 1 + max(v for v in layer_of.values() if v is not None)
+
+
+class TailNorm:
+    """HetLoRA's tail of a rank-``r`` client: components ``m..r`` of every trained module,
+    ``m = pruning.keep(r)``. ``penalty`` is the regulariser (differentiable), ``pruned_rank``
+    the rank to upload: ``m`` if the tail's norm shrank since construction, else ``r``."""
+
+    def __init__(self, model: torch.nn.Module, task: LocalTask) -> None:
+        assert task.pruning is not None and task.rank is not None
+        self.pruning, self.rank = task.pruning, task.rank
+        self.keep = task.pruning.keep(task.rank)
+        params = dict(model.named_parameters())
+        trained = [(params[a], params[b]) for a, b in lora_pairs(params).values()
+                   if params[b].requires_grad]  # fmt: skip
+        self.pairs = trained if self.keep < self.rank else []
+        self.start = self.norm()
+
+    def _terms(self) -> Iterator[torch.Tensor]:
+        for a, b in self.pairs:
+            yield torch.linalg.norm(b[:, self.keep :]) * torch.linalg.norm(a[self.keep :, :])
+
+    def penalty(self) -> torch.Tensor:
+        return self.pruning.penalty * torch.stack(list(self._terms())).sum()
+
+    @torch.no_grad()
+    def norm(self) -> float:
+        return float(sum(float(t) for t in self._terms())) if self.pairs else 0.0
+
+    def pruned_rank(self) -> int:
+        return self.keep if self.pairs and self.norm() < self.start else self.rank

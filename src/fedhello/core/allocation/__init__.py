@@ -13,9 +13,12 @@ from fedhello.core.allocation import (  # noqa: F401
     exclusive,
     fed_hello,
     fedra,
+    ffa_lora,
     fisher,
+    flexlora,
     full,
     geometric,
+    hetlora,
     randomized_geometric,
     straggler,
 )

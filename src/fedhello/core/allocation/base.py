@@ -13,6 +13,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from fedhello.core.aggregation import (
+    AggregationReport,
+    ClientUpdate,
+    State,
+    aggregate_masked,
+)
 from fedhello.core.allocation.options import StrategyOptions
 from fedhello.core.errors import ConfigError
 from fedhello.core.layers import AllocationPlan, ClientAllocation, check_layers
@@ -37,6 +43,8 @@ class AllocationStrategy(ABC):
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     # True for strategies that allocate from the server's Fisher scores of the layers.
     uses_fisher: ClassVar[bool] = False
+    # True for the rank methods: every client trains every layer at its own rank.
+    rank_method: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -52,6 +60,8 @@ class AllocationStrategy(ABC):
         for b in budgets:
             self.budgets.append(self._checked(len(self.budgets), b))
         self.floors: list[int] = [0] * len(self.budgets)
+        self.max_rank: int | None = None  # the global adapter's rank (configure_adapter)
+        self.kind = "AB"  # the factors clients train: "B" under FFA-LoRA
         self.seed = seed
         self.options = options if options is not None else self.Options()
         if not isinstance(self.options, self.Options):
@@ -74,6 +84,18 @@ class AllocationStrategy(ABC):
         self.budgets[client] = self._checked(client, budget)
         self.floors[client] = floor
 
+    def configure_adapter(self, max_rank: int, freeze_a: bool = False) -> None:
+        """The global adapter's rank (``lora.r``) and whether A is frozen (FFA-LoRA)."""
+        if max_rank < 1:
+            raise ConfigError(f"lora.r = {max_rank}; allowed: at least 1")
+        self.max_rank = max_rank
+        self.kind = "B" if freeze_a else "AB"
+
+    def rank_for(self, round: int, client: int) -> int | None:
+        """The rank ``client`` trains at in ``round``; None: the full rank (layer strategies)."""
+        del round, client
+        return None
+
     def window(self, client: int) -> tuple[int, int]:
         """``(n, floor)``: how many layers ``client`` trains, all in ``[floor, L)``."""
         floor = self.floors[client]
@@ -87,11 +109,27 @@ class AllocationStrategy(ABC):
         """The plan of one round for the sampled ``clients``."""
         allocs = tuple(
             ClientAllocation(
-                c, self.budgets[c], check_layers(self.layers_for(round, c), self.num_layers)
+                c,
+                self.budgets[c],
+                check_layers(self.layers_for(round, c), self.num_layers),
+                rank=self.rank_for(round, c),
+                tensors=self.kind,
             )
             for c in clients
         )
         return AllocationPlan(round=round, num_layers=self.num_layers, clients=allocs)
+
+    def aggregate(
+        self,
+        global_state: State,
+        updates: Sequence[ClientUpdate],
+        layer_of: dict[str, int | None],
+        weighted: bool,
+    ) -> tuple[State, AggregationReport, dict[str, Any]]:
+        """The new global state from the round's uploads, the report of who was accepted,
+        and what the method adds to the round's record. Default: masked per-layer FedAvg."""
+        state, report = aggregate_masked(global_state, updates, layer_of, self.num_layers, weighted)
+        return state, report, {}
 
     def target(self) -> list[float] | None:
         """Target share of layer-slots per layer (sums to 1), or None if there is no target."""

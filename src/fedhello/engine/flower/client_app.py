@@ -28,12 +28,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedhello.core.config import Config, build_config
 from fedhello.core.errors import UserError
+from fedhello.core.layers import AdapterSpec
 from fedhello.core.profile import CostProfile
+from fedhello.core.ranks import rank_of
 from fedhello.data.encoding import Encoded, encode, encode_positions
 from fedhello.data.site import load_site_raw
 from fedhello.engine.experiment import Experiment, SiteModel, build_experiment, build_site_model
@@ -216,11 +218,30 @@ def train(msg: Message, context: Context) -> Message:
     else:
         raise ValueError("this node declares neither partition-id nor data in its node config")
     cfg = learner.cfg
-    task = LocalTask(client, req.round, req.layers, req.lr, cfg.run.seed)
+    spec = node_spec(req.spec, context, client)
+    task = LocalTask.of(cfg, client, req.round, spec, req.lr)
     result = train_client(
         learner.model, learner.layer_of, shard, task, req.state, cfg.train, learner.acc
     )
+    rank = rank_of(result.update.tensors)
+    if task.pruning is not None and rank is not None:  # HetLoRA: its rank from now on
+        context.state[RANK_STATE] = ConfigRecord({"client": client, "rank": rank})
     return wire.train_reply(msg, result)
+
+
+RANK_STATE = "fedhello-rank"
+
+
+def node_spec(spec: AdapterSpec, context: Context, client: int) -> AdapterSpec:
+    """The spec this node trains: the server's, at no more than the rank this node pruned
+    itself to (HetLoRA's client state, kept in ``context.state`` between rounds; the server
+    tracks the same rank from the uploads, so the two agree unless one side lost its state)."""
+    record = context.state.config_records.get(RANK_STATE)
+    if spec.rank is None or record is None or record["client"] != client:
+        return spec
+    kept = record["rank"]
+    assert isinstance(kept, int)
+    return AdapterSpec(spec.layers, min(spec.rank, kept), spec.tensors)
 
 
 @app.evaluate()

@@ -22,10 +22,11 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedhello.core.aggregation import State
+from fedhello.core.ranks import truncate
 from fedhello.engine.core import Observer, RoundPlan, RoundResults
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.flower import messages as wire
@@ -86,7 +87,7 @@ class FlowerEngine:
 
     def messages_for(self, rp: RoundPlan, state: State) -> tuple[list[Message], dict[int, str]]:
         """One train message per allocated client; clients without a node are failures."""
-        arrays = wire.to_record(state)
+        by_rank: dict[int | None, ArrayRecord] = {}  # one record per rank handed out
         messages, missing = [], {}
         for alloc in rp.plan.clients:
             if not alloc.layers:
@@ -95,9 +96,11 @@ class FlowerEngine:
             if node is None:
                 missing[alloc.client] = "no SuperNode declared this partition-id"
                 continue
+            if alloc.rank not in by_rank:
+                by_rank[alloc.rank] = wire.to_record(truncate(state, alloc.rank))
             messages.append(wire.train_message(
-                node, arrays, rp.round, alloc.client, alloc.layers, rp.lr, self.config_toml,
-                self.label_names,
+                node, by_rank[alloc.rank], rp.round, alloc.client, alloc.spec, rp.lr,
+                self.config_toml, self.label_names,
             ))  # fmt: skip
         return messages, missing
 
@@ -108,9 +111,8 @@ class FlowerEngine:
             "round %d: %d replies from nodes %s",
             rp.round, len(replies), [m.metadata.src_node_id for m in replies],
         )  # fmt: skip
-        layers_of = {a.client: a.layers for a in rp.plan.clients}
+        spec_of = {a.client: a.spec for a in rp.plan.clients}
         client_of = self.client_of
-        bytes_down = state_nbytes(state)
         results: list[ClientResult] = []
         failed: dict[int, str] = {}
         for msg in replies:
@@ -120,7 +122,9 @@ class FlowerEngine:
             if msg.has_error():
                 failed[client] = f"node error: {msg.error.reason}"
                 continue
-            results.append(wire.read_train_reply(msg, client, layers_of[client], bytes_down))
+            spec = spec_of[client]
+            bytes_down = state_nbytes(truncate(state, spec.rank))
+            results.append(wire.read_train_reply(msg, client, spec, bytes_down))
         answered = {r.update.client for r in results} | set(failed)
         for alloc in rp.plan.clients:
             if alloc.layers and alloc.client not in answered:

@@ -14,16 +14,18 @@ Client contract (keys are kebab-case):
   held-out sizes) or ``data-error`` (why the file is unusable); a node with a memory or time
   limit adds ``cost-profile`` (its profile as JSON, measured on its own device) or
   ``profile-error``. The server stops the run on any error, before round 1.
-* **train**: ``arrays`` = the full global adapter (every LoRA tensor and the head: the
-  forward pass needs them all); ``config`` = ``server-round``, ``client`` (the server's id
-  for the node), ``train-layers`` (block indices), ``lr``, ``fedhello-config``,
-  ``label-names`` (a site holds no copy of the configured dataset). Reply ``arrays`` =
-  exactly the LoRA tensors of ``train-layers`` and the head; ``metrics`` = ``num-examples``,
-  ``train-loss``, ``seconds``, ``step-seconds``, ``peak-memory-mb``, ``train-memory-mb``,
-  ``trainable-params``,
-  ``steps`` and, on CUDA, ``device-peak-memory-mb``; ``config`` = ``device``, ``precision``
-  (what this node trained on, recorded per client). The server validates every upload
-  before it touches the global state.
+* **train**: ``arrays`` = the global adapter (every LoRA tensor and the head: the forward
+  pass needs them all), truncated to ``train-rank`` where the message has one (rank
+  methods); ``config`` = ``server-round``, ``client`` (the server's id for the node),
+  ``train-layers`` (block indices), ``train-tensors`` (``AB``, or ``B`` under FFA-LoRA),
+  ``lr``, ``fedhello-config``, ``label-names`` (a site holds no copy of the configured
+  dataset). Reply ``arrays`` = exactly the tensors of that spec
+  (``fedhello.core.layers.keys_for_spec``), at ``train-rank`` or lower (HetLoRA prunes);
+  ``metrics`` = ``num-examples``, ``train-loss``, ``seconds``, ``step-seconds``,
+  ``peak-memory-mb``, ``train-memory-mb``, ``trainable-params``, ``steps`` and, on CUDA,
+  ``device-peak-memory-mb``; ``config`` = ``device``, ``precision`` (what this node
+  trained on, recorded per client). The server validates every upload before it touches
+  the global state.
 * **evaluate** (sites, after the last round): ``arrays`` and ``config`` as for training
   (``client``, ``fedhello-config``, ``label-names``); reply ``metrics`` = ``num-examples``,
   ``accuracy``, ``macro-f1``, ``loss`` on the site's held-out rows. Only scores leave a site.
@@ -47,6 +49,7 @@ from flwr.app import (
 )
 
 from fedhello.core.aggregation import ClientUpdate, State
+from fedhello.core.layers import AdapterSpec
 from fedhello.model.lora import state_nbytes
 from fedhello.model.training import ClientResult
 
@@ -87,31 +90,36 @@ def read_query_reply(reply: Message) -> dict[str, Any]:
 
 
 def train_message(
-    node: int, arrays: ArrayRecord, round_: int, client: int, layers: Sequence[int], lr: float,
+    node: int, arrays: ArrayRecord, round_: int, client: int, spec: AdapterSpec, lr: float,
     config_toml: str, label_names: Sequence[str],
 ) -> Message:  # fmt: skip
     config = ConfigRecord({
-        "server-round": round_, "client": client, "train-layers": list(layers), "lr": lr,
-        **_task(config_toml, label_names),
+        "server-round": round_, "client": client, "train-layers": list(spec.layers), "lr": lr,
+        "train-tensors": spec.tensors, **_task(config_toml, label_names),
     })  # fmt: skip
+    if spec.rank is not None:
+        config["train-rank"] = spec.rank
     content = RecordDict({"arrays": arrays, "config": config})
     return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
 
 def read_train_reply(
-    reply: Message, client: int, layers: tuple[int, ...], bytes_down: int
+    reply: Message, client: int, spec: AdapterSpec, bytes_down: int
 ) -> ClientResult:
-    """A ClientResult from a train reply; validation happens later, in aggregation."""
+    """A ClientResult from a train reply (for the ``spec`` the client was handed); validation
+    happens later, in aggregation."""
     metrics: dict[str, Any] = dict(reply.content.metric_records.get("metrics", {}))
     info: dict[str, Any] = dict(reply.content.config_records.get("config", {}))
     tensors = from_record(reply.content.array_records.get("arrays", ArrayRecord()))
     device_peak = metrics.get("device-peak-memory-mb")
     update = ClientUpdate(
         client=client,
-        layers=layers,
+        layers=spec.layers,
         num_examples=int(metrics.get("num-examples", 0)),
         tensors=tensors,
         train_loss=float(metrics.get("train-loss", float("nan"))),
+        rank=spec.rank,
+        kind=spec.tensors,
     )
     return ClientResult(
         update=update,
@@ -157,6 +165,12 @@ class Request:
     layers: tuple[int, ...] = ()
     lr: float | None = None
     state: State | None = None
+    rank: int | None = None
+    tensors: str = "AB"
+
+    @property
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec(self.layers, self.rank, self.tensors)
 
 
 def _get(config: ConfigRecord, key: str, cast: Callable[[Any], T]) -> T | None:
@@ -176,6 +190,8 @@ def read_request(msg: Message) -> Request:
         layers=tuple(int(x) for x in layers),
         lr=_get(config, "lr", float),
         state=from_record(arrays) if arrays is not None else None,
+        rank=_get(config, "train-rank", int),
+        tensors=str(config.get("train-tensors", "AB")),
     )
 
 

@@ -1,0 +1,79 @@
+"""``flexlora``: FlexLoRA (Bai et al., NeurIPS 2024), heterogeneous ranks recombined by SVD.
+Implemented from the paper's definitions (its official branch never calls the per-client rank
+change, so every client trains at one rank there; it is not a reference).
+
+Each client trains every layer at its rank ``r_k``. Per LoRA module the server forms the
+full-size update ``dW = sum_k p_k * scale * B_k A_k`` (``p_k`` by examples, or equal when
+``federation.weighted = false``), takes its SVD ``dW = U diag(S) V^T`` and keeps the rank-
+``r_max`` truncation as the global adapter: ``B = U[:, :r_max] diag(S[:r_max]) / scale``,
+``A = V^T[:r_max, :]``. A client of rank ``r`` then receives the leading ``r`` components,
+``U[:, :r] diag(S[:r]) / scale`` and ``V^T[:r, :]``: the best rank-``r`` approximation of
+``dW`` (Eckart-Young). ``scale = alpha / r_max`` multiplies ``dW`` and divides ``B``, so it
+cancels: the SVD is taken of ``sum_k p_k B_k A_k`` and the logged singular values are that
+matrix's (multiply by ``alpha / r_max`` for the weight update's). Every round's record holds
+each module's spectrum (SVD aggregation is known to concentrate energy in the smallest shared
+rank: watch the values past the weakest client's rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fedhello.core.aggregation import (
+    AggregationReport,
+    ClientUpdate,
+    State,
+    accept,
+    example_weights,
+    weighted_mean,
+)
+from fedhello.core.allocation.base import register
+from fedhello.core.allocation.ranked import RankAllocation
+from fedhello.core.layers import lora_factor
+from fedhello.core.ranks import lora_pairs
+
+
+def svd_recombine(
+    products: Sequence[tuple[float, np.ndarray, np.ndarray]], rank: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(B, A, S)``: the rank-``rank`` factors of ``sum p B A`` over ``(p, B, A)`` (``p``
+    normalised here) and its full singular-value spectrum."""
+    total = sum(p for p, _, _ in products)
+    dw = sum((p / total) * (b.astype(np.float64) @ a.astype(np.float64)) for p, b, a in products)
+    u, s, vt = np.linalg.svd(np.asarray(dw), full_matrices=False)
+    return u[:, :rank] * s[:rank], vt[:rank, :], s
+
+
+@register
+class FlexLoRAAllocation(RankAllocation):
+    name = "flexlora"
+
+    def aggregate(
+        self,
+        global_state: State,
+        updates: Sequence[ClientUpdate],
+        layer_of: dict[str, int | None],
+        weighted: bool,
+    ) -> tuple[State, AggregationReport, dict[str, Any]]:
+        good, report = accept(global_state, updates, layer_of, self.num_layers)
+        p = example_weights(good, weighted)
+        rest = [k for k in global_state if lora_factor(k) is None]
+        state = weighted_mean(global_state, good, p, rest)
+        spectra: dict[str, list[float]] = {}
+        for module, (a_key, b_key) in lora_pairs(global_state).items():
+            holders = [u for u in good if a_key in u.tensors and b_key in u.tensors]
+            if not holders:  # nobody trained it this round: keep
+                state[a_key], state[b_key] = global_state[a_key], global_state[b_key]
+                continue
+            products = [(p[u.client], u.tensors[b_key], u.tensors[a_key]) for u in holders]
+            rank = global_state[a_key].shape[0]
+            b, a, s = svd_recombine(products, rank)
+            state[b_key] = b.astype(global_state[b_key].dtype)
+            state[a_key] = a.astype(global_state[a_key].dtype)
+            spectra[f"{layer_of[a_key]}.{module.rsplit('.', 1)[-1]}"] = [
+                float(f"{x:.5g}") for x in s[: 2 * rank]
+            ]
+        return {k: state[k] for k in global_state}, report, {"singular_values": spectra}
