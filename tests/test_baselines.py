@@ -64,8 +64,12 @@ def test_ffa_lora_never_changes_a(tiny_bert_dir: Path) -> None:
 
 def test_a_rank_slice_trains_and_uploads_at_its_rank(tiny_bert_dir: Path) -> None:
     _, model, layer_of, state, data = _setup(tiny_bert_dir)
+    kept = {k: v.copy() for k, v in state.items()}
     full = _train(model, layer_of, data, state, LocalTask(0, 1, (0, 1, 2, 3), 0.0, 0, rank=R))
     sliced = _train(model, layer_of, data, state, LocalTask(0, 1, (0, 1, 2, 3), 0.0, 0, rank=2))
+    # the slice's parameters never alias the global state handed in (A[:r] is a contiguous
+    # view of it): training a client must leave the server's state as it was
+    assert all(np.array_equal(state[k], kept[k]) for k in state)
     for key, value in sliced.update.tensors.items():
         want = truncate({key: state[key]}, 2)[key].shape
         assert value.shape == want

@@ -317,3 +317,47 @@ def test_a_supernode_with_a_memory_limit_trains_within_it(
     assert all(c["layers"] == [3] for c in limited)
     assert all(c["train_memory_mb"] <= limit * (1 + MEMORY_TOLERANCE) for c in limited)
     assert all("memory_limit_mb" not in c for c in clients if c["client"] == 1)
+
+
+@pytest.mark.parametrize("method", ["hetlora", "flexlora"])
+def test_rank_methods_on_the_flower_simulation_equal_embedded(
+    method: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    """Messages carry factors of a different rank per client, replies come back at theirs
+    (HetLoRA's pruned), and the server's aggregation gives the embedded engine's adapter."""
+    from test_baselines import method_overrides
+
+    ov = method_overrides(tiny_bert_dir, tiny_text_csv, method)
+    emb, sim = tmp_path / "emb", tmp_path / "sim"
+    assert _run(emb, ov) == 0
+    assert _run(sim, ov, "--engine", "flower-sim") == 0
+    assert_same_adapter(emb, sim)
+    ours = [strip_timing(r) for r in RunDir(sim).read_metrics()]
+    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+    ranks = {c["rank"] for r in RunDir(sim).read_metrics() for c in r["clients"]}
+    assert len(ranks) > 1  # heterogeneous ranks really went over the wire
+
+
+def test_hetlora_on_a_loopback_deployment_equals_embedded_and_resumes(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real SuperNodes keep their pruned rank in ``context.state``; a run resumed through the
+    SuperLink (whose nodes still hold that state) ends as the uninterrupted embedded run."""
+    from test_baselines import method_overrides
+
+    ov = method_overrides(tiny_bert_dir, tiny_text_csv, "hetlora", federation__rounds=4)
+    emb = tmp_path / "emb"
+    assert _run(emb, ov) == 0
+    with deployment(tmp_path, nodes=3) as dep:
+        for k, v in flower_env(dep.home).items():
+            monkeypatch.setenv(k, v)
+        out = tmp_path / "dep"
+        assert _run(out, ov, "--engine", "flower", "--superlink", dep.address) == 0
+        crashed = crash_after_round(out, tmp_path / "crashed", last_round=2)
+        resume = ["run", "--resume", str(crashed), "--engine", "flower", "--superlink"]
+        assert main([*resume, dep.address]) == 0
+    assert_same_adapter(emb, out)
+    assert_same_adapter(emb, crashed)
+    ranks = [[c["rank"] for c in r["clients"]] for r in RunDir(emb).read_metrics()]
+    assert [[c["rank"] for c in r["clients"]] for r in RunDir(out).read_metrics()] == ranks
+    assert [[c["rank"] for c in r["clients"]] for r in RunDir(crashed).read_metrics()] == ranks

@@ -102,8 +102,8 @@ def set_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
         value = torch.from_numpy(np.ascontiguousarray(v))
         if tuple(p.shape) == value.shape:
             p.copy_(value)
-        else:
-            p.data = value.to(device=p.device, dtype=p.dtype)
+        else:  # a copy: never alias the caller's array (a slice of the global state)
+            p.data = value.to(device=p.device, dtype=p.dtype, copy=True)
 
 
 def apply_spec_mask(
