@@ -129,6 +129,23 @@ def test_strategy_list_parsing() -> None:
         parse_strategies("fedra:triangle")
 
 
+def test_the_baselines_are_rows_of_every_comparison() -> None:
+    from fedhello.core.config import load_config
+    from fedhello.studies.compare import Cell, cell_config
+
+    assert {"hetlora", "flexlora", "ffa-lora", "fedra-subnetwork"} <= set(parse_strategies("all"))
+    base = load_config(None, ["allocation.rank-penalty=0.01"])
+    sub = cell_config(base, Cell("dirichlet", "fedra-subnetwork", 1))
+    assert (sub.allocation.strategy, sub.allocation.client_model) == ("fedra", "subnetwork")
+    het = cell_config(base, Cell("dirichlet", "hetlora", 1))
+    assert het.allocation.options.rank_penalty == 0.01  # type: ignore[attr-defined]
+    assert cell_config(base, Cell("dirichlet", "fedra", 1)).allocation.client_model == "full"
+    # a rank method cannot take limits in real units: refused before any run starts
+    limited = load_config(None, ["clients.budget-kind=memory-mb", "clients.tiers=[100, 200]"])
+    with pytest.raises(ConfigError, match="a rank method takes layer budgets"):
+        cell_config(limited, Cell("dirichlet", "flexlora", 0))
+
+
 def test_each_cell_keeps_only_its_strategy_options() -> None:
     from fedhello.core.config import load_config
     from fedhello.studies.compare import Cell, cell_config

@@ -43,11 +43,16 @@ logger = logging.getLogger(__name__)
 
 PARTITIONS = ("iid", "pathological", "dirichlet")
 # "all" in --strategies: the paper's comparison (every strategy; the four GD shapes separately)
+# and its baselines (rank methods, FFA-LoRA, FedRA with its authors' subnetwork clients)
 ALL_STRATEGIES = (
     "full", "exclusive", "straggler", "fedra", "geometric:uniform", "geometric:triangle",
     "geometric:inverted-triangle", "geometric:bottleneck", "randomized-geometric:bottleneck",
-    "fisher", "fed-hello",
+    "fisher", "fed-hello", "hetlora", "flexlora", "ffa-lora", "fedra-subnetwork",
 )  # fmt: skip
+# Rows that are a strategy with other allocation settings: row -> (strategy, settings).
+ROWS: dict[str, tuple[str, dict[str, str]]] = {
+    "fedra-subnetwork": ("fedra", {"client_model": "subnetwork"}),
+}
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,10 @@ def parse_strategies(text: str) -> list[str]:
     )
     for item in items:
         name, _, shape = item.partition(":")
+        if name in ROWS and not shape:
+            continue
         if name not in strategy_names():
-            names = ", ".join(strategy_names())
+            names = ", ".join([*strategy_names(), *ROWS])
             raise ConfigError(
                 f"--strategies: unknown strategy {name!r}; choose from: {names}, or all "
                 "(a shape may follow a colon, e.g. geometric:triangle)"
@@ -136,7 +143,9 @@ def cell_config(base: Config, cell: Cell) -> Config:
         data["train"].pop("local_epochs", None)
     else:
         name, _, shape = cell.strategy.partition(":")
+        name, settings = ROWS.get(name, (name, {}))
         data["allocation"]["strategy"] = name
+        data["allocation"].update(settings)
         if shape:
             data["allocation"]["shape"] = shape
         data["data"]["partition"] = cell.partition
