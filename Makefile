@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/engine.py
 	$(PY) bench/clientapp_startup.py
 	$(PY) bench/precision.py
+	$(PY) bench/subnetwork.py
 
 bench-gpu: $(STAMP)
 	$(PY) bench/gpu.py

@@ -4,6 +4,7 @@ adapters that plain PEFT loads)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -212,6 +213,11 @@ def test_every_baseline_runs_reproducibly_and_exports_a_plain_peft_adapter(
         assert RunDir(a).read_summary()["strategy"] == "fedra"
     summary = RunDir(a).read_summary()
     assert peft_test_accuracy(a, tiny_bert_dir) == pytest.approx(summary["test_accuracy"])
+    # the adapter says its scaling: PEFT's alpha / r with the global r (clients' slices too)
+    peft_config = json.loads((a / "adapter/adapter_config.json").read_text())
+    note = json.loads((a / "adapter/fedhello.json").read_text())
+    assert peft_config["r"] == note["r"] == R and note["lora_alpha"] == peft_config["lora_alpha"]
+    assert note["method"] == summary["strategy"] and "global r" in note["scaling"]
 
 
 def test_a_resumed_hetlora_run_equals_an_uninterrupted_one(

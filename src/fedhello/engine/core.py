@@ -282,6 +282,20 @@ def run_federation(
     return finish(exp, run, state, seconds, engine.name, start if opts.resume else None, extra)
 
 
+def adapter_note(cfg: Config) -> dict[str, Any]:
+    """What the exported adapter is, beside PEFT's ``adapter_config.json`` (which plain PEFT
+    reads; this file is for people): the method and the scaling convention."""
+    return {
+        "method": cfg.allocation.strategy,
+        "client_model": cfg.allocation.client_model,
+        "freeze_a": cfg.lora.freeze_a,
+        "r": cfg.lora.r,
+        "lora_alpha": cfg.lora.alpha,
+        "scaling": "alpha / r with the global r: every module, and every client's lower-rank "
+        "slice in training, scaled by lora_alpha / r (PEFT applies the same to this adapter)",
+    }
+
+
 def finish(
     exp: Experiment,
     run: RunDir,
@@ -299,6 +313,7 @@ def finish(
     )
     exp.model.save_pretrained(str(run.adapter_dir))
     (run.adapter_dir / "labels.json").write_text(json.dumps(exp.raw.label_names) + "\n")
+    (run.adapter_dir / "fedhello.json").write_text(json.dumps(adapter_note(cfg), indent=1) + "\n")
     records = run.read_metrics()
     clients = [c for r in records for c in r["clients"]]
     summary = {
