@@ -180,14 +180,15 @@ def run(out: Path, overrides: list[str], *extra: str) -> int:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_baseline_runs_reproducibly_and_exports_a_plain_peft_adapter(
+def test_every_baseline_runs_and_exports_a_plain_peft_adapter(
     method: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
 ) -> None:
+    """(That a run is reproducible, the Flower tests show: the simulation of each baseline
+    equals its embedded run, metrics and adapter.)"""
     ov = method_overrides(tiny_bert_dir, tiny_text_csv, method)
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run(a, ov) == 0 and run(b, ov) == 0
+    a = tmp_path / "a"
+    assert run(a, ov) == 0
     records = RunDir(a).read_metrics()
-    assert [strip_timing(r) for r in records] == [strip_timing(r) for r in RunDir(b).read_metrics()]
     clients = [c for r in records for c in r["clients"]]
     assert all(c["accepted"] for c in clients)
     if method in ("hetlora", "flexlora"):  # tiers 1/4, 1/2, 1 of 4 layers at rank 4

@@ -26,7 +26,12 @@ from fedhello.core.profile import Cost, CostProfile
 L = 4
 
 # Limits in real units are for layer strategies (a rank method's budget is a rank: config error)
-LAYER_STRATEGIES = [n for n in strategy_names() if not strategy_class(n).rank_method]
+# and for clients that train A and B (FFA-LoRA's profile would differ: a config error too)
+LAYER_STRATEGIES = [
+    n
+    for n in strategy_names()
+    if not (strategy_class(n).rank_method or strategy_class(n).freezes_a)
+]
 
 
 def synthetic_profile() -> CostProfile:

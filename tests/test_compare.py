@@ -144,6 +144,8 @@ def test_the_baselines_are_rows_of_every_comparison() -> None:
     limited = load_config(None, ["clients.budget-kind=memory-mb", "clients.tiers=[100, 200]"])
     with pytest.raises(ConfigError, match="a rank method takes layer budgets"):
         cell_config(limited, Cell("dirichlet", "flexlora", 0))
+    with pytest.raises(ConfigError, match=r"FFA-LoRA .* cost profiles are measured with A and B"):
+        cell_config(limited, Cell("dirichlet", "ffa-lora", 0))
 
 
 def test_each_cell_keeps_only_its_strategy_options() -> None:

@@ -444,6 +444,14 @@ class Config(Section):
                 "lora.freeze_a = true with allocation.strategy = 'flexlora': its server "
                 "re-factorises A every round; allowed: false"
             )
+        limited = self.clients.real_budgets or self.clients.upload_mb is not None
+        if (self.lora.freeze_a or cls.freezes_a) and limited:
+            raise ValueError(
+                f"FFA-LoRA (allocation.strategy = {name!r}, lora.freeze_a = "
+                f"{str(self.lora.freeze_a).lower()}) with limits in real units: cost profiles "
+                "are measured with A and B trained; allowed: budget_kind = layers without "
+                "upload_mb"
+            )
         if self.allocation.client_model == "subnetwork" and self.clients.real_budgets:
             raise ValueError(
                 "allocation.client_model = 'subnetwork' with clients.budget_kind = "

@@ -45,6 +45,8 @@ class AllocationStrategy(ABC):
     uses_fisher: ClassVar[bool] = False
     # True for the rank methods: every client trains every layer at its own rank.
     rank_method: ClassVar[bool] = False
+    # True for strategies that freeze A whatever lora.freeze_a says (FFA-LoRA's row).
+    freezes_a: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ from fedhello.core.allocation.fedra import FedRAAllocation
 @register
 class FFALoRAAllocation(FedRAAllocation):
     name = "ffa-lora"
+    freezes_a = True
 
     def configure_adapter(self, max_rank: int, freeze_a: bool = False) -> None:
         del freeze_a  # FFA-LoRA is A frozen, whatever lora.freeze-a says
