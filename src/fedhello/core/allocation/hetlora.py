@@ -91,9 +91,10 @@ class HetLoRAAllocation(RankAllocation):
         ranks = {}
         for u in good:
             rank = u.upload_rank
-            if rank is not None:
+            current = self.rank_for(0, u.client)  # what it was handed (ranks never grow)
+            if rank is not None and current is not None:
                 ranks[u.client] = rank
-                if rank < self.rank_for(0, u.client):  # type: ignore[operator]
+                if rank < current:
                     self.pruned[u.client] = rank
         extra = {
             "sparsity_weights": {str(c): round(w, 6) for c, w in s.items()},
