@@ -26,13 +26,10 @@ from fedhello.core.aggregation import (
     AggregationReport,
     ClientUpdate,
     State,
-    accept,
     example_weights,
-    weighted_mean,
 )
 from fedhello.core.allocation.base import register
 from fedhello.core.allocation.ranked import RankAllocation
-from fedhello.core.layers import lora_factor
 from fedhello.core.ranks import lora_pairs
 
 
@@ -58,15 +55,13 @@ class FlexLoRAAllocation(RankAllocation):
         layer_of: dict[str, int | None],
         weighted: bool,
     ) -> tuple[State, AggregationReport, dict[str, Any]]:
-        good, report = accept(global_state, updates, layer_of, self.num_layers)
+        good, report, state = self.accept_with_head(global_state, updates, layer_of, weighted)
         p = example_weights(good, weighted)
-        rest = [k for k in global_state if lora_factor(k) is None]
-        state = weighted_mean(global_state, good, p, rest)
         spectra: dict[str, list[float]] = {}
         for module, (a_key, b_key) in lora_pairs(global_state).items():
             holders = [u for u in good if a_key in u.tensors and b_key in u.tensors]
             if not holders:  # nobody trained it this round: keep
-                state[a_key], state[b_key] = global_state[a_key], global_state[b_key]
+                state[a_key], state[b_key] = global_state[a_key].copy(), global_state[b_key].copy()
                 continue
             products = [(p[u.client], u.tensors[b_key], u.tensors[a_key]) for u in holders]
             rank = global_state[a_key].shape[0]

@@ -26,8 +26,6 @@ from fedhello.core.aggregation import (
     AggregationReport,
     ClientUpdate,
     State,
-    accept,
-    example_weights,
     weighted_mean,
 )
 from fedhello.core.allocation.base import register
@@ -82,12 +80,10 @@ class HetLoRAAllocation(RankAllocation):
         layer_of: dict[str, int | None],
         weighted: bool,
     ) -> tuple[State, AggregationReport, dict[str, Any]]:
-        good, report = accept(global_state, updates, layer_of, self.num_layers)
+        good, report, state = self.accept_with_head(global_state, updates, layer_of, weighted)
         s = sparsity_weights(good)
         lora = [k for k in global_state if lora_factor(k) is not None]
-        rest = [k for k in global_state if lora_factor(k) is None]
-        state = weighted_mean(global_state, good, s, lora)
-        state |= weighted_mean(global_state, good, example_weights(good, weighted), rest)
+        state |= weighted_mean(global_state, good, s, lora)
         ranks = {}
         for u in good:
             rank = u.upload_rank

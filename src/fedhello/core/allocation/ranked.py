@@ -14,9 +14,18 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from fedhello.core.aggregation import (
+    AggregationReport,
+    ClientUpdate,
+    State,
+    accept,
+    example_weights,
+    weighted_mean,
+)
 from fedhello.core.allocation.base import AllocationStrategy
 from fedhello.core.allocation.options import StrategyOptions
 from fedhello.core.errors import ConfigError
+from fedhello.core.layers import lora_factor
 from fedhello.core.ranks import rank_for_budget
 
 
@@ -62,3 +71,21 @@ class RankAllocation(AllocationStrategy):
 
     def target(self) -> list[float]:
         return [1.0 / self.num_layers] * self.num_layers
+
+    def accept_with_head(
+        self,
+        global_state: State,
+        updates: Sequence[ClientUpdate],
+        layer_of: dict[str, int | None],
+        weighted: bool,
+    ) -> tuple[list[ClientUpdate], AggregationReport, State]:
+        """The rank methods' common first step: the well-formed updates, the report, and the
+        head (not a LoRA factor) averaged as every strategy averages it; the LoRA factors are
+        the method's to combine."""
+        good, report = accept(global_state, updates, layer_of, self.num_layers)
+        head = [k for k in global_state if lora_factor(k) is None]
+        return (
+            good,
+            report,
+            weighted_mean(global_state, good, example_weights(good, weighted), head),
+        )
