@@ -43,7 +43,11 @@ class ModelConfig(Section):
     name: str = Field(
         "minilm-l6", description="registry name (minilm-l6), local folder or hub name"
     )
-    task: Literal["auto", "text", "image"] = Field("auto", description="auto: from the model type")
+    task: Literal["auto", "text", "image", "multiple-choice"] = Field(
+        "auto",
+        description="auto: image for vision model types, else text (sequence classification); "
+        "multiple-choice: one score per choice (data.choice_columns), the right one is the label",
+    )
     max_length: int = Field(32, ge=4, le=4096, description="text: tokens per example (truncated)")
     allow_download: bool = Field(False, description="allow hub downloads (off: offline, fail fast)")
 
@@ -72,9 +76,37 @@ class LoraSection(Section):
 
 class DataConfig(Section):
     name: str = Field("wordnet-nouns", description="registry name, local file/folder or hub name")
-    text_column: str = Field("text", description="column with the input text")
+    subset: str | None = Field(
+        None, description="the hub dataset's configuration (subset), e.g. ledgar or eng_Latn"
+    )
+    text_column: str | list[str] = Field(
+        "text",
+        description="column with the input text, or two columns tokenised as a sentence pair "
+        '(e.g. ["question1", "question2"])',
+    )
     image_column: str = Field("image", description="column with the input image")
-    label_column: str = Field("label", description="column with the class label")
+    label_column: str = Field(
+        "label", description="column with the class label (multiple-choice: the right choice)"
+    )
+    augment: bool = Field(
+        True,
+        description="images: train on RandomResizedCrop to the model's size and horizontal "
+        "flips, seeded by (seed, round, client, step); evaluation always resizes only",
+    )
+    context_column: str | None = Field(
+        None, description="multiple-choice: the passage every choice is read with"
+    )
+    question_column: str | None = Field(
+        None, description="multiple-choice: the question, read before each choice"
+    )
+    choice_columns: list[str] = Field(
+        [], description="multiple-choice: one column per answer choice, in order"
+    )
+    answer_base: Literal[0, 1] = Field(
+        0,
+        description="multiple-choice: the label of the first choice (Belebele numbers its "
+        "answers from 1)",
+    )
     test_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for the test split")
     validation_fraction: float = Field(0.05, ge=0, lt=1, description="share for validation")
     split_seed: int = Field(0, ge=0, description="seed of the fixed train/validation/test split")
@@ -84,6 +116,21 @@ class DataConfig(Section):
     )
     dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration")
     classes_per_client: int = Field(5, ge=1, description="pathological: classes per client (k)")
+
+    @field_validator("text_column")
+    @classmethod
+    def _one_or_two(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not 1 <= len(v) <= 2:
+            raise ValueError(
+                f"data.text_column = {v}: give one column or a pair of columns "
+                "(a sentence-pair task)"
+            )
+        return v[0] if isinstance(v, list) and len(v) == 1 else v
+
+    @property
+    def text_columns(self) -> list[str]:
+        """The text column, or the two columns of a sentence pair."""
+        return [self.text_column] if isinstance(self.text_column, str) else self.text_column
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -420,6 +467,28 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _task_columns(self) -> Config:
+        choices = self.data.choice_columns
+        if self.model.task == "multiple-choice" and len(choices) < 2:
+            raise ValueError(
+                f"data.choice_columns = {choices}: model.task = 'multiple-choice' needs one "
+                "column per answer choice, at least two"
+            )
+        if self.model.task != "multiple-choice" and choices:
+            raise ValueError(
+                f"data.choice_columns = {choices} with model.task = {self.model.task!r}: "
+                "choice columns are read only by a multiple-choice task; allowed: "
+                "model.task = 'multiple-choice', or no choice_columns"
+            )
+        if self.model.task == "multiple-choice" and not isinstance(self.data.text_column, str):
+            raise ValueError(
+                f"data.text_column = {self.data.text_column} with model.task = "
+                "'multiple-choice': its inputs are data.context_column, data.question_column "
+                "and data.choice_columns; allowed: leave text_column as one column"
+            )
+        return self
 
     @model_validator(mode="after")
     def _method_settings(self) -> Config:

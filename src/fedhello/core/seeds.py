@@ -24,6 +24,7 @@ class Purpose(IntEnum):
     INIT = 7  # adapter and head initialisation
     PROXY = 8  # server proxy set for Fisher scores
     SITE_SPLIT = 9  # a site's own file: its training and held-out validation rows
+    AUGMENT = 10  # image augmentation of a training batch (round, client, step)
 
 
 def generator(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import gzip
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,12 @@ FILE_FORMATS = {
 class RawData:
     """Inputs (texts or images) with integer labels, and the split each example belongs to."""
 
-    inputs: list[Any]
+    inputs: Sequence[Any]  # texts, text pairs, choice tuples, or an ImageColumn (lazy)
     labels: np.ndarray
     label_names: list[str]
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "multiple-choice"
     splits: dict[str, np.ndarray]  # "train" | "validation" | "test" -> indices into inputs
+    notes: dict[str, str] = field(default_factory=dict)  # e.g. a split not used, and why
 
 
 def _read_table(path: Path) -> Any:
@@ -64,8 +66,10 @@ def _read_table(path: Path) -> Any:
         raise DataError(f"data.name = {str(path)!r}: cannot read it as {fmt}: {err}") from None
 
 
-def load_tables(name: str, allow_download: bool) -> dict[str, Any]:
-    """Split name -> table with column access (pandas DataFrame or datasets.Dataset)."""
+def load_tables(name: str, allow_download: bool, subset: str | None = None) -> dict[str, Any]:
+    """Split name -> table with column access (pandas DataFrame or datasets.Dataset).
+
+    ``subset`` names a hub dataset's configuration; a local copy is one subset already."""
     if name in BUILTIN:
         with resources.files("fedhello.data").joinpath("builtin", BUILTIN[name]).open("rb") as raw:
             return {"all": _read_table_gz_tsv(raw)}
@@ -93,7 +97,7 @@ def load_tables(name: str, allow_download: bool) -> dict[str, Any]:
     import datasets
 
     try:
-        return dict(datasets.load_dataset(name))
+        return dict(datasets.load_dataset(name, subset))
     except Exception as err:  # network, missing dataset, ...
         raise DataError(f"data.name = {name!r}: cannot load it from the hub: {err}") from None
 
@@ -106,47 +110,106 @@ def _read_table_gz_tsv(raw: Any) -> Any:
 
 
 def read_column(table: Any, column: str, role: str, key: str, name: str) -> list[Any]:
+    check_column(table, column, role, key, name)
+    return list(table[column])
+
+
+def check_column(table: Any, column: str, role: str, key: str, name: str) -> None:
     columns = list(getattr(table, "column_names", None) or table.columns)
     if column not in columns:
         raise DataError(
             f"data.{key} = {column!r}: dataset {name!r} has no such {role} column; "
             f"its columns: {', '.join(map(str, columns))}"
         )
-    return list(table[column])
-
-
-def input_column(cfg: DataConfig, kind: str) -> tuple[str, str]:
-    """(column name, its config key) of the model inputs: images or texts."""
-    if kind == "image":
-        return cfg.image_column, "image_column"
-    return cfg.text_column, "text_column"
 
 
 def load_raw(cfg: DataConfig, kind: str, allow_download: bool) -> RawData:
-    """Read the dataset named by ``cfg`` (a DataConfig) and fix its splits."""
+    """Read the dataset named by ``cfg`` (a DataConfig) for a ``kind`` task ("text", "image",
+    "multiple-choice") and fix its splits. A split whose labels are hidden (all missing or
+    negative, as in GLUE's test) is dropped, and the run says so (``RawData.notes``)."""
+    from fedhello.data.columns import check_inputs, read_inputs
+
     split_seed = cfg.split_seed
-    tables = load_tables(cfg.name, allow_download)
-    in_col, in_key = input_column(cfg, kind)
-    inputs: list[Any] = []
+    tables = load_tables(cfg.name, allow_download, cfg.subset)
+    notes: dict[str, str] = {}
+    split_labels: dict[str, list[Any]] = {}
+    for split, table in tables.items():
+        check_inputs(table, cfg, kind)
+        y = read_column(table, cfg.label_column, "label", "label_column", cfg.name)
+        if _hidden(y, split, cfg):
+            notes[f"{split}_split"] = (
+                f"not used: its labels are hidden ({_hidden(y, split, cfg)}), as in GLUE's test"
+            )
+        else:
+            split_labels[split] = y
+    if not split_labels:
+        raise DataError(
+            f"data.name = {cfg.name!r}: every split's labels in column "
+            f"{cfg.label_column!r} are hidden (missing or negative); nothing to train on"
+        )
+    inputs = read_inputs({s: tables[s] for s in split_labels}, cfg, kind)
     labels: list[Any] = []
     offsets: dict[str, np.ndarray] = {}
-    for split, table in tables.items():
-        x = read_column(table, in_col, kind, in_key, cfg.name)
-        y = read_column(table, cfg.label_column, "label", "label_column", cfg.name)
-        offsets[split] = np.arange(len(inputs), len(inputs) + len(x))
-        inputs.extend(x)
+    for split, y in split_labels.items():
+        offsets[split] = np.arange(len(labels), len(labels) + len(y))
         labels.extend(y)
-    if any(v is None for v in labels):
-        raise DataError(f"data.label_column = {cfg.label_column!r}: has missing labels")
-    names, label_ids = _encode_labels(labels, tables)
-    splits = _fix_splits(offsets, len(inputs), cfg, split_seed)
+    if kind == "multiple-choice":
+        names, label_ids = _choice_labels(labels, cfg)
+    else:
+        names, label_ids = _encode_labels(labels, tables)
+    splits, split_notes = _fix_splits(offsets, len(labels), cfg, split_seed, hidden=bool(notes))
+    notes.update(split_notes)
     if cfg.max_train_examples is not None and cfg.max_train_examples < len(splits["train"]):
         keep = generator(split_seed, Purpose.SPLIT, 1).permutation(len(splits["train"]))
         splits["train"] = np.sort(splits["train"][keep[: cfg.max_train_examples]])
     logger.info(
         "data %s: %d classes, %s", cfg.name, len(names), {k: len(v) for k, v in splits.items()}
     )
-    return RawData(inputs, label_ids, names, kind, splits)
+    for note in notes.values():
+        logger.info("data %s: %s", cfg.name, note)
+    return RawData(inputs, label_ids, names, kind, splits, notes)
+
+
+def _hidden(labels: list[Any], split: str, cfg: DataConfig) -> str | None:
+    """Why a split's labels are hidden ("all missing", "all -1"), None if they are usable;
+    a split with only *some* missing or negative labels is an error (not a hidden split)."""
+    missing = sum(v is None for v in labels)
+    values = np.asarray([v for v in labels if v is not None])
+    negative = (
+        int((values < 0).sum()) if values.size and np.issubdtype(values.dtype, np.number) else 0
+    )
+    if labels and missing + negative == len(labels):
+        shown = sorted({str(v) for v in labels})[:3]
+        return "all missing" if missing == len(labels) else f"all {'/'.join(shown)}"
+    if missing or negative:
+        what = f"{missing} missing" if missing else f"{negative} negative"
+        raise DataError(
+            f"data.label_column = {cfg.label_column!r}: split {split!r} has {what} labels of "
+            f"{len(labels)}; allowed: every label present and non-negative, or a split whose "
+            "labels are all hidden (it is then not used)"
+        )
+    return None
+
+
+def _choice_labels(labels: list[Any], cfg: DataConfig) -> tuple[list[str], np.ndarray]:
+    """Multiple choice: the label is the number of the right choice (``data.answer_base`` is
+    the first choice's number), as an int or a string holding one."""
+    n = len(cfg.choice_columns)
+    base = cfg.answer_base
+    ids = np.empty(len(labels), dtype=np.int64)
+    for row, value in enumerate(labels):
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            number = None
+        if number is None or not base <= number < base + n:
+            raise DataError(
+                f"data.label_column = {cfg.label_column!r}: row {row} has answer {value!r}; "
+                f"allowed: the number of a choice, {base}..{base + n - 1} "
+                f"(data.answer_base = {base}, {n} choice_columns)"
+            )
+        ids[row] = number - base
+    return [str(base + i) for i in range(n)], ids
 
 
 def _encode_labels(labels: list[Any], tables: dict[str, Any]) -> tuple[list[str], np.ndarray]:
@@ -166,21 +229,39 @@ def _encode_labels(labels: list[Any], tables: dict[str, Any]) -> tuple[list[str]
 
 
 def _fix_splits(
-    offsets: dict[str, np.ndarray], n: int, cfg: DataConfig, seed: int
-) -> dict[str, np.ndarray]:
-    """Use the source's test split if it has one; otherwise carve test/validation by seed."""
+    offsets: dict[str, np.ndarray], n: int, cfg: DataConfig, seed: int, hidden: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The source's test split if it has one beside others (validation carved from the rest);
+    if its test labels were hidden, its validation split becomes the test split; otherwise
+    test and validation are carved from everything by seed. Returns the splits and notes."""
     rng = generator(seed, Purpose.SPLIT, 0)
-    if "test" in offsets:
-        test = offsets["test"]
-        pool = np.concatenate([v for k, v in offsets.items() if k != "test"])
-        perm = rng.permutation(pool)
-        n_val = round(cfg.validation_fraction * len(pool))
-        return {"train": np.sort(perm[n_val:]), "validation": np.sort(perm[:n_val]), "test": test}
+    if "test" in offsets and len(offsets) > 1:
+        return _carve_validation(offsets, "test", cfg, rng), {}
+    if hidden and "validation" in offsets and len(offsets) > 1:
+        note = "test split: the source's validation split (its test labels are hidden)"
+        return _carve_validation(offsets, "validation", cfg, rng), {"test_source": note}
     perm = rng.permutation(n)
     n_test = round(cfg.test_fraction * n)
     n_val = round(cfg.validation_fraction * n)
-    return {
+    splits = {
         "test": np.sort(perm[:n_test]),
         "validation": np.sort(perm[n_test : n_test + n_val]),
         "train": np.sort(perm[n_test + n_val :]),
     }
+    carved: dict[str, str] = {}
+    if len(offsets) == 1 and next(iter(offsets)) != "all":
+        carved["test_source"] = (
+            f"the source has one split ({next(iter(offsets))!r}): test and validation are "
+            f"carved from it ({cfg.test_fraction:g} and {cfg.validation_fraction:g})"
+        )
+    return splits, carved
+
+
+def _carve_validation(
+    offsets: dict[str, np.ndarray], test: str, cfg: DataConfig, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    pool = np.concatenate([v for k, v in offsets.items() if k != test])
+    perm = rng.permutation(pool)
+    n_val = round(cfg.validation_fraction * len(pool))
+    return {"train": np.sort(perm[n_val:]), "validation": np.sort(perm[:n_val]),
+            "test": offsets[test]}  # fmt: skip

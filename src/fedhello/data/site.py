@@ -21,7 +21,7 @@ import numpy as np
 from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
 from fedhello.core.seeds import Purpose, generator
-from fedhello.data.loading import FILE_FORMATS, RawData, input_column, load_tables, read_column
+from fedhello.data.loading import FILE_FORMATS, RawData, load_tables, read_column
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,14 @@ def load_site_raw(path: str, data_cfg: DataConfig, kind: str, label_names: list[
             f"site data {path!r}: no such file or folder; allowed: a local "
             f"{'/'.join(f.lstrip('.') for f in FILE_FORMATS)} file or a saved datasets folder"
         )
+    from fedhello.data.columns import read_inputs
+
     tables = load_tables(str(local), allow_download=False)
-    in_col, in_key = input_column(data_cfg, kind)
-    inputs: list[Any] = []
     labels: list[Any] = []
     for table in tables.values():
-        inputs.extend(read_column(table, in_col, kind, in_key, path))
         labels.extend(read_column(table, data_cfg.label_column, "label", "label_column", path))
-    if not inputs:
+    inputs = read_inputs(tables, data_cfg, kind)
+    if not labels:
         raise DataError(f"site data {path!r}: has no examples; allowed: at least one row")
     if any(v is None for v in labels):
         raise DataError(f"site data {path!r}: column {data_cfg.label_column!r} has missing labels")

@@ -342,6 +342,8 @@ def finish(
         "budget_kind": cfg.clients.budget_kind,
         "fit": exp.resources.policy,
         "repairs": sum(r.get("num_repairs", 0) for r in records),
+        # e.g. a source split whose labels are hidden, and which split was tested on instead
+        **({"data_notes": exp.raw.notes} if exp.raw.notes else {}),
         **extra,
     }
     run.write_summary(summary)

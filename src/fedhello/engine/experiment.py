@@ -26,7 +26,7 @@ from fedhello.core.config import Config
 from fedhello.core.layers import AllocationPlan, layer_of_keys
 from fedhello.core.profile import CostProfile
 from fedhello.core.seeds import Purpose, derived_int, generator
-from fedhello.data.encoding import Encoded, encode
+from fedhello.data.encoding import ModelInputs, encode
 from fedhello.data.loading import RawData, load_raw
 from fedhello.data.partition import hold_out_proxy, partition_indices
 from fedhello.engine.resources import ModelUnderTest, Resources, no_limits, setup_resources
@@ -52,17 +52,17 @@ class DataCache:
 
     def __init__(self) -> None:
         self._key: str | None = None
-        self._value: tuple[RawData, Encoded | None] | None = None
+        self._value: tuple[RawData, ModelInputs | None] | None = None
 
     @staticmethod
     def key(cfg: Config, source: str, task: str) -> str:
         fields = cfg.data.model_dump(exclude=PARTITION_FIELDS)
         return json.dumps([fields, source, task, cfg.model.max_length], sort_keys=True)
 
-    def get(self, key: str) -> tuple[RawData, Encoded | None] | None:
+    def get(self, key: str) -> tuple[RawData, ModelInputs | None] | None:
         return self._value if key == self._key else None
 
-    def put(self, key: str, raw: RawData, data: Encoded | None) -> None:
+    def put(self, key: str, raw: RawData, data: ModelInputs | None) -> None:
         self._key, self._value = key, (raw, data)
 
 
@@ -70,7 +70,7 @@ class DataCache:
 class Experiment:
     cfg: Config
     raw: RawData
-    data: Encoded | None  # every example encoded; None when built with encode_data=False
+    data: ModelInputs | None  # every example encoded; None when built with encode_data=False
     model: PeftModel  # the PEFT model shared by every client of this process
     processor: Any  # tokenizer or image processor (a site's own data is encoded with it)
     task: str
@@ -98,7 +98,7 @@ class Experiment:
         return self.strategy.budgets
 
     @property
-    def encoded(self) -> Encoded:
+    def encoded(self) -> ModelInputs:
         if self.data is None:
             raise RuntimeError("this experiment was built without encoding its data")
         return self.data
@@ -185,7 +185,7 @@ def build_experiment(
     )
     data = cached[1] if cached else None
     if data is None and encode_data:
-        data = encode(raw, loaded.processor, cfg.model.max_length)
+        data = encode(raw, loaded.processor, cfg.model.max_length, cfg.data.augment)
     if cache is not None:
         cache.put(key, raw, data)
 

@@ -6,14 +6,14 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from fedhello.data.encoding import Encoded
+from fedhello.data.encoding import ModelInputs
 from fedhello.model.accelerator import CPU_FP32, Accelerator
 
 
 @torch.inference_mode()
 def predict(
     model: torch.nn.Module,
-    data: Encoded,
+    data: ModelInputs,
     indices: np.ndarray,
     batch_size: int,
     acc: Accelerator = CPU_FP32,
@@ -36,7 +36,7 @@ def predict(
 
 def evaluate(
     model: torch.nn.Module,
-    data: Encoded,
+    data: ModelInputs,
     indices: np.ndarray,
     batch_size: int,
     acc: Accelerator = CPU_FP32,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedhello.data.encoding import Encoded
+from fedhello.data.encoding import ModelInputs
 from fedhello.model.accelerator import CPU_FP32, Accelerator
 
 
@@ -38,7 +38,7 @@ def _lora_modules(
 
 def fisher_scores(
     model: torch.nn.Module,
-    data: Encoded,
+    data: ModelInputs,
     indices: np.ndarray,
     layer_of: Mapping[str, int | None],
     num_layers: int,

@@ -17,18 +17,35 @@ from fedhello.model.source import model_shape, resolve_model_source
 logger = logging.getLogger(__name__)
 
 
+def model_class(task: str) -> Any:
+    """The transformers auto class of a task: what ``load_model`` builds and exports name."""
+    import transformers
+
+    return getattr(transformers, f"AutoModelFor{TASK_CLASSES[task]}")
+
+
+# Task -> the transformers head (``AutoModelFor<head>``).
+TASK_CLASSES = {
+    "text": "SequenceClassification",
+    "image": "ImageClassification",
+    "multiple-choice": "MultipleChoice",
+}
+
+
 @dataclass
 class LoadedModel:
     model: Any  # a transformers PreTrainedModel with a fresh classification head
     processor: Any  # tokenizer (text) or image processor (image)
-    task: str  # "text" or "image"
+    task: str  # "text", "image" or "multiple-choice"
     source: str  # the folder or hub name it was loaded from
 
 
 def load_model(
     name: str, label_names: Sequence[str], task: str = "auto", allow_download: bool = False
 ) -> LoadedModel:
-    """Load the backbone with a classification head for ``label_names`` (head newly initialised)."""
+    """Load the backbone with a head for ``label_names`` (newly initialised): a classifier,
+    or for multiple choice a scorer of each (context, choice) pair, whose ``label_names`` are
+    the choices."""
     source = resolve_model_source(name, allow_download)
     id2label = dict(enumerate(label_names))
     offline = not allow_download
@@ -42,14 +59,14 @@ def load_model(
     try:
         task = model_shape(source, task)[0]
         if task == "image":
-            from transformers import AutoImageProcessor, AutoModelForImageClassification
+            from transformers import AutoImageProcessor
 
-            model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
+            model = model_class(task).from_pretrained(source, **kwargs)
             processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
         else:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from transformers import AutoTokenizer
 
-            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+            model = model_class(task).from_pretrained(source, **kwargs)
             processor = AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -35,13 +35,15 @@ logger = logging.getLogger(__name__)
 def synthetic_batch(
     model: torch.nn.Module, task: str, batch_size: int, max_length: int, num_labels: int
 ) -> dict[str, torch.Tensor]:
-    """A full-size batch: ``max_length`` tokens without padding, or full-size images."""
+    """A full-size batch: ``max_length`` tokens without padding (for multiple choice, per
+    choice: ``num_labels`` of them per example), or full-size images."""
     gen = torch.Generator().manual_seed(0)
     config = model.config
     labels = torch.randint(0, num_labels, (batch_size,), generator=gen)
-    if task == "text":
+    if task in ("text", "multiple-choice"):
         vocab = int(getattr(config, "vocab_size", 30000))
-        ids = torch.randint(min(1000, vocab - 1), vocab, (batch_size, max_length), generator=gen)
+        shape = (batch_size, max_length) if task == "text" else (batch_size, num_labels, max_length)
+        ids = torch.randint(min(1000, vocab - 1), vocab, shape, generator=gen)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     size = int(getattr(config, "image_size", 224))
     channels = int(getattr(config, "num_channels", 3))

@@ -23,7 +23,7 @@ from fedhello.core.config import Config, TrainConfig
 from fedhello.core.layers import AdapterSpec, keys_for_spec
 from fedhello.core.ranks import lora_pairs, truncate
 from fedhello.core.seeds import Purpose, derived_int, generator
-from fedhello.data.encoding import Encoded
+from fedhello.data.encoding import ModelInputs
 from fedhello.model.accelerator import CPU_FP32, Accelerator
 from fedhello.model.lora import apply_spec_mask, get_state, set_state, state_nbytes
 from fedhello.model.meters import PeakRSS, SavedTensorMeter
@@ -83,7 +83,7 @@ class LocalTask:
 class Shard:
     """A client's examples: encoded inputs and the rows of them it trains on."""
 
-    data: Encoded
+    data: ModelInputs
     rows: np.ndarray
 
 
@@ -182,9 +182,12 @@ def train_client(
             subnetwork(model, layers, num_blocks(layer_of)) if task.subnetwork else nullcontext()
         )
         with blocks:
-            for batch_pos in batch_order(rng, len(indices), train_cfg.batch_size, steps):
+            order = batch_order(rng, len(indices), train_cfg.batch_size, steps)
+            for i, batch_pos in enumerate(order):
                 step_start = time.perf_counter()
-                batch = acc.to_device(shard.data.batch(indices[batch_pos]))
+                # images are augmented by (seed, round, client, step): paired across strategies
+                augment = (task.seed, task.round, task.client, i)
+                batch = acc.to_device(shard.data.batch(indices[batch_pos], augment))
                 losses.append(step(batch, train_cfg.max_grad_norm))
                 acc.synchronize()  # a step's time on CUDA is known once its queue has run
                 step_times.append(time.perf_counter() - step_start)

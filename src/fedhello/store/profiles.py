@@ -39,7 +39,7 @@ def profile_key(
         "lora_dropout": cfg.lora.dropout,
         "lora_target_modules": list(cfg.lora.target_modules),
         "batch_size": cfg.train.batch_size,
-        "max_length": cfg.model.max_length if task == "text" else None,
+        "max_length": cfg.model.max_length if task != "image" else None,
         "device": device,
         "precision": precision,
         "base_precision": base_precision,

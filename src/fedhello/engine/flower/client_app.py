@@ -36,7 +36,7 @@ from fedhello.core.errors import UserError
 from fedhello.core.layers import AdapterSpec
 from fedhello.core.profile import CostProfile
 from fedhello.core.ranks import rank_of
-from fedhello.data.encoding import Encoded, encode, encode_positions
+from fedhello.data.encoding import ModelInputs, encode, encode_positions
 from fedhello.data.site import load_site_raw
 from fedhello.engine.experiment import Experiment, SiteModel, build_experiment, build_site_model
 from fedhello.engine.flower import messages as wire
@@ -57,7 +57,7 @@ class NodeCache:
     def __init__(self) -> None:
         self.key: str | None = None
         self.model: Any = None
-        self.encoded: dict[tuple[int, str], tuple[Encoded, dict[str, np.ndarray]]] = {}
+        self.encoded: dict[tuple[int, str], tuple[ModelInputs, dict[str, np.ndarray]]] = {}
 
     def get(self, key: str, build: Callable[[], M]) -> M:
         if key != self.key:
@@ -118,12 +118,15 @@ def site_model_for(config_toml: str, label_names: list[str], node_config: Any) -
     return _CACHE.get("site:" + digest.hexdigest(), build)
 
 
-def site_data_for(site: SiteModel, path: str) -> tuple[Encoded, dict[str, np.ndarray]]:
+def site_data_for(site: SiteModel, path: str) -> tuple[ModelInputs, dict[str, np.ndarray]]:
     """The node's own file and its train / validation rows, read and encoded once."""
     key = (-1, path)
     if key not in _CACHE.encoded:
         raw = load_site_raw(path, site.cfg.data, site.task, site.label_names)
-        _CACHE.encoded[key] = encode(raw, site.processor, site.cfg.model.max_length), raw.splits
+        _CACHE.encoded[key] = (
+            encode(raw, site.processor, site.cfg.model.max_length, site.cfg.data.augment),
+            raw.splits,
+        )
     return _CACHE.encoded[key]
 
 
@@ -132,14 +135,15 @@ def partition_shard(exp: Experiment, pid: int) -> Shard:
     embedded engine's), with every row to train on."""
     if (pid, "") not in _CACHE.encoded:
         encoded = encode_positions(
-            exp.raw, exp.shards[pid], exp.processor, exp.cfg.model.max_length
-        )
+            exp.raw, exp.shards[pid], exp.processor, exp.cfg.model.max_length,
+            exp.cfg.data.augment,
+        )  # fmt: skip
         _CACHE.encoded[pid, ""] = encoded, {"train": np.arange(len(encoded))}
     data, splits = _CACHE.encoded[pid, ""]
     return Shard(data, splits["train"])
 
 
-def _site(req: wire.Request, node_config: Any) -> tuple[SiteModel, Encoded, dict[str, Any]]:
+def _site(req: wire.Request, node_config: Any) -> tuple[SiteModel, ModelInputs, dict[str, Any]]:
     if req.config_toml is None:
         raise ValueError("the message carries no fedhello-config")
     site = site_model_for(req.config_toml, req.label_names, node_config)
