@@ -269,6 +269,30 @@ def test_belebele_shaped_multiple_choice_trains_and_exports(
     assert model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape == (3, 4)
 
 
+def test_multiple_choice_budgets_in_megabytes_hold(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """The cost profile of a multiple-choice model is measured on (batch, choices, tokens)
+    inputs, and the clients' memory limits hold as they do for classification."""
+    import fedhello
+
+    data = belebele_fixture(tmp_path / "belebele")
+    extra = [f'run.profile_dir="{tmp_path / "profiles"}"', "model.max_length=32",
+             'train.precision="fp32"', "train.batch_size=8"]  # fmt: skip
+    cfg = fedhello.load_config(
+        PAPER / "belebele.toml", [*tiny_overrides(tiny_bert_dir, data), *extra]
+    )
+    entries = fedhello.calibrate(cfg, steps=1)["profile"]["entries"]
+    full = next(e["memory_mb"] for e in entries if (e["lowest"], e["count"]) == (0, 4))
+    top = next(e["memory_mb"] for e in entries if (e["lowest"], e["count"]) == (3, 1))
+    assert full > 2 * top  # backward stops at the lowest trained block, as for classification
+    limits = [round(top * 1.5, 3), round(full * 1.02, 3)]
+    budget = ['clients.budget_kind="memory-mb"', f"clients.tiers={limits}"]
+    assert run_preset("belebele", tiny_bert_dir, data, tmp_path / "run", *extra, *budget) == 0
+    clients = [c for r in RunDir(tmp_path / "run").read_metrics() for c in r["clients"]]
+    assert any(len(c["layers"]) < 4 for c in clients)
+    for c in clients:
+        assert c["train_memory_mb"] <= c["memory_limit_mb"] * 1.05, c
+
+
 def _adapter_keys(run: RunDir) -> list[str]:
     from safetensors import safe_open
 
