@@ -14,6 +14,7 @@ from fedhello.core.allocation.randomized_geometric import draw_layers
 from fedhello.core.allocation.shapes import (
     AUTHORS_BOTTLENECK_12,
     SHAPES,
+    capped_targets,
     inclusion_probabilities,
     shape_weights,
     systematic_sample,
@@ -145,6 +146,60 @@ def test_exact_sampler_hits_targets_while_numpy_draw_is_flatter() -> None:
     middle = [5, 6, 7]
     assert freq["numpy"][middle].mean() > target[middle].mean() + 0.1  # ~0.5 instead of 1/3
     assert np.abs(freq["numpy"] - target).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "num_layers,budgets",
+    [(6, [3] * 4 + [5] * 4 + [6] * 4), (8, [2] * 4 + [4] * 4 + [6] * 4),
+     (12, [6] * 4 + [9] * 4 + [12] * 4), (12, [6] * 33 + [9] * 33 + [12] * 34),
+     (6, [1] * 6 + [3] * 3 + [6])],
+)  # fmt: skip
+def test_geometric_bottleneck_is_within_one_slot_of_its_target(
+    num_layers: int, budgets: list[int]
+) -> None:
+    """The target: the shape's share of all layer-slots, held between what the clients force
+    and allow (at 6 layers with 3/5/6 the end layers' uncapped share, 14 of 56 slots, exceeds
+    12 clients; 34 full-budget clients of 100 train every middle layer).
+    Half from each end gave [12, 12, 8, 4, 8, 12] there against [12, 10.7, 5.3, 5.3, 10.7, 12]."""
+    strategy = make("geometric", num_layers, budgets, 0, shape="bottleneck")
+    plan = strategy.allocate(1, range(len(budgets)))
+    target = capped_targets(shape_weights("bottleneck", num_layers), budgets)
+    assert np.abs(np.asarray(plan.coverage()) - target).max() <= 1 + 1e-9
+    assert [len(a.layers) for a in plan.clients] == [min(b, num_layers) for b in budgets]
+    assert strategy.allocate(9, range(len(budgets))) == plan.__class__(
+        round=9, num_layers=num_layers, clients=plan.clients
+    )  # fixed across rounds
+    if num_layers == 12 and len(budgets) == 12:  # the authors' vector, exactly
+        cover = np.asarray(plan.coverage())
+        np.testing.assert_allclose(cover / cover.sum(), AUTHORS_BOTTLENECK_12)
+
+
+@pytest.mark.parametrize("sampler", ["exact", "numpy"])
+def test_logged_expected_coverage_is_the_realized_mean(sampler: str) -> None:
+    """Over many rounds the realized coverage averages to the logged expectation, for the
+    sampler actually used (the numpy sampler's expectation was logged as the exact one's:
+    middle layers 6.22 logged, ~7.0 realized, at 12 layers 6/9/12)."""
+    budgets = [6] * 4 + [9] * 4 + [12] * 4
+    strategy = make("randomized-geometric", 12, budgets, 0, shape="bottleneck", sampler=sampler)
+    rounds = 3000
+    total = np.zeros(12)
+    for r in range(1, rounds + 1):
+        total += strategy.allocate(r, range(12)).coverage()
+    expected = np.asarray(strategy.expected_coverage(1, range(12)))
+    # per-round coverage of a layer has std <= 1.5: the mean of 3000 rounds has se < 0.03
+    np.testing.assert_allclose(total / rounds, expected, atol=0.12)
+
+
+def test_pure_fisher_logs_its_top_n_allocation_as_target_and_expectation() -> None:
+    budgets = [2] * 3 + [4] * 3
+    s = make("fisher", 6, budgets, 0)
+    prior_target = s.target()
+    s.observe_scores(3, [0.1, 9.0, 0.2, 5.0, 0.3, 7.0])
+    plan = s.allocate(4, range(6))
+    assert s.expected_coverage(4, range(6)) == [float(c) for c in plan.coverage()]
+    assert plan.coverage() == [0, 6, 0, 3, 3, 6]  # top-2: {1, 5}; top-4: {1, 3, 4, 5}
+    np.testing.assert_allclose(s.target(), np.asarray(plan.coverage()) / 18)
+    assert s.target() != prior_target
 
 
 def test_systematic_sample_returns_exactly_n_distinct() -> None:

@@ -418,6 +418,14 @@ def test_a_split_with_some_negative_labels_is_one_clear_error(tmp_path: Path) ->
     assert "'test' has 1 negative labels of 3" in message and "allowed" in message
 
 
+def test_a_file_with_an_empty_label_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\na b,x\nc d,\ne f,y\n")  # row 1: an empty cell (NaN)
+    cfg = load_config(None, [f'data.name="{path}"'])
+    with pytest.raises(DataError, match="'all' has 1 missing labels of 3"):
+        load_raw(cfg.data, "text", False)
+
+
 def test_multiple_choice_answers_out_of_range_are_one_clear_error(tmp_path: Path) -> None:
     data = belebele_fixture(tmp_path / "b", rows=8)
     cfg = load_config(PAPER / "belebele.toml", [f'data.name="{data}"', "data.answer_base=0"])

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from fedhello.core.errors import DataError
 from fedhello.data.partition import partition_indices
@@ -35,6 +37,41 @@ def test_pathological_gives_at_most_k_classes_per_client(k: int) -> None:
     _check_disjoint_cover(shards, len(LABELS))
     for s in shards:
         assert len(np.unique(LABELS[s])) <= k
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    clients=st.integers(1, 16),
+    classes=st.integers(2, 30),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**31),
+)
+def test_pathological_holds_every_class_with_equal_holders(
+    clients: int, classes: int, k: int, seed: int
+) -> None:
+    """Every class is held whenever clients * k >= classes (the feasible settings), each
+    client holds exactly k distinct classes, and every class has the same number of holders up
+    to one: each full pass of the class cycle gives every class one holder."""
+    k = min(k, classes)
+    assume(clients * k >= classes)
+    labels = np.random.default_rng(seed).permutation(np.arange(40 * classes) % classes)
+    shards = partition_indices(labels, clients, "pathological", seed, classes_per_client=k)
+    _check_disjoint_cover(shards, len(labels))
+    held = [set(np.unique(labels[s]).tolist()) for s in shards]
+    assert set().union(*held) == set(range(classes))  # no class dropped
+    assert all(len(h) == k for h in held)
+    counts = np.bincount([c for h in held for c in h], minlength=classes)
+    total = clients * k  # holders to deal: floor or ceil of total / classes per class
+    assert counts.min() >= total // classes and counts.max() <= -(-total // classes), counts
+
+
+def test_pathological_keeps_every_class_of_the_comparison_setting() -> None:
+    """The comparison's setting (12 clients, 26 classes, 5 each) left 2-4 classes without a
+    holder for seeds 0-4 with flwr-datasets' first-deterministic assignment."""
+    labels = np.random.default_rng(0).integers(0, 26, 8000)
+    for seed in range(5):
+        shards = partition_indices(labels, 12, "pathological", seed, classes_per_client=5)
+        assert len(np.unique(labels[np.concatenate(shards)])) == 26
 
 
 def test_dirichlet_is_skewed_and_alpha_controls_it() -> None:
@@ -83,20 +120,16 @@ def test_fast_shard_reading_equals_load_partition(scheme: str) -> None:
     """shard_positions reads the partitioners' decided index lists directly (fingerprinting
     each select is slow); it must give exactly what the public load_partition gives."""
     import datasets
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-    )
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
+    from fedhello.data.class_cycle import ClassCyclePartitioner
     from fedhello.data.partition import shard_positions
 
     labels = np.random.default_rng(3).integers(0, 8, 600)
     make = {
         "iid": lambda: IidPartitioner(num_partitions=5),
-        "pathological": lambda: PathologicalPartitioner(
-            num_partitions=5, partition_by="label", num_classes_per_partition=3, seed=1,
-            class_assignment_mode="first-deterministic"),
+        "pathological": lambda: ClassCyclePartitioner(
+            num_partitions=5, partition_by="label", num_classes_per_partition=3, seed=1),
         "dirichlet": lambda: DirichletPartitioner(
             num_partitions=5, partition_by="label", alpha=0.5, min_partition_size=5, seed=1),
     }  # fmt: skip

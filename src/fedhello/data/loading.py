@@ -173,8 +173,9 @@ def load_raw(cfg: DataConfig, kind: str, allow_download: bool) -> RawData:
 def _hidden(labels: list[Any], split: str, cfg: DataConfig) -> str | None:
     """Why a split's labels are hidden ("all missing", "all -1"), None if they are usable;
     a split with only *some* missing or negative labels is an error (not a hidden split)."""
-    missing = sum(v is None for v in labels)
-    values = np.asarray([v for v in labels if v is not None])
+    absent = [v is None or (isinstance(v, float) and np.isnan(v)) for v in labels]
+    missing = sum(absent)  # None, or NaN where pandas read an empty cell
+    values = np.asarray([v for v, gone in zip(labels, absent, strict=True) if not gone])
     negative = (
         int((values < 0).sum()) if values.size and np.issubdtype(values.dtype, np.number) else 0
     )

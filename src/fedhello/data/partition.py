@@ -1,5 +1,5 @@
-"""Client shards of the training pool: IID, pathological (k classes per client) and
-Dirichlet(alpha) label skew, with flwr-datasets' partitioners.
+"""Client shards of the training pool: IID, pathological (k classes per client, every class
+held: ``class_cycle``) and Dirichlet(alpha) label skew, with flwr-datasets' partitioners.
 
 The partition depends only on the run seed, never on the strategy, so every strategy of a
 comparison sees the same shards.
@@ -29,11 +29,9 @@ def partition_indices(
 ) -> list[np.ndarray]:
     """Positions into ``labels`` (the training pool) for each client; disjoint, each non-empty."""
     import datasets
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-    )
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    from fedhello.data.class_cycle import ClassCyclePartitioner
 
     n = len(labels)
     if n < num_clients:
@@ -50,11 +48,17 @@ def partition_indices(
                 f"data.classes_per_client = {classes_per_client}: the data has only "
                 f"{num_classes} classes; allowed: 1..{num_classes}"
             )
-        partitioner = PathologicalPartitioner(
+        if num_clients * classes_per_client < num_classes:
+            logger.warning(
+                "pathological partition: %d clients x %d classes cannot hold all %d classes; "
+                "%d classes will have no holder",
+                num_clients, classes_per_client, num_classes,
+                num_classes - num_clients * classes_per_client,
+            )  # fmt: skip
+        partitioner = ClassCyclePartitioner(
             num_partitions=num_clients,
             partition_by="label",
             num_classes_per_partition=classes_per_client,
-            class_assignment_mode="first-deterministic",
             seed=part_seed,
         )
     elif scheme == "dirichlet":

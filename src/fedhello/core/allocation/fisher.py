@@ -69,6 +69,24 @@ class FisherAllocation(FisherScheduled):
             return super().layer_probabilities(round)
         return (self.scores / self.scores.sum()).tolist()
 
+    def expected_coverage(self, round: int, clients: Sequence[int]) -> list[float]:
+        """Before scores: the prior's expectation; after: the top-n sets themselves (the
+        allocation is deterministic, so expected and realized coverage agree)."""
+        if self.scores is None:
+            return super().expected_coverage(round, clients)
+        total = np.zeros(self.num_layers)
+        for c in clients:
+            total[list(self.layers_for(round, c))] += 1
+        return total.tolist()
+
+    def target(self) -> list[float]:
+        """Before scores: the prior shape; after: each layer's share of every client's top-n
+        set (what the strategy allocates), not the prior it no longer follows."""
+        if self.scores is None:
+            return super().target()
+        cover = np.asarray(self.expected_coverage(0, range(len(self.budgets))))
+        return (cover / cover.sum()).tolist()
+
     def layers_for(self, round: int, client: int) -> Sequence[int]:
         if self.scores is None:
             return super().layers_for(round, client)  # prior shape until the first refresh

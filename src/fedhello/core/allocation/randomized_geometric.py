@@ -20,6 +20,7 @@ from fedhello.core.allocation.base import AllocationStrategy, register
 from fedhello.core.allocation.options import RandomShapeOptions, SamplerOptions
 from fedhello.core.allocation.shapes import (
     inclusion_probabilities,
+    sequential_inclusion,
     shape_weights,
     systematic_sample,
 )
@@ -59,13 +60,16 @@ class WeightedRandomAllocation(AllocationStrategy):
         return [floor + i for i in drawn]
 
     def expected_coverage(self, round: int, clients: Sequence[int]) -> list[float]:
-        """Expected number of clients per layer under the exact sampler (each client drawing
-        within its window): the target that realized coverage is logged against."""
+        """Expected number of clients per layer under the configured sampler (each client
+        drawing within its window): what the realized coverage is logged against."""
         w = self.weights(round)
+        inclusion = (
+            sequential_inclusion if self.options.sampler == "numpy" else inclusion_probabilities
+        )
         total = np.zeros(self.num_layers)
         for c in clients:
             n, floor = self.window(c)
-            total[floor:] += inclusion_probabilities(w[floor:], n)
+            total[floor:] += inclusion(w[floor:], n)
         return total.tolist()
 
     def allocate(self, round: int, clients: Sequence[int]) -> AllocationPlan:
