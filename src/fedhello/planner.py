@@ -3,12 +3,15 @@
 Non-Fisher strategies with layer-count budgets need neither torch nor the model weights: the
 layer count comes from the model's ``config.json``. Fisher-based strategies build the
 experiment and score the initial global adapter at their refresh rounds (in a real run the
-scores come from the trained one); limits in real units build it for the cost profile (stored,
-or measured once) and show every set as the fit policy leaves it.
+scores come from the trained one), except for a hub model, which is not downloaded to plan:
+there the Fisher rounds show the prior shape, and the plan says so. Limits in real units build
+it for the cost profile (stored, or measured once) and show every set as the fit policy leaves
+it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,14 +29,21 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
     uses_fisher = strategy_class(cfg.allocation.strategy).uses_fisher
     limited = cfg.clients.real_budgets or cfg.clients.upload_mb is not None
     exp = None
+    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
+    # a hub model is not downloaded to plan: its Fisher rounds show the prior shape
+    on_hub = not Path(source).exists()
+    scores_from = None
+    if uses_fisher:
+        scores_from = (
+            "none: a hub model, Fisher rounds show the prior" if on_hub else "initial adapter"
+        )
     # scores need the model and the proxy data, limits the cost profile: torch from here on
-    if uses_fisher or limited:
+    if (uses_fisher and not on_hub) or limited:
         from fedhello.engine.experiment import build_experiment
 
         exp = build_experiment(cfg)
         strategy, num_layers = exp.strategy, exp.num_layers
     else:
-        source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
         num_layers = model_shape(source, cfg.model.task)[1]
         strategy = strategy_for(cfg, num_layers)
     out_rounds = []
@@ -63,7 +73,7 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
         # randomized strategies: expected coverage given the budgets (a full-budget client
         # trains every layer whatever the shape, so the shape is the target of the rest)
         "expected_coverage": None if expected is None else np.round(expected, 4).tolist(),
-        "fisher_scores_from": "initial adapter" if uses_fisher else None,
+        "fisher_scores_from": scores_from,
     }
 
 
@@ -103,3 +113,8 @@ def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> Non
         cov = plan["coverage"][i]
         table.add_row(str(i), str(cov), e, f"{cov / total:.3f}", t)
     console.print(table)
+    if (plan.get("fisher_scores_from") or "").startswith("none"):
+        console.print(
+            "Fisher scores need the model's weights, which are not downloaded to plan: the "
+            "Fisher rounds above show the prior shape (plan with a local copy to see them)."
+        )

@@ -347,10 +347,15 @@ class TrainConfig(Section):
     batch_size: int = Field(32, ge=1, description="examples per local step")
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate (LoRA and head)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "cosine", description="learning rate over rounds (decays to lr_min_factor * lr)"
+    lr_schedule: Literal["constant", "linear", "cosine", "exponential"] = Field(
+        "cosine",
+        description="learning rate over rounds: linear and cosine decay to lr_min_factor * lr; "
+        "exponential multiplies it by lr_decay every round (the authors')",
     )
     lr_min_factor: float = Field(0.1, ge=0, le=1, description="final lr / lr for decays")
+    lr_decay: float = Field(
+        0.99, gt=0, le=1, description="exponential: the factor applied every round"
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="gradient-norm clipping (0: off)")
     eval_batch_size: int = Field(64, ge=1, description="examples per evaluation batch")
     device: str = Field(

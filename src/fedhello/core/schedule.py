@@ -16,12 +16,19 @@ def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> 
     return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
 
 
-def lr_at(round_: int, rounds: int, lr: float, schedule: str, min_factor: float) -> float:
-    """Learning rate of round ``round_`` (1-based): constant, or decaying to ``min_factor * lr``.
+def lr_at(
+    round_: int, rounds: int, lr: float, schedule: str, min_factor: float, decay: float = 0.99
+) -> float:
+    """Learning rate of round ``round_`` (1-based): constant, decaying to ``min_factor * lr``
+    (linear, cosine), or ``lr * decay ** (round_ - 1)`` (exponential, the authors' x0.99).
 
     Cosine over 15 rounds from 5e-3 with factor 0.1: round 1 5e-3, round 8 2.75e-3, round 15
-    5e-4 (each round's value is computed from scratch: no decay applied twice or skipped).
+    5e-4; exponential from 1e-2 with 0.99: round 500 is 1e-2 x 0.99^499 = 6.6e-5. Each round's
+    value is computed from scratch: no decay applied twice or skipped (the authors' code
+    decayed once, ``t+1 % step``).
     """
+    if schedule == "exponential":
+        return lr * decay ** (round_ - 1)
     if schedule == "constant" or rounds <= 1:
         return lr
     progress = (round_ - 1) / (rounds - 1)

@@ -170,9 +170,8 @@ def open_round(exp: Experiment, round_: int, state: State) -> RoundPlan:
     sampled = sample_clients(cfg.run.seed, round_, cfg.clients.num_clients, cfg.clients.per_round)
     fisher_info = exp.refresh_fisher(round_, state)
     plan = exp.allocate(round_, sampled)
-    lr = lr_at(
-        round_, cfg.federation.rounds, cfg.train.lr, cfg.train.lr_schedule, cfg.train.lr_min_factor
-    )
+    t = cfg.train
+    lr = lr_at(round_, cfg.federation.rounds, t.lr, t.lr_schedule, t.lr_min_factor, t.lr_decay)
     return RoundPlan(round_, sampled, plan, lr, fisher_info, t0)
 
 

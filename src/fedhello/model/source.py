@@ -26,6 +26,14 @@ IMAGE_MODEL_TYPES = {
     "data2vec-vision",
 }
 
+# The shape of the paper's hub models (their config.json: model_type, num_hidden_layers), so
+# that ``fedhello plan`` and the config checks work offline on the presets in configs/paper/.
+KNOWN_HUB_SHAPES = {
+    "google/vit-base-patch16-224-in21k": ("image", 12),
+    "bert-base-uncased": ("text", 12),
+    "google-bert/bert-base-uncased": ("text", 12),
+}
+
 # Keys transformers configs use for the number of transformer blocks (BERT/ViT, GPT-2, T5).
 BLOCK_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -67,8 +75,12 @@ def model_shape(source: str, task: str = "auto") -> tuple[str, int]:
     """(task, number of transformer blocks) of the model at ``source``, from its config.
 
     ``task`` "auto" becomes "image" for vision model types, else "text". A local folder is
-    read as JSON; a hub name (downloads allowed) goes through transformers' AutoConfig."""
+    read as JSON; the paper's hub models are known (``KNOWN_HUB_SHAPES``); any other hub name
+    (downloads allowed) goes through transformers' AutoConfig."""
     config_file = Path(source) / "config.json"
+    if not config_file.is_file() and source in KNOWN_HUB_SHAPES:
+        known_task, blocks = KNOWN_HUB_SHAPES[source]
+        return (known_task if task == "auto" else task), blocks
     if config_file.is_file():
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
