@@ -182,6 +182,14 @@ def test_reuse_ignores_operational_settings_and_names_real_differences(
     assert len(err) == 1 and "train.lr" in err[0] and "0.123" in err[0]
 
 
+def test_the_paired_interval_is_students_t() -> None:
+    from fedhello.studies.paired import t_interval
+
+    low, high = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # mean 3, std 1.581, t(0.975, 4) 2.776
+    assert (low, high) == (pytest.approx(1.0368, abs=1e-3), pytest.approx(4.9632, abs=1e-3))
+    assert np.isnan(t_interval([2.0])[0])
+
+
 def test_paired_differences_equal_an_independent_computation(
     compare_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -199,6 +207,10 @@ def test_paired_differences_equal_an_independent_computation(
         assert float(row["final_diff_std"]) == pytest.approx(np.std(diffs, ddof=1))
         assert int(row["wins"]) + int(row["ties"]) + int(row["losses"]) == 2
         assert int(row["wins"]) == sum(d > 0 for d in diffs)
+        # two seeds: t(0.975, 1) = 12.706, half-width 12.706 x std / sqrt(2)
+        half = 12.706 * np.std(diffs, ddof=1) / np.sqrt(2)
+        assert float(row["final_diff_ci95_low"]) == pytest.approx(np.mean(diffs) - half, rel=1e-3)
+        assert float(row["final_diff_ci95_high"]) == pytest.approx(np.mean(diffs) + half, rel=1e-3)
     written = {p: p.stat().st_mtime_ns for p in compare_dir.glob("*.*")}
     assert main(["report", str(compare_dir), "--baseline", "magic"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

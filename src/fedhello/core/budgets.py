@@ -71,7 +71,15 @@ def client_budgets(
     return [layer_counts[tier_of(c, num_clients, len(tiers))] for c in range(num_clients)]
 
 
-def client_tiers(num_clients: int, num_tiers: int) -> list[int]:
+def client_tiers(
+    num_clients: int, num_tiers: int, budgets: Sequence[float] | None = None
+) -> list[int]:
+    """Each client's tier: equal-size tiers in client order, or with explicit ``budgets``
+    the rank of the client's budget among the distinct budgets (7 / 4 / 1 clients with 3 / 5
+    / 6 layers are tiers 0 / 1 / 2, whatever their number)."""
+    if budgets is not None:
+        distinct = sorted(set(budgets))
+        return [distinct.index(b) for b in budgets]
     return [tier_of(c, num_clients, num_tiers) for c in range(num_clients)]
 
 

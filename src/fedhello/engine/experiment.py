@@ -220,7 +220,7 @@ def build_experiment(
         keys=keys,
         layer_of=layer_of,
         num_layers=num_layers,
-        tiers=client_tiers(cfg.clients.num_clients, len(cfg.clients.tiers)),
+        tiers=client_tiers(cfg.clients.num_clients, len(cfg.clients.tiers), cfg.clients.budgets),
         shards=shards,
         strategy=strategy,
         init_state=init_state,
