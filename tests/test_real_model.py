@@ -63,7 +63,7 @@ def test_mpnet_12_has_twelve_lora_layers_on_its_real_weights() -> None:
     cfg = load_config(None, ['model.name="mpnet-12"'])
     assert model_shape(resolve_model_source("mpnet-12", False)) == ("text", 12)
     labels = [f"c{i}" for i in range(4)]
-    _, model, keys, layer_of = build_lora_classifier(
+    _, _model, keys, layer_of = build_lora_classifier(
         cfg, labels, "text", 12, resolve("cpu", "fp32", "fp32")
     )
     per_layer = Counter(v for v in layer_of.values() if v is not None)
