@@ -17,7 +17,20 @@ from typing import Any
 from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
 from fedhello.data.images import ImageColumn, image_part
-from fedhello.data.loading import check_column, read_column
+
+
+def read_column(table: Any, column: str, role: str, key: str, name: str) -> list[Any]:
+    check_column(table, column, role, key, name)
+    return list(table[column])
+
+
+def check_column(table: Any, column: str, role: str, key: str, name: str) -> None:
+    columns = list(getattr(table, "column_names", None) or table.columns)
+    if column not in columns:
+        raise DataError(
+            f"data.{key} = {column!r}: dataset {name!r} has no such {role} column; "
+            f"its columns: {', '.join(map(str, columns))}"
+        )
 
 
 def read_inputs(tables: Mapping[str, Any], cfg: DataConfig, kind: str) -> Sequence[Any]:

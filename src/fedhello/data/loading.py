@@ -17,6 +17,7 @@ import numpy as np
 from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
 from fedhello.core.seeds import Purpose, generator
+from fedhello.data.columns import check_inputs, read_column, read_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -109,26 +110,10 @@ def _read_table_gz_tsv(raw: Any) -> Any:
         return pd.read_csv(f, sep="\t", quoting=3, keep_default_na=False)
 
 
-def read_column(table: Any, column: str, role: str, key: str, name: str) -> list[Any]:
-    check_column(table, column, role, key, name)
-    return list(table[column])
-
-
-def check_column(table: Any, column: str, role: str, key: str, name: str) -> None:
-    columns = list(getattr(table, "column_names", None) or table.columns)
-    if column not in columns:
-        raise DataError(
-            f"data.{key} = {column!r}: dataset {name!r} has no such {role} column; "
-            f"its columns: {', '.join(map(str, columns))}"
-        )
-
-
 def load_raw(cfg: DataConfig, kind: str, allow_download: bool) -> RawData:
     """Read the dataset named by ``cfg`` (a DataConfig) for a ``kind`` task ("text", "image",
     "multiple-choice") and fix its splits. A split whose labels are hidden (all missing or
     negative, as in GLUE's test) is dropped, and the run says so (``RawData.notes``)."""
-    from fedhello.data.columns import check_inputs, read_inputs
-
     split_seed = cfg.split_seed
     tables = load_tables(cfg.name, allow_download, cfg.subset)
     notes: dict[str, str] = {}

@@ -21,7 +21,8 @@ import numpy as np
 from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
 from fedhello.core.seeds import Purpose, generator
-from fedhello.data.loading import FILE_FORMATS, RawData, load_tables, read_column
+from fedhello.data.columns import read_column, read_inputs
+from fedhello.data.loading import FILE_FORMATS, RawData, load_tables
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ def load_site_raw(path: str, data_cfg: DataConfig, kind: str, label_names: list[
             f"site data {path!r}: no such file or folder; allowed: a local "
             f"{'/'.join(f.lstrip('.') for f in FILE_FORMATS)} file or a saved datasets folder"
         )
-    from fedhello.data.columns import read_inputs
-
     tables = load_tables(str(local), allow_download=False)
     labels: list[Any] = []
     for table in tables.values():
