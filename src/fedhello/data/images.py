@@ -58,7 +58,10 @@ class ImageColumn(Sequence[Any]):
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return self.take(np.arange(len(self))[i])
-        return self.take([int(i)])[0]
+        i = int(i) + len(self) if int(i) < 0 else int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"image {i} of {len(self)}")
+        return self.take([i])[0]
 
     def subset(self, positions: Sequence[int] | np.ndarray) -> ImageColumn:
         """The images at ``positions`` (row ``j`` of the result is ``positions[j]``), lazily."""

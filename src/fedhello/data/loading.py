@@ -121,10 +121,9 @@ def load_raw(cfg: DataConfig, kind: str, allow_download: bool) -> RawData:
     for split, table in tables.items():
         check_inputs(table, cfg, kind)
         y = read_column(table, cfg.label_column, "label", "label_column", cfg.name)
-        if _hidden(y, split, cfg):
-            notes[f"{split}_split"] = (
-                f"not used: its labels are hidden ({_hidden(y, split, cfg)}), as in GLUE's test"
-            )
+        why = _hidden(y, split, cfg)
+        if why:
+            notes[f"{split}_split"] = f"not used: its labels are hidden ({why}), as in GLUE's test"
         else:
             split_labels[split] = y
     if not split_labels:
