@@ -437,3 +437,10 @@ def test_every_paper_preset_validates_and_plans_offline(
     assert plan["num_layers"] == 12 and len(plan["rounds"]) == 2
     assert len(plan["rounds"][0]["clients"]) == 10  # 10 of 100 clients per round
     assert plan["fisher_scores_from"].startswith("none")
+
+
+def test_multiple_choice_without_passage_or_question_is_a_config_error() -> None:
+    from fedhello.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="context_column and data.question_column"):
+        load_config(None, ['model.task="multiple-choice"', 'data.choice_columns=["a", "b"]'])

@@ -481,6 +481,14 @@ class Config(Section):
                 f"data.choice_columns = {choices}: model.task = 'multiple-choice' needs one "
                 "column per answer choice, at least two"
             )
+        if self.model.task == "multiple-choice" and not (
+            self.data.context_column or self.data.question_column
+        ):
+            raise ValueError(
+                "data.context_column and data.question_column are both unset: a "
+                "multiple-choice task reads each choice with a passage, a question or both; "
+                "set at least one"
+            )
         if self.model.task != "multiple-choice" and choices:
             raise ValueError(
                 f"data.choice_columns = {choices} with model.task = {self.model.task!r}: "

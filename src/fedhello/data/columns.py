@@ -86,11 +86,6 @@ def _choice_rows(table: Any, cfg: DataConfig) -> list[tuple[str, str, tuple[str,
             if column
             else [""] * n
         )
-    if not cfg.context_column and not cfg.question_column:
-        raise DataError(
-            "data.context_column and data.question_column are both unset: a multiple-choice "
-            "task reads each choice with a passage, a question or both; set at least one"
-        )
     choices = [
         _strings(read_column(table, c, "choice", "choice_columns", cfg.name), "choice_columns", c)
         for c in cfg.choice_columns
