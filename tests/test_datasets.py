@@ -442,5 +442,5 @@ def test_every_paper_preset_validates_and_plans_offline(
 def test_multiple_choice_without_passage_or_question_is_a_config_error() -> None:
     from fedhello.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="context_column and data.question_column"):
+    with pytest.raises(ConfigError, match=r"context_column and data\.question_column"):
         load_config(None, ['model.task="multiple-choice"', 'data.choice_columns=["a", "b"]'])
