@@ -64,6 +64,9 @@ def crash_after_round(src: Path, dst: Path, last_round: int) -> Path:
     for ckpt in run.checkpoint_dir.glob("round-*"):
         if int(ckpt.stem.removeprefix("round-")) > last_round:
             ckpt.unlink()
+    # a resume from scratch would equal the uninterrupted run too: the checkpoint must be there
+    kept = [int(c.stem.removeprefix("round-")) for c in run.checkpoint_dir.glob("round-*")]
+    assert last_round in kept, f"round {last_round}'s checkpoint was rotated out: kept {kept}"
     return dst
 
 
