@@ -101,6 +101,23 @@ def test_a_crashed_run_resumes_on_the_flower_simulation(embedded: Path, tmp_path
     assert summary["resumed_at_round"] == 2 and summary["engine"] == "flower"
 
 
+def test_bad_data_stops_the_simulation_before_ray_starts(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    import flwr.simulation
+
+    def started(**_: object) -> None:
+        raise AssertionError("the simulation started before the data was checked")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", started)
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, allocation__proxy_examples=100_000)
+    assert _run(tmp_path / "run", ov, "--engine", "flower-sim") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "allocation.proxy_examples = 100000" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_loopback_deployment_equals_embedded(
     embedded: Path, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -141,6 +141,41 @@ def build_lora_classifier(
     return loaded, model, keys, layer_of_keys(keys, num_layers)
 
 
+def split_data(
+    cfg: Config, task: str, raw: RawData | None = None
+) -> tuple[RawData, np.ndarray, list[np.ndarray]]:
+    """(data, the server's proxy set, each client's shard): ``raw`` (read when not given)
+    split as ``cfg`` says; the data's errors (columns, labels, sizes) surface here."""
+    raw = raw or load_raw(cfg.data, task, cfg.model.allow_download)
+    proxy, train_pool = hold_out_proxy(
+        raw.splits["train"], cfg.allocation.proxy_examples, cfg.data.split_seed
+    )
+    shards = [
+        train_pool[s]
+        for s in partition_indices(
+            raw.labels[train_pool],
+            cfg.clients.num_clients,
+            cfg.data.partition,
+            cfg.run.seed,
+            cfg.data.dirichlet_alpha,
+            cfg.data.classes_per_client,
+        )
+    ]
+    return raw, proxy, shards
+
+
+def check_data(cfg: Config, cache: DataCache) -> None:
+    """Read and split the data of ``cfg`` now, keeping it in ``cache`` for the build that
+    follows: an engine that starts other machinery first (Ray) fails on bad data before it."""
+    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
+    task, _ = model_shape(source, cfg.model.task)
+    key = DataCache.key(cfg, source, task)
+    cached = cache.get(key)
+    raw, _, _ = split_data(cfg, task, cached[0] if cached else None)
+    if cached is None:
+        cache.put(key, raw, None)
+
+
 def build_experiment(
     cfg: Config,
     encode_data: bool = True,
@@ -161,24 +196,9 @@ def build_experiment(
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     task, num_layers = model_shape(source, cfg.model.task)
     strategy = strategy_for(cfg, num_layers)
-
     key = DataCache.key(cfg, source, task)
     cached = cache.get(key) if cache is not None else None
-    raw = cached[0] if cached else load_raw(cfg.data, task, cfg.model.allow_download)
-    proxy, train_pool = hold_out_proxy(
-        raw.splits["train"], cfg.allocation.proxy_examples, cfg.data.split_seed
-    )
-    shards = [
-        train_pool[s]
-        for s in partition_indices(
-            raw.labels[train_pool],
-            cfg.clients.num_clients,
-            cfg.data.partition,
-            cfg.run.seed,
-            cfg.data.dirichlet_alpha,
-            cfg.data.classes_per_client,
-        )
-    ]
+    raw, proxy, shards = split_data(cfg, task, cached[0] if cached else None)
 
     loaded, model, keys, layer_of = build_lora_classifier(
         cfg, raw.label_names, task, num_layers, acc

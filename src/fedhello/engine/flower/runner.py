@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,18 @@ def run_flower_sim(cfg: Config, run: RunDir, options: RunOptions | None = None) 
     """Run the federation in Flower's simulation engine, one virtual SuperNode per client."""
     from flwr.simulation import run_simulation
 
+    from fedhello.engine.experiment import DataCache, check_data
     from fedhello.engine.flower.client_app import app as client_app
     from fedhello.engine.flower.server_app import make_server_app
 
+    opts = options or RunOptions()
+    cache = opts.cache or DataCache()  # the ServerApp below runs in this process: it reuses it
+    opts = replace(opts, cache=cache)
+    check_data(cfg, cache)  # bad data is one line before Ray starts, not after
     outcome: dict[str, Any] = {}
     resources = client_resources(cfg)
     logger.info("Flower simulation: client resources %s", resources)
-    server = make_server_app(cfg, run, options or RunOptions(), outcome)
+    server = make_server_app(cfg, run, opts, outcome)
     run_simulation(
         server_app=server,
         client_app=client_app,
