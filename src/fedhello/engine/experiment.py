@@ -146,7 +146,8 @@ def split_data(
 ) -> tuple[RawData, np.ndarray, list[np.ndarray]]:
     """(data, the server's proxy set, each client's shard): ``raw`` (read when not given)
     split as ``cfg`` says; the data's errors (columns, labels, sizes) surface here."""
-    raw = raw or load_raw(cfg.data, task, cfg.model.allow_download)
+    if raw is None:
+        raw = load_raw(cfg.data, task, cfg.model.allow_download)
     proxy, train_pool = hold_out_proxy(
         raw.splits["train"], cfg.allocation.proxy_examples, cfg.data.split_seed
     )
