@@ -1,0 +1,159 @@
+"""A whole experiment's config: the sections, the checks that span several of them, and
+which settings decide a run's results (what makes a finished run reusable). Pure python +
+pydantic: no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tomli_w
+from pydantic import Field, model_validator
+
+from fedhello.core.allocation import strategy_class
+from fedhello.core.config.clients import ClientsConfig
+from fedhello.core.config.sections import (
+    DataConfig,
+    FederationConfig,
+    LoraSection,
+    ModelConfig,
+    RunConfig,
+    Section,
+    TrainConfig,
+)
+from fedhello.core.config.strategy import AllocationConfig
+
+
+def outcome_differences(
+    saved: Config, wanted: Config, resolved_elsewhere: tuple[str, ...] = ()
+) -> list[str]:
+    """``section.key (saved -> wanted)`` for every result-relevant setting that differs;
+    ``resolved_elsewhere``: ``train`` keys the caller compares as resolved (the precisions)."""
+    a, b = saved.outcome_dict(), wanted.outcome_dict()
+    skip = {("train", key) for key in resolved_elsewhere}
+    return [
+        f"{section}.{key} ({a[section].get(key)!r} -> {b[section].get(key)!r})"
+        for section in b
+        for key in sorted(set(a[section]) | set(b[section]))
+        if a[section].get(key) != b[section].get(key) and (section, key) not in skip
+    ]
+
+
+# Settings that never change a run's results (see Config.outcome_dict).
+OPERATIONAL: dict[str, tuple[str, ...]] = {
+    "model": ("allow_download",),
+    "train": ("device",),  # where, not what: the resolved precision is in the outcome
+    "federation": ("round_timeout", "node_wait", "client_cpus", "client_gpus"),
+    "run": ("name", "out_dir", "checkpoint_every", "keep_checkpoints", "profile_dir"),
+}
+
+
+class Config(Section):
+    """A whole experiment."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _task_columns(self) -> Config:
+        choices = self.data.choice_columns
+        if self.model.task == "multiple-choice" and len(choices) < 2:
+            raise ValueError(
+                f"data.choice_columns = {choices}: model.task = 'multiple-choice' needs one "
+                "column per answer choice, at least two"
+            )
+        if self.model.task == "multiple-choice" and not (
+            self.data.context_column or self.data.question_column
+        ):
+            raise ValueError(
+                "data.context_column and data.question_column are both unset: a "
+                "multiple-choice task reads each choice with a passage, a question or both; "
+                "set at least one"
+            )
+        if self.model.task != "multiple-choice" and choices:
+            raise ValueError(
+                f"data.choice_columns = {choices} with model.task = {self.model.task!r}: "
+                "choice columns are read only by a multiple-choice task; allowed: "
+                "model.task = 'multiple-choice', or no choice_columns"
+            )
+        if self.model.task == "multiple-choice" and not isinstance(self.data.text_column, str):
+            raise ValueError(
+                f"data.text_column = {self.data.text_column} with model.task = "
+                "'multiple-choice': its inputs are data.context_column, data.question_column "
+                "and data.choice_columns; allowed: leave text_column as one column"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> Config:
+        name = self.allocation.strategy
+        cls = strategy_class(name)
+        if cls.rank_method:
+            c = self.clients
+            if c.real_budgets or c.upload_mb is not None:
+                raise ValueError(
+                    f"allocation.strategy = {name!r} with clients.budget_kind = "
+                    f"{c.budget_kind!r}{' and clients.upload_mb' if c.upload_mb else ''}: "
+                    "a rank method takes layer budgets (each tier's share of the layers becomes "
+                    "its rank); allowed: budget_kind = layers without upload_mb"
+                )
+            if self.allocation.client_model != "full":
+                raise ValueError(
+                    f"allocation.client_model = {self.allocation.client_model!r} with the rank "
+                    f"method {name!r}: its clients train every block; allowed: full"
+                )
+        if name == "flexlora" and self.lora.freeze_a:
+            raise ValueError(
+                "lora.freeze_a = true with allocation.strategy = 'flexlora': its server "
+                "re-factorises A every round; allowed: false"
+            )
+        limited = self.clients.real_budgets or self.clients.upload_mb is not None
+        if (self.lora.freeze_a or cls.freezes_a) and limited:
+            raise ValueError(
+                f"FFA-LoRA (allocation.strategy = {name!r}, lora.freeze_a = "
+                f"{str(self.lora.freeze_a).lower()}) with limits in real units: cost profiles "
+                "are measured with A and B trained; allowed: budget_kind = layers without "
+                "upload_mb"
+            )
+        if self.allocation.client_model == "subnetwork" and self.clients.real_budgets:
+            raise ValueError(
+                "allocation.client_model = 'subnetwork' with clients.budget_kind = "
+                f"{self.clients.budget_kind!r}: cost profiles are measured on the full model; "
+                "allowed: budget_kind = layers"
+            )
+        return self
+
+    def run_name(self) -> str:
+        if self.run.name:
+            return self.run.name
+        return f"{self.allocation.strategy}-{self.data.partition}-seed{self.run.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_kebab(self.to_dict()))
+
+    def outcome_dict(self) -> dict[str, Any]:
+        """The settings a run's results depend on: what decides whether a run can be reused.
+
+        Operational settings (where the run is written, how often it checkpoints, how long a
+        Flower server waits) are left out, so a finished comparison stays reusable when one
+        of their defaults changes or a user moves the output folder.
+        """
+        data = self.to_dict()
+        data["allocation"] = self.allocation.without_foreign()
+        for section, keys in OPERATIONAL.items():
+            for key in keys:
+                data[section].pop(key, None)
+        return data
+
+
+def _kebab(d: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("_", "-"): _kebab(v) if isinstance(v, dict) else v for k, v in d.items()}
