@@ -25,8 +25,13 @@ def test_every_field_has_help() -> None:
             assert field.description, f"{name} has no help text"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")))
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "configs").glob("*.toml")) + sorted((ROOT / "configs").glob("study/*.toml")),
+    ids=lambda p: p.relative_to(ROOT / "configs").as_posix(),
+)
 def test_shipped_configs_validate(path: Path) -> None:
+    """Every shipped config, the study's included (configs/paper/ has its own tests)."""
     load_config(path)
 
 
