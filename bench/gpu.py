@@ -41,21 +41,23 @@ def measure(steps: int, batch_size: int) -> dict[str, Any]:
     precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
     rows = []
     for precision in precisions:
-        acc = resolve("cuda", precision)  # auto base: stored in the compute precision
-        model = acc.place(copy.deepcopy(base), set(keys))
+        accelerator = resolve("cuda", precision)  # auto base: stored in the compute precision
+        model = accelerator.place(copy.deepcopy(base), set(keys))
         model.train()
         for set_name, layers in SETS.items():
             params = apply_layer_mask(model, layers, layer_of)
             opt = torch.optim.AdamW(params, lr=1e-3)
-            scaler = acc.grad_scaler()
+            scaler = accelerator.grad_scaler()
             times = []
-            acc.reset_peak_memory()
+            accelerator.reset_peak_memory()
             for step in range(steps + 2):
                 sl = slice(batch_size * step, batch_size * (step + 1))
-                batch = acc.to_device({k: v[sl] for k, v in tok.items()} | {"labels": labels[sl]})
+                batch = accelerator.to_device(
+                    {k: v[sl] for k, v in tok.items()} | {"labels": labels[sl]}
+                )
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                with acc.autocast():
+                with accelerator.autocast():
                     loss = model(**batch).loss
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -64,9 +66,10 @@ def measure(steps: int, batch_size: int) -> dict[str, Any]:
                 torch.cuda.synchronize()
                 if step >= 2:
                     times.append(time.perf_counter() - t0)
-            rows.append({"precision": precision, "base": acc.base_precision, "set": set_name,
+            base = accelerator.base_precision
+            rows.append({"precision": precision, "base": base, "set": set_name,
                          "layers": layers, "step_s": statistics.median(times),
-                         "peak_mb": acc.peak_memory_mb()})  # fmt: skip
+                         "peak_mb": accelerator.peak_memory_mb()})  # fmt: skip
             del opt
         del model
         torch.cuda.empty_cache()

@@ -68,61 +68,71 @@ def step_times(device: str, steps: int) -> dict[str, Any]:
     chosen = variants(device)
     models = {}
     for name, (prec, base_prec) in chosen.items():
-        acc = resolve(device, prec, base_prec)
-        models[name] = (acc, acc.place(copy.deepcopy(base), set(keys)))
+        accelerator = resolve(device, prec, base_prec)
+        models[name] = (accelerator, accelerator.place(copy.deepcopy(base), set(keys)))
     results: dict[str, dict[str, Any]] = {}
     for set_name, layers in (("all", list(range(6))), ("top", [5])):
         state = {}
-        for name, (acc, model) in models.items():
+        for name, (accelerator, model) in models.items():
             params = apply_layer_mask(model, layers, layer_of)
             opt = torch.optim.AdamW(params, lr=1e-3)
-            state[name] = (acc, model, params, opt, acc.grad_scaler(), SavedTensorMeter(model), [])
+            state[name] = (
+                accelerator,
+                model,
+                params,
+                opt,
+                accelerator.grad_scaler(),
+                SavedTensorMeter(model),
+                [],
+            )
             model.train()
         for step in range(steps + 2):  # round-robin: one step of each variant in turn
-            for acc, model, _params, opt, scaler, meter, times in state.values():
-                batch = acc.to_device(batches[step])
-                sync(acc)
+            for accelerator, model, _params, opt, scaler, meter, times in state.values():
+                batch = accelerator.to_device(batches[step])
+                sync(accelerator)
                 t0 = time.perf_counter()
-                with meter.hooks(), acc.autocast():
+                with meter.hooks(), accelerator.autocast():
                     loss = model(**batch).loss
                 meter.step_done()
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                sync(acc)
+                sync(accelerator)
                 if step >= 2:  # two warm-up steps
                     times.append(time.perf_counter() - t0)
-        for name, (acc, _model, _params, _opt, _scaler, meter, times) in state.items():
-            row = results.setdefault(name, {"precision": acc.precision, "base": acc.base_precision})
+        for name, (accelerator, _model, _params, _opt, _scaler, meter, times) in state.items():
+            row = results.setdefault(
+                name, {"precision": accelerator.precision, "base": accelerator.base_precision}
+            )
             row[f"{set_name}_step_s"] = statistics.median(times)
             row[f"{set_name}_saved_mb"] = meter.peak / 2**20
     eval_times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for _ in range(steps + 2):
-            for name, (acc, model) in models.items():
+            for name, (accelerator, model) in models.items():
                 model.eval()
-                batch = acc.to_device(eval_batch)
-                sync(acc)
+                batch = accelerator.to_device(eval_batch)
+                sync(accelerator)
                 t0 = time.perf_counter()
-                with acc.autocast():
+                with accelerator.autocast():
                     model(**batch)
-                sync(acc)
+                sync(accelerator)
                 eval_times[name].append(time.perf_counter() - t0)
     for name, times in eval_times.items():
         results[name]["eval_batch_s"] = statistics.median(times[2:])
-        acc, model = models[name]
+        accelerator, model = models[name]
         results[name]["model_mb"] = (
             sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         )
     return results
 
 
-def sync(acc: Any) -> None:
+def sync(accelerator: Any) -> None:
     import torch
 
-    if acc.device.type == "cuda":
-        torch.cuda.synchronize(acc.device)
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize(accelerator.device)
 
 
 def accuracy_pair(low: str) -> dict[str, Any]:

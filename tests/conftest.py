@@ -164,18 +164,19 @@ def peft_test_accuracy(
     from fedhello.model.accelerator import resolve
     from fedhello.model.evaluation import evaluate
     from fedhello.store.runs import RunDir
+    from fedhello.tasks import task_for
 
     cfg = load_config(run_dir / "config.toml")
     labels = json.loads((run_dir / "adapter/labels.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(labels))
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     if site is None:
-        raw, split = load_raw(cfg.data, "text", False), "test"
+        raw, split = load_raw(cfg.data, task_for("text"), False), "test"
     else:
         from fedhello.data.site import load_site_raw
 
-        raw, split = load_site_raw(str(site), cfg.data, "text", labels), "validation"
+        raw, split = load_site_raw(str(site), cfg.data, task_for("text"), labels), "validation"
     data = encode(raw, AutoTokenizer.from_pretrained(base_dir), cfg.model.max_length)
     recorded = RunDir(run_dir).recorded_precision() or {"precision": "fp32"}
-    acc = resolve("cpu", precision or recorded["precision"], "fp32")
-    return evaluate(model, data, raw.splits[split], 64, acc)["accuracy"]
+    accelerator = resolve("cpu", precision or recorded["precision"], "fp32")
+    return evaluate(model, data, raw.splits[split], 64, accelerator)["accuracy"]

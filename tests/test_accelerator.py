@@ -61,10 +61,13 @@ def test_auto_on_cuda_is_bf16_where_supported_else_scaled_fp16(
     monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: tuple[str, str]
 ) -> None:
     fake_cuda(monkeypatch, count=1, bf16=bf16)
-    acc = resolve("auto", "auto")
-    assert str(acc.device) == "cuda:0"
-    assert (acc.precision, acc.base_precision) == expected  # base stored low on a GPU
-    assert "Fake GPU" in acc.reason
+    accelerator = resolve("auto", "auto")
+    assert str(accelerator.device) == "cuda:0"
+    assert (
+        accelerator.precision,
+        accelerator.base_precision,
+    ) == expected  # base stored low on a GPU
+    assert "Fake GPU" in accelerator.reason
     if not bf16:
         with pytest.raises(ConfigError, match="does not support bf16"):
             resolve("cuda", "bf16")
@@ -77,8 +80,10 @@ def test_auto_on_cpu_is_bf16_only_with_native_instructions(
     monkeypatch.setattr(accel, "cpu_has_bf16", lambda: native)
     precision, reason = resolve_precision("auto", torch.device("cpu"))
     assert precision == expected and reason.startswith("auto:")
-    acc = resolve("cpu", "auto")
-    assert acc.base_precision == "fp32"  # a CPU keeps the base in fp32 (docs/PERFORMANCE.md)
+    accelerator = resolve("cpu", "auto")
+    assert (
+        accelerator.base_precision == "fp32"
+    )  # a CPU keeps the base in fp32 (docs/PERFORMANCE.md)
 
 
 def test_config_refuses_unknown_values_before_any_resolution() -> None:
@@ -92,15 +97,15 @@ def test_config_refuses_unknown_values_before_any_resolution() -> None:
 
 def test_place_keeps_the_adapter_fp32_and_stores_the_base_low() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    acc = resolve("cpu", "bf16", "bf16")
-    acc.place(model, {"1.weight", "1.bias"})
+    accelerator = resolve("cpu", "bf16", "bf16")
+    accelerator.place(model, {"1.weight", "1.bias"})
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert dtypes == {"0.weight": torch.bfloat16, "0.bias": torch.bfloat16,
                       "1.weight": torch.float32, "1.bias": torch.float32}  # fmt: skip
-    with acc.autocast():
+    with accelerator.autocast():
         out = model(torch.ones(3, 4))
     assert out.dtype == torch.bfloat16
-    assert not acc.grad_scaler().is_enabled()  # bf16 needs no loss scaling
+    assert not accelerator.grad_scaler().is_enabled()  # bf16 needs no loss scaling
 
 
 def test_a_resumed_run_keeps_the_precision_it_ran_in(tmp_path: Path) -> None:

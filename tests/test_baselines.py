@@ -17,12 +17,13 @@ from safetensors.numpy import load_file
 
 from fedhello.cli import main
 from fedhello.core.config import load_config
-from fedhello.core.layers import layer_of_keys, lora_factor
+from fedhello.core.hooks import HookSpec
+from fedhello.core.layers import AdapterSpec, layer_of_keys, lora_factor
 from fedhello.core.ranks import truncate
 from fedhello.model.accelerator import resolve
 from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
 from fedhello.model.subnetwork import subnetwork
-from fedhello.model.training import LocalTask, RankPruning, Shard, train_client
+from fedhello.model.training import LocalTask, Shard, train_client
 from fedhello.store.runs import RunDir
 
 R = 4  # the tiny models' LoRA rank
@@ -42,17 +43,17 @@ def _setup(tiny_bert_dir: Path):
     return loaded, model, layer_of, state, _text_data(loaded)
 
 
-def _train(model, layer_of, data, state, task: LocalTask, steps: int = 3, lr: float = 1e-2):
+def _train(model, layer_of, data, state, spec: AdapterSpec, hooks: tuple[HookSpec, ...] = (),
+           steps: int = 3, lr: float = 1e-2):  # fmt: skip
     cfg = load_config(None, [f"train.local_steps={steps}", "train.batch_size=8"]).train
-    task = LocalTask(task.client, task.round, task.layers, lr, 0, task.rank, task.tensors,
-                     task.pruning, task.subnetwork)  # fmt: skip
+    task = LocalTask(0, 1, spec, lr, 0, hooks)
     shard = Shard(data, np.arange(len(data)))
     return train_client(model, layer_of, shard, task, state, cfg, resolve("cpu", "fp32", "fp32"))
 
 
 def test_ffa_lora_never_changes_a(tiny_bert_dir: Path) -> None:
     _, model, layer_of, state, data = _setup(tiny_bert_dir)
-    result = _train(model, layer_of, data, state, LocalTask(0, 1, (1, 3), 0.0, 0, tensors="B"))
+    result = _train(model, layer_of, data, state, AdapterSpec((1, 3), None, "B"))
     params = dict(model.named_parameters())
     for key in layer_of:
         if lora_factor(key) == "A":
@@ -66,8 +67,8 @@ def test_ffa_lora_never_changes_a(tiny_bert_dir: Path) -> None:
 def test_a_rank_slice_trains_and_uploads_at_its_rank(tiny_bert_dir: Path) -> None:
     _, model, layer_of, state, data = _setup(tiny_bert_dir)
     kept = {k: v.copy() for k, v in state.items()}
-    full = _train(model, layer_of, data, state, LocalTask(0, 1, (0, 1, 2, 3), 0.0, 0, rank=R))
-    sliced = _train(model, layer_of, data, state, LocalTask(0, 1, (0, 1, 2, 3), 0.0, 0, rank=2))
+    full = _train(model, layer_of, data, state, AdapterSpec((0, 1, 2, 3), R))
+    sliced = _train(model, layer_of, data, state, AdapterSpec((0, 1, 2, 3), 2))
     # the slice's parameters never alias the global state handed in (A[:r] is a contiguous
     # view of it): training a client must leave the server's state as it was
     assert all(np.array_equal(state[k], kept[k]) for k in state)
@@ -96,20 +97,18 @@ def test_a_rank_slice_trains_and_uploads_at_its_rank(tiny_bert_dir: Path) -> Non
 def test_hetlora_prunes_when_its_tail_shrinks_and_not_otherwise(tiny_bert_dir: Path) -> None:
     _, model, layer_of, state, data = _setup(tiny_bert_dir)
     layers = (0, 1, 2, 3)
-    strong = RankPruning(penalty=50.0, decay=0.5, min_rank=1)
-    pruned = _train(model, layer_of, data, state, LocalTask(0, 1, layers, 0.0, 0, rank=R,
-                    pruning=strong), lr=5e-2)  # fmt: skip
+    spec = AdapterSpec(layers, R)
+    strong = (HookSpec("rank-pruning", {"penalty": 50.0, "decay": 0.5, "min_rank": 1}),)
+    pruned = _train(model, layer_of, data, state, spec, strong, lr=5e-2)
     assert pruned.update.upload_rank == 2  # floor(0.5 * 4)
     # the regulariser has a gradient: without it the same steps end elsewhere
-    off = RankPruning(penalty=0.0, decay=0.5, min_rank=1)
-    plain = _train(model, layer_of, data, state, LocalTask(0, 1, layers, 0.0, 0, rank=R,
-                   pruning=off), lr=5e-2)  # fmt: skip
+    off = (HookSpec("rank-pruning", {"penalty": 0.0, "decay": 0.5, "min_rank": 1}),)
+    plain = _train(model, layer_of, data, state, spec, off, lr=5e-2)
     key = next(k for k in layer_of if lora_factor(k) == "B")
     assert not np.allclose(plain.update.tensors[key][:, :2], pruned.update.tensors[key])
     # a tail that starts at zero cannot shrink: no pruning (the first round from B = 0)
     zero_b = {k: (np.zeros_like(v) if lora_factor(k) == "B" else v) for k, v in state.items()}
-    kept = _train(model, layer_of, data, zero_b, LocalTask(0, 1, layers, 0.0, 0, rank=R,
-                  pruning=strong), lr=5e-2)  # fmt: skip
+    kept = _train(model, layer_of, data, zero_b, spec, strong, lr=5e-2)
     assert kept.update.upload_rank == R
 
 
@@ -145,8 +144,8 @@ def test_a_subnetwork_client_is_the_model_without_its_other_blocks(tiny_bert_dir
 
 def test_a_subnetwork_client_keeps_less_for_backward(tiny_bert_dir: Path) -> None:
     _, model, layer_of, state, data = _setup(tiny_bert_dir)
-    full = _train(model, layer_of, data, state, LocalTask(0, 1, (0,), 0.0, 0))
-    sub = _train(model, layer_of, data, state, LocalTask(0, 1, (0,), 0.0, 0, subnetwork=True))
+    full = _train(model, layer_of, data, state, AdapterSpec((0,)))
+    sub = _train(model, layer_of, data, state, AdapterSpec((0,)), (HookSpec("subnetwork"),))
     # block 0 alone: the full model also runs (and saves for backward) blocks 1-3 above it
     assert sub.train_memory_mb < 0.5 * full.train_memory_mb
     assert set(sub.update.tensors) == set(full.update.tensors)

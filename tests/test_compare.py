@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_overrides
 
 from fedhello.cli import main
+from fedhello.core.config import Config
 from fedhello.core.errors import ConfigError
 from fedhello.store.runs import RunDir
 from fedhello.studies.compare import ALL_STRATEGIES, parse_strategies
@@ -77,10 +78,10 @@ def test_table_equals_an_independent_computation(compare_dir: Path) -> None:
         for strategy in STRATEGIES:
             row = rows[(partition, strategy.replace(":", "-"))]
             runs = [_run(compare_dir, partition, strategy, s) for s in (0, 1)]
-            acc = [json.loads(r.summary_path.read_text())["test_accuracy"] for r in runs]
+            accuracy = [json.loads(r.summary_path.read_text())["test_accuracy"] for r in runs]
             f1 = [json.loads(r.summary_path.read_text())["test_macro_f1"] for r in runs]
-            assert float(row["acc_mean"]) == pytest.approx(np.mean(acc))
-            assert float(row["acc_std"]) == pytest.approx(np.std(acc, ddof=1))
+            assert float(row["acc_mean"]) == pytest.approx(np.mean(accuracy))
+            assert float(row["acc_std"]) == pytest.approx(np.std(accuracy, ddof=1))
             assert float(row["f1_std"]) == pytest.approx(np.std(f1, ddof=1))
             last5 = [np.mean([x["test_accuracy"] for x in r.read_metrics()][-5:]) for r in runs]
             assert float(row["last5_mean"]) == pytest.approx(np.mean(last5))
@@ -216,3 +217,141 @@ def test_paired_differences_equal_an_independent_computation(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'magic'" in err[0] and "fedra" in err[0]
     assert {p: p.stat().st_mtime_ns for p in compare_dir.glob("*.*")} == written
+
+
+# ---- numerics versions ----------------------------------------------------------------------
+
+
+def _cells_with_versions(
+    compare_dir: Path, tmp_path: Path, versions: dict[tuple[str, str, int], int | None]
+) -> tuple[Path, Config]:
+    """A copy of the comparison whose cells record the given numerics versions (None: the key
+    removed, as in a run written before fedhello recorded it), and its base config."""
+    import shutil
+
+    from fedhello.core.config import build_saved_config
+
+    root = tmp_path / "c"
+    shutil.copytree(compare_dir, root)
+    for (partition, strategy, seed), version in versions.items():
+        run = _run(root, partition, strategy, seed)
+        summary = run.read_summary()
+        summary.pop("numerics_version")
+        if version is not None:
+            summary["numerics_version"] = version
+        run.write_summary(summary)
+    base = build_saved_config(json.loads((root / "compare.json").read_text())["base_config"])
+    return root, base
+
+
+def test_runs_record_their_numerics_version(compare_dir: Path) -> None:
+    from fedhello.core.numerics import NUMERICS_VERSION, recorded_version
+
+    summaries = [json.loads(p.read_text()) for p in compare_dir.glob("runs/**/summary.json")]
+    assert summaries and all(s["numerics_version"] == NUMERICS_VERSION for s in summaries)
+    assert recorded_version({"test_accuracy": 0.5}) == 1  # written before the record: version 1
+
+
+def test_a_cell_of_another_numerics_version_is_run_again_a_same_version_one_reused(
+    compare_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """As after a bump to version 2: a cell of version 1 (recorded, or recording none) is
+    computed again, over its old files; a cell of version 2 is reused untouched."""
+    import logging
+
+    import fedhello.studies.compare as sim
+    from fedhello.engine.core import RunOptions
+    from fedhello.studies.compare import Cell, cell_config, run_cell
+
+    root, base = _cells_with_versions(compare_dir, tmp_path, {
+        ("iid", "fedra", 0): 2, ("iid", "fedra", 1): 1, ("dirichlet", "fedra", 0): None,
+    })  # fmt: skip
+    monkeypatch.setattr(sim, "NUMERICS_VERSION", 2)
+    calls: list[tuple[Path, RunOptions]] = []
+    monkeypatch.setattr(sim, "run_embedded", lambda cfg, run, opts: calls.append((run.path, opts)))
+    outcomes = {}
+    with caplog.at_level(logging.WARNING, logger="fedhello"):
+        for partition, seed in (("iid", 0), ("iid", 1), ("dirichlet", 0)):
+            cell = Cell(partition, "fedra", seed)
+            outcomes[partition, seed] = run_cell(cell, cell_config(base, cell), root)
+    assert outcomes == {("iid", 0): "reused", ("iid", 1): "rerun", ("dirichlet", 0): "rerun"}
+    rerun = {_run(root, "iid", "fedra", 1).path, _run(root, "dirichlet", "fedra", 0).path}
+    assert {path for path, _ in calls} == rerun
+    assert all(opts.overwrite and not opts.resume for _, opts in calls)  # replaced, not resumed
+    warned = [r.getMessage() for r in caplog.records if "numerics version" in r.getMessage()]
+    assert len(warned) == 2 and all("version 1" in m and "version 2" in m for m in warned)
+
+
+def test_a_cell_of_a_newer_numerics_version_is_refused(
+    compare_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older fedhello must not replace what a newer one computed: one line, nothing run."""
+    import fedhello.studies.compare as sim
+    from fedhello.core.errors import RunDirError
+    from fedhello.studies.compare import Cell, cell_config, run_cell
+
+    root, base = _cells_with_versions(compare_dir, tmp_path, {("iid", "fedra", 0): 7})
+    monkeypatch.setattr(sim, "run_embedded", lambda *a: pytest.fail("a newer cell was rerun"))
+    cell = Cell("iid", "fedra", 0)
+    with pytest.raises(RunDirError, match=r"numerics version 7, newer than this fedhello's 1"):
+        run_cell(cell, cell_config(base, cell), root)
+
+
+def test_an_unfinished_cell_resumes_only_from_a_checkpoint_of_its_version(
+    compare_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crashed cell is judged by its newest checkpoint, which a resume would continue from:
+    after a bump it is computed again; without a checkpoint a resume starts at round 1 anyway."""
+    import fedhello.studies.compare as sim
+    from fedhello.core.numerics import NUMERICS_VERSION
+    from fedhello.studies.compare import Cell, cell_config, run_cell
+
+    root, base = _cells_with_versions(compare_dir, tmp_path, {})
+    cell = Cell("iid", "fedra", 0)
+    run = _run(root, "iid", "fedra", 0)
+    run.summary_path.unlink()  # crashed after its last checkpoint
+    metas = sorted(run.checkpoint_dir.glob("round-*.json"))
+    assert metas and json.loads(metas[-1].read_text())["numerics_version"] == NUMERICS_VERSION
+    calls: list[bool] = []
+    monkeypatch.setattr(sim, "run_embedded", lambda cfg, r, opts: calls.append(opts.resume))
+    assert run_cell(cell, cell_config(base, cell), root) == "resumed" and calls == [True]
+    monkeypatch.setattr(sim, "NUMERICS_VERSION", NUMERICS_VERSION + 1)
+    assert run_cell(cell, cell_config(base, cell), root) == "rerun" and calls[-1] is False
+    for meta in metas:
+        meta.unlink()
+    assert run_cell(cell, cell_config(base, cell), root) == "resumed"
+
+
+def test_a_checkpoint_of_another_numerics_version_is_not_resumed(tmp_path: Path) -> None:
+    import fedhello.store.checkpoint as ckpt
+    from fedhello.core.errors import RunDirError
+
+    state = {"w": np.ones(3, dtype=np.float32)}
+    meta = ckpt.save_checkpoint(tmp_path, 1, state, {}, {}, "hash")
+    assert ckpt.load_latest(tmp_path, "hash", {"w"}) is not None
+    data = json.loads(meta.read_text())
+    del data["numerics_version"]  # written before the record: version 1, still resumable
+    meta.write_text(json.dumps(data))
+    assert ckpt.checkpoint_numerics(tmp_path) == 1
+    assert ckpt.load_latest(tmp_path, "hash", {"w"}) is not None
+    data["numerics_version"] = 2
+    meta.write_text(json.dumps(data))
+    with pytest.raises(RunDirError, match=r"numerics version 2, this fedhello computes version 1"):
+        ckpt.load_latest(tmp_path, "hash", {"w"})
+
+
+def test_report_warns_about_a_folder_that_mixes_numerics_versions(
+    compare_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from fedhello.studies.report import write_report
+
+    with caplog.at_level(logging.WARNING, logger="fedhello"):
+        write_report(compare_dir, tmp_path / "same")
+    assert "numerics" not in caplog.text
+    root, _ = _cells_with_versions(compare_dir, tmp_path, {("iid", "fedra", 0): 2})
+    with caplog.at_level(logging.WARNING, logger="fedhello"):
+        write_report(root, tmp_path / "mixed")
+    assert "mixes numerics versions" in caplog.text and "1 run(s) of version 2" in caplog.text

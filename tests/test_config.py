@@ -105,6 +105,33 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_the_retired_tier_kind_stays_readable_where_it_said_layers(tmp_path: Path) -> None:
+    """Every config and run folder written before the retirement says tier-kind = "layers"
+    (the default): it loads as before, and the key is no longer written."""
+    old = tmp_path / "old.toml"
+    old.write_text('[clients]\ntier-kind = "layers"\ntiers = [0.5, 1.0]\n')
+    cfg = load_config(old)
+    assert cfg.clients.tiers == [0.5, 1.0] and "tier-kind" not in cfg.to_toml()
+    assert cfg.outcome_dict() == load_config(None, ["clients.tiers=[0.5, 1.0]"]).outcome_dict()
+
+
+def test_every_published_run_and_comparison_config_still_loads() -> None:
+    """``fedhello report`` and ``compare`` read the run folders under docs/ (written with
+    clients.tier-kind and without the keys added since): all of them still load."""
+    import json
+
+    from fedhello.core.config import build_saved_config, load_saved_config
+
+    runs = sorted((ROOT / "docs").glob("results*/**/config.toml"))
+    comparisons = sorted((ROOT / "docs").glob("results*/**/compare.json"))
+    assert len(runs) > 100 and comparisons
+    assert any("tier-kind" in p.read_text() for p in runs)
+    for path in runs:
+        load_saved_config(path)
+    for path in comparisons:
+        build_saved_config(json.loads(path.read_text())["base_config"])
+
+
 def test_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = run_cli("validate", "--set", "allocation.strategy=nope")
     assert proc.returncode == 2
@@ -193,3 +220,20 @@ def test_the_validate_command_warns_about_options_that_do_not_apply() -> None:
     )  # fmt: skip
     assert "warning: allocation options that do not apply to strategy 'fedra'" in out.stderr
     assert 'shape = "triangle"' in out.stdout
+
+
+def test_a_runs_own_config_reruns_with_the_settings_of_its_time(tmp_path: Path) -> None:
+    """A published run's config.toml written before train.precision existed reruns in fp32
+    (what it ran in), not in today's "auto" (bf16 on a CPU with native bf16): the rerun of
+    docs/results/runs/dirichlet/fisher/seed2 differed from round 1 for that reason. The same
+    file outside a run folder is a plain config and takes today's defaults."""
+    published = Path(__file__).parents[1] / "docs/results/runs/dirichlet/fisher/seed2"
+    text = (published / "config.toml").read_text()
+    assert "precision" not in text  # written before the setting existed
+    cfg = load_config(published / "config.toml")
+    assert (cfg.train.precision, cfg.train.base_precision) == ("fp32", "fp32")
+    assert load_config(published / "config.toml", ["train.precision=bf16"]).train.precision == (
+        "bf16"
+    )  # an explicit override still wins
+    (tmp_path / "config.toml").write_text(text)  # no metrics beside it: a plain config
+    assert load_config(tmp_path / "config.toml").train.precision == "auto"

@@ -9,6 +9,7 @@ import pytest
 from fedhello.core.config import load_config
 from fedhello.core.errors import DataError
 from fedhello.data.loading import load_raw
+from fedhello.tasks import task_for
 
 
 def _cfg(**kw: object):
@@ -16,7 +17,7 @@ def _cfg(**kw: object):
 
 
 def test_shipped_wordnet_nouns() -> None:
-    raw = load_raw(_cfg(), "text", allow_download=False)
+    raw = load_raw(_cfg(), task_for("text"), allow_download=False)
     assert len(raw.inputs) == 82115 and len(raw.label_names) == 26
     assert raw.label_names[0] == "noun.Tops" and "noun.artifact" in raw.label_names
     assert raw.inputs[0].startswith("entity: ")
@@ -24,9 +25,9 @@ def test_shipped_wordnet_nouns() -> None:
     assert sizes["test"] == round(0.1 * 82115) and sum(sizes.values()) == 82115
     joined = np.concatenate(list(raw.splits.values()))
     assert len(np.unique(joined)) == 82115  # the splits are disjoint
-    again = load_raw(_cfg(), "text", allow_download=False)
+    again = load_raw(_cfg(), task_for("text"), allow_download=False)
     assert np.array_equal(again.splits["test"], raw.splits["test"])
-    other = load_raw(_cfg(split_seed=1), "text", allow_download=False)
+    other = load_raw(_cfg(split_seed=1), task_for("text"), allow_download=False)
     assert not np.array_equal(other.splits["test"], raw.splits["test"])
 
 
@@ -40,7 +41,9 @@ def test_local_files_with_configured_columns(tmp_path: Path, suffix: str) -> Non
         ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
         ".parquet": lambda: frame.to_parquet(path),
     }[suffix]()
-    raw = load_raw(_cfg(name=str(path), text_column="body", label_column="y"), "text", False)
+    raw = load_raw(
+        _cfg(name=str(path), text_column="body", label_column="y"), task_for("text"), False
+    )
     assert raw.label_names == ["a", "b"] and len(raw.inputs) == 40
     assert raw.inputs[raw.labels.tolist().index(1)].startswith("text")
 
@@ -49,21 +52,21 @@ def test_missing_column_names_the_column_and_lists_the_others(tmp_path: Path) ->
     path = tmp_path / "d.csv"
     pd.DataFrame({"body": ["x", "y"], "y": [0, 1]}).to_csv(path, index=False)
     with pytest.raises(DataError) as err:
-        load_raw(_cfg(name=str(path)), "text", False)
+        load_raw(_cfg(name=str(path)), task_for("text"), False)
     assert "data.text_column = 'text'" in str(err.value) and "body, y" in str(err.value)
     with pytest.raises(DataError, match="label_column = 'label'"):
-        load_raw(_cfg(name=str(path), text_column="body"), "text", False)
+        load_raw(_cfg(name=str(path), text_column="body"), task_for("text"), False)
 
 
 def test_missing_file_and_offline_hub_name(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
-        load_raw(_cfg(name=str(tmp_path / "nope.csv")), "text", False)
+        load_raw(_cfg(name=str(tmp_path / "nope.csv")), task_for("text"), False)
     with pytest.raises(DataError, match="hub downloads are off"):
-        load_raw(_cfg(name="ag_news"), "text", False)
+        load_raw(_cfg(name="ag_news"), task_for("text"), False)
     bad = tmp_path / "d.xlsx"
     bad.write_text("x")
     with pytest.raises(DataError, match="unknown file type"):
-        load_raw(_cfg(name=str(bad)), "text", False)
+        load_raw(_cfg(name=str(bad)), task_for("text"), False)
 
 
 def test_encoding_a_subset_equals_the_same_rows_of_the_whole(tiny_bert_dir: Path) -> None:
@@ -75,7 +78,7 @@ def test_encoding_a_subset_equals_the_same_rows_of_the_whole(tiny_bert_dir: Path
 
     texts, labels = make_texts(40)
     names = sorted(set(labels))
-    raw = RawData(texts, np.array([names.index(y) for y in labels]), names, "text",
+    raw = RawData(texts, np.array([names.index(y) for y in labels]), names, task_for("text"),
                   {"train": np.arange(40)})  # fmt: skip
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
     whole = encode(raw, tok, 16)

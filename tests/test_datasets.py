@@ -21,6 +21,7 @@ from fedhello.core.config import load_config
 from fedhello.core.errors import DataError
 from fedhello.data.loading import load_raw
 from fedhello.store.runs import RunDir
+from fedhello.tasks import task_for
 
 PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper"
 GLUE_NAMES = {"sst2": ["negative", "positive"], "qqp": ["not_duplicate", "duplicate"],
@@ -190,7 +191,7 @@ def test_a_sentence_pair_is_tokenised_as_a_pair(task: str, tmp_path: Path,
     from fedhello.data.encoding import encode
 
     cfg = load_config(PAPER / f"{task}.toml", [f'data.name="{glue_fixture(task, tmp_path)}"'])
-    raw = load_raw(cfg.data, "text", False)
+    raw = load_raw(cfg.data, task_for("text"), False)
     first, second = raw.inputs[0]
     assert isinstance(first, str) and isinstance(second, str) and first != second
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
@@ -213,7 +214,7 @@ def test_ledgar_shaped_long_documents_train_at_512_tokens(
     assert "data_notes" not in summary
     assert 0 <= summary["test_macro_f1"] <= 1
     cfg = load_config(PAPER / "ledgar.toml", [f'data.name="{data}"'])
-    raw = load_raw(cfg.data, "text", False)
+    raw = load_raw(cfg.data, task_for("text"), False)
     from transformers import AutoTokenizer
 
     from fedhello.data.encoding import encode
@@ -231,7 +232,7 @@ def test_belebele_shaped_multiple_choice_trains_and_exports(
 
     data = belebele_fixture(tmp_path / "belebele")
     cfg = load_config(PAPER / "belebele.toml", [f'data.name="{data}"'])
-    raw = load_raw(cfg.data, "multiple-choice", False)
+    raw = load_raw(cfg.data, task_for("multiple-choice"), False)
     import datasets
 
     answers = datasets.load_from_disk(str(data))["test"]["correct_answer_num"]
@@ -314,7 +315,7 @@ def test_augmented_pixels_are_seeded_by_round_client_and_step(
 
     data_dir = cifar_fixture(tmp_path / "c", rows=40, size=24)
     cfg = load_config(PAPER / "cifar100.toml", [f'data.name="{data_dir}"'])
-    raw = load_raw(cfg.data, "image", False)
+    raw = load_raw(cfg.data, task_for("image"), False)
     processor = AutoImageProcessor.from_pretrained(vit32_dir)
     data = encode(raw, processor, 16)
     rows = [0, 5, 7]
@@ -342,6 +343,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     from fedhello.core.config import load_config
     from fedhello.data.encoding import encode
     from fedhello.data.loading import load_raw
+    from fedhello.tasks import task_for
 
     def rss_mb():  # the current resident set, from /proc
         with open("/proc/self/statm") as f:
@@ -352,10 +354,10 @@ MEMORY_SCRIPT = textwrap.dedent(
     cfg = load_config(None, [f'data.name="{data_dir}"', 'data.image_column="img"',
                              'data.label_column="fine_label"'])
     import kornia.augmentation  # imports first: the measure is the data's, not the libraries'
-    encode(load_raw(cfg.data, "image", False), processor, 16).batch([0], (0, 0, 0, 0))
+    encode(load_raw(cfg.data, task_for("image"), False), processor, 16).batch([0], (0, 0, 0, 0))
     before = rss_mb()
     peak = before
-    raw = load_raw(cfg.data, "image", False)
+    raw = load_raw(cfg.data, task_for("image"), False)
     data = encode(raw, processor, 16)
     rows = raw.splits["train"]
     for step, start in enumerate(range(0, len(rows), 64)):  # every training image, augmented
@@ -401,7 +403,7 @@ def test_a_split_with_some_negative_labels_is_one_clear_error(tmp_path: Path) ->
     }).save_to_disk(str(data))  # fmt: skip
     cfg = load_config(None, [f'data.name="{data}"', 'data.text_column="sentence"'])
     with pytest.raises(DataError) as err:
-        load_raw(cfg.data, "text", False)
+        load_raw(cfg.data, task_for("text"), False)
     message = str(err.value)
     assert "'test' has 1 negative labels of 3" in message and "allowed" in message
 
@@ -411,14 +413,14 @@ def test_a_file_with_an_empty_label_is_one_clear_error(tmp_path: Path) -> None:
     path.write_text("text,label\na b,x\nc d,\ne f,y\n")  # row 1: an empty cell (NaN)
     cfg = load_config(None, [f'data.name="{path}"'])
     with pytest.raises(DataError, match="'all' has 1 missing labels of 3"):
-        load_raw(cfg.data, "text", False)
+        load_raw(cfg.data, task_for("text"), False)
 
 
 def test_multiple_choice_answers_out_of_range_are_one_clear_error(tmp_path: Path) -> None:
     data = belebele_fixture(tmp_path / "b", rows=8)
     cfg = load_config(PAPER / "belebele.toml", [f'data.name="{data}"', "data.answer_base=0"])
     with pytest.raises(DataError, match=r"allowed: the number of a choice, 0\.\.3"):
-        load_raw(cfg.data, "multiple-choice", False)
+        load_raw(cfg.data, task_for("multiple-choice"), False)
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PAPER.glob("*.toml")))
@@ -440,7 +442,10 @@ def test_every_paper_preset_validates_and_plans_offline(
 
 
 def test_multiple_choice_without_passage_or_question_is_a_config_error() -> None:
+    import fedhello
     from fedhello.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"context_column and data\.question_column"):
-        load_config(None, ['model.task="multiple-choice"', 'data.choice_columns=["a", "b"]'])
+        fedhello.load_config(
+            None, ['model.task="multiple-choice"', 'data.choice_columns=["a", "b"]']
+        )

@@ -20,9 +20,10 @@ def _test_batch(run: Path, tokenizer_dir: Path) -> tuple[dict[str, torch.Tensor]
 
     from fedhello.core.config import load_config
     from fedhello.data.loading import load_raw
+    from fedhello.tasks import task_for
 
     cfg = load_config(run / "config.toml")
-    raw = load_raw(cfg.data, "text", False)
+    raw = load_raw(cfg.data, task_for("text"), False)
     test = raw.splits["test"]
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     batch = tok([raw.inputs[i] for i in test], padding=True, truncation=True,

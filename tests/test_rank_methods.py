@@ -184,10 +184,10 @@ def test_ffa_lora_uploads_b_alone_and_the_server_refuses_an_a() -> None:
     ]
     g = global_state()
     tensors = {k: g[k] for k in keys}
-    ok = ClientUpdate(0, (1,), 5, tensors, kind="B")
+    ok = ClientUpdate(0, (1,), 5, tensors, factors="B")
     assert validate_update(ok, g, LAYER_OF) is None
     a_key = next(k for k in LAYER_OF if LAYER_OF[k] == 1 and lora_factor(k) == "A")
-    bad = ClientUpdate(0, (1,), 5, tensors | {a_key: g[a_key]}, kind="B")
+    bad = ClientUpdate(0, (1,), 5, tensors | {a_key: g[a_key]}, factors="B")
     assert "frozen under FFA-LoRA" in str(validate_update(bad, g, LAYER_OF))
 
 

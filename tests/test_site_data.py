@@ -11,7 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_texts, tiny_overrides
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 
 from fedhello.core.config import build_config, load_config
 from fedhello.core.errors import DataError, UserError
@@ -69,6 +77,11 @@ def labels(config_toml: str) -> list[str]:
     return list(build_experiment(cfg, encode_data=False).raw.label_names)
 
 
+def _experiment(config_toml: str) -> Experiment:
+    """The server's experiment of ``config_toml`` (its initial adapter and shards)."""
+    return build_experiment(build_config(tomllib.loads(config_toml)), encode_data=False)
+
+
 @pytest.fixture
 def fresh_exp(config_toml: str) -> Experiment:
     """An experiment of its own: registering nodes changes its budgets."""
@@ -92,13 +105,17 @@ def _query(config_toml: str, ctx: Context, labels: list[str]) -> dict[str, objec
     return dict(client_app.query(msg, ctx).content.config_records["config"])
 
 
-def _train_msg(config_toml: str, labels: list[str], state: dict, client: int) -> Message:
+def _train_msg(
+    config_toml: str, labels: list[str], state: dict, client: int, rows: object = None
+) -> Message:
     config = ConfigRecord({
         "server-round": 1, "client": client, "train-layers": [1, 2], "lr": 1e-2,
         "fedhello-config": config_toml, "label-names": labels,
     })  # fmt: skip
-    return Message(RecordDict({"arrays": to_record(state), "config": config}),
-                   dst_node_id=5, message_type=MessageType.TRAIN)  # fmt: skip
+    content = RecordDict({"arrays": to_record(state), "config": config})
+    if rows is not None:  # a partition node's shard, as the server sends it
+        content["rows"] = ArrayRecord({"rows": Array(np.asarray(rows, dtype=np.int64))})
+    return Message(content, dst_node_id=5, message_type=MessageType.TRAIN)
 
 
 def test_a_site_trains_on_its_own_file_without_the_configured_dataset(
@@ -112,18 +129,18 @@ def test_a_site_trains_on_its_own_file_without_the_configured_dataset(
     assert info == {"partition-id": 1, "data": str(site), "site-examples": 35,
                     "site-validation": 2, "device": "cpu", "precision": here.precision}  # fmt: skip
 
-    exp = client_app.experiment_for(config_toml, {})
+    exp = _experiment(config_toml)
     own = client_app.train(_train_msg(site_toml, labels, exp.init_state, 1), ctx)
     own_metrics = own.content.metric_records["metrics"]
     assert own_metrics["num-examples"] == 35
     assert set(own.content.array_records["arrays"]) < set(exp.init_state)  # layers 1, 2 + head
     # without data= the same node trains its partition of the configured dataset
-    msg = _train_msg(config_toml, labels, exp.init_state, 1)
+    msg = _train_msg(config_toml, labels, exp.init_state, 1, exp.shards[1])
     part = client_app.train(msg, _context(**{"partition-id": 1})).content.metric_records["metrics"]
     assert part["num-examples"] == len(exp.shards[1]) != 35
     assert own_metrics["train-loss"] != part["train-loss"]
     with pytest.raises(DataError, match=r"/coordinator/only/tickets\.csv"):  # it is not there
-        client_app.train(_train_msg(site_toml, labels, exp.init_state, 1),
+        client_app.train(_train_msg(site_toml, labels, exp.init_state, 1, exp.shards[1]),
                          _context(**{"partition-id": 1}))  # fmt: skip
 
 
@@ -167,7 +184,7 @@ def test_a_bad_site_file_stops_the_run_at_discovery(
 def test_site_labels_use_the_federations_class_ids(
     site_toml: str, labels: list[str], tmp_path: Path
 ) -> None:
-    site_model = client_app.site_model_for(site_toml, labels, {})
+    site_model = client_app.node_model_for(site_toml, labels, {})
     site = _site_csv(tmp_path / "site.csv", 20, seed=3)
     data, _ = client_app.site_data_for(site_model, str(site))
     names = pd.read_csv(site)["topic"].tolist()
@@ -209,7 +226,7 @@ def test_a_site_without_partition_id_trains_as_the_client_it_was_assigned(
     config_toml: str, site_toml: str, labels: list[str], tmp_path: Path
 ) -> None:
     site = _site_csv(tmp_path / "site.csv", 23)
-    exp = client_app.experiment_for(config_toml, {})
+    exp = _experiment(config_toml)
     msg = _train_msg(site_toml, labels, exp.init_state, 4)
     reply = client_app.train(msg, _context(data=str(site)))
     assert reply.content.metric_records["metrics"]["num-examples"] == 22  # 1 of 23 held out
@@ -217,18 +234,20 @@ def test_a_site_without_partition_id_trains_as_the_client_it_was_assigned(
         client_app.train(msg, _context(**{"partition-id": 3, "data": str(site)}))
 
 
-def test_a_node_may_declare_a_cost_or_memory_limit(config_toml: str, fresh_exp: Experiment) -> None:
-    exp = fresh_exp  # 4 blocks
+def test_the_retired_relative_limits_are_refused_naming_their_replacement(
+    config_toml: str, fresh_exp: Experiment
+) -> None:
+    """budget-cost / budget-memory (fractions of a fixed analytic cost, never checked) reach
+    the server, which stops before round 1 naming the real-unit limit that replaces each."""
+    exp = fresh_exp
     node_of: dict[int, int] = {}
-    register_node(exp, node_of, 1, {"partition-id": 0, "budget-memory": 0.5})
-    register_node(exp, node_of, 2, {"partition-id": 1, "budget-cost": 1.0})
-    assert exp.budgets[0] == exp.strategy.budgets[0] == 2  # half the activation memory
-    assert exp.budgets[1] == 4
-    with pytest.raises(UserError, match=r"^partition 2: budget-memory=1.5; allowed: a fraction"):
-        register_node(exp, node_of, 3, {"partition-id": 2, "budget-memory": 1.5})
-    with pytest.raises(UserError, match=r"^partition 3: budget-cost=0.1 fits no layer of 4"):
-        register_node(exp, node_of, 4, {"partition-id": 3, "budget-cost": 0.1})
-    ctx = _context(**{"partition-id": 0, "budget-memory": 0.5})
+    with pytest.raises(UserError, match=r"^partition 0: budget-memory=0.5 is retired: declare "
+                       r"budget-memory-mb=M .*cost profile"):  # fmt: skip
+        register_node(exp, node_of, 1, {"partition-id": 0, "budget-memory": 0.5})
+    with pytest.raises(UserError, match=r"^partition 1: budget-cost=1.0 is retired: declare "
+                       r"budget-step-seconds=S"):  # fmt: skip
+        register_node(exp, node_of, 2, {"partition-id": 1, "budget-cost": 1.0})
+    ctx = _context(**{"partition-id": 0, "budget-memory": 0.5})  # passed on, not dropped
     assert _query(config_toml, ctx, []) == {
         "partition-id": 0, "budget-memory": 0.5, "device": "cpu", "precision": resolve().precision
     }  # fmt: skip
@@ -242,7 +261,7 @@ def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
     from fedhello.model.lora import set_state
 
     site = _site_csv(tmp_path / "site.csv", 80, seed=5)
-    exp = client_app.experiment_for(config_toml, {})
+    exp = _experiment(config_toml)
     splits = site_splits(80, exp.cfg.data.validation_fraction, exp.cfg.data.split_seed)
     assert len(splits["validation"]) == 4
     assert sorted([*splits["train"], *splits["validation"]]) == list(range(80))
@@ -254,13 +273,47 @@ def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
     got = client_app.evaluate(msg, _context(data=str(site))).content.metric_records["metrics"]
 
     # independently: the same state in the server's own model, on the same held-out rows
-    data, _ = client_app.site_data_for(client_app.site_model_for(site_toml, labels, {}), str(site))
+    data, _ = client_app.site_data_for(client_app.node_model_for(site_toml, labels, {}), str(site))
     set_state(exp.model, state)
-    want = evaluate(exp.model, data, splits["validation"], 64, exp.acc)  # the node's precision
+    want = evaluate(
+        exp.model, data, splits["validation"], 64, exp.accelerator
+    )  # the node's precision
     assert got["num-examples"] == 4
     assert got["accuracy"] == pytest.approx(want["accuracy"])
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-    on_train = evaluate(exp.model, data, splits["train"][:4], 64, exp.acc)
+    on_train = evaluate(exp.model, data, splits["train"][:4], 64, exp.accelerator)
     assert on_train["loss"] != pytest.approx(want["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="only a node with its own data file evaluates"):
         client_app.evaluate(msg, _context(**{"partition-id": 0}))
+
+
+def test_a_partition_node_is_light_it_never_partitions_and_trains_the_rows_it_is_sent(
+    config_toml: str, labels: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partition node builds the model and tokenises the rows the server sent: no
+    experiment, no split of the whole dataset, no strategy (each costs every deployed
+    ClientApp process its start-up); rows that are not training rows of its copy are refused."""
+    exp = _experiment(config_toml)
+    client_app._CACHE.__init__()  # a fresh ClientApp process
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a partition node split the whole dataset")
+
+    import fedhello.engine.experiment as experiment
+
+    monkeypatch.setattr(experiment, "split_data", forbidden)
+    monkeypatch.setattr(experiment, "build_experiment", forbidden)
+    monkeypatch.setattr(experiment, "partition_indices", forbidden)
+    ctx = _context(**{"partition-id": 2})
+    msg = _train_msg(config_toml, labels, exp.init_state, 2, exp.shards[2])
+    metrics = client_app.train(msg, ctx).content.metric_records["metrics"]
+    assert metrics["num-examples"] == len(exp.shards[2])
+    (key,) = [k for k in client_app._CACHE.encoded if k[0] == 2]
+    data, _ = client_app._CACHE.encoded[key]
+    assert len(data) == len(exp.shards[2]) < len(exp.raw.labels) // 2  # only its shard encoded
+    assert np.array_equal(data.labels.numpy(), exp.raw.labels[exp.shards[2]])  # the same rows
+    with pytest.raises(ValueError, match="must carry its rows"):
+        client_app.train(_train_msg(config_toml, labels, exp.init_state, 2), ctx)
+    held_out = exp.raw.splits["test"][:3]  # not training rows: another copy of the data?
+    with pytest.raises(DataError, match=r"not training rows of this node's copy \(e.g. \d+\)"):
+        client_app.train(_train_msg(config_toml, labels, exp.init_state, 2, held_out), ctx)

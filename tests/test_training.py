@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedhello.core.config import load_config
-from fedhello.core.layers import layer_of_keys
+from fedhello.core.layers import AdapterSpec, layer_of_keys
 from fedhello.model.accelerator import DTYPES, resolve
 from fedhello.model.loading import load_model
 from fedhello.model.lora import adapter_keys, apply_layer_mask, build_lora_model, get_state
@@ -40,20 +40,22 @@ def _text_data(loaded, n: int = 64):
 
     from fedhello.data.encoding import encode
     from fedhello.data.loading import RawData
+    from fedhello.tasks import task_for
 
     texts, labels = make_texts(n)
     names = sorted(set(labels))
-    raw = RawData(texts, np.array([names.index(y) for y in labels]), names, "text", {})
+    raw = RawData(texts, np.array([names.index(y) for y in labels]), names, task_for("text"), {})
     return encode(raw, loaded.processor, 16)
 
 
 def _image_data(loaded, n: int = 32):
     from fedhello.data.encoding import encode
     from fedhello.data.loading import RawData
+    from fedhello.tasks import task_for
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (16, 16, 3)).astype(np.uint8) for _ in range(n)]
-    raw = RawData(images, rng.integers(0, 3, n), ["a", "b", "c"], "image", {})
+    raw = RawData(images, rng.integers(0, 3, n), ["a", "b", "c"], task_for("image"), {})
     return encode(raw, loaded.processor, 16)
 
 
@@ -70,8 +72,8 @@ def test_step_changes_exactly_allocated_lora_and_head(
     num_layers = model.config.num_hidden_layers
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, num_layers)
-    acc = resolve(device, precision, base)
-    acc.place(model, set(keys))
+    accelerator = resolve(device, precision, base)
+    accelerator.place(model, set(keys))
     # A global state with non-zero B, so that every LoRA tensor has a gradient.
     rng = np.random.default_rng(1)
     state = {
@@ -80,9 +82,9 @@ def test_step_changes_exactly_allocated_lora_and_head(
     }
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = load_config(None, ["train.local_steps=2", "train.batch_size=8"]).train
-    task = LocalTask(client=0, round=1, layers=tuple(layers), lr=1e-2, seed=0)
+    task = LocalTask(client=0, round=1, spec=AdapterSpec(tuple(layers)), lr=1e-2, seed=0)
     shard = Shard(data, np.arange(len(data)))
-    result = train_client(model, layer_of, shard, task, state, cfg, acc)
+    result = train_client(model, layer_of, shard, task, state, cfg, accelerator)
     after = dict(model.named_parameters())
     for name, old in before.items():
         start = torch.from_numpy(state[name]) if name in state else old.cpu()
@@ -99,9 +101,9 @@ def test_step_changes_exactly_allocated_lora_and_head(
     assert all(v.dtype == np.float32 for v in result.update.tensors.values())
     frozen = [p for n, p in after.items() if n not in layer_of and p.is_floating_point()]
     assert {p.dtype for p in frozen} == {DTYPES[base]}
-    assert (result.precision, result.device) == (precision, str(acc.device))
+    assert (result.precision, result.device) == (precision, str(accelerator.device))
     # the allocator's peak on CUDA, nothing pretended on the CPU
-    assert (result.device_peak_memory_mb is not None) == (acc.device.type == "cuda")
+    assert (result.device_peak_memory_mb is not None) == (accelerator.device.type == "cuda")
 
 
 def test_layer_map_covers_every_lora_tensor_once(tiny_bert_dir: Path) -> None:
@@ -124,12 +126,12 @@ def test_frozen_lora_below_the_top_block_gets_no_gradient(
     data = _text_data(loaded, 16)
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, 4)
-    acc = resolve(device, precision, base)
-    acc.place(model, set(keys))
+    accelerator = resolve(device, precision, base)
+    accelerator.place(model, set(keys))
     params = apply_layer_mask(model, [3], layer_of)
     model.train()
-    with acc.autocast():
-        loss = model(**acc.to_device(data.batch(np.arange(8)))).loss
+    with accelerator.autocast():
+        loss = model(**accelerator.to_device(data.batch(np.arange(8)))).loss
     loss.backward()
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -151,14 +153,20 @@ def test_training_only_the_top_block_keeps_less_for_backward(
     data = _text_data(loaded)
     keys = adapter_keys(model)
     layer_of = layer_of_keys(keys, 4)
-    acc = resolve(device, precision, base)
-    acc.place(model, set(keys))
+    accelerator = resolve(device, precision, base)
+    accelerator.place(model, set(keys))
     state = get_state(model, keys)
     cfg = load_config(None, ["train.local_steps=1", "train.batch_size=16"]).train
     idx = np.arange(len(data))
     mem = {
         layers: train_client(
-            model, layer_of, Shard(data, idx), LocalTask(0, 1, layers, 1e-3, 0), state, cfg, acc
+            model,
+            layer_of,
+            Shard(data, idx),
+            LocalTask(0, 1, AdapterSpec(layers), 1e-3, 0),
+            state,
+            cfg,
+            accelerator,
         )
         for layers in [(3,), (0, 3), (0, 1, 2, 3)]
     }
@@ -166,6 +174,6 @@ def test_training_only_the_top_block_keeps_less_for_backward(
     # the lowest trained block decides how deep backward goes: (0, 3) keeps about what all do
     assert mem[(0, 3)].train_memory_mb <= mem[(0, 1, 2, 3)].train_memory_mb
     assert mem[(3,)].trainable_params < mem[(0, 1, 2, 3)].trainable_params
-    if acc.device.type == "cuda":  # and where the allocator measures it, it agrees
+    if accelerator.device.type == "cuda":  # and where the allocator measures it, it agrees
         peak = {layers: r.device_peak_memory_mb or 0.0 for layers, r in mem.items()}
         assert 0 < peak[(3,)] < peak[(0, 1, 2, 3)]

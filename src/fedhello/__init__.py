@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_config": "fedhello.core.config",
+    "load_config": "fedhello.api",  # the core's, plus the task kind's checks
     "Config": "fedhello.core.config",
     "run": "fedhello.api",
     "plan": "fedhello.api",
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from fedhello.api import calibrate, compare, plan, run
+    from fedhello.api import calibrate, compare, load_config, plan, run
     from fedhello.core.allocation import (
         AllocationStrategy,
         StrategyOptions,
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
         register,
         strategy_names,
     )
-    from fedhello.core.config import Config, load_config
+    from fedhello.core.config import Config
     from fedhello.core.errors import UserError
     from fedhello.engine.core import Observer
 

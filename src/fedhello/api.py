@@ -13,16 +13,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedhello.core.config import Config, load_config, load_saved_config
+from fedhello.core.config import Config, load_saved_config
+from fedhello.core.config import load_config as read_config
 from fedhello.core.errors import RunDirError, UserError
 from fedhello.store.runs import RunDir
+from fedhello.tasks import check_config
 
 ENGINES = ("embedded", "flower-sim", "flower")
 ConfigLike = Config | str | Path | None
 
 
 def _config(cfg: ConfigLike) -> Config:
-    return cfg if isinstance(cfg, Config) else load_config(cfg)
+    """``cfg`` (read if a path), with the checks of its task kind run: the core's config knows
+    no kinds, so a Config built elsewhere is checked here too."""
+    return check_config(cfg if isinstance(cfg, Config) else read_config(cfg))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A TOML config (or the defaults) with ``--set`` overrides, validated for use: every
+    section (``fedhello.core.config.load_config``) and the task kind's own checks
+    (``fedhello.tasks.check_config``). ``fedhello.load_config`` is this function."""
+    return check_config(read_config(path, overrides))
 
 
 @contextmanager

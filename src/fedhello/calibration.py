@@ -21,18 +21,19 @@ from fedhello.core.fit import MB, allowance
 def calibrate(cfg: Config, steps: int = 3, remeasure: bool = False) -> dict[str, Any]:
     """The profile of ``cfg``'s setting (stored or measured) as plain data."""
     from fedhello.data.loading import load_raw
-    from fedhello.engine.experiment import build_site_model
+    from fedhello.engine.experiment import build_node_model, model_task
     from fedhello.engine.resources import ModelUnderTest, obtain_profile
     from fedhello.model.accelerator import accelerator_for
-    from fedhello.model.source import model_shape, resolve_model_source
     from fedhello.store.profiles import profile_dir, profile_path
 
-    acc = accelerator_for(cfg)  # a missing device fails before anything loads
-    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
-    raw = load_raw(cfg.data, model_shape(source, cfg.model.task)[0], cfg.model.allow_download)
-    site = build_site_model(cfg, raw.label_names, acc)  # the model a client trains, its head
+    accelerator = accelerator_for(cfg)  # a missing device fails before anything loads
+    _, task, _ = model_task(cfg)  # the task's own checks of cfg run here
+    raw = load_raw(cfg.data, task, cfg.model.allow_download)
+    site = build_node_model(
+        cfg, raw.label_names, accelerator
+    )  # the model a client trains, its head
     m = ModelUnderTest(site.model, site.layer_of, site.num_layers, site.task,
-                       len(raw.label_names), site.source, acc)  # fmt: skip
+                       len(raw.label_names), site.source, accelerator)  # fmt: skip
     profile, how = obtain_profile(cfg, m, steps, remeasure)
     out: dict[str, Any] = {
         "profile": profile.to_json(),

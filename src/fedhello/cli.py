@@ -17,9 +17,19 @@ from fedhello.environment import apply_offline_env
 
 EXIT_USER_ERROR = 2
 
+# What ``fedhello --help`` opens with: for the user (the module docstring is for developers).
+DESCRIPTION = (
+    "Federated LoRA fine-tuning of foundation models with heterogeneous per-client layer "
+    "allocation: each client trains only as many LoRA layers as its resources allow, and a "
+    "strategy (Fed-HeLLo, FedRA, HetLoRA, ...) decides which; text, image and multiple-choice "
+    "tasks. Runs in one process (--engine embedded) or on Flower (flower-sim, or flower with a "
+    "SuperLink). Start with: fedhello run [CONFIG]; compare strategies with fedhello compare, "
+    "tabulate with fedhello report; plan, calibrate, export and env explain the rest."
+)
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedhello", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fedhello", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -156,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fedhello.core.config import load_config
+    from fedhello.api import load_config  # the core's checks and the task kind's
 
     cfg = load_config(args.config, args.overrides)
     note = cfg.allocation.foreign_note()
@@ -177,7 +187,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fedhello.planner import render_plan
 
     cfg = load_config(args.config, args.overrides)
-    limited = cfg.clients.real_budgets or cfg.clients.upload_mb is not None
+    limited = cfg.clients.real_limits or cfg.clients.upload_mb is not None
     if strategy_class(cfg.allocation.strategy).uses_fisher or limited:  # builds the model
         _setup_output(args.verbose, cfg.model.allow_download)
     plan = fedhello.plan(cfg, args.rounds)
@@ -290,7 +300,8 @@ def cmd_env(args: argparse.Namespace) -> int:
         item = report["offline"][what]
         state = item["source"] if item["available"] else f"NOT available: {item['reason']}"
         print(f"{what:<10} {state}")
-    print(f"flwr       {'on PATH' if report['flwr_on_path'] else 'not on PATH'}; "
+    flwr = report["flwr"] or "not found (neither beside this Python nor on PATH)"
+    print(f"flwr       {flwr}; "
           f"hub {'offline' if report['offline']['hub_offline'] else 'online'}")  # fmt: skip
     return 0
 

@@ -52,7 +52,7 @@ def export_merged(run_path: Path, out: Path, overwrite: bool = False) -> str:
 
     from fedhello.core.config import load_saved_config
     from fedhello.model.accelerator import resolve_device
-    from fedhello.model.loading import TASK_CLASSES, load_model
+    from fedhello.model.loading import load_model
 
     run = check_export(run_path, out, overwrite)
     cfg = load_saved_config(run.config_path)
@@ -74,4 +74,4 @@ def export_merged(run_path: Path, out: Path, overwrite: bool = False) -> str:
         shutil.rmtree(out)
     tmp.rename(out)
     logger.info("merged model of %s (%s) written to %s", run.path, loaded.source, out)
-    return f"AutoModelFor{TASK_CLASSES[loaded.task]}"
+    return loaded.task.export_class

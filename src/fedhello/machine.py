@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from fedhello.core.config import Config
 from fedhello.core.errors import UserError
+from fedhello.environment import find_program
 
 PACKAGES = ("fedhello", "torch", "transformers", "peft", "flwr", "datasets", "numpy")
 
@@ -114,5 +114,6 @@ def describe(cfg: Config) -> dict[str, Any]:
             "data": _availability(lambda: _data_source(cfg)),
             "hub_offline": os.environ.get("HF_HUB_OFFLINE") == "1",
         },
-        "flwr_on_path": shutil.which("flwr") is not None,
+        # as ``fedhello run --engine flower`` finds it: beside this Python first, then on PATH
+        "flwr": find_program("flwr"),
     }

@@ -1,7 +1,7 @@
 """``fedhello plan``: the allocation alone, before spending compute on training.
 
-Non-Fisher strategies with layer-count budgets need neither torch nor the model weights: the
-layer count comes from the model's ``config.json``. Fisher-based strategies build the
+Non-Fisher strategies with layer budgets and no limits need neither torch nor the model
+weights: the layer count comes from the model's ``config.json``. Fisher-based strategies build the
 experiment and score the initial global adapter at their refresh rounds (in a real run the
 scores come from the trained one), except for a hub model, which is not downloaded to plan:
 there the Fisher rounds show the prior shape, and the plan says so. Limits in real units build
@@ -27,7 +27,7 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
     """Every round's allocation as plain data (the ``--json`` output)."""
     rounds = rounds or cfg.federation.rounds
     uses_fisher = strategy_class(cfg.allocation.strategy).uses_fisher
-    limited = cfg.clients.real_budgets or cfg.clients.upload_mb is not None
+    limited = cfg.clients.real_limits or cfg.clients.upload_mb is not None
     exp = None
     source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
     # a hub model is not downloaded to plan: its Fisher rounds show the prior shape
@@ -93,7 +93,7 @@ def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> Non
             table.add_column(str(i), justify="center")
         for c in entry["clients"]:
             # x: trains the layer (b: its B factor alone, FFA-LoRA), .: does not
-            mark = "b" if c.get("tensors") == "B" else "x"
+            mark = "b" if c.get("factors") == "B" else "x"
             marks = [mark if i in c["layers"] else "." for i in range(L)]
             rank = [str(c.get("rank", "-"))] if ranked else []
             table.add_row(str(c["client"]), str(c["budget"]), *rank, *marks)

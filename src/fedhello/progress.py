@@ -11,7 +11,7 @@ from rich.table import Table
 from fedhello.core.layers import AllocationPlan
 from fedhello.engine.core import Observer
 from fedhello.engine.experiment import Experiment
-from fedhello.model.training import ClientResult
+from fedhello.model.report import ClientResult
 
 
 class RichObserver(Observer):
@@ -37,7 +37,7 @@ class RichObserver(Observer):
     def on_start(self, exp: Experiment) -> None:
         if not self.quiet:
             self.console.print(
-                f"{exp.cfg.model.name} ({exp.task}, {exp.num_layers} LoRA layers) on "
+                f"{exp.cfg.model.name} ({exp.task.name}, {exp.num_layers} LoRA layers) on "
                 f"{exp.cfg.data.name}: {len(exp.budgets)} clients, budgets {exp.budgets}, "
                 f"strategy {exp.cfg.allocation.strategy}, partition {exp.cfg.data.partition}"
             )
@@ -60,12 +60,12 @@ class RichObserver(Observer):
         )
 
     def on_round_end(self, record: dict[str, Any]) -> None:
-        acc = record.get("test_accuracy")
+        accuracy = record.get("test_accuracy")
         loss = record.get("train_loss")
         line = (
             f"round {record['round']}/{self.rounds}  loss "
             f"{'-' if loss is None else f'{loss:.3f}'}  test acc "
-            f"{'-' if acc is None else f'{acc:.3f}'}  coverage {record['coverage']}"
+            f"{'-' if accuracy is None else f'{accuracy:.3f}'}  coverage {record['coverage']}"
             + (f"  rejected {record['num_rejected']}" if record["num_rejected"] else "")
         )
         self.progress.update(self._rounds_task, advance=1, status=line.split("  ", 1)[1])

@@ -28,7 +28,7 @@ State = dict[str, np.ndarray]
 @dataclass
 class ClientUpdate:
     """What one client uploads: its allocated layers' LoRA tensors and the head. ``rank`` and
-    ``kind`` are what the server handed out (its ``AdapterSpec``): the factors may come back
+    ``factors`` are what the server handed out (its ``AdapterSpec``): the factors may come back
     at that rank or lower (HetLoRA prunes), never higher."""
 
     client: int
@@ -37,11 +37,14 @@ class ClientUpdate:
     tensors: Mapping[str, np.ndarray]
     train_loss: float = 0.0
     rank: int | None = None
-    kind: str = "AB"
+    factors: str = "AB"
+    # why the report that carried this update is unusable (a required field missing or of the
+    # wrong type on the wire): the update is rejected with this reason, before anything else
+    malformed: str | None = None
 
     @property
     def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.layers, self.rank, self.kind)
+        return AdapterSpec(self.layers, self.rank, self.factors)
 
     @property
     def upload_rank(self) -> int | None:
@@ -60,6 +63,8 @@ def validate_update(
     update: ClientUpdate, global_state: Mapping[str, np.ndarray], layer_of: Mapping[str, int | None]
 ) -> str | None:
     """The reason to reject ``update``, or None if it is well formed."""
+    if update.malformed is not None:
+        return update.malformed
     if not isinstance(update.num_examples, int) or update.num_examples <= 0:
         return f"num_examples = {update.num_examples!r}: must be a positive integer"
     if not math.isfinite(update.train_loss):

@@ -1,5 +1,5 @@
-"""Budgets that hold: a client's limits in real units, what it can afford, and the fit policy
-that checks every allocated layer set against them (pure python: no torch).
+"""Limits that hold: a client's limits in real units, the budget they afford, and the fit
+policy that checks every allocated layer set against them (pure python: no torch).
 
 A client's :class:`ResourceLimit` may bound its training memory (MB), the time of one local
 step (s) and its upload per round (MB). With a measured :class:`CostProfile` that becomes an
@@ -13,7 +13,7 @@ rest (a strategy that ignores floors, ``full``, a plan built elsewhere):
   draw, so the same plan gets the same repair in every run and every strategy of a comparison
   keeps its pairing. The original set is kept in ``ClientAllocation.repaired_from``.
 * ``strict``: stop with one line naming round, client, set, predicted cost and limit.
-* ``off``: the paper's semantics, a count only; the run log warns that limits are not enforced.
+* ``off``: the paper's semantics, a budget only; the run log warns that limits are not enforced.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ _FACTOR_RE = re.compile(r"(?:^|\.)lora_(A|B)(?:\.|$)")
 
 # Which LoRA factors a client trains and uploads: both (LoRA), or B alone (FFA-LoRA: A stays
 # at its shared initialisation, so the average of the uploads is the exact average update).
-TENSOR_KINDS = ("AB", "B")
+FACTOR_SETS = ("AB", "B")  # the LoRA factors a client trains: both, or B alone (FFA-LoRA)
 
 
 def is_lora_key(name: str) -> bool:
@@ -69,17 +69,17 @@ class AdapterSpec:
     """A client's share of the adapter: these layers, at this rank, these factors.
 
     ``rank`` None is the adapter's full rank (every layer strategy); a rank method hands out
-    the leading ``rank`` components (``A[:r, :]``, ``B[:, :r]``) of every block. ``tensors``
+    the leading ``rank`` components (``A[:r, :]``, ``B[:, :r]``) of every block. ``factors``
     is ``"AB"`` or ``"B"`` (FFA-LoRA). The head is always part of it.
     """
 
     layers: tuple[int, ...]
     rank: int | None = None
-    tensors: str = "AB"
+    factors: str = "AB"
 
     def __post_init__(self) -> None:
-        if self.tensors not in TENSOR_KINDS:
-            raise ValueError(f"tensors = {self.tensors!r}; allowed: {', '.join(TENSOR_KINDS)}")
+        if self.factors not in FACTOR_SETS:
+            raise ValueError(f"factors = {self.factors!r}; allowed: {', '.join(FACTOR_SETS)}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank = {self.rank}; allowed: at least 1")
 
@@ -87,18 +87,18 @@ class AdapterSpec:
 @dataclass(frozen=True)
 class ClientAllocation:
     """The layers one client trains in one round (sorted, distinct), at a rank (None: full)
-    and with the factors of ``tensors``."""
+    and with the LoRA ``factors`` it trains."""
 
     client: int
     budget: int
     layers: tuple[int, ...]
     repaired_from: tuple[int, ...] | None = None  # the strategy's set, when the fit repaired it
     rank: int | None = None
-    tensors: str = "AB"
+    factors: str = "AB"
 
     @property
     def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.layers, self.rank, self.tensors)
+        return AdapterSpec(self.layers, self.rank, self.factors)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -106,8 +106,8 @@ class ClientAllocation:
         }  # fmt: skip
         if self.rank is not None:
             out["rank"] = self.rank
-        if self.tensors != "AB":
-            out["tensors"] = self.tensors
+        if self.factors != "AB":
+            out["factors"] = self.factors
         if self.repaired_from is not None:
             out["repaired_from"] = list(self.repaired_from)
         return out
@@ -162,7 +162,7 @@ def keys_for_spec(layer_of: Mapping[str, int | None], spec: AdapterSpec) -> list
     return [
         k
         for k, layer in layer_of.items()
-        if layer is None or (layer in chosen and (spec.tensors == "AB" or lora_factor(k) == "B"))
+        if layer is None or (layer in chosen and (spec.factors == "AB" or lora_factor(k) == "B"))
     ]
 
 

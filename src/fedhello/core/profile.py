@@ -8,10 +8,13 @@ holds one measured :class:`Cost` per ``(b, n)``, ``1 <= n <= L - b`` (21 entries
 ``fedhello.model.probe`` measures it, ``fedhello.store.profiles`` keeps it keyed by everything
 it depends on.
 
-The analytic model of ``fedhello.core.costmodel`` is fitted to it (least squares, linear in the
-depth ``L - b`` and the count ``n``): it fills the entries a quick probe did not measure and
+An analytic model is fitted to it (:class:`AnalyticFit`: least squares, linear in the depth
+``L - b`` and the count ``n``): it fills the entries a quick probe did not measure and
 ``fedhello calibrate`` prints it with its largest error, so one sees how far the simple model
-is from the measurement.
+is from the measurement. This is fedhello's one cost model: every limit in real units
+(``clients.budget_kind``, a node's ``budget-memory-mb`` / ``budget-step-seconds``) is checked
+against a profile measured on the model, batch shape, device and precision it applies to,
+never against constants fitted once elsewhere.
 """
 
 from __future__ import annotations

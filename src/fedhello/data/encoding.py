@@ -4,33 +4,23 @@ images made per batch (:class:`~fedhello.data.images.ImageData`).
 Tokenising every round would cost more than a weak client's training; here the whole dataset is
 tokenised once, padded to ``max_length``, and each batch is cut back to its longest example.
 Images are the opposite case: their pixels are large, so they are decoded per batch instead.
+What a kind tokenises (one text, a pair, one pair per choice) is its task's ``encode``
+(``fedhello.tasks``); the tensors it makes are the :class:`Encoded` of this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedhello.data.images import ImageColumn, ImageData
+from fedhello.data.images import ImageColumn
+from fedhello.data.kinds import ModelInputs
 from fedhello.data.loading import RawData
 
-
-class ModelInputs(Protocol):
-    """What training, evaluation and Fisher scoring read: labels and batches by position."""
-
-    labels: torch.Tensor
-    trim: bool
-
-    def __len__(self) -> int: ...
-
-    def length_order(self, idx: np.ndarray) -> np.ndarray: ...
-
-    def batch(
-        self, idx: Sequence[int] | np.ndarray, augment: tuple[int, ...] | None = None
-    ) -> dict[str, torch.Tensor]: ...
+__all__ = ["Encoded", "ModelInputs", "encode", "encode_positions", "from_tokens", "token_kwargs"]
 
 
 class Encoded:
@@ -66,37 +56,28 @@ class Encoded:
         return out
 
 
-def encode(raw: RawData, processor: Any, max_length: int, augment: bool = True) -> ModelInputs:
-    """Model inputs of every example of ``raw``. Texts: one string, a (first, second) pair
-    tokenised as a pair, or a multiple-choice (context, question, choices) tuple tokenised as
-    one pair per choice: (context, question + choice). Images: lazy, augmented in training
-    batches when ``augment``."""
-    labels = torch.as_tensor(raw.labels, dtype=torch.long)
-    if raw.kind == "image":
-        images = raw.inputs
-        if not isinstance(images, ImageColumn):  # images in memory (a list): same interface
-            images = ImageColumn([list(images)])
-        return ImageData(images, labels, processor, augment)
-    inputs = list(raw.inputs)
-    kwargs = {"padding": "max_length", "truncation": True, "max_length": max_length}
+def token_kwargs(max_length: int) -> dict[str, Any]:
+    """The tokenizer's arguments for every kind: padded to ``max_length`` (so an example's
+    tensors do not depend on the others) and truncated there."""
+    return {"padding": "max_length", "truncation": True, "max_length": max_length}
+
+
+def from_tokens(tok: Mapping[str, Any], shape: tuple[int, ...], labels: torch.Tensor) -> Encoded:
+    """A tokenizer's output (lists of ids per feature) as :class:`Encoded` tensors of
+    ``shape`` (``-1``: the padded length)."""
     # Python lists -> numpy -> torch: 3x faster than return_tensors="pt" on 82k texts.
-    if raw.kind == "multiple-choice":
-        choices = len(inputs[0][2]) if inputs else 0
-        firsts = [context or question for context, question, options in inputs for _ in options]
-        seconds = [f"{question} {o}".strip() if context else o
-                   for context, question, options in inputs for o in options]  # fmt: skip
-        tok = processor(firsts, seconds, **kwargs)
-        shape: tuple[int, ...] = (len(inputs), choices, -1)
-    elif inputs and isinstance(inputs[0], tuple):
-        tok = processor([a for a, _ in inputs], [b for _, b in inputs], **kwargs)
-        shape = (len(inputs), -1)
-    else:
-        tok = processor(inputs, **kwargs)
-        shape = (len(inputs), -1)
     features = {
         k: torch.from_numpy(np.asarray(v, dtype=np.int64).reshape(shape)) for k, v in tok.items()
     }
     return Encoded(features, labels)
+
+
+def encode(raw: RawData, processor: Any, max_length: int, augment: bool = True) -> ModelInputs:
+    """Model inputs of every example of ``raw``, made by the task that read it: tokens once
+    (a text, a pair, one pair per choice), or images per batch, augmented in training batches
+    when ``augment``."""
+    labels = torch.as_tensor(raw.labels, dtype=torch.long)
+    return raw.task.encode(raw.inputs, labels, processor, max_length, augment)
 
 
 def encode_positions(
@@ -110,6 +91,6 @@ def encode_positions(
         if isinstance(raw.inputs, ImageColumn)
         else [raw.inputs[i] for i in positions]
     )
-    part = RawData(inputs, raw.labels[positions], raw.label_names, raw.kind,
+    part = RawData(inputs, raw.labels[positions], raw.label_names, raw.task,
                    {"train": np.arange(len(positions))})  # fmt: skip
     return encode(part, processor, max_length, augment)

@@ -1,12 +1,15 @@
 """Datasets: the shipped WordNet nouns, local CSV/TSV/JSONL/Parquet files, saved HF datasets
 and hub names; a fixed train/validation/test split; tokenisation (or image preprocessing) once.
+
+Generic over task kinds: which columns hold the inputs, how they are read and how labels
+become class ids is asked of the task (an :class:`~fedhello.data.kinds.InputKind`).
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,7 +20,8 @@ import numpy as np
 from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
 from fedhello.core.seeds import Purpose, generator
-from fedhello.data.columns import check_inputs, read_column, read_inputs
+from fedhello.data.columns import read_column
+from fedhello.data.kinds import InputKind
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +37,13 @@ FILE_FORMATS = {
 
 @dataclass
 class RawData:
-    """Inputs (texts or images) with integer labels, and the split each example belongs to."""
+    """Inputs (texts or images) with integer labels, the task kind that read them (and will
+    encode them), and the split each example belongs to."""
 
     inputs: Sequence[Any]  # texts, text pairs, choice tuples, or an ImageColumn (lazy)
     labels: np.ndarray
     label_names: list[str]
-    kind: str  # "text" | "image" | "multiple-choice"
+    task: InputKind  # a fedhello.tasks.Task
     splits: dict[str, np.ndarray]  # "train" | "validation" | "test" -> indices into inputs
     notes: dict[str, str] = field(default_factory=dict)  # e.g. a split not used, and why
 
@@ -110,16 +115,16 @@ def _read_table_gz_tsv(raw: Any) -> Any:
         return pd.read_csv(f, sep="\t", quoting=3, keep_default_na=False)
 
 
-def load_raw(cfg: DataConfig, kind: str, allow_download: bool) -> RawData:
-    """Read the dataset named by ``cfg`` (a DataConfig) for a ``kind`` task ("text", "image",
-    "multiple-choice") and fix its splits. A split whose labels are hidden (all missing or
-    negative, as in GLUE's test) is dropped, and the run says so (``RawData.notes``)."""
+def load_raw(cfg: DataConfig, task: InputKind, allow_download: bool) -> RawData:
+    """Read the dataset named by ``cfg`` (a DataConfig) as ``task`` reads it (its inputs and
+    labels) and fix its splits. A split whose labels are hidden (all missing or negative, as
+    in GLUE's test) is dropped, and the run says so (``RawData.notes``)."""
     split_seed = cfg.split_seed
     tables = load_tables(cfg.name, allow_download, cfg.subset)
     notes: dict[str, str] = {}
     split_labels: dict[str, list[Any]] = {}
     for split, table in tables.items():
-        check_inputs(table, cfg, kind)
+        task.check_inputs(table, cfg)
         y = read_column(table, cfg.label_column, "label", "label_column", cfg.name)
         why = _hidden(y, split, cfg)
         if why:
@@ -131,16 +136,13 @@ def load_raw(cfg: DataConfig, kind: str, allow_download: bool) -> RawData:
             f"data.name = {cfg.name!r}: every split's labels in column "
             f"{cfg.label_column!r} are hidden (missing or negative); nothing to train on"
         )
-    inputs = read_inputs({s: tables[s] for s in split_labels}, cfg, kind)
+    inputs = task.read_inputs({s: tables[s] for s in split_labels}, cfg)
     labels: list[Any] = []
     offsets: dict[str, np.ndarray] = {}
     for split, y in split_labels.items():
         offsets[split] = np.arange(len(labels), len(labels) + len(y))
         labels.extend(y)
-    if kind == "multiple-choice":
-        names, label_ids = _choice_labels(labels, cfg)
-    else:
-        names, label_ids = _encode_labels(labels, tables)
+    names, label_ids = task.label_ids(labels, tables, cfg)
     splits, split_notes = _fix_splits(offsets, len(labels), cfg, split_seed, hidden=bool(notes))
     notes.update(split_notes)
     if cfg.max_train_examples is not None and cfg.max_train_examples < len(splits["train"]):
@@ -151,7 +153,7 @@ def load_raw(cfg: DataConfig, kind: str, allow_download: bool) -> RawData:
     )
     for note in notes.values():
         logger.info("data %s: %s", cfg.name, note)
-    return RawData(inputs, label_ids, names, kind, splits, notes)
+    return RawData(inputs, label_ids, names, task, splits, notes)
 
 
 def _hidden(labels: list[Any], split: str, cfg: DataConfig) -> str | None:
@@ -176,28 +178,9 @@ def _hidden(labels: list[Any], split: str, cfg: DataConfig) -> str | None:
     return None
 
 
-def _choice_labels(labels: list[Any], cfg: DataConfig) -> tuple[list[str], np.ndarray]:
-    """Multiple choice: the label is the number of the right choice (``data.answer_base`` is
-    the first choice's number), as an int or a string holding one."""
-    n = len(cfg.choice_columns)
-    base = cfg.answer_base
-    ids = np.empty(len(labels), dtype=np.int64)
-    for row, value in enumerate(labels):
-        try:
-            number = int(str(value).strip())
-        except ValueError:
-            number = None
-        if number is None or not base <= number < base + n:
-            raise DataError(
-                f"data.label_column = {cfg.label_column!r}: row {row} has answer {value!r}; "
-                f"allowed: the number of a choice, {base}..{base + n - 1} "
-                f"(data.answer_base = {base}, {n} choice_columns)"
-            )
-        ids[row] = number - base
-    return [str(base + i) for i in range(n)], ids
-
-
-def _encode_labels(labels: list[Any], tables: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+def encode_labels(labels: list[Any], tables: Mapping[str, Any]) -> tuple[list[str], np.ndarray]:
+    """Class labels as ids: a ``ClassLabel`` feature's names where the tables have one, ids
+    0..k-1 kept as they are, anything else numbered in the sorted order of its text."""
     first = next(iter(tables.values()))
     features = getattr(first, "features", None) or {}
     values = np.asarray(labels)

@@ -2,7 +2,7 @@
 
 In a deployment each SuperNode may name a local file (``data="/srv/site.csv"`` in its node
 config) instead of training its partition of the configured dataset, and needs nothing else
-on the site but the model (``fedhello.engine.experiment.build_site_model``). The federation still
+on the site but the model (``fedhello.engine.experiment.build_node_model``). The federation still
 defines the task: the site file is read with the configured ``data.text_column`` /
 ``data.label_column`` (or ``image_column``), and its labels must be classes of the federation's
 dataset (the classifier head is shared). A ``data.validation_fraction`` of the file is held
@@ -21,7 +21,8 @@ import numpy as np
 from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
 from fedhello.core.seeds import Purpose, generator
-from fedhello.data.columns import read_column, read_inputs
+from fedhello.data.columns import read_column
+from fedhello.data.kinds import InputKind
 from fedhello.data.loading import FILE_FORMATS, RawData, load_tables
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,11 @@ def site_splits(n: int, validation_fraction: float, split_seed: int) -> dict[str
     return {"train": np.sort(perm[n_val:]), "validation": np.sort(perm[:n_val])}
 
 
-def load_site_raw(path: str, data_cfg: DataConfig, kind: str, label_names: list[str]) -> RawData:
-    """Read a site's file (or saved ``datasets`` folder), split into train and validation."""
+def load_site_raw(
+    path: str, data_cfg: DataConfig, task: InputKind, label_names: list[str]
+) -> RawData:
+    """Read a site's file (or saved ``datasets`` folder) as ``task`` reads its inputs, split
+    into train and validation."""
     local = Path(path).expanduser()
     if not local.exists():
         raise DataError(
@@ -71,7 +75,7 @@ def load_site_raw(path: str, data_cfg: DataConfig, kind: str, label_names: list[
     labels: list[Any] = []
     for table in tables.values():
         labels.extend(read_column(table, data_cfg.label_column, "label", "label_column", path))
-    inputs = read_inputs(tables, data_cfg, kind)
+    inputs = task.read_inputs(tables, data_cfg)
     if not labels:
         raise DataError(f"site data {path!r}: has no examples; allowed: at least one row")
     if any(v is None for v in labels):
@@ -82,4 +86,4 @@ def load_site_raw(path: str, data_cfg: DataConfig, kind: str, label_names: list[
         "site data %s: %d examples (%d held out), %d of %d classes",
         path, len(ids), len(splits["validation"]), len(np.unique(ids)), len(label_names),
     )  # fmt: skip
-    return RawData(inputs, ids, list(label_names), kind, splits)
+    return RawData(inputs, ids, list(label_names), task, splits)

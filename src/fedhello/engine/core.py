@@ -20,12 +20,13 @@ import numpy as np
 from fedhello.core.aggregation import ClientUpdate, ServerMomentum, State
 from fedhello.core.config import Config
 from fedhello.core.layers import AllocationPlan
+from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.core.schedule import lr_at, sample_clients
 from fedhello.engine.experiment import DataCache, Experiment, build_experiment
 from fedhello.model.accelerator import accelerator_for
 from fedhello.model.evaluation import evaluate
 from fedhello.model.lora import set_state
-from fedhello.model.training import ClientResult
+from fedhello.model.report import ClientResult, record_fields
 from fedhello.store.checkpoint import config_hash, load_latest, save_checkpoint
 from fedhello.store.profiles import read_profile, write_profile
 from fedhello.store.runs import RunDir
@@ -66,7 +67,7 @@ class RoundResults:
 class Engine(Protocol):
     """How the sampled clients of a round are reached. The run loop calls ``start`` once,
     after the experiment is built and before the run directory is created (a Flower engine
-    learns its nodes and their budgets there, so a bad node leaves nothing behind), then
+    learns its nodes and their budgets or limits there, so a bad node leaves nothing behind), then
     ``train_round`` every round, and ``final_scores`` after the last one."""
 
     name: str
@@ -96,6 +97,9 @@ class RunOptions:
 def client_record(
     exp: Experiment, result: ClientResult, rejected: dict[int, str], plan: AllocationPlan
 ) -> dict[str, Any]:
+    """A client's entry in the round's record: who it is and what it was allocated (the
+    server's), its report (``fedhello.model.report.REPORT``, in its declared order and
+    rounding) with its limits after what they limit, and the verdict on its update."""
     u = result.update
     rec: dict[str, Any] = {
         "client": u.client,
@@ -103,22 +107,10 @@ def client_record(
         "budget": exp.budgets[u.client],
         "layers": list(u.layers),
         **rank_field(u),
-        "num_examples": u.num_examples,
-        "steps": result.steps,
-        "train_loss": u.train_loss,
-        "trainable_params": result.trainable_params,
-        "seconds": round(result.seconds, 4),
-        "peak_memory_mb": round(result.peak_memory_mb, 1),
-        "train_memory_mb": round(result.train_memory_mb, 3),
-        "step_seconds": round(result.step_seconds, 5),
+        **record_fields(result, "training"),
         **exp.resources.record(u.client),
-        "device_peak_memory_mb": None
-        if result.device_peak_memory_mb is None
-        else round(result.device_peak_memory_mb, 1),
-        "device": result.device,
-        "precision": result.precision,
-        "bytes_up": result.bytes_up,
-        "bytes_down": result.bytes_down,
+        **record_fields(result, "device"),
+        **record_fields(result, "traffic"),
         "accepted": u.client not in rejected,
     }
     repaired = next((a.repaired_from for a in plan.clients if a.client == u.client), None)
@@ -140,7 +132,7 @@ def rank_field(u: ClientUpdate) -> dict[str, Any]:
 
 
 def repairs_field(exp: Experiment, plan: AllocationPlan) -> dict[str, Any]:
-    """``num_repairs`` of a round, where clients have limits (absent with layer budgets)."""
+    """``num_repairs`` of a round, where clients have limits (absent without limits)."""
     if all(limit is None for limit in exp.resources.limits):
         return {}
     return {"num_repairs": sum(a.repaired_from is not None for a in plan.clients)}
@@ -149,9 +141,13 @@ def repairs_field(exp: Experiment, plan: AllocationPlan) -> dict[str, Any]:
 def evaluate_global(exp: Experiment, state: State) -> dict[str, Any]:
     """The global model on the fixed per-round evaluation subsets."""
     set_state(exp.model, state)
-    bs, acc = exp.cfg.train.eval_batch_size, exp.acc
-    test = evaluate(exp.model, exp.encoded, exp.eval_test, bs, acc)
-    val = evaluate(exp.model, exp.encoded, exp.eval_val, bs, acc) if len(exp.eval_val) else None
+    bs, accelerator = exp.cfg.train.eval_batch_size, exp.accelerator
+    test = evaluate(exp.model, exp.encoded, exp.eval_test, bs, accelerator)
+    val = (
+        evaluate(exp.model, exp.encoded, exp.eval_val, bs, accelerator)
+        if len(exp.eval_val)
+        else None
+    )
     out: dict[str, Any] = {
         "test_accuracy": test["accuracy"],
         "test_macro_f1": test["macro_f1"],
@@ -206,8 +202,8 @@ def close_round(
         **repairs_field(exp, rp.plan),
         **method_record,  # e.g. HetLoRA's sparsity weights, FlexLoRA's singular values
         # the server's (evaluation, Fisher scores): a resumed run keeps them
-        "precision": exp.acc.precision,
-        "base_precision": exp.acc.base_precision,
+        "precision": exp.accelerator.precision,
+        "base_precision": exp.accelerator.base_precision,
         **rp.fisher_info,
     }
     if rp.round % cfg.federation.eval_every == 0 or rp.round == cfg.federation.rounds:
@@ -239,9 +235,9 @@ def run_federation(
         run.check_free(opts.overwrite)
     # device and precision first: a missing GPU fails before anything is loaded; a resumed
     # run keeps the precision it has run in so far
-    acc = accelerator_for(cfg, run.recorded_precision() if opts.resume else None)
+    accelerator = accelerator_for(cfg, run.recorded_precision() if opts.resume else None)
     saved = read_profile(run.profile_path) if opts.resume else None  # repair as before
-    exp = build_experiment(cfg, cache=opts.cache, acc=acc, saved_profile=saved)
+    exp = build_experiment(cfg, cache=opts.cache, accelerator=accelerator, saved_profile=saved)
     engine.start(exp)
     if not opts.resume:
         run.create(opts.overwrite)
@@ -308,7 +304,7 @@ def finish(
     cfg = exp.cfg
     set_state(exp.model, state)
     final = evaluate(
-        exp.model, exp.encoded, exp.raw.splits["test"], cfg.train.eval_batch_size, exp.acc
+        exp.model, exp.encoded, exp.raw.splits["test"], cfg.train.eval_batch_size, exp.accelerator
     )
     exp.model.save_pretrained(str(run.adapter_dir))
     (run.adapter_dir / "labels.json").write_text(json.dumps(exp.raw.label_names) + "\n")
@@ -331,7 +327,9 @@ def finish(
         "tiers": exp.tiers,
         "target": exp.strategy.target(),
         "model_source": exp.source,
-        **exp.acc.describe(),
+        **exp.accelerator.describe(),
+        # the code's arithmetic: a comparison reuses this run only under the same version
+        "numerics_version": NUMERICS_VERSION,
         "wall_seconds": round(seconds, 2),
         "resumed_at_round": resumed_at,
         "client_seconds": round(sum(c["seconds"] for c in clients), 2),

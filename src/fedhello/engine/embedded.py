@@ -42,7 +42,7 @@ class EmbeddedEngine:
             task = LocalTask.of(exp.cfg, alloc.client, rp.round, alloc.spec, rp.lr)
             shard = Shard(exp.encoded, exp.shards[alloc.client])
             result = train_client(
-                exp.model, exp.layer_of, shard, task, state, exp.cfg.train, exp.acc
+                exp.model, exp.layer_of, shard, task, state, exp.cfg.train, exp.accelerator
             )
             results.append(result)
             observer.on_client_end(rp.round, result)

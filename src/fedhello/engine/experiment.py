@@ -1,6 +1,6 @@
 """Everything a federation needs, built once from a config: data, shards, model, budgets,
 allocation strategy and the initial global adapter. Every engine starts from here, and a
-Flower site builds its model with the same function (``build_site_model``).
+Flower node builds its model with the same function (``build_node_model``).
 
 Cheap checks (model source, layer count, budgets) run before the expensive ones (reading and
 tokenising data, loading weights), so a bad config fails in a second, not after a minute.
@@ -29,12 +29,13 @@ from fedhello.core.seeds import Purpose, derived_int, generator
 from fedhello.data.encoding import ModelInputs, encode
 from fedhello.data.loading import RawData, load_raw
 from fedhello.data.partition import hold_out_proxy, partition_indices
-from fedhello.engine.resources import ModelUnderTest, Resources, no_limits, setup_resources
+from fedhello.engine.resources import ModelUnderTest, Resources, setup_resources
 from fedhello.model.accelerator import Accelerator, accelerator_for
 from fedhello.model.fisher import fisher_scores
 from fedhello.model.loading import LoadedModel, load_model
 from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
 from fedhello.model.source import model_shape, resolve_model_source
+from fedhello.tasks import Task, check_config, task_for
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Experiment:
     data: ModelInputs | None  # every example encoded; None when built with encode_data=False
     model: PeftModel  # the PEFT model shared by every client of this process
     processor: Any  # tokenizer or image processor (a site's own data is encoded with it)
-    task: str
+    task: Task
     source: str
     keys: list[str]
     layer_of: dict[str, int | None]
@@ -85,7 +86,7 @@ class Experiment:
     eval_test: np.ndarray  # fixed per-round evaluation subsets
     eval_val: np.ndarray
     proxy: np.ndarray  # the server's labelled proxy set (Fisher scores)
-    acc: Accelerator  # the device and precision everything of this process runs on
+    accelerator: Accelerator  # the device and precision everything of this process runs on
     resources: Resources  # the clients' limits, their cost profile and the fit policy
 
     def allocate(self, round_: int, sampled: list[int]) -> AllocationPlan:
@@ -115,7 +116,7 @@ class Experiment:
             set_state(self.model, state)
             scores = fisher_scores(
                 self.model, self.encoded, self.proxy, self.layer_of, self.num_layers,
-                self.cfg.allocation.fisher_batch_size, self.acc,
+                self.cfg.allocation.fisher_batch_size, self.accelerator,
             )  # fmt: skip
             strategy.observe_scores(round_, scores)
             info["fisher_seconds"] = round(time.perf_counter() - t0, 4)
@@ -125,24 +126,35 @@ class Experiment:
         return info
 
 
+def model_task(cfg: Config) -> tuple[str, Task, int]:
+    """(model source, task kind, block count) of ``cfg``'s model, from its config alone:
+    ``model.task = "auto"`` resolved, and the kind's own checks of ``cfg`` run (the core's
+    config knows no kinds: ``fedhello.tasks.check_config``), before anything expensive."""
+    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
+    name, num_layers = model_shape(source, cfg.model.task)
+    task = task_for(name)
+    check_config(cfg, task)
+    return source, task, num_layers
+
+
 def build_lora_classifier(
-    cfg: Config, label_names: list[str], task: str, num_layers: int, acc: Accelerator
+    cfg: Config, label_names: list[str], task: str, num_layers: int, accelerator: Accelerator
 ) -> tuple[LoadedModel, PeftModel, list[str], dict[str, int | None]]:
     """The backbone with a head for ``label_names`` and LoRA on its blocks, initialised from
     ``run.seed`` (on the CPU, so every device starts from the same adapter) and placed on
-    ``acc``: (loaded model and processor, PEFT model, adapter keys, block of each key).
-    Shared by the experiment and a site's ClientApp, so that both build the same model."""
+    ``accelerator``: (loaded model and processor, PEFT model, adapter keys, block of each key).
+    Shared by the experiment and a node's ClientApp, so that both build the same model."""
     torch.manual_seed(derived_int(cfg.run.seed, Purpose.INIT))  # head and LoRA A init
     loaded = load_model(cfg.model.name, label_names, task, cfg.model.allow_download)
     lora = cfg.lora
     model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     keys = adapter_keys(model)
-    acc.place(model, set(keys))
+    accelerator.place(model, set(keys))
     return loaded, model, keys, layer_of_keys(keys, num_layers)
 
 
 def split_data(
-    cfg: Config, task: str, raw: RawData | None = None
+    cfg: Config, task: Task, raw: RawData | None = None
 ) -> tuple[RawData, np.ndarray, list[np.ndarray]]:
     """(data, the server's proxy set, each client's shard): ``raw`` (read when not given)
     split as ``cfg`` says; the data's errors (columns, labels, sizes) surface here."""
@@ -168,9 +180,8 @@ def split_data(
 def check_data(cfg: Config, cache: DataCache) -> None:
     """Read and split the data of ``cfg`` now, keeping it in ``cache`` for the build that
     follows: an engine that starts other machinery first (Ray) fails on bad data before it."""
-    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
-    task, _ = model_shape(source, cfg.model.task)
-    key = DataCache.key(cfg, source, task)
+    source, task, _ = model_task(cfg)
+    key = DataCache.key(cfg, source, task.name)
     cached = cache.get(key)
     raw, _, _ = split_data(cfg, task, cached[0] if cached else None)
     if cached is None:
@@ -181,28 +192,24 @@ def build_experiment(
     cfg: Config,
     encode_data: bool = True,
     cache: DataCache | None = None,
-    acc: Accelerator | None = None,
+    accelerator: Accelerator | None = None,
     saved_profile: CostProfile | None = None,
-    resources: bool = True,
 ) -> Experiment:
-    """Model, data, partition and strategy of ``cfg``. ``encode_data=False`` skips tokenising
-    the whole dataset (most of the build on a large one): a ClientApp, which only trains its
-    own shard, encodes that alone (``fedhello.data.encoding.encode_positions``). ``cache``
-    reuses the data of an earlier build with the same data settings. ``acc``: the device and
-    precision (default: resolved from ``cfg``, first, so a missing GPU fails before loading).
-    ``saved_profile``: the cost profile a resumed run used (else stored or measured).
-    ``resources=False`` (a Flower node, which trains what the server allocated): no limits,
-    so no profile is measured."""
-    acc = acc or accelerator_for(cfg)
-    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
-    task, num_layers = model_shape(source, cfg.model.task)
+    """Model, data, partition and strategy of ``cfg`` (the server's side; a Flower node builds
+    only a ``NodeModel``). ``encode_data=False`` skips tokenising the whole dataset (most of
+    the build on a large one). ``cache`` reuses the data of an earlier build with the same
+    data settings. ``accelerator``: the device and precision (default: resolved from ``cfg``, first,
+    so a missing GPU fails before loading). ``saved_profile``: the cost profile a resumed run
+    used (else stored or measured)."""
+    accelerator = accelerator or accelerator_for(cfg)
+    source, task, num_layers = model_task(cfg)
     strategy = strategy_for(cfg, num_layers)
-    key = DataCache.key(cfg, source, task)
+    key = DataCache.key(cfg, source, task.name)
     cached = cache.get(key) if cache is not None else None
     raw, proxy, shards = split_data(cfg, task, cached[0] if cached else None)
 
     loaded, model, keys, layer_of = build_lora_classifier(
-        cfg, raw.label_names, task, num_layers, acc
+        cfg, raw.label_names, task.name, num_layers, accelerator
     )
     data = cached[1] if cached else None
     if data is None and encode_data:
@@ -219,16 +226,12 @@ def build_experiment(
 
     init_state = get_state(model, keys)
     under_test = ModelUnderTest(model, layer_of, num_layers, task, len(raw.label_names),
-                                loaded.source, acc)  # fmt: skip
-    res = (
-        setup_resources(cfg, strategy, under_test, init_state, saved_profile)
-        if resources
-        else no_limits(cfg)
-    )
+                                loaded.source, accelerator)  # fmt: skip
+    res = setup_resources(cfg, strategy, under_test, init_state, saved_profile)
     logger.info(
         "experiment: %s (%s, %d blocks), %d clients, budgets %s (floors %s); %s",
-        cfg.model.name, task, num_layers, len(strategy.budgets), strategy.budgets,
-        strategy.floors, acc.reason,
+        cfg.model.name, task.name, num_layers, len(strategy.budgets), strategy.budgets,
+        strategy.floors, accelerator.reason,
     )  # fmt: skip
     return Experiment(
         cfg=cfg,
@@ -248,31 +251,33 @@ def build_experiment(
         eval_test=subset("test", 0),
         eval_val=subset("validation", 1),
         proxy=proxy,
-        acc=acc,
+        accelerator=accelerator,
         resources=res,
     )
 
 
 @dataclass
-class SiteModel:
-    """What a site's ClientApp needs to train and evaluate: the model with its LoRA and head
-    for the federation's classes, and the processor. No configured dataset: a site may hold
-    nothing but its own file (the server sends the class names)."""
+class NodeModel:
+    """What a ClientApp builds to train and evaluate: the model with its LoRA and head for
+    the federation's classes (the server sends their names), and the processor; nothing of
+    the federation (no partition, strategy or resources). A site adds its own file, a
+    partition node the rows of the configured dataset the server sends: a light node."""
 
     cfg: Config
     model: PeftModel
     processor: Any
-    task: str
+    task: Task
     layer_of: dict[str, int | None]
     label_names: list[str]
-    acc: Accelerator
+    accelerator: Accelerator
     source: str
     num_layers: int
 
 
-def build_site_model(cfg: Config, label_names: list[str], acc: Accelerator) -> SiteModel:
-    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
-    task, num_layers = model_shape(source, cfg.model.task)
-    loaded, model, _, layer_of = build_lora_classifier(cfg, label_names, task, num_layers, acc)
-    return SiteModel(cfg, model, loaded.processor, task, layer_of, list(label_names), acc,
+def build_node_model(cfg: Config, label_names: list[str], accelerator: Accelerator) -> NodeModel:
+    _, task, num_layers = model_task(cfg)
+    loaded, model, _, layer_of = build_lora_classifier(
+        cfg, label_names, task.name, num_layers, accelerator
+    )
+    return NodeModel(cfg, model, loaded.processor, task, layer_of, list(label_names), accelerator,
                      loaded.source, num_layers)  # fmt: skip

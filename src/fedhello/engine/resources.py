@@ -1,10 +1,10 @@
 """The clients' resources in an experiment: their limits, the cost profile the limits are
 checked with, and the fit policy, set up once the model exists (the profile measures it).
 
-With layer-count budgets (the default, the paper's) there is nothing to set up: no limit, no
-profile, every plan passes through unchanged. With limits in real units the profile comes from
-the run's own copy (a resumed run), from the profile store (another run measured the same
-setting) or from the probe; each client then gets the layer count and floor its limit affords
+With budgets from the config alone (the default, the paper's) there is nothing to set up: no
+limit, no profile, every plan passes through unchanged. With limits in real units the profile
+comes from the run's own copy (a resumed run), from the profile store (another run measured the
+same setting) or from the probe; each client then gets the budget and floor its limit affords
 (``fedhello.core.fit.allowance``), so strategies choose within it, and ``fit`` checks every
 plan. A Flower node that declares its own limit brings its own profile, measured on its own
 device (``set_client``).
@@ -35,6 +35,7 @@ from fedhello.store.profiles import (
     read_profile,
     write_profile,
 )
+from fedhello.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,10 @@ class ModelUnderTest:
     model: torch.nn.Module
     layer_of: Mapping[str, int | None]
     num_layers: int
-    task: str
+    task: Task
     num_labels: int
     source: str
-    acc: Accelerator
+    accelerator: Accelerator
 
 
 def obtain_profile(
@@ -57,9 +58,11 @@ def obtain_profile(
 ) -> tuple[CostProfile, str]:
     """The stored profile of this setting, or a fresh measurement (then stored);
     returns it with ``"reused"`` or ``"measured"``."""
-    acc = m.acc
-    key = profile_key(cfg, m.source, m.task, m.num_layers, m.num_labels, acc.device_name(),
-                      acc.precision, acc.base_precision)  # fmt: skip
+    accelerator = m.accelerator
+    max_length = cfg.model.max_length if m.task.uses_max_length else None
+    a = accelerator
+    key = profile_key(cfg, m.source, m.task.name, m.num_layers, m.num_labels, a.device_name(),
+                      a.precision, a.base_precision, max_length)  # fmt: skip
     path = profile_path(profile_dir(cfg), key)
     found = None if remeasure else read_profile(path, key)
     if found is not None:
@@ -68,7 +71,7 @@ def obtain_profile(
     t0 = time.perf_counter()
     batch = synthetic_batch(m.model, m.task, cfg.train.batch_size, cfg.model.max_length,
                             m.num_labels)  # fmt: skip
-    profile = measure_profile(m.model, m.layer_of, m.num_layers, batch, acc, key, steps,
+    profile = measure_profile(m.model, m.layer_of, m.num_layers, batch, accelerator, key, steps,
                               cfg.train.max_grad_norm)  # fmt: skip
     write_profile(path, profile)
     logger.info("cost profile measured in %.1f s: %s", time.perf_counter() - t0, path)
@@ -78,14 +81,14 @@ def obtain_profile(
 def upload_only_profile(
     state: Mapping[str, Any], layer_of: Mapping[str, int | None], num_layers: int
 ) -> CostProfile:
-    """Tensor sizes only: what an upload limit on layer-count budgets needs."""
+    """Tensor sizes only: what an upload limit on top of layer budgets needs."""
     head, per_layer = upload_sizes(state, layer_of, num_layers)
     return CostProfile({}, num_layers, {}, per_layer, head)
 
 
 @dataclass
 class Resources:
-    """Per client: its limit (None: a layer count only) and the profile it is checked with."""
+    """Per client: its limit (None: a budget only) and the profile it is checked with."""
 
     limits: list[ResourceLimit | None]
     profiles: list[CostProfile | None]
@@ -98,7 +101,7 @@ class Resources:
         return apply_fit(plan, self.limits, self.profiles, self.policy)
 
     def record(self, client: int) -> dict[str, Any]:
-        """The limit fields of a client's record (none with layer-count budgets)."""
+        """The limit fields of a client's record (none for a client without a limit)."""
         limit = self.limits[client]
         return {} if limit is None else limit.as_record()
 
@@ -137,7 +140,7 @@ def setup_resources(
         profile, source = saved, "run"
     else:
         profile, source = obtain_profile(cfg, m)
-    if policy == "off" and cfg.clients.real_budgets:
+    if policy == "off" and cfg.clients.real_limits:
         logger.warning(
             "allocation.fit = off: the clients' limits (%s) only set their layer counts and "
             "are not enforced; a layer set may exceed them", cfg.clients.budget_kind,
@@ -145,13 +148,7 @@ def setup_resources(
     counts = list(strategy.budgets)  # layer budgets, capped below by an upload limit
     for client, limit in enumerate(limits):
         if limit is not None:
-            layer_count = None if cfg.clients.real_budgets else counts[client]
+            layer_count = None if cfg.clients.real_limits else counts[client]
             apply_limit(strategy, client, limit, profile, limit_source(cfg, client),
                         layer_count, floors=policy != "off")  # fmt: skip
     return Resources(limits, [profile] * len(limits), policy, cfg.allocation.fit, profile, source)
-
-
-def no_limits(cfg: Config) -> Resources:
-    """Layer counts only: nothing to check (a node's experiment; the server holds the limits)."""
-    k = cfg.clients.num_clients
-    return Resources([None] * k, [None] * k, "off", cfg.allocation.fit)

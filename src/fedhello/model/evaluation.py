@@ -16,10 +16,10 @@ def predict(
     data: ModelInputs,
     indices: np.ndarray,
     batch_size: int,
-    acc: Accelerator = CPU_FP32,
+    accelerator: Accelerator = CPU_FP32,
 ) -> tuple[np.ndarray, float]:
     """Predicted classes for ``indices`` (in their order) and the mean cross-entropy loss; the
-    forward runs on ``acc`` (the loss is computed in fp32 under autocast)."""
+    forward runs on ``accelerator`` (the loss is computed in fp32 under autocast)."""
     model.eval()
     indices = np.asarray(indices)
     order = data.length_order(indices)  # short with short: ~35% less padding on WordNet
@@ -27,8 +27,8 @@ def predict(
     loss_sum = 0.0
     for start in range(0, len(order), batch_size):
         pos = order[start : start + batch_size]
-        with acc.autocast():
-            out = model(**acc.to_device(data.batch(indices[pos])))
+        with accelerator.autocast():
+            out = model(**accelerator.to_device(data.batch(indices[pos])))
         loss_sum += float(out.loss) * len(pos)
         preds[pos] = out.logits.argmax(dim=-1).cpu().numpy()
     return preds, loss_sum / max(1, len(indices))
@@ -39,10 +39,10 @@ def evaluate(
     data: ModelInputs,
     indices: np.ndarray,
     batch_size: int,
-    acc: Accelerator = CPU_FP32,
+    accelerator: Accelerator = CPU_FP32,
 ) -> dict[str, float]:
     """Macro-F1 averages over the classes present in the labels or the predictions."""
-    preds, loss = predict(model, data, indices, batch_size, acc)
+    preds, loss = predict(model, data, indices, batch_size, accelerator)
     labels = data.labels[torch.as_tensor(np.asarray(indices))].numpy()
     return {
         "accuracy": float((preds == labels).mean()),

@@ -43,10 +43,10 @@ def fisher_scores(
     layer_of: Mapping[str, int | None],
     num_layers: int,
     batch_size: int = 32,
-    acc: Accelerator = CPU_FP32,
+    accelerator: Accelerator = CPU_FP32,
 ) -> list[float]:
     """Per-layer Fisher scores of the model's current adapter, in eval mode (no dropout). The
-    forward runs on ``acc`` under its autocast; the per-example products are taken in fp32
+    forward runs on ``accelerator`` under its autocast; the per-example products are taken in fp32
     (squares of bf16 gradients summed over thousands of terms would lose the small layers)."""
     modules = _lora_modules(model, layer_of)
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -59,16 +59,16 @@ def fisher_scores(
     ]
     totals = np.zeros(num_layers, dtype=np.float64)
     # fp16 gradients of small losses underflow: scale the loss, unscale in fp32 (as GradScaler)
-    scale = 1024.0 if acc.precision == "fp16" else 1.0
+    scale = 1024.0 if accelerator.precision == "fp16" else 1.0
     try:
         for name, p in model.named_parameters():
             p.requires_grad_(name in layer_of and layer_of[name] is not None)
         model.eval()
         for start in range(0, len(indices), batch_size):
             captured.clear()
-            batch = acc.to_device(data.batch(indices[start : start + batch_size]))
+            batch = accelerator.to_device(data.batch(indices[start : start + batch_size]))
             labels = batch.pop("labels")
-            with acc.autocast():
+            with accelerator.autocast():
                 logits = model(**batch).logits
             # Sum, not mean: each example's gradient of -log p(y|x) at full scale.
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")

@@ -13,39 +13,26 @@ from typing import Any
 
 from fedhello.core.errors import ModelError
 from fedhello.model.source import model_shape, resolve_model_source
+from fedhello.tasks import Task, task_for
 
 logger = logging.getLogger(__name__)
-
-
-def model_class(task: str) -> Any:
-    """The transformers auto class of a task: what ``load_model`` builds and exports name."""
-    import transformers
-
-    return getattr(transformers, f"AutoModelFor{TASK_CLASSES[task]}")
-
-
-# Task -> the transformers head (``AutoModelFor<head>``).
-TASK_CLASSES = {
-    "text": "SequenceClassification",
-    "image": "ImageClassification",
-    "multiple-choice": "MultipleChoice",
-}
 
 
 @dataclass
 class LoadedModel:
     model: Any  # a transformers PreTrainedModel with a fresh classification head
-    processor: Any  # tokenizer (text) or image processor (image)
-    task: str  # "text", "image" or "multiple-choice"
+    processor: Any  # what the task's inputs are made with: a tokenizer, an image processor
+    task: Task  # the task kind it was built for ("auto" resolved)
     source: str  # the folder or hub name it was loaded from
 
 
 def load_model(
     name: str, label_names: Sequence[str], task: str = "auto", allow_download: bool = False
 ) -> LoadedModel:
-    """Load the backbone with a head for ``label_names`` (newly initialised): a classifier,
-    or for multiple choice a scorer of each (context, choice) pair, whose ``label_names`` are
-    the choices."""
+    """Load the backbone with a head for ``label_names`` (newly initialised): the head of the
+    ``task`` kind (a ``model.task`` value; "auto": from the model's config), a classifier, or
+    for multiple choice a scorer of each (context, choice) pair, whose ``label_names`` are the
+    choices; and the kind's processor."""
     source = resolve_model_source(name, allow_download)
     id2label = dict(enumerate(label_names))
     offline = not allow_download
@@ -56,21 +43,15 @@ def load_model(
         "label2id": {v: k for k, v in id2label.items()},
         "ignore_mismatched_sizes": True,
     }
+    kind = task_for(model_shape(source, task)[0])
     try:
-        task = model_shape(source, task)[0]
-        if task == "image":
-            from transformers import AutoImageProcessor
-
-            model = model_class(task).from_pretrained(source, **kwargs)
-            processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
-        else:
-            from transformers import AutoTokenizer
-
-            model = model_class(task).from_pretrained(source, **kwargs)
-            processor = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = kind.model_class().from_pretrained(source, **kwargs)
+        processor = kind.load_processor(source, offline)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model.name = {name!r}: cannot load a {task} model: {first}") from None
+        raise ModelError(
+            f"model.name = {name!r}: cannot load a {kind.name} model: {first}"
+        ) from None
     model.float()
-    logger.info("loaded %s model from %s", task, source)
-    return LoadedModel(model=model, processor=processor, task=task, source=source)
+    logger.info("loaded %s model from %s", kind.name, source)
+    return LoadedModel(model=model, processor=processor, task=kind, source=source)

@@ -1,17 +1,37 @@
-"""Meters of what a client's training costs: process memory and the tensors kept for backward.
+"""Meters of what a client's training costs: time, process memory, the tensors kept for
+backward, the accelerator's peak.
 
 ``PeakRSS`` samples the resident set size of the whole process (the frozen model included);
 ``SavedTensorMeter`` counts only what autograd keeps for the backward pass, which is what
-allocating deeper or shallower layers changes.
+allocating deeper or shallower layers changes. ``ClientMeter`` holds all of a client's meters
+in one context, so the training loop only marks where it starts, what it watches and each
+step. ``train_memory_mb`` is the training memory a client records and the probe measures.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import psutil
 import torch
+
+if TYPE_CHECKING:
+    from fedhello.model.accelerator import Accelerator
+
+# A float32 gradient and AdamW's two float32 moments per trainable parameter (fp32 in every
+# precision): 3 x 4 bytes.
+OPTIMIZER_BYTES_PER_PARAM = 3 * 4
+
+
+def train_memory_mb(saved_peak: int, trainable: int) -> float:
+    """Training memory on top of the frozen model (MiB): the peak step's tensors saved for
+    backward (bytes) + gradient and optimizer state of ``trainable`` parameters."""
+    return (saved_peak + OPTIMIZER_BYTES_PER_PARAM * trainable) / 2**20
 
 
 class PeakRSS:
@@ -65,3 +85,56 @@ class SavedTensorMeter:
 
     def hooks(self) -> Any:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+class ClientMeter:
+    """Everything one client's training is measured by, in one context: wall time, the process
+    RSS peak and the accelerator's allocator peak over the whole ``with`` block, the tensors
+    saved for backward (``watch``, once the model's trainable tensors are in place: parameter
+    storages are not counted, and a rank slice replaces them) and the time of each ``step``
+    (up to the accelerator's queue having run)."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.saved: SavedTensorMeter | None = None
+        self.step_times: list[float] = []
+        self.seconds = 0.0
+        self.device_peak_mb: float | None = None
+        self._rss = PeakRSS()
+
+    def __enter__(self) -> ClientMeter:
+        self._start = time.perf_counter()
+        self.accelerator.reset_peak_memory()
+        self._rss.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.device_peak_mb = self.accelerator.peak_memory_mb()
+        self._rss.__exit__(*exc)
+        self.seconds = time.perf_counter() - self._start
+
+    def watch(self, model: torch.nn.Module) -> SavedTensorMeter:
+        """The saved-for-backward meter of ``model`` (its parameters as they are now)."""
+        self.saved = SavedTensorMeter(model)
+        return self.saved
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """One local step (batch, forward, backward, update), timed once its queue has run."""
+        start = time.perf_counter()
+        yield
+        self.accelerator.synchronize()
+        self.step_times.append(time.perf_counter() - start)
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return self._rss.peak_mb
+
+    @property
+    def step_seconds(self) -> float:
+        """The median step, as the profile measures it (the first step also warms caches)."""
+        return float(np.median(self.step_times))
+
+    def train_memory_mb(self, trainable: int) -> float:
+        assert self.saved is not None, "watch the model first"
+        return train_memory_mb(self.saved.peak, trainable)

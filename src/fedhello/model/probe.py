@@ -22,33 +22,23 @@ from typing import Any
 
 import torch
 
-from fedhello.core.fit import MB
 from fedhello.core.profile import Cost, CostProfile
 from fedhello.model.accelerator import Accelerator
 from fedhello.model.lora import apply_layer_mask, get_state, set_state
-from fedhello.model.meters import SavedTensorMeter
-from fedhello.model.training import LocalStep
+from fedhello.model.meters import SavedTensorMeter, train_memory_mb
+from fedhello.model.step import LocalStep, local_optimizer
+from fedhello.tasks import Task
 
 logger = logging.getLogger(__name__)
 
 
 def synthetic_batch(
-    model: torch.nn.Module, task: str, batch_size: int, max_length: int, num_labels: int
+    model: torch.nn.Module, task: Task, batch_size: int, max_length: int, num_labels: int
 ) -> dict[str, torch.Tensor]:
-    """A full-size batch: ``max_length`` tokens without padding (for multiple choice, per
-    choice: ``num_labels`` of them per example), or full-size images."""
-    gen = torch.Generator().manual_seed(0)
-    config = model.config
-    labels = torch.randint(0, num_labels, (batch_size,), generator=gen)
-    if task in ("text", "multiple-choice"):
-        vocab = int(getattr(config, "vocab_size", 30000))
-        shape = (batch_size, max_length) if task == "text" else (batch_size, num_labels, max_length)
-        ids = torch.randint(min(1000, vocab - 1), vocab, shape, generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    size = int(getattr(config, "image_size", 224))
-    channels = int(getattr(config, "num_channels", 3))
-    pixels = torch.randn(batch_size, channels, size, size, generator=gen)
-    return {"pixel_values": pixels, "labels": labels}
+    """A full-size batch of ``task``'s inputs (``Task.synthetic_batch``): ``max_length``
+    tokens without padding (for multiple choice, per choice: ``num_labels`` of them per
+    example), or full-size images."""
+    return task.synthetic_batch(model, batch_size, max_length, num_labels)
 
 
 def _measure(
@@ -56,28 +46,28 @@ def _measure(
     layers: range,
     layer_of: Mapping[str, int | None],
     batch: dict[str, torch.Tensor],
-    acc: Accelerator,
+    accelerator: Accelerator,
     steps: int,
     max_grad_norm: float,
 ) -> Cost:
     params = apply_layer_mask(model, layers, layer_of)
-    optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: the weights stay as they are
+    optimizer = local_optimizer(params, lr=0.0)  # lr 0: the weights stay as they are
     meter = SavedTensorMeter(model)
-    step_once = LocalStep(model, params, optimizer, acc.grad_scaler(), meter, acc)
+    step_once = LocalStep(model, params, optimizer, accelerator.grad_scaler(), meter, accelerator)
     times = []
-    acc.reset_peak_memory()
+    accelerator.reset_peak_memory()
     for step in range(steps + 1):  # one warm-up step (allocator, autocast caches, kernels)
-        acc.synchronize()
+        accelerator.synchronize()
         t0 = time.perf_counter()
         step_once(batch, max_grad_norm)
-        acc.synchronize()
+        accelerator.synchronize()
         if step > 0:
             times.append(time.perf_counter() - t0)
     trainable = sum(p.numel() for p in params)
-    peak = acc.peak_memory_mb()
+    peak = accelerator.peak_memory_mb()
     del optimizer
-    # the same formula as a client's train_memory_mb (fedhello.model.training)
-    return Cost((meter.peak + 3 * 4 * trainable) / MB, statistics.median(times), peak)
+    # what a client records as its train_memory_mb (the same function)
+    return Cost(train_memory_mb(meter.peak, trainable), statistics.median(times), peak)
 
 
 def measure_profile(
@@ -85,25 +75,28 @@ def measure_profile(
     layer_of: Mapping[str, int | None],
     num_layers: int,
     batch: dict[str, torch.Tensor],
-    acc: Accelerator,
+    accelerator: Accelerator,
     key: dict[str, Any],
     steps: int = 3,
     max_grad_norm: float = 1.0,
 ) -> CostProfile:
-    """Every ``(lowest block, count)`` measured on ``model`` (already on ``acc``'s device)."""
+    """Every ``(lowest block, count)`` measured on ``model`` (already on ``accelerator``'s
+    device)."""
     state = get_state(model, list(layer_of))
     was_training = model.training
-    on_device = acc.to_device(batch)
+    on_device = accelerator.to_device(batch)
     model.train()
     table: dict[tuple[int, int], Cost] = {}
-    devices = [acc.device] if acc.device.type == "cuda" else []
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
             for b in range(num_layers):
                 for n in range(1, num_layers - b + 1):
                     layers = range(b, b + n)
-                    cost = _measure(model, layers, layer_of, on_device, acc, steps, max_grad_norm)
+                    cost = _measure(
+                        model, layers, layer_of, on_device, accelerator, steps, max_grad_norm
+                    )
                     table[(b, n)] = cost
     finally:
         set_state(model, state)

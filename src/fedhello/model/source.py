@@ -15,17 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedhello.core.errors import ModelError
-
-IMAGE_MODEL_TYPES = {
-    "vit",
-    "deit",
-    "beit",
-    "swin",
-    "dinov2",
-    "convnext",
-    "swinv2",
-    "data2vec-vision",
-}
+from fedhello.tasks import AUTO, detect_task
 
 # The shape of the paper's hub models (their config.json: model_type, num_hidden_layers), so
 # that ``fedhello plan`` and the config checks work offline on the presets in configs/paper/.
@@ -90,15 +80,16 @@ def resolve_model_source(name: str, allow_download: bool) -> str:
 
 
 def model_shape(source: str, task: str = "auto") -> tuple[str, int]:
-    """(task, number of transformer blocks) of the model at ``source``, from its config.
+    """(task name, number of transformer blocks) of the model at ``source``, from its config.
 
-    ``task`` "auto" becomes "image" for vision model types, else "text". A local folder is
-    read as JSON; the paper's hub models are known (``KNOWN_HUB_SHAPES``); any other hub name
+    ``task`` "auto" becomes the registered kind that claims the model's config (image for
+    vision model types), else text (``fedhello.tasks.detect_task``). A local folder is read
+    as JSON; the paper's hub models are known (``KNOWN_HUB_SHAPES``); any other hub name
     (downloads allowed) goes through transformers' AutoConfig."""
     config_file = Path(source) / "config.json"
     if not config_file.is_file() and source in KNOWN_HUB_SHAPES:
         known_task, blocks = KNOWN_HUB_SHAPES[source]
-        return (known_task if task == "auto" else task), blocks
+        return (known_task if task == AUTO else task), blocks
     if config_file.is_file():
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -111,8 +102,8 @@ def model_shape(source: str, task: str = "auto") -> tuple[str, int]:
             config = AutoConfig.from_pretrained(source).to_dict()
         except (OSError, ValueError) as err:
             raise ModelError(f"model {source!r}: cannot read its config: {err}") from None
-    if task == "auto":
-        task = "image" if config.get("model_type") in IMAGE_MODEL_TYPES else "text"
+    if task == AUTO:
+        task = detect_task(config)
     for key in BLOCK_COUNT_KEYS:
         if isinstance(config.get(key), int):
             return task, int(config[key])

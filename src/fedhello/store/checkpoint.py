@@ -3,7 +3,8 @@
 A checkpoint of round r is two files under ``<run>/checkpoints/``:
 
     round-000r.safetensors   the global adapter + head, and the server momentum (``momentum/``)
-    round-000r.json          round, strategy state (Fisher scores), config hash, tensor hash
+    round-000r.json          round, strategy state (Fisher scores), config hash, tensor hash,
+                             numerics version (``fedhello.core.numerics``; none: version 1)
 
 Both are written to a temporary name and renamed (atomic on POSIX); the JSON goes last and
 holds the SHA-256 of the tensor file, so a half-written or truncated checkpoint is detected and
@@ -27,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from fedhello.core.errors import RunDirError
+from fedhello.core.numerics import NUMERICS_VERSION, recorded_version
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ def save_checkpoint(
         "tensors_sha256": _sha256(stem.with_suffix(".safetensors")),
         "keys": sorted(state),
         "strategy_state": strategy_state,
+        "numerics_version": NUMERICS_VERSION,
     }
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, sort_keys=True))
@@ -109,6 +112,13 @@ def _load_one(meta_path: Path, cfg_hash: str, keys: set[str]) -> Checkpoint:
             f"checkpoint {str(meta_path)!r} belongs to another config or model "
             "(its config hash or tensor names differ from this run's)"
         )
+    version = recorded_version(meta)
+    if version != NUMERICS_VERSION:  # resuming would mix two arithmetics in one run
+        raise RunDirError(
+            f"checkpoint {str(meta_path)!r} was computed with numerics version {version}, this "
+            f"fedhello computes version {NUMERICS_VERSION} (fedhello.core.numerics): start the "
+            "run again with --overwrite"
+        )
     tensors_path = meta_path.with_suffix(".safetensors")
     if not tensors_path.is_file() or _sha256(tensors_path) != meta["tensors_sha256"]:
         raise ValueError("tensor file missing or its checksum differs (truncated?)")
@@ -139,4 +149,16 @@ def load_latest(folder: Path, cfg_hash: str, keys: set[str]) -> Checkpoint | Non
             f"every checkpoint in {str(folder)!r} is damaged ({', '.join(broken)}): "
             "start the run again with --overwrite"
         )
+    return None
+
+
+def checkpoint_numerics(folder: Path) -> int | None:
+    """The numerics version of the newest readable checkpoint in ``folder`` (what a resumed
+    run would continue from); None if there is none (a resume starts from round 1)."""
+    metas = sorted(folder.glob("round-*.json"), reverse=True) if folder.is_dir() else []
+    for meta_path in metas:
+        try:
+            return recorded_version(json.loads(meta_path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
     return None

@@ -26,8 +26,10 @@ logger = logging.getLogger(__name__)
 
 def profile_key(
     cfg: Config, source: str, task: str, num_layers: int, num_labels: int, device: str,
-    precision: str, base_precision: str,
+    precision: str, base_precision: str, max_length: int | None,
 ) -> dict[str, Any]:  # fmt: skip
+    """The key of a setting's profile. ``task``: the task kind's name; ``max_length``: the
+    tokens per example, or None for a kind whose inputs are not token sequences (images)."""
     import torch
 
     return {
@@ -39,7 +41,7 @@ def profile_key(
         "lora_dropout": cfg.lora.dropout,
         "lora_target_modules": list(cfg.lora.target_modules),
         "batch_size": cfg.train.batch_size,
-        "max_length": cfg.model.max_length if task != "image" else None,
+        "max_length": max_length,
         "device": device,
         "precision": precision,
         "base_precision": base_precision,

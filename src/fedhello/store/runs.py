@@ -2,9 +2,9 @@
 
 runs/<name>/config.toml     the resolved config (every default spelled out)
 runs/<name>/metrics.jsonl   one JSON object per round
-runs/<name>/summary.json    final full-test metrics, wall time, totals
+runs/<name>/summary.json    final full-test metrics, wall time, totals, numerics version
 runs/<name>/adapter/        PEFT adapter (LoRA + head): PeftModel.from_pretrained(base, here)
-runs/<name>/profile.json    the cost profile its limits were checked with (real budgets)
+runs/<name>/profile.json    the cost profile its limits were checked with (real-unit limits)
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 from fedhello.core.config import Config
 from fedhello.core.errors import RunDirError
+from fedhello.core.numerics import recorded_version
+from fedhello.store.checkpoint import checkpoint_numerics
 
 # What a run records of its resolved precision (summary.json and every round's record).
 PRECISION_KEYS = ("precision", "base_precision")
@@ -40,7 +42,7 @@ class RunDir:
 
     @property
     def profile_path(self) -> Path:
-        """The cost profile the run checked its clients' limits with (real budgets only)."""
+        """The cost profile the run checked its clients' limits with (real-unit limits only)."""
         return self.path / "profile.json"
 
     @property
@@ -116,6 +118,14 @@ class RunDir:
             return None
         source = self.read_summary() if self.summary_path.is_file() else records[0]
         return {k: str(source.get(k, "fp32")) for k in PRECISION_KEYS}
+
+    def recorded_numerics(self) -> int | None:
+        """The numerics version this run's numbers come from (``fedhello.core.numerics``): its
+        summary's; for a run that has not finished, its newest checkpoint's (what a resume
+        keeps: the rounds after it are recomputed); None with neither (nothing to keep)."""
+        if self.summary_path.is_file():
+            return recorded_version(self.read_summary())
+        return checkpoint_numerics(self.checkpoint_dir)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -10,7 +10,10 @@ A comparison folder holds one run directory per (partition, strategy, seed):
     <compare>/runs/centralized/seed<k>/    the non-federated reference (same steps in total)
     <compare>/results.md, results.csv, plots/   written by fedhello.studies.report
 
-A finished run (summary.json with the same config) is reused, a crashed one resumed.
+A finished run (summary.json with the same config and numerics version) is reused, a crashed
+one resumed. A cell of an older numerics version (``fedhello.core.numerics``; a run that
+records none is version 1) is run again and replaced, with a warning saying why, so that a table
+never mixes two arithmetics; a cell of a newer one (a newer fedhello's) is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fedhello.core.config import (
     outcome_differences,
 )
 from fedhello.core.errors import ConfigError, RunDirError
+from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
 from fedhello.engine.experiment import DataCache
@@ -170,7 +174,8 @@ def run_cell(
     cell: Cell, cfg: Config, root: Path, observer: Observer | None = None,
     cache: DataCache | None = None,
 ) -> str:  # fmt: skip
-    """Run one cell unless it is finished; returns "reused", "resumed" or "ran"."""
+    """Run one cell unless it is finished; returns "reused", "resumed", "ran" or "rerun" (a
+    cell of an older numerics version, ``fedhello.core.numerics``, computed again in place)."""
     run = RunDir(cell.path(root))
     options = RunOptions(observer=observer or Observer(), cache=cache)
     if run.config_path.is_file():
@@ -182,6 +187,24 @@ def run_cell(
                 f"{run.path} holds a run with another config ({', '.join(diff)}): "
                 "use a new comparison folder"
             )
+        recorded = run.recorded_numerics()
+        if recorded is not None and recorded > NUMERICS_VERSION:
+            raise RunDirError(
+                f"{run.path} was computed with numerics version {recorded}, newer than this "
+                f"fedhello's {NUMERICS_VERSION}: update fedhello, or use a new comparison folder"
+            )
+        if recorded is not None and recorded != NUMERICS_VERSION:
+            # same config, older arithmetic: its numbers must not sit in a table beside
+            # today's, and resuming it would mix the two within one run. Its files are replaced
+            # only once the new run has started (a setup error leaves them as they were).
+            logger.warning(
+                "%s was computed with numerics version %d, this fedhello computes version %d "
+                "(fedhello.core.numerics): running it again, its files replaced",
+                run.path, recorded, NUMERICS_VERSION,
+            )  # fmt: skip
+            options.overwrite = True
+            run_embedded(cfg, run, options)
+            return "rerun"
         if run.summary_path.is_file():
             return "reused"
         options.resume = True

@@ -47,10 +47,10 @@ def accuracy_plot(
     series = [*groups.items(), *([("centralized", reference)] if reference else [])]
     for i, (strategy, runs) in enumerate(series):
         rounds = [x["round"] for x in runs[0].records if "test_accuracy" in x]
-        acc = np.array(
+        accuracy = np.array(
             [[x["test_accuracy"] for x in r.records if "test_accuracy" in x] for r in runs]
         )
-        mean = acc.mean(axis=0)
+        mean = accuracy.mean(axis=0)
         style = "--" if strategy == "centralized" else "-"
         label = f"{strategy} (n={len(runs)})"
         (line,) = ax.plot(
@@ -59,8 +59,8 @@ def accuracy_plot(
         if len(runs) > 1:
             ax.fill_between(
                 rounds,
-                100 * acc.min(axis=0),
-                100 * acc.max(axis=0),
+                100 * accuracy.min(axis=0),
+                100 * accuracy.max(axis=0),
                 alpha=0.15,
                 color=line.get_color(),
             )
@@ -165,7 +165,7 @@ def resource_plot(partition: str, groups: dict[str, list[RunData]], path: Path) 
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for strategy, runs in groups.items():
-        acc = 100 * np.array([r.summary["test_accuracy"] for r in runs])
+        accuracy = 100 * np.array([r.summary["test_accuracy"] for r in runs])
         costs = {
             "client_seconds": np.array([r.summary["client_seconds"] for r in runs]),
             "peak_mb": np.array([peak_train_mb(r) for r in runs]),
@@ -174,9 +174,9 @@ def resource_plot(partition: str, groups: dict[str, list[RunData]], path: Path) 
         for ax, key in zip(axes, costs, strict=True):
             x = costs[key]
             ax.errorbar(
-                x.mean(), acc.mean(),
+                x.mean(), accuracy.mean(),
                 xerr=[[x.mean() - x.min()], [x.max() - x.mean()]],
-                yerr=[[acc.mean() - acc.min()], [acc.max() - acc.mean()]],
+                yerr=[[accuracy.mean() - accuracy.min()], [accuracy.max() - accuracy.mean()]],
                 fmt="o", capsize=3, label=f"{strategy} (n={len(runs)})",
             )  # fmt: skip
     axes[0].set(xlabel="total client compute per run (s)", ylabel="final test accuracy (%)")

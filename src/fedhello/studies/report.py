@@ -5,7 +5,7 @@ Accuracy columns: ``final`` is each run's whole-test-split accuracy after the la
 (summary.json); ``last-5`` averages the per-round accuracy (on the fixed evaluation subset) of
 the last five rounds; ``val-selected`` picks each run's round of best validation accuracy and
 reports the test accuracy of that round: the test set never chooses anything. ``train MB by tier``
-is the largest per-client training memory in each budget tier: tensors autograd saved for the
+is the largest per-client training memory in each tier: tensors autograd saved for the
 backward pass (peak step) plus gradients and AdamW state of the trained tensors; it excludes
 the frozen model every client holds anyway. With memory limits a second table sets, per tier,
 the largest training memory of any client in any seed against the tier's limit, with the
@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from fedhello.core.numerics import NUMERICS_VERSION, recorded_version
 from fedhello.studies.paired import paired_differences, write_paired
 from fedhello.studies.plots import write_plots
-from fedhello.studies.results import Row, collect, group, mean_std, val_selected
+from fedhello.studies.results import Row, RunData, collect, group, mean_std, val_selected
+
+logger = logging.getLogger(__name__)
 
 
 def summarize(rows: list[Row]) -> list[dict[str, Any]]:
     table = []
     for row in rows:
-        acc = mean_std([r.summary["test_accuracy"] for r in row.runs])
+        accuracy = mean_std([r.summary["test_accuracy"] for r in row.runs])
         f1 = mean_std([r.summary["test_macro_f1"] for r in row.runs])
         last5 = [
             statistics.fmean([x["test_accuracy"] for x in r.records if "test_accuracy" in x][-5:])
@@ -52,8 +56,8 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
                 "partition": row.partition,
                 "strategy": row.strategy,
                 "seeds": len(row.runs),
-                "acc_mean": acc[0],
-                "acc_std": acc[1],
+                "acc_mean": accuracy[0],
+                "acc_std": accuracy[1],
                 "f1_mean": f1[0],
                 "f1_std": f1[1],
                 "last5_mean": statistics.fmean(last5),
@@ -131,9 +135,26 @@ def write_report(
     out = Path(out) if out else root
     out.mkdir(parents=True, exist_ok=True)
     runs = collect(root)
+    warn_mixed_numerics(runs, root)
     table = summarize(group(runs))
     paired = paired_differences(runs, baseline)  # a bad --baseline fails before any write
     write_tables(table, out)
     write_paired(paired, out)
     plots = write_plots(runs, out / "plots")
     return {"table": table, "paired": paired, "plots": [str(p) for p in plots]}
+
+
+def warn_mixed_numerics(runs: list[RunData], root: Path) -> None:
+    """Say so when the runs' numbers come from more than one numerics version
+    (``fedhello.core.numerics``): the tables are still written, as the folder holds them, but
+    ``fedhello compare`` on it would first run the older cells again."""
+    versions: dict[int, int] = defaultdict(int)
+    for run in runs:
+        versions[recorded_version(run.summary)] += 1
+    if len(versions) > 1:
+        counts = ", ".join(f"{n} run(s) of version {v}" for v, n in sorted(versions.items()))
+        logger.warning(
+            "%s mixes numerics versions (%s): its tables set numbers of different arithmetic "
+            "side by side; fedhello compare on it recomputes the cells older than version %d",
+            root, counts, NUMERICS_VERSION,
+        )  # fmt: skip

@@ -21,6 +21,7 @@ from fedhello.core.aggregation import (
 )
 from fedhello.core.allocation.options import StrategyOptions
 from fedhello.core.errors import ConfigError
+from fedhello.core.hooks import HookSpec
 from fedhello.core.layers import AllocationPlan, ClientAllocation, check_layers
 
 _REGISTRY: dict[str, type[AllocationStrategy]] = {}
@@ -29,11 +30,11 @@ _REGISTRY: dict[str, type[AllocationStrategy]] = {}
 class AllocationStrategy(ABC):
     """Decides each round's heterogeneous LoRA allocation (HLA).
 
-    ``budgets[c]`` is the number of layers client ``c`` can afford (at least 1) and
-    ``floors[c]`` the lowest block it may train (0 with layer-count budgets; with limits in
-    real units the lowest block from which any ``budgets[c]`` layers fit, see
-    ``fedhello.core.fit``): a strategy chooses within ``[floor, L)`` (``window``). The strategy
-    owns both (``set_budget`` changes one, e.g. when a Flower node declares its own).
+    ``budgets[c]`` is client ``c``'s budget: the number of layers it can afford (at least 1),
+    and ``floors[c]`` the lowest block it may train (0 without a memory or time limit; with
+    one, the lowest block from which any ``budgets[c]`` layers fit, see ``fedhello.core.fit``): a
+    strategy chooses within ``[floor, L)`` (``window``). The strategy owns both (``set_budget``
+    changes one client's, e.g. when a Flower node declares its own budget or limit).
     Every random draw comes from ``fedhello.core.seeds.generator(seed, Purpose.ALLOCATE,
     round, client)``. Subclasses set ``name`` (the config's ``allocation.strategy``), may set
     ``Options`` (a :class:`StrategyOptions` model) and implement ``layers_for``.
@@ -63,7 +64,7 @@ class AllocationStrategy(ABC):
             self.budgets.append(self._checked(len(self.budgets), b))
         self.floors: list[int] = [0] * len(self.budgets)
         self.max_rank: int | None = None  # the global adapter's rank (configure_adapter)
-        self.kind = "AB"  # the factors clients train: "B" under FFA-LoRA
+        self.factors = "AB"  # the LoRA factors clients train: "B" under FFA-LoRA
         self.seed = seed
         self.options = options if options is not None else self.Options()
         if not isinstance(self.options, self.Options):
@@ -79,8 +80,8 @@ class AllocationStrategy(ABC):
         return int(budget)
 
     def set_budget(self, client: int, budget: int, floor: int = 0) -> None:
-        """The budget of one client (a node that declares its own resources): ``budget``
-        layers at or above block ``floor``."""
+        """The budget of one client (a node that declares its own budget, or a limit that
+        affords it): ``budget`` layers at or above block ``floor``."""
         if not 0 <= floor < self.num_layers:
             raise ConfigError(f"client {client}: floor {floor}; allowed: 0..{self.num_layers - 1}")
         self.budgets[client] = self._checked(client, budget)
@@ -91,7 +92,7 @@ class AllocationStrategy(ABC):
         if max_rank < 1:
             raise ConfigError(f"lora.r = {max_rank}; allowed: at least 1")
         self.max_rank = max_rank
-        self.kind = "B" if freeze_a else "AB"
+        self.factors = "B" if freeze_a else "AB"
 
     def rank_for(self, round: int, client: int) -> int | None:
         """The rank ``client`` trains at in ``round``; None: the full rank (layer strategies)."""
@@ -115,7 +116,7 @@ class AllocationStrategy(ABC):
                 self.budgets[c],
                 check_layers(self.layers_for(round, c), self.num_layers),
                 rank=self.rank_for(round, c),
-                tensors=self.kind,
+                factors=self.factors,
             )
             for c in clients
         )
@@ -132,6 +133,18 @@ class AllocationStrategy(ABC):
         and what the method adds to the round's record. Default: masked per-layer FedAvg."""
         state, report = aggregate_masked(global_state, updates, layer_of, self.num_layers, weighted)
         return state, report, {}
+
+    @classmethod
+    def client_hooks(
+        cls, options: StrategyOptions, client_model: str = "full"
+    ) -> tuple[HookSpec, ...]:
+        """What this method's clients do beyond training their spec, as plain data: the
+        model layer runs each hook by name (``fedhello.model.hooks``). Default: nothing,
+        except FedRA's own client model where ``allocation.client_model = "subnetwork"``
+        (only the allocated blocks run). A method with a client side overrides this (HetLoRA:
+        rank self-pruning) and keeps the parent's hooks."""
+        del options
+        return (HookSpec("subnetwork"),) if client_model == "subnetwork" else ()
 
     def target(self) -> list[float] | None:
         """Target share of layer-slots per layer (sums to 1), or None if there is no target."""

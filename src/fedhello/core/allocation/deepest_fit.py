@@ -1,11 +1,11 @@
 """``deepest-fit``: every client trains all the layers it can afford, from the lowest block it
 can afford up to the top.
 
-The cost-optimal baseline for real budgets: backward stops at the lowest trained block, so the
-top ``n`` blocks are the cheapest placement of ``n`` layers, and a client that can afford
-``n`` layers at all can afford these. With layer-count budgets it is the geometric inverted
-triangle. Related work trains the layers nearest the output for the same reason (LEGEND, arXiv
-2412.20004; FedQuad, arXiv 2506.01001).
+The cost-optimal baseline for limits in real units: backward stops at the lowest trained
+block, so the top ``n`` blocks are the cheapest placement of ``n`` layers, and a client that can
+afford ``n`` layers at all can afford these. With budgets alone (no limits) it is the geometric
+inverted triangle. Related work trains the layers nearest the output for the same reason
+(LEGEND, arXiv 2412.20004; FedQuad, arXiv 2506.01001).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from fedhello.core.aggregation import (
 from fedhello.core.allocation.base import register
 from fedhello.core.allocation.options import StrategyOptions
 from fedhello.core.allocation.ranked import RankAllocation, RankOptions
+from fedhello.core.hooks import HookSpec
 from fedhello.core.layers import lora_factor
 from fedhello.core.ranks import product_norm
 
@@ -72,6 +73,19 @@ class HetLoRAAllocation(RankAllocation):
 
     def rank_for(self, round: int, client: int) -> int | None:
         return min(self.budget_rank(client), self.pruned.get(client, self.max_rank or 1))
+
+    @classmethod
+    def client_hooks(
+        cls, options: StrategyOptions, client_model: str = "full"
+    ) -> tuple[HookSpec, ...]:
+        """The client's half of the method: the regulariser and the pruned upload
+        (``fedhello.model.hooks.rank_pruning``)."""
+        assert isinstance(options, HetLoRAOptions)
+        pruning = HookSpec("rank-pruning", {
+            "penalty": options.rank_penalty, "decay": options.rank_decay,
+            "min_rank": options.min_rank,
+        })  # fmt: skip
+        return (pruning, *super().client_hooks(options, client_model))
 
     def aggregate(
         self,

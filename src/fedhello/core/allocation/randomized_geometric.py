@@ -53,7 +53,7 @@ class WeightedRandomAllocation(AllocationStrategy):
 
     def layers_for(self, round: int, client: int) -> Sequence[int]:
         """Drawn from the weights of the client's window ``[floor, L)``: the shape keeps its
-        relative probabilities there (with layer budgets the window is every layer)."""
+        relative probabilities there (without a memory or time limit the window is every layer)."""
         rng = generator(self.seed, Purpose.ALLOCATE, round, client)
         n, floor = self.window(client)
         drawn = draw_layers(self.weights(round)[floor:], n, self.options.sampler, rng)

@@ -1,6 +1,6 @@
 """Rank heterogeneity: every client trains every layer, at a rank its budget affords.
 
-The base of the rank methods (``hetlora``, ``flexlora``). Budgets stay in the paper's unit so
+The base of the rank methods (``hetlora``, ``flexlora``). Budgets stay layer counts (no limits) so
 that a tier means the same thing for every kind of heterogeneity: the same number of
 trainable LoRA parameters. A client allowed ``n`` of ``L`` layers at rank ``r_max`` trains,
 under a rank method, all ``L`` layers at rank ``round(r_max * n / L)``
@@ -36,7 +36,7 @@ class RankOptions(StrategyOptions):
 
 
 class RankAllocation(AllocationStrategy):
-    """All layers, at the rank of the client's budget (its tier's share of the layers)."""
+    """All layers, at the rank of the client's budget (the layers it may train)."""
 
     Options: ClassVar[type[StrategyOptions]] = RankOptions
     rank_method: ClassVar[bool] = True

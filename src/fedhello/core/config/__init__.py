@@ -5,12 +5,12 @@ experiment. Unknown keys and bad values raise :class:`ConfigError` with one line
 the value and what is allowed. Pure python + pydantic: no torch.
 
 The sections live in their own modules (``sections``: model, LoRA, data, training, federation,
-run; ``clients``: budgets; ``strategy``: the allocation strategy and its options), the whole
-experiment and its cross-section checks in ``experiment``, reading files in ``loading``; this
-package re-exports what the rest of fedhello uses.
+run; ``clients``: tiers, budgets and limits; ``strategy``: the allocation strategy and its
+options), the whole experiment and its cross-section checks in ``experiment``, reading files in
+``loading``; this package re-exports what the rest of fedhello uses.
 """
 
-from fedhello.core.config.clients import BUDGET_UNITS, ClientsConfig
+from fedhello.core.config.clients import TIER_UNITS, ClientsConfig
 from fedhello.core.config.experiment import OPERATIONAL, Config, outcome_differences
 from fedhello.core.config.loading import (
     LEGACY,
@@ -35,10 +35,10 @@ from fedhello.core.config.sections import (
 from fedhello.core.config.strategy import AllocationConfig
 
 __all__ = [
-    "BUDGET_UNITS",
     "DEVICE_FORM",
     "LEGACY",
     "OPERATIONAL",
+    "TIER_UNITS",
     "AllocationConfig",
     "ClientsConfig",
     "Config",

@@ -1,18 +1,23 @@
 """The clients section: how many clients, how many train each round, and each one's budget
-(a share of the LoRA layers, or a real limit in MB of training memory or seconds per step).
+(the LoRA layers it may train: a tier's fraction of the layers, or a count) or its limit in
+real units (MB of training memory, seconds per local step, MB of upload per round).
 Pure python + pydantic: no torch.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from fedhello.core.config.sections import Section
 
-BUDGET_UNITS = {"layers": "a fraction of the LoRA layers", "memory-mb": "MB of training memory",
-                "step-seconds": "seconds per local step"}  # fmt: skip
+# What a tier value is, per budget kind: a fraction of the layers, or a limit in real units
+# (then also what each ``clients.budgets`` entry is).
+TIER_UNITS = {"layers": "a fraction of the LoRA layers", "memory-mb": "MB of training memory",
+              "step-seconds": "seconds per local step"}  # fmt: skip
+# The retired ``clients.tier_kind`` values and the budget kind that replaces each.
+TIER_KIND_REPLACEMENTS = {"cost": "step-seconds", "memory": "memory-mb"}
 
 
 class ClientsConfig(Section):
@@ -20,32 +25,56 @@ class ClientsConfig(Section):
     per_round: int = Field(6, ge=1, description="m: clients sampled per round")
     budget_kind: Literal["layers", "memory-mb", "step-seconds"] = Field(
         "layers",
-        description="unit of tiers and budgets: layers (the paper's: a fraction of the LoRA "
-        "layers, or a count in budgets), memory-mb (training memory: saved activations, "
-        "gradients and optimizer state) or step-seconds (time of one local step); the real "
-        "units are checked against the measured cost profile (fedhello calibrate)",
+        description="what tiers and budgets give: layers (the paper's budgets: a fraction of "
+        "the LoRA layers per tier, or a count per client in budgets), or a limit in real "
+        "units: memory-mb (training memory: saved activations, gradients and optimizer state) "
+        "or step-seconds (time of one local step); limits are checked against the measured "
+        "cost profile (fedhello calibrate), which turns each into a budget",
     )
     tiers: list[float] = Field(
         [0.5, 0.75, 1.0],
         min_length=1,
-        description="equal-size resource tiers, in the unit of budget_kind",
+        description="equal-size client tiers, each tier's value: a fraction of the LoRA "
+        "layers (budget_kind = layers) or a limit in the unit of budget_kind",
     )
     budgets: list[int | float] | None = Field(
         None,
-        description="per-client budgets in the unit of budget_kind (overrides tiers; one per "
-        "client; layers: a count)",
+        description="per client, its budget (a layer count) or its limit (in the unit of "
+        "budget_kind); overrides tiers; one per client",
     )
     upload_mb: list[float] | None = Field(
         None,
         description="optional upload limit per round, MB per tier (one per tier): caps how "
         "many LoRA layers a client of the tier may send",
     )
-    tier_kind: Literal["layers", "cost", "memory"] = Field(
-        "layers",
-        description="legacy, with budget_kind = layers: cost or memory tiers are fractions of "
-        "the step time or activation memory of training every layer, turned into a layer "
-        "count that fits only if the layers sit at the top (not enforced: use budget_kind)",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_tier_kind(cls, data: Any) -> Any:
+        """``clients.tier_kind`` is retired. Its ``cost`` and ``memory`` tiers were fractions of
+        a fixed analytic cost (fitted once, on MiniLM-L6 on one CPU) turned into a layer count
+        that held only if the layers sat at the top, and nothing checked it; ``budget_kind``
+        limits are checked against the cost profile measured on the client's own model, device
+        and precision. ``layers`` was the default and stays readable (every config and run
+        folder written before says it), so old runs still load; the other two are an error
+        naming what replaces them."""
+        if not isinstance(data, dict) or "tier_kind" not in data:
+            return data
+        data = dict(data)
+        kind = data.pop("tier_kind")
+        if kind == "layers":
+            return data
+        replacement = TIER_KIND_REPLACEMENTS.get(str(kind))
+        instead = (
+            f'clients.budget_kind = "{replacement}" with clients.tiers in {TIER_UNITS[replacement]}'
+            if replacement
+            else 'clients.budget_kind = "memory-mb" or "step-seconds"'
+        )
+        raise ValueError(
+            f"clients.tier_kind = {kind!r} is retired: give real limits with {instead}, checked "
+            "against the cost profile measured on the client's device (fedhello calibrate); "
+            "allowed for tier_kind: layers, or leave it out"
+        )
 
     @model_validator(mode="after")
     def _counts(self) -> ClientsConfig:
@@ -68,12 +97,7 @@ class ClientsConfig(Section):
             if bad:
                 raise ValueError(
                     f"clients.tiers = {self.tiers}: {bad[0]:g} is not a positive limit in "
-                    f"{BUDGET_UNITS[kind]} (budget_kind = {kind})"
-                )
-            if self.tier_kind != "layers":
-                raise ValueError(
-                    f"clients.tier_kind = {self.tier_kind!r} with clients.budget_kind = "
-                    f"{kind!r}: tier_kind applies only to layer budgets; allowed: layers"
+                    f"{TIER_UNITS[kind]} (budget_kind = {kind})"
                 )
         if self.budgets is not None:
             if len(self.budgets) != self.num_clients:
@@ -86,10 +110,10 @@ class ClientsConfig(Section):
                     f"clients.budgets = {self.budgets}: every layer budget must be a whole "
                     "number >= 1"
                 )
-            if any(b <= 0 for b in self.budgets):
+            if any(v <= 0 for v in self.budgets):  # layers: already refused above
                 raise ValueError(
-                    f"clients.budgets = {self.budgets}: every budget must be positive "
-                    f"({BUDGET_UNITS[kind]})"
+                    f"clients.budgets = {self.budgets}: every limit must be positive "
+                    f"({TIER_UNITS[kind]})"
                 )
         if self.upload_mb is not None:
             if len(self.upload_mb) != len(self.tiers):
@@ -102,6 +126,7 @@ class ClientsConfig(Section):
         return self
 
     @property
-    def real_budgets(self) -> bool:
-        """Whether budgets are limits in real units, checked against a cost profile."""
+    def real_limits(self) -> bool:
+        """Whether tiers and budgets give limits in real units (budget_kind other than
+        layers), checked against a cost profile and turned into budgets."""
         return self.budget_kind != "layers"

@@ -49,7 +49,12 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
 
 
 class Config(Section):
-    """A whole experiment."""
+    """A whole experiment.
+
+    The checks that depend on the task kind (``model.task`` with the data columns it reads)
+    are the kind's own, one layer up: ``fedhello.tasks.check_config``, run by ``fedhello
+    validate``, the API's functions and every engine's build.
+    """
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -61,42 +66,12 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
-    def _task_columns(self) -> Config:
-        choices = self.data.choice_columns
-        if self.model.task == "multiple-choice" and len(choices) < 2:
-            raise ValueError(
-                f"data.choice_columns = {choices}: model.task = 'multiple-choice' needs one "
-                "column per answer choice, at least two"
-            )
-        if self.model.task == "multiple-choice" and not (
-            self.data.context_column or self.data.question_column
-        ):
-            raise ValueError(
-                "data.context_column and data.question_column are both unset: a "
-                "multiple-choice task reads each choice with a passage, a question or both; "
-                "set at least one"
-            )
-        if self.model.task != "multiple-choice" and choices:
-            raise ValueError(
-                f"data.choice_columns = {choices} with model.task = {self.model.task!r}: "
-                "choice columns are read only by a multiple-choice task; allowed: "
-                "model.task = 'multiple-choice', or no choice_columns"
-            )
-        if self.model.task == "multiple-choice" and not isinstance(self.data.text_column, str):
-            raise ValueError(
-                f"data.text_column = {self.data.text_column} with model.task = "
-                "'multiple-choice': its inputs are data.context_column, data.question_column "
-                "and data.choice_columns; allowed: leave text_column as one column"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _method_settings(self) -> Config:
         name = self.allocation.strategy
         cls = strategy_class(name)
         if cls.rank_method:
             c = self.clients
-            if c.real_budgets or c.upload_mb is not None:
+            if c.real_limits or c.upload_mb is not None:
                 raise ValueError(
                     f"allocation.strategy = {name!r} with clients.budget_kind = "
                     f"{c.budget_kind!r}{' and clients.upload_mb' if c.upload_mb else ''}: "
@@ -113,7 +88,7 @@ class Config(Section):
                 "lora.freeze_a = true with allocation.strategy = 'flexlora': its server "
                 "re-factorises A every round; allowed: false"
             )
-        limited = self.clients.real_budgets or self.clients.upload_mb is not None
+        limited = self.clients.real_limits or self.clients.upload_mb is not None
         if (self.lora.freeze_a or cls.freezes_a) and limited:
             raise ValueError(
                 f"FFA-LoRA (allocation.strategy = {name!r}, lora.freeze_a = "
@@ -121,7 +96,7 @@ class Config(Section):
                 "are measured with A and B trained; allowed: budget_kind = layers without "
                 "upload_mb"
             )
-        if self.allocation.client_model == "subnetwork" and self.clients.real_budgets:
+        if self.allocation.client_model == "subnetwork" and self.clients.real_limits:
             raise ValueError(
                 "allocation.client_model = 'subnetwork' with clients.budget_kind = "
                 f"{self.clients.budget_kind!r}: cost profiles are measured on the full model; "

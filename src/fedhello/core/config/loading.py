@@ -5,6 +5,7 @@ allowed; and a run's saved config read as it was written. Pure python + pydantic
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ValidationError
 
 from fedhello.core.config.experiment import Config
 from fedhello.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def _snake(d: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +87,17 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML config (or the defaults), apply ``--set`` overrides, validate."""
+    """Read a TOML config (or the defaults), apply ``--set`` overrides, validate.
+
+    A run's own ``config.toml`` (``is_run_config``) is read as it was written: keys it lacks
+    take the value they had when it ran (``LEGACY``), so that ``fedhello run RUN/config.toml``
+    reruns the published cell, not today's defaults (a config written before
+    ``train.precision`` existed ran in fp32; today's ``auto`` would pick bf16 on a CPU with
+    native bf16, and the rerun would differ from round 1 on)."""
     data: dict[str, Any] = _read_toml(path) if path is not None else {}
+    if path is not None and is_run_config(path):
+        data = with_legacy(data)
+        logger.info("%s is a run's config: settings it lacks take their values then", path)
     for assignment in overrides or []:
         apply_override(data, assignment)
     return build_config(data)
@@ -96,14 +108,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 LEGACY: dict[str, dict[str, Any]] = {"train": {"precision": "fp32", "base_precision": "fp32"}}
 
 
-def build_saved_config(data: dict[str, Any]) -> Config:
-    """The config of a run (or comparison) as it was written: keys it lacks take the value
-    they had when it ran (``LEGACY``), not today's default."""
+def is_run_config(path: str | Path) -> bool:
+    """Whether ``path`` is the ``config.toml`` of a run folder (beside its ``metrics.jsonl``
+    or ``summary.json``), i.e. the settings a finished or started run was made with."""
+    p = Path(path)
+    return p.name == "config.toml" and any(
+        (p.parent / name).is_file() for name in ("metrics.jsonl", "summary.json")
+    )
+
+
+def with_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with every ``LEGACY`` setting it lacks at its value of the time."""
     data = _snake(data)
     for section, values in LEGACY.items():
         given = data.get(section, {})
         data[section] = {**values, **given} if isinstance(given, dict) else given
-    return build_config(data)
+    return data
+
+
+def build_saved_config(data: dict[str, Any]) -> Config:
+    """The config of a run (or comparison) as it was written: keys it lacks take the value
+    they had when it ran (``LEGACY``), not today's default."""
+    return build_config(with_legacy(data))
 
 
 def load_saved_config(path: str | Path) -> Config:

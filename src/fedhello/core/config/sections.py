@@ -24,10 +24,14 @@ class ModelConfig(Section):
     name: str = Field(
         "minilm-l6", description="registry name (minilm-l6), local folder or hub name"
     )
-    task: Literal["auto", "text", "image", "multiple-choice"] = Field(
+    # A plain name here: the kinds are a registry above the core (fedhello.tasks), which
+    # checks the name and the kind's own settings where a config is used.
+    task: str = Field(
         "auto",
+        min_length=1,
         description="auto: image for vision model types, else text (sequence classification); "
-        "multiple-choice: one score per choice (data.choice_columns), the right one is the label",
+        "text, image, multiple-choice (one score per choice, data.choice_columns, the right "
+        "one is the label), or a kind registered with fedhello.tasks.register_task",
     )
     max_length: int = Field(32, ge=4, le=4096, description="text: tokens per example (truncated)")
     allow_download: bool = Field(False, description="allow hub downloads (off: offline, fail fast)")

@@ -47,10 +47,10 @@ class AllocationConfig(Section):
     )
     fit: Literal["auto", "repair", "strict", "off"] = Field(
         "auto",
-        description="a layer set that exceeds its client's limit (real budgets): repair (move "
-        "its shallowest layers up, drop layers only if that is not enough), strict (stop with "
-        "an error) or off (the paper's semantics: count only, not enforced); auto: repair with "
-        "real budgets, off with layer budgets",
+        description="a layer set that exceeds its client's limit (in real units): repair "
+        "(move its shallowest layers up, drop layers only if that is not enough), strict (stop "
+        "with an error) or off (the paper's semantics: the budget only, not enforced); auto: "
+        "repair with limits in real units, off with layer budgets",
     )
     client_model: Literal["full", "subnetwork"] = Field(
         "full",

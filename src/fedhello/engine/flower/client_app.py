@@ -5,8 +5,8 @@ simulation) and may declare a budget: ``budget-layers`` (a count), ``budget-tier
 ``clients.tiers``), limits in real units (``budget-memory-mb``, ``budget-step-seconds``,
 ``budget-upload-mb``: the node measures its own cost profile for the first two and sends it
 with its query reply, so the server checks every set it allocates against what this device
-costs), or the legacy ``budget-cost`` / ``budget-memory`` (fractions turned into a layer count,
-not enforced).
+costs). The retired ``budget-cost`` / ``budget-memory`` are refused by the server with the
+limit that replaces each.
 Its data is its partition of the configured dataset, or, if the node config names one
 (``data="/srv/site.csv"``), its own file, which never leaves the node
 (``fedhello.data.site``); such a site may leave out ``partition-id`` and take the client id
@@ -14,8 +14,10 @@ the server assigns (``discovery``). The messages are ``fedhello.engine.flower.me
 
 The config arrives with every message; the model it describes is built once per process and
 kept in this module's cache (in Flower's simulation a Ray actor serves many messages; in a
-deployment each message starts a fresh process). Only the examples this node trains on are
-tokenised: tokenising the whole dataset was most of a deployed node's start-up.
+deployment each message starts a fresh process). A node is light: it builds the model, the
+task and its own shard, nothing of the federation. A partition node is sent the positions of
+its rows with each train message (the server split the data once), reads the configured
+dataset to find them, and tokenises only those; it never partitions the whole dataset.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import hashlib
 import json
 import tomllib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,13 +34,14 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedhello.core.config import Config, build_config
-from fedhello.core.errors import UserError
+from fedhello.core.errors import DataError, UserError
 from fedhello.core.layers import AdapterSpec
 from fedhello.core.profile import CostProfile
 from fedhello.core.ranks import rank_of
 from fedhello.data.encoding import ModelInputs, encode, encode_positions
+from fedhello.data.loading import RawData, load_raw
 from fedhello.data.site import load_site_raw
-from fedhello.engine.experiment import Experiment, SiteModel, build_experiment, build_site_model
+from fedhello.engine.experiment import NodeModel, build_node_model
 from fedhello.engine.flower import messages as wire
 from fedhello.engine.resources import ModelUnderTest, obtain_profile
 from fedhello.model.accelerator import Accelerator, resolve
@@ -46,22 +49,22 @@ from fedhello.model.lora import set_state
 from fedhello.model.training import LocalTask, Shard, train_client
 
 app = ClientApp()
-M = TypeVar("M", Experiment, SiteModel)
 
 
 class NodeCache:
-    """One model per process (bounded memory): the experiment of a partition node or the
-    model of a site, and the node's encoded examples with their splits, keyed by
-    (partition, file)."""
+    """One model per process (bounded memory), the configured dataset a partition node's
+    rows refer to (read once), and the node's encoded examples with their splits, keyed by
+    (client, file) for a site and (client, digest of the rows) for a partition node."""
 
     def __init__(self) -> None:
         self.key: str | None = None
         self.model: Any = None
+        self.raw: RawData | None = None
         self.encoded: dict[tuple[int, str], tuple[ModelInputs, dict[str, np.ndarray]]] = {}
 
-    def get(self, key: str, build: Callable[[], M]) -> M:
+    def get(self, key: str, build: Callable[[], NodeModel]) -> NodeModel:
         if key != self.key:
-            self.key, self.model, self.encoded = None, None, {}
+            self.key, self.model, self.raw, self.encoded = None, None, None, {}
             self.model, self.key = build(), key
         return self.model
 
@@ -94,31 +97,37 @@ def _node_key(node_config: Any) -> list[str]:
     return [str(node_config.get(k, "")) for k in wire.NODE_DEVICE_KEYS]
 
 
-def experiment_for(config_toml: str, node_config: Any) -> Experiment:
-    """A partition node's experiment: model, and the configured dataset to find its shard."""
-    digest = hashlib.sha256(json.dumps([config_toml, _node_key(node_config)]).encode())
-
-    def build() -> Experiment:
-        cfg = _config(config_toml)
-        acc = node_accelerator(cfg, node_config)
-        return build_experiment(cfg, encode_data=False, acc=acc, resources=False)
-
-    return _CACHE.get("exp:" + digest.hexdigest(), build)
-
-
-def site_model_for(config_toml: str, label_names: list[str], node_config: Any) -> SiteModel:
-    """A site's model for the federation's classes; the configured dataset is not read."""
+def node_model_for(config_toml: str, label_names: list[str], node_config: Any) -> NodeModel:
+    """This node's model for the federation's classes (sent by the server), on its device."""
     key = [config_toml, label_names, _node_key(node_config)]
     digest = hashlib.sha256(json.dumps(key).encode())
 
-    def build() -> SiteModel:
+    def build() -> NodeModel:
         cfg = _config(config_toml)
-        return build_site_model(cfg, label_names, node_accelerator(cfg, node_config))
+        return build_node_model(cfg, label_names, node_accelerator(cfg, node_config))
 
-    return _CACHE.get("site:" + digest.hexdigest(), build)
+    return _CACHE.get(digest.hexdigest(), build)
 
 
-def site_data_for(site: SiteModel, path: str) -> tuple[ModelInputs, dict[str, np.ndarray]]:
+def configured_data(node: NodeModel) -> RawData:
+    """The configured dataset as the server read it, once per process: a partition node's
+    rows are positions in it. A copy whose classes differ from the server's is refused (its
+    positions would name other examples)."""
+    if _CACHE.raw is None:
+        cfg = node.cfg
+        raw = load_raw(cfg.data, node.task, cfg.model.allow_download)
+        if raw.label_names != node.label_names:
+            raise DataError(
+                f"data.name = {cfg.data.name!r}: this node's copy has {len(raw.label_names)} "
+                f"classes ({', '.join(raw.label_names[:3])}, ...), the server's "
+                f"{len(node.label_names)} ({', '.join(node.label_names[:3])}, ...); allowed: "
+                "the same dataset on every partition node"
+            )
+        _CACHE.raw = raw
+    return _CACHE.raw
+
+
+def site_data_for(site: NodeModel, path: str) -> tuple[ModelInputs, dict[str, np.ndarray]]:
     """The node's own file and its train / validation rows, read and encoded once."""
     key = (-1, path)
     if key not in _CACHE.encoded:
@@ -130,23 +139,33 @@ def site_data_for(site: SiteModel, path: str) -> tuple[ModelInputs, dict[str, np
     return _CACHE.encoded[key]
 
 
-def partition_shard(exp: Experiment, pid: int) -> Shard:
-    """A partition node's shard alone, encoded (row i is shard position i, so batches are the
-    embedded engine's), with every row to train on."""
-    if (pid, "") not in _CACHE.encoded:
-        encoded = encode_positions(
-            exp.raw, exp.shards[pid], exp.processor, exp.cfg.model.max_length,
-            exp.cfg.data.augment,
-        )  # fmt: skip
-        _CACHE.encoded[pid, ""] = encoded, {"train": np.arange(len(encoded))}
-    data, splits = _CACHE.encoded[pid, ""]
+def partition_shard(node: NodeModel, client: int, rows: np.ndarray) -> Shard:
+    """A partition node's shard alone, encoded (row i is the server's shard position i, so
+    batches are the embedded engine's), with every row to train on; ``rows``: the positions
+    the server sent."""
+    key = (client, hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest())
+    if key not in _CACHE.encoded:
+        raw = configured_data(node)
+        train = raw.splits["train"]
+        outside = np.setdiff1d(rows, train)
+        if outside.size:
+            raise DataError(
+                f"data.name = {node.cfg.data.name!r}: the server sent client {client} rows "
+                f"that are not training rows of this node's copy (e.g. {int(outside[0])}); "
+                "allowed: the same dataset and data settings on every partition node"
+            )
+        cfg = node.cfg
+        encoded = encode_positions(raw, rows, node.processor, cfg.model.max_length,
+                                   cfg.data.augment)  # fmt: skip
+        _CACHE.encoded[key] = encoded, {"train": np.arange(len(encoded))}
+    data, splits = _CACHE.encoded[key]
     return Shard(data, splits["train"])
 
 
-def _site(req: wire.Request, node_config: Any) -> tuple[SiteModel, ModelInputs, dict[str, Any]]:
+def _site(req: wire.Request, node_config: Any) -> tuple[NodeModel, ModelInputs, dict[str, Any]]:
     if req.config_toml is None:
         raise ValueError("the message carries no fedhello-config")
-    site = site_model_for(req.config_toml, req.label_names, node_config)
+    site = node_model_for(req.config_toml, req.label_names, node_config)
     data, splits = site_data_for(site, str(node_config["data"]))
     return site, data, splits
 
@@ -160,8 +179,8 @@ def query(msg: Message, context: Context) -> Message:
     req = wire.read_request(msg)
     if req.config_toml is not None:
         try:
-            acc = node_accelerator(_config(req.config_toml), nc)
-            info |= {"device": str(acc.device), "precision": acc.precision}
+            accelerator = node_accelerator(_config(req.config_toml), nc)
+            info |= {"device": str(accelerator.device), "precision": accelerator.precision}
         except UserError as err:
             own = any(k in nc for k in wire.NODE_DEVICE_KEYS)
             source = "its --node-config" if own else "the run's train settings, on this node"
@@ -186,20 +205,17 @@ def query(msg: Message, context: Context) -> Message:
 def node_profile(req: wire.Request, nc: Any) -> CostProfile:
     """This node's cost profile, on its own device and precision: stored on the node
     (``profile-dir`` in its node config, else the run's ``run.profile_dir``) or measured."""
-    learner: Experiment | SiteModel
-    if "data" in nc:
-        learner = _site(req, nc)[0]
-        labels, source = len(learner.label_names), learner.source
-    else:
-        assert req.config_toml is not None
-        learner = experiment_for(req.config_toml, nc)
-        labels, source = len(learner.raw.label_names), learner.source
+    assert req.config_toml is not None
+    learner = (
+        _site(req, nc)[0] if "data" in nc else node_model_for(req.config_toml, req.label_names, nc)
+    )
+    labels, source = len(learner.label_names), learner.source
     cfg = learner.cfg
     if "profile-dir" in nc:
         run = cfg.run.model_copy(update={"profile_dir": str(nc["profile-dir"])})
         cfg = cfg.model_copy(update={"run": run})
     m = ModelUnderTest(learner.model, learner.layer_of, learner.num_layers, learner.task, labels,
-                       source, learner.acc)  # fmt: skip
+                       source, learner.accelerator)  # fmt: skip
     return obtain_profile(cfg, m)[0]
 
 
@@ -212,23 +228,26 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError("a train message needs client, server-round, lr and arrays")
     if "partition-id" in nc and int(nc["partition-id"]) != client:
         raise ValueError(f"message for client {client} reached partition {nc['partition-id']}")
-    learner: Experiment | SiteModel
+    learner: NodeModel
     if "data" in nc:
         learner, data, splits = _site(req, nc)
         shard = Shard(data, splits["train"])
     elif "partition-id" in nc and req.config_toml is not None:
-        learner = experiment_for(req.config_toml, nc)
-        shard = partition_shard(learner, client)
+        if req.rows is None:
+            raise ValueError("a train message for a partition node must carry its rows")
+        learner = node_model_for(req.config_toml, req.label_names, nc)
+        shard = partition_shard(learner, client, req.rows)
     else:
         raise ValueError("this node declares neither partition-id nor data in its node config")
     cfg = learner.cfg
     spec = node_spec(req.spec, context, client)
     task = LocalTask.of(cfg, client, req.round, spec, req.lr)
     result = train_client(
-        learner.model, learner.layer_of, shard, task, req.state, cfg.train, learner.acc
+        learner.model, learner.layer_of, shard, task, req.state, cfg.train, learner.accelerator
     )
     rank = rank_of(result.update.tensors)
-    if task.pruning is not None and rank is not None:  # HetLoRA: its rank from now on
+    if rank is not None and spec.rank is not None and rank < spec.rank:
+        # the client pruned its rank (HetLoRA's client hook): its rank from now on
         context.state[RANK_STATE] = ConfigRecord({"client": client, "rank": rank})
     return wire.train_reply(msg, result)
 
@@ -245,7 +264,7 @@ def node_spec(spec: AdapterSpec, context: Context, client: int) -> AdapterSpec:
         return spec
     kept = record["rank"]
     assert isinstance(kept, int)
-    return AdapterSpec(spec.layers, min(spec.rank, kept), spec.tensors)
+    return AdapterSpec(spec.layers, min(spec.rank, kept), spec.factors)
 
 
 @app.evaluate()
@@ -262,6 +281,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     if len(splits["validation"]) and req.state is not None:
         set_state(site.model, req.state)
         batch = site.cfg.train.eval_batch_size
-        result = evaluate_rows(site.model, data, splits["validation"], batch, site.acc)
+        result = evaluate_rows(site.model, data, splits["validation"], batch, site.accelerator)
         scores |= {k: result[k] for k in ("accuracy", "macro_f1", "loss")}
     return wire.evaluate_reply(msg, scores)

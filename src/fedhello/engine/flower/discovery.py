@@ -1,13 +1,13 @@
-"""Who is in a deployment: each SuperNode's client id, budget and data, learned once.
+"""Who is in a deployment: each SuperNode's client id, budget (or limit) and data, learned once.
 
 The server sends every node a query carrying the run's config; a node answers with what its
-``--node-config`` declares (``partition-id``, a budget, ``data``) and, when it holds its own
-data file, the file's size or why it is unusable. A simulation node, or a site that wants a
-fixed client id, declares ``partition-id``; a real site may give only ``data=`` and gets one
-of the ids nobody declared, in the order of the sites' data paths, so that the same sites get
-the same ids in every run (Flower's node ids are random per run, and client sampling follows
-client ids). Sites that share a path are ordered by node id, so not reproducibly: a warning
-says so, and ``partition-id`` fixes it.
+``--node-config`` declares (``partition-id``, a budget, tier or limit, ``data``) and, when it
+holds its own data file, the file's size or why it is unusable. A simulation node, or a site
+that wants a fixed client id, declares ``partition-id``; a real site may give only ``data=``
+and gets one of the ids nobody declared, in the order of the sites' data paths, so that the
+same sites get the same ids in every run (Flower's node ids are random per run, and client
+sampling follows client ids). Sites that share a path are ordered by node id, so not
+reproducibly: a warning says so, and ``partition-id`` fixes it.
 """
 
 from __future__ import annotations
@@ -118,8 +118,17 @@ def assign_clients(exp: Experiment, infos: dict[int, dict[str, Any]]) -> dict[in
     return node_of
 
 
+# Retired declarations: fractions of an analytic cost fitted once on one model (not checked
+# against anything), and the limit in real units that replaces each.
+RETIRED_DECLARATIONS = {
+    "budget-cost": "budget-step-seconds=S (seconds per local step)",
+    "budget-memory": "budget-memory-mb=M (MB of training memory)",
+}
+
+
 def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any) -> None:
-    """Record ``node`` as client ``info["partition-id"]`` with the budget it declares."""
+    """Record ``node`` as client ``info["partition-id"]`` with the budget, tier or limit it
+    declares."""
     k = exp.cfg.clients.num_clients
     pid = int(info["partition-id"])
     if not 0 <= pid < k:
@@ -142,25 +151,16 @@ def register_node(exp: Experiment, node_of: dict[int, int], node: int, info: Any
         tiers = exp.cfg.clients.tiers
         if not 0 <= tier < len(tiers):
             raise UserError(f"partition {pid}: budget-tier={tier}; allowed: 0..{len(tiers) - 1}")
-        budget = tier_layers(tiers[tier], exp.num_layers, exp.cfg.clients.tier_kind)
+        budget = tier_layers(tiers[tier], exp.num_layers)
         exp.strategy.set_budget(pid, budget)
         exp.tiers[pid] = tier
-    for kind in ("cost", "memory"):  # a limit relative to training every layer (costmodel)
-        if f"budget-{kind}" in info:
-            limit = float(info[f"budget-{kind}"])
-            if not 0 < limit <= 1:
-                raise UserError(
-                    f"partition {pid}: budget-{kind}={limit:g}; allowed: a fraction in (0, 1] "
-                    f"of the {kind} of training every layer"
-                )
-            try:
-                budget = tier_layers(limit, exp.num_layers, kind)
-            except UserError:
-                raise UserError(
-                    f"partition {pid}: budget-{kind}={limit:g} fits no layer of "
-                    f"{exp.num_layers}; allowed: a limit that fits the top layer alone"
-                ) from None
-            exp.strategy.set_budget(pid, budget)
+    for retired, replacement in RETIRED_DECLARATIONS.items():
+        if retired in info:
+            raise UserError(
+                f"partition {pid}: {retired}={info[retired]} is retired: declare "
+                f"{replacement}, a limit in real units checked against the cost profile the "
+                "node measures on its own device"
+            )
     if "budget-layers" in info:
         budget = int(info["budget-layers"])
         if not 1 <= budget <= exp.num_layers:

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
@@ -33,7 +34,7 @@ from fedhello.engine.flower import messages as wire
 from fedhello.engine.flower.discovery import discover_nodes
 from fedhello.engine.flower.sites import evaluate_sites
 from fedhello.model.lora import state_nbytes
-from fedhello.model.training import ClientResult
+from fedhello.model.report import ClientResult
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class FlowerEngine:
         self.sites: dict[int, str] = {}  # client id -> its own data file
         self.config_toml = ""
         self.label_names: list[str] = []
+        self.shards: list[np.ndarray] = []  # client id -> its rows of the configured dataset
 
     @property
     def client_of(self) -> dict[int, int]:
@@ -58,6 +60,9 @@ class FlowerEngine:
         self.config_toml = exp.cfg.to_toml()
         self.label_names = list(exp.raw.label_names)  # a site has no other way to know them
         self.node_of, self.sites = discover_nodes(self.grid, exp)
+        # a partition node is sent its rows with each train message: it reads the dataset but
+        # never partitions it (a light node); a site trains on its own file
+        self.shards = list(exp.shards)
 
     def train_round(
         self, exp: Experiment, rp: RoundPlan, state: State, observer: Observer
@@ -101,6 +106,7 @@ class FlowerEngine:
             messages.append(wire.train_message(
                 node, by_rank[alloc.rank], rp.round, alloc.client, alloc.spec, rp.lr,
                 self.config_toml, self.label_names,
+                None if alloc.client in self.sites else self.shards[alloc.client],
             ))  # fmt: skip
         return messages, missing
 

@@ -6,8 +6,9 @@ Client contract (keys are kebab-case):
 * **query** (once per node, at the start; ``discovery``): ``config`` = ``fedhello-config``
   (the resolved config as TOML) and ``label-names``. Reply ``config`` = what the node's
   ``--node-config`` declares: ``partition-id`` and/or ``data`` (its own file), optionally a
-  budget (``budget-layers``, ``budget-tier``, ``budget-cost``, ``budget-memory``, or limits in
-  real units: ``budget-memory-mb``, ``budget-step-seconds``, ``budget-upload-mb``) and its
+  budget (``budget-layers``, ``budget-tier``, or limits in real units: ``budget-memory-mb``,
+  ``budget-step-seconds``, ``budget-upload-mb``; the retired ``budget-cost`` and
+  ``budget-memory`` are passed on for the server to refuse, naming what replaces them) and its
   own ``device``, ``precision`` and ``base-precision`` (else the run's); the reply adds the
   resolved ``device`` and ``precision``, or ``device-error`` (e.g. ``cuda`` on a node without
   one); a node with its own file adds ``site-examples`` and ``site-validation`` (its train /
@@ -17,15 +18,23 @@ Client contract (keys are kebab-case):
 * **train**: ``arrays`` = the global adapter (every LoRA tensor and the head: the forward
   pass needs them all), truncated to ``train-rank`` where the message has one (rank
   methods); ``config`` = ``server-round``, ``client`` (the server's id for the node),
-  ``train-layers`` (block indices), ``train-tensors`` (``AB``, or ``B`` under FFA-LoRA),
+  ``train-layers`` (block indices), ``train-factors`` (``AB``, or ``B`` under FFA-LoRA),
   ``lr``, ``fedhello-config``, ``label-names`` (a site holds no copy of the configured
-  dataset). Reply ``arrays`` = exactly the tensors of that spec
-  (``fedhello.core.layers.keys_for_spec``), at ``train-rank`` or lower (HetLoRA prunes);
-  ``metrics`` = ``num-examples``, ``train-loss``, ``seconds``, ``step-seconds``,
-  ``peak-memory-mb``, ``train-memory-mb``, ``trainable-params``, ``steps`` and, on CUDA,
-  ``device-peak-memory-mb``; ``config`` = ``device``, ``precision`` (what this node
-  trained on, recorded per client). The server validates every upload before it touches
-  the global state.
+  dataset); for a partition node, ``rows`` = an array record whose ``rows`` are the
+  positions of its shard in the configured dataset (as the server split it), so the node
+  reads that dataset but never partitions it. The node derives the method's client hooks
+  from the config, as the embedded engine does. Reply ``arrays`` = exactly the tensors of that spec
+  (``fedhello.core.layers.keys_for_spec``), at ``train-rank`` or lower (HetLoRA prunes),
+  and the client's report (``fedhello.model.report.REPORT``, one key per field the client
+  measures, its name in kebab-case): numbers in ``metrics`` = ``num-examples`` (int),
+  ``train-loss``, ``seconds``, ``step-seconds``, ``peak-memory-mb``, ``train-memory-mb``
+  (floats), ``trainable-params``, ``steps`` (ints) and, on CUDA only,
+  ``device-peak-memory-mb``; strings in ``config`` = ``device``, ``precision`` (what this
+  node trained on, recorded per client). Every field but ``device-peak-memory-mb`` is
+  required: a reply missing one, or carrying it with the wrong type, is rejected with a
+  reason naming it (the round goes on with the other clients). The server counts
+  ``bytes_up`` and ``bytes_down`` itself, and validates every upload before it touches the
+  global state.
 * **evaluate** (sites, after the last round): ``arrays`` and ``config`` as for training
   (``client``, ``fedhello-config``, ``label-names``); reply ``metrics`` = ``num-examples``,
   ``accuracy``, ``macro-f1``, ``loss`` on the site's held-out rows. Only scores leave a site.
@@ -48,12 +57,13 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedhello.core.aggregation import ClientUpdate, State
+from fedhello.core.aggregation import State
 from fedhello.core.layers import AdapterSpec
 from fedhello.model.lora import state_nbytes
-from fedhello.model.training import ClientResult
+from fedhello.model.report import SENT, ClientResult, ReportField
 
-# What a node may declare in its --node-config, and how each value is read.
+# What a node may declare in its --node-config, and how each value is read (budget-cost and
+# budget-memory are retired: read so that the server refuses them rather than ignores them).
 DECLARED_INT = ("partition-id", "budget-layers", "budget-tier")
 DECLARED_FLOAT = ("budget-cost", "budget-memory", *["budget-memory-mb", "budget-step-seconds"],
                   "budget-upload-mb")  # fmt: skip
@@ -91,50 +101,96 @@ def read_query_reply(reply: Message) -> dict[str, Any]:
 
 def train_message(
     node: int, arrays: ArrayRecord, round_: int, client: int, spec: AdapterSpec, lr: float,
-    config_toml: str, label_names: Sequence[str],
+    config_toml: str, label_names: Sequence[str], rows: np.ndarray | None = None,
 ) -> Message:  # fmt: skip
+    """The train message of one client; ``rows``: a partition node's shard (positions in the
+    configured dataset), None for a site, which trains on its own file."""
     config = ConfigRecord({
         "server-round": round_, "client": client, "train-layers": list(spec.layers), "lr": lr,
-        "train-tensors": spec.tensors, **_task(config_toml, label_names),
+        "train-factors": spec.factors, **_task(config_toml, label_names),
     })  # fmt: skip
     if spec.rank is not None:
         config["train-rank"] = spec.rank
     content = RecordDict({"arrays": arrays, "config": config})
+    if rows is not None:
+        content["rows"] = ArrayRecord({"rows": Array(np.asarray(rows, dtype=np.int64))})
     return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
 
 def read_train_reply(
     reply: Message, client: int, spec: AdapterSpec, bytes_down: int
 ) -> ClientResult:
-    """A ClientResult from a train reply (for the ``spec`` the client was handed); validation
-    happens later, in aggregation."""
-    metrics: dict[str, Any] = dict(reply.content.metric_records.get("metrics", {}))
-    info: dict[str, Any] = dict(reply.content.config_records.get("config", {}))
+    """A ClientResult from a train reply (for the ``spec`` the client was handed). A report
+    field missing or of the wrong type marks the update malformed (rejected in aggregation,
+    with the reason naming the field); the rest is validated there too."""
+    metrics = reply.content.metric_records.get("metrics", MetricRecord())
+    info = reply.content.config_records.get("config", ConfigRecord())
     tensors = from_record(reply.content.array_records.get("arrays", ArrayRecord()))
-    device_peak = metrics.get("device-peak-memory-mb")
-    update = ClientUpdate(
-        client=client,
-        layers=spec.layers,
-        num_examples=int(metrics.get("num-examples", 0)),
-        tensors=tensors,
-        train_loss=float(metrics.get("train-loss", float("nan"))),
-        rank=spec.rank,
-        kind=spec.tensors,
-    )
-    return ClientResult(
-        update=update,
-        seconds=float(metrics.get("seconds", 0.0)),
-        step_seconds=float(metrics.get("step-seconds", 0.0)),
-        peak_memory_mb=float(metrics.get("peak-memory-mb", 0.0)),
-        train_memory_mb=float(metrics.get("train-memory-mb", 0.0)),
-        trainable_params=int(metrics.get("trainable-params", 0)),
-        bytes_up=state_nbytes(tensors),
-        bytes_down=bytes_down,
-        steps=int(metrics.get("steps", 0)),
-        device=str(info.get("device", "unknown")),
-        precision=str(info.get("precision", "unknown")),
-        device_peak_memory_mb=None if device_peak is None else float(device_peak),
-    )
+    values, problems = decode_report(metrics, info)
+    values |= {"bytes_up": state_nbytes(tensors), "bytes_down": bytes_down}  # the server's count
+    malformed = "malformed reply: " + "; ".join(problems) if problems else None
+    update = {"client": client, "layers": spec.layers, "tensors": tensors, "rank": spec.rank,
+              "factors": spec.factors, "malformed": malformed}  # fmt: skip
+    return ClientResult.assemble(values, update)
+
+
+def wire_key(f: ReportField) -> str:
+    return f.name.replace("_", "-")
+
+
+def _record_of(f: ReportField) -> str:
+    """Strings travel in the reply's ConfigRecord (a MetricRecord holds numbers only)."""
+    return "config" if f.type is str else "metrics"
+
+
+def encode_report(result: ClientResult) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metrics, config)`` of a train reply: every field the client measures, by its wire key
+    (an optional field without a value is left out)."""
+    out: dict[str, dict[str, Any]] = {"metrics": {}, "config": {}}
+    for f in SENT:
+        value = getattr(result, f.name)
+        if value is not None:
+            out[_record_of(f)][wire_key(f)] = f.type(value)
+    return out["metrics"], out["config"]
+
+
+def decode_report(
+    metrics: Mapping[str, Any], config: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Every field the client measures, read and type-checked, and what is wrong with the
+    reply: a required field missing or any field of the wrong type (each problem names the
+    key; such a field takes its declared default)."""
+    records = {"metrics": metrics, "config": config}
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in SENT:
+        where, key = _record_of(f), wire_key(f)
+        values[f.name] = f.default
+        if key not in records[where]:
+            if f.required:
+                problems.append(f"required {where} {key!r} is missing ({_describe(f)})")
+            continue
+        raw = records[where][key]
+        if not _fits(raw, f.type):
+            problems.append(
+                f"{where} {key!r} = {raw!r} ({type(raw).__name__}); expected {_describe(f)}"
+            )
+            continue
+        values[f.name] = f.type(raw)
+    return values, problems
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, never a count or a measure
+        return False
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def _describe(f: ReportField) -> str:
+    unit = f" in {f.unit}" if f.unit else ""
+    return f"{f.type.__name__}{unit}: {f.doc}"
 
 
 def evaluate_message(
@@ -166,11 +222,12 @@ class Request:
     lr: float | None = None
     state: State | None = None
     rank: int | None = None
-    tensors: str = "AB"
+    factors: str = "AB"
+    rows: np.ndarray | None = None  # a partition node's shard, sent by the server
 
     @property
     def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.layers, self.rank, self.tensors)
+        return AdapterSpec(self.layers, self.rank, self.factors)
 
 
 def _get(config: ConfigRecord, key: str, cast: Callable[[Any], T]) -> T | None:
@@ -180,6 +237,7 @@ def _get(config: ConfigRecord, key: str, cast: Callable[[Any], T]) -> T | None:
 def read_request(msg: Message) -> Request:
     config = msg.content.config_records.get("config", ConfigRecord())
     arrays = msg.content.array_records.get("arrays")
+    rows = msg.content.array_records.get("rows")
     layers: Any = config.get("train-layers", [])
     names: Any = config.get("label-names", [])
     return Request(
@@ -191,7 +249,8 @@ def read_request(msg: Message) -> Request:
         lr=_get(config, "lr", float),
         state=from_record(arrays) if arrays is not None else None,
         rank=_get(config, "train-rank", int),
-        tensors=str(config.get("train-tensors", "AB")),
+        factors=str(config.get("train-factors", "AB")),
+        rows=rows["rows"].numpy() if rows is not None and "rows" in rows else None,
     )
 
 
@@ -215,23 +274,11 @@ def query_reply(msg: Message, info: Mapping[str, int | float | str]) -> Message:
 
 
 def train_reply(msg: Message, result: ClientResult) -> Message:
-    u = result.update
-    metrics: dict[str, Any] = {
-        "num-examples": u.num_examples,
-        "train-loss": float(u.train_loss),
-        "seconds": result.seconds,
-        "step-seconds": result.step_seconds,
-        "peak-memory-mb": result.peak_memory_mb,
-        "train-memory-mb": result.train_memory_mb,
-        "trainable-params": result.trainable_params,
-        "steps": result.steps,
-    }
-    if result.device_peak_memory_mb is not None:
-        metrics["device-peak-memory-mb"] = result.device_peak_memory_mb
+    metrics, config = encode_report(result)
     content = RecordDict({
-        "arrays": to_record(u.tensors),
+        "arrays": to_record(result.update.tensors),
         "metrics": MetricRecord(metrics),
-        "config": ConfigRecord({"device": result.device, "precision": result.precision}),
+        "config": ConfigRecord(config),
     })  # fmt: skip
     return Message(content, reply_to=msg)
 

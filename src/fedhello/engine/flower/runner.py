@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from fedhello.core.config import Config
 from fedhello.core.errors import UserError
 from fedhello.engine.core import RunOptions
+from fedhello.environment import find_program, program_env
 from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -132,9 +134,12 @@ def run_flower_deployment(
     another process: the options' observer and cache do not reach it)."""
     opts = options or RunOptions()
     overwrite, resume = opts.overwrite, opts.resume
-    flwr = shutil.which("flwr")
+    flwr = find_program("flwr")  # beside this Python first: a venv need not be activated
     if flwr is None:
-        raise UserError("the flwr command is not on PATH: activate the environment fedhello is in")
+        raise UserError(
+            f"the flwr command is neither beside this Python ({sys.executable}) nor on PATH: "
+            "install fedhello's dependencies (flwr) into the environment fedhello runs in"
+        )
     certificates = None if root_certificates is None else ca_certificate(root_certificates)
     if not resume:
         run.check_free(overwrite)
@@ -157,7 +162,10 @@ def run_flower_deployment(
         cmd = [flwr, "run", str(app_dir), name, "--run-config", run_config, "--stream"]
         logger.info("submitting: %s", " ".join(cmd))
         try:
-            proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+            # PATH starts with this Python's directory: what flwr starts comes from here too
+            proc = subprocess.run(
+                cmd, timeout=timeout, capture_output=True, text=True, env=program_env()
+            )
         except subprocess.TimeoutExpired:
             raise UserError(
                 f"flwr run did not finish within {timeout:g} s (SuperLink {superlink})"

@@ -1,0 +1,138 @@
+"""The task protocol: everything that differs between kinds of task, in one small class.
+
+A federation is the same loop whatever it learns: clients train LoRA blocks and a head on
+batches, the server averages them, the global model is scored. What a *kind* of task changes
+is at the edges: which dataset columns hold the inputs and how a row becomes one, how labels
+become class ids, how inputs become tensors, which transformers head and processor the model
+gets, what a full-size synthetic batch looks like for the cost probe, and whether
+``model.max_length`` means anything. A :class:`Task` owns exactly those decisions, so the data
+layer, the model loader, the probe and the export ask it instead of branching on a name, and a
+new kind is one module (a subclass) and one registration (``fedhello.tasks.register_task``).
+
+Torch-free at import: ``fedhello plan`` and the config checks use the registry without torch;
+the methods that build tensors or models import torch and transformers when called.
+
+What stays shared, because it does not differ between the kinds fedhello has: the head modules
+(``fedhello.model.lora.HEAD_NAMES``: ``classifier`` or ``score``, whatever the auto class
+builds) and the metrics (accuracy, macro-F1 and loss of one predicted class per example; for
+multiple choice the class is the chosen answer).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedhello.core.config import Config, DataConfig
+from fedhello.core.errors import ConfigError
+from fedhello.data.columns import check_columns
+from fedhello.data.loading import encode_labels
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedhello.data.kinds import ModelInputs
+
+
+class Task(ABC):
+    """One kind of task: a classifier of texts, of images, of answer choices, ...
+
+    Subclass it (or a built-in kind, overriding only what changes), set ``name`` and ``head``,
+    and register the class with ``fedhello.tasks.register_task``; ``model.task = "<name>"``
+    then selects it. Instances hold no state: one instance serves every run of the process.
+    Errors a user can fix are ``ConfigError`` (settings) or ``DataError`` (the data), one line
+    naming the key, the value and what is allowed.
+    """
+
+    name: str = ""  # the value of ``model.task`` that selects this kind
+    head: str = ""  # the transformers head: the model is ``AutoModelFor<head>``
+    uses_max_length: bool = True  # inputs are token sequences cut at ``model.max_length``
+
+    # -- the config ---------------------------------------------------------------------------
+
+    def check_config(self, cfg: Config) -> None:
+        """The checks of ``cfg`` that depend on the task (the core's config knows no kinds).
+
+        Run where a config is validated for use (``fedhello validate``, ``run``, the API's
+        functions) and again once ``model.task = "auto"`` is resolved. By default a task reads
+        no answer-choice columns, so setting ``data.choice_columns`` is an error rather than a
+        setting silently ignored.
+        """
+        choices = cfg.data.choice_columns
+        if choices:
+            raise ConfigError(
+                f"config: data.choice_columns = {choices} with model.task = "
+                f"{cfg.model.task!r}: choice columns are read only by a multiple-choice task; "
+                "allowed: model.task = 'multiple-choice', or no choice_columns"
+            )
+
+    # -- the data -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def input_columns(self, cfg: DataConfig) -> list[tuple[str, str]]:
+        """(column, config key) of every input column this kind reads, in reading order."""
+
+    def check_inputs(self, table: Any, cfg: DataConfig) -> None:
+        """One clear error for the first input column ``table`` lacks, before anything is
+        read (a hidden split is checked too: a wrong column is wrong everywhere)."""
+        check_columns(table, self.input_columns(cfg), cfg.name)
+
+    @abstractmethod
+    def read_inputs(self, tables: Mapping[str, Any], cfg: DataConfig) -> Sequence[Any]:
+        """The inputs of every table, concatenated in the tables' order (as the labels are):
+        whatever ``encode`` takes (texts, tuples, a lazy image column)."""
+
+    def label_ids(
+        self, labels: list[Any], tables: Mapping[str, Any], cfg: DataConfig
+    ) -> tuple[list[str], np.ndarray]:
+        """(class names, class id of each label): by default the labels are class names or
+        ids (``fedhello.data.loading.encode_labels``)."""
+        return encode_labels(labels, tables)
+
+    @abstractmethod
+    def encode(
+        self,
+        inputs: Sequence[Any],
+        labels: torch.Tensor,
+        processor: Any,
+        max_length: int,
+        augment: bool,
+    ) -> ModelInputs:
+        """Model inputs of ``inputs`` with their ``labels``, made with the model's
+        ``processor`` (``load_processor``); ``augment``: training batches may be augmented."""
+
+    # -- the model ----------------------------------------------------------------------------
+
+    def detects(self, model_config: Mapping[str, Any]) -> bool:
+        """Whether ``model.task = "auto"`` means this kind for a model with this
+        ``config.json`` (a dict). None claims a model by default; ``text`` is the fallback."""
+        return False
+
+    @property
+    def export_class(self) -> str:
+        """The transformers class that loads this kind's model: what ``load_model`` builds
+        and what ``fedhello export`` tells the user to load the merged model with."""
+        return f"AutoModelFor{self.head}"
+
+    def model_class(self) -> Any:
+        """The transformers auto class of ``export_class``."""
+        import transformers
+
+        return getattr(transformers, self.export_class)
+
+    def load_processor(self, source: str, offline: bool) -> Any:
+        """The model's input processor; by default its tokenizer."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, local_files_only=offline)
+
+    @abstractmethod
+    def synthetic_batch(
+        self, model: Any, batch_size: int, max_length: int, num_labels: int
+    ) -> dict[str, torch.Tensor]:
+        """A full-size training batch of random inputs and labels for the cost probe, the same
+        on every call (its own generator, seeded 0): the profile must not depend on a dataset
+        nor change the run's random draws."""
