@@ -147,3 +147,46 @@ def test_a_registered_task_runs_a_federation_end_to_end(
     assert all(t.startswith("topic: ") for t in task.encoded)
     assert any("(prefixed-text, 4 blocks)" in r.getMessage() for r in caplog.records)
     assert summary["rounds"] == 2 and 0 <= summary["test_accuracy"] <= 1
+
+
+def test_the_evaluation_asks_the_task_for_predictions_and_scores() -> None:
+    """A kind scores its own outputs (a generative kind would not use accuracy): the
+    evaluation takes the task's predictions and metrics, and adds only the loss and count."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from fedhello.model.evaluation import evaluate
+    from fedhello.tasks import TextTask
+
+    class Lowest(TextTask):  # predicts the lowest-scoring class, scores "agreement"
+        def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+            return logits.argmin(dim=-1)
+
+        def scores(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+            return {"agreement": float((predictions == labels).mean())}
+
+    logits = torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
+
+    class Model(torch.nn.Module):
+        def forward(self, rows: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(logits=logits[rows], loss=torch.tensor(0.5))
+
+    class Data:
+        labels = torch.tensor([0, 1, 1])
+        trim = False
+
+        def length_order(self, idx: np.ndarray) -> np.ndarray:
+            return np.arange(len(idx))
+
+        def batch(self, idx, augment=None):  # type: ignore[no-untyped-def]
+            rows = torch.as_tensor(np.asarray(idx))
+            return {"rows": rows, "labels": self.labels[rows]}
+
+    rows = np.arange(3)
+    # argmin predicts 0, 1, 0 against labels 0, 1, 1; a classifier's argmax would say 1, 0, 1
+    got = evaluate(Model(), Data(), rows, 2, task=Lowest())
+    assert got == {"agreement": pytest.approx(2 / 3), "loss": 0.5, "examples": 3}
+    plain = evaluate(Model(), Data(), rows, 2, task=TextTask())
+    assert plain["accuracy"] == pytest.approx(1 / 3) and "agreement" not in plain

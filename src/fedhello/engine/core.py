@@ -142,9 +142,9 @@ def evaluate_global(exp: Experiment, state: State) -> dict[str, Any]:
     """The global model on the fixed per-round evaluation subsets."""
     set_state(exp.model, state)
     bs, accelerator = exp.cfg.train.eval_batch_size, exp.accelerator
-    test = evaluate(exp.model, exp.encoded, exp.eval_test, bs, accelerator)
+    test = evaluate(exp.model, exp.encoded, exp.eval_test, bs, accelerator, exp.task)
     val = (
-        evaluate(exp.model, exp.encoded, exp.eval_val, bs, accelerator)
+        evaluate(exp.model, exp.encoded, exp.eval_val, bs, accelerator, exp.task)
         if len(exp.eval_val)
         else None
     )
@@ -304,8 +304,9 @@ def finish(
     cfg = exp.cfg
     set_state(exp.model, state)
     final = evaluate(
-        exp.model, exp.encoded, exp.raw.splits["test"], cfg.train.eval_batch_size, exp.accelerator
-    )
+        exp.model, exp.encoded, exp.raw.splits["test"], cfg.train.eval_batch_size,
+        exp.accelerator, exp.task,
+    )  # fmt: skip
     exp.model.save_pretrained(str(run.adapter_dir))
     (run.adapter_dir / "labels.json").write_text(json.dumps(exp.raw.label_names) + "\n")
     (run.adapter_dir / "fedhello.json").write_text(json.dumps(adapter_note(cfg), indent=1) + "\n")

@@ -1,13 +1,14 @@
-"""Evaluation of the global model: accuracy, macro-F1 and loss, batched, without autograd."""
+"""Evaluation of the global model, batched, without autograd: the loss, and the task kind's
+own predictions and scores (``fedhello.tasks.Task``: accuracy and macro-F1 for a classifier)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 
 from fedhello.data.encoding import ModelInputs
 from fedhello.model.accelerator import CPU_FP32, Accelerator
+from fedhello.tasks.base import Task, classification_scores
 
 
 @torch.inference_mode()
@@ -17,9 +18,11 @@ def predict(
     indices: np.ndarray,
     batch_size: int,
     accelerator: Accelerator = CPU_FP32,
+    task: Task | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Predicted classes for ``indices`` (in their order) and the mean cross-entropy loss; the
-    forward runs on ``accelerator`` (the loss is computed in fp32 under autocast)."""
+    """Predictions for ``indices`` (in their order; ``task.predictions``, by default the
+    highest-scoring class) and the mean loss; the forward runs on ``accelerator`` (the loss is
+    computed in fp32 under autocast)."""
     model.eval()
     indices = np.asarray(indices)
     order = data.length_order(indices)  # short with short: ~35% less padding on WordNet
@@ -30,7 +33,8 @@ def predict(
         with accelerator.autocast():
             out = model(**accelerator.to_device(data.batch(indices[pos])))
         loss_sum += float(out.loss) * len(pos)
-        preds[pos] = out.logits.argmax(dim=-1).cpu().numpy()
+        best = task.predictions(out.logits) if task else out.logits.argmax(dim=-1)
+        preds[pos] = best.cpu().numpy()
     return preds, loss_sum / max(1, len(indices))
 
 
@@ -40,13 +44,11 @@ def evaluate(
     indices: np.ndarray,
     batch_size: int,
     accelerator: Accelerator = CPU_FP32,
+    task: Task | None = None,
 ) -> dict[str, float]:
-    """Macro-F1 averages over the classes present in the labels or the predictions."""
-    preds, loss = predict(model, data, indices, batch_size, accelerator)
+    """The ``task``'s scores of the rows ``indices`` (``Task.scores``; without a task, a
+    classifier's), then the loss and the number of examples."""
+    preds, loss = predict(model, data, indices, batch_size, accelerator, task)
     labels = data.labels[torch.as_tensor(np.asarray(indices))].numpy()
-    return {
-        "accuracy": float((preds == labels).mean()),
-        "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
-        "loss": loss,
-        "examples": len(indices),
-    }
+    scores = task.scores(preds, labels) if task else classification_scores(preds, labels)
+    return {**scores, "loss": loss, "examples": len(indices)}

@@ -14,8 +14,9 @@ the methods that build tensors or models import torch and transformers when call
 
 What stays shared, because it does not differ between the kinds fedhello has: the head modules
 (``fedhello.model.lora.HEAD_NAMES``: ``classifier`` or ``score``, whatever the auto class
-builds) and the metrics (accuracy, macro-F1 and loss of one predicted class per example; for
-multiple choice the class is the chosen answer).
+builds). The metrics are the task's (``predictions``, ``scores``): every built-in kind predicts
+one class per example (for multiple choice, the chosen answer) and scores accuracy and
+macro-F1; a generative kind would score its outputs otherwise.
 """
 
 from __future__ import annotations
@@ -136,3 +137,27 @@ class Task(ABC):
         """A full-size training batch of random inputs and labels for the cost probe, the same
         on every call (its own generator, seeded 0): the profile must not depend on a dataset
         nor change the run's random draws."""
+
+    # -- the scores ---------------------------------------------------------------------------
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each example's predicted class from the head's output (a score per class, or per
+        answer choice): the highest."""
+        return logits.argmax(dim=-1)
+
+    def scores(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """The kind's metrics of ``predictions`` against ``labels``, in the order the run's
+        records show them (the evaluation adds the loss and the count): by default
+        ``classification_scores``."""
+        return classification_scores(predictions, labels)
+
+
+def classification_scores(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, and macro-F1 averaged over the classes present in the labels or the
+    predictions (a class neither holds would add a meaningless 0)."""
+    from sklearn.metrics import f1_score  # not for training: imported when scoring
+
+    return {
+        "accuracy": float((predictions == labels).mean()),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+    }
