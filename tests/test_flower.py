@@ -5,8 +5,8 @@ the same config and seed."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -276,7 +276,8 @@ def test_a_failing_flwr_is_one_line_exit_2(
         "echo 'grpc.RpcError: failed to connect to all addresses' >&2\nexit 1\n"
     )
     fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    # fedhello runs the flwr beside its interpreter first: make the fake one that
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     ov = _overrides(tiny_bert_dir, tiny_text_csv)
     rc = _run(tmp_path / "run", ov, "--engine", "flower", "--superlink", "127.0.0.1:9")
