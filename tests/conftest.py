@@ -168,7 +168,13 @@ def peft_test_accuracy(
 
     cfg = load_config(run_dir / "config.toml")
     labels = json.loads((run_dir / "adapter/labels.json").read_text())
-    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(labels))
+    note = json.loads((run_dir / "adapter/fedhello.json").read_text())
+    if note["pooling"] == "head":
+        base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(labels))
+    else:  # the pooled head the adapter was trained on, as its fedhello.json says
+        from fedhello.model.pooled import PooledForSequenceClassification
+
+        base = PooledForSequenceClassification.from_encoder(str(base_dir), note["pooling"], labels)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     if site is None:
         raw, split = load_raw(cfg.data, task_for("text"), False), "test"

@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 
 from fedhello.core.aggregation import (
     ClientUpdate,
-    ServerMomentum,
     aggregate_masked,
     validate_update,
 )
+from fedhello.core.server_optimizers import FedAvgM
 
 L = 3
 KEYS = {f"enc.layer.{i}.q.lora_{ab}.weight": i for i in range(L) for ab in "AB"}
@@ -70,7 +70,7 @@ def test_full_masks_equal_plain_fedavg() -> None:
 def test_unweighted_option() -> None:
     g = global_state()
     ups = [update(0, (0,), 1, 1), update(1, (0,), 99, 2)]
-    new, _ = aggregate_masked(g, ups, LAYER_OF, L, weighted=False)
+    new, _ = aggregate_masked(g, ups, LAYER_OF, L, "uniform")
     key = "enc.layer.0.q.lora_A.weight"
     np.testing.assert_allclose(new[key], (ups[0].tensors[key] + ups[1].tensors[key]) / 2, rtol=1e-6)
 
@@ -134,8 +134,8 @@ def test_every_update_rejected_keeps_the_state() -> None:
 def test_server_momentum_zero_is_fedavg_and_nonzero_accumulates() -> None:
     old = {"w": np.zeros(2, np.float32)}
     avg = {"w": np.ones(2, np.float32)}
-    assert ServerMomentum(0.0, 1.0).step(old, avg, {"w"}) is avg
-    m = ServerMomentum(0.5, 1.0)
+    assert FedAvgM(1.0, 0.0).step(old, avg, {"w"}) is avg
+    m = FedAvgM(1.0, 0.5)
     first = m.step(old, avg, {"w"})
     np.testing.assert_allclose(first["w"], [1, 1])
     second = m.step(first, {"w": first["w"] + 1}, {"w"})  # delta 1, velocity 0.5 + 1

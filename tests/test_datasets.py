@@ -254,7 +254,7 @@ def test_belebele_shaped_multiple_choice_trains_and_exports(
     assert main(["export", str(tmp_path / "run"), "--merged", str(out)]) == 0
     from transformers import AutoModelForMultipleChoice
 
-    model = AutoModelForMultipleChoice.from_pretrained(out)
+    model = AutoModelForMultipleChoice.from_pretrained(out, trust_remote_code=True)
     assert model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape == (3, 4)
 
 

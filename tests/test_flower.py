@@ -89,6 +89,21 @@ def test_flower_simulation_equals_embedded(embedded: Path, tmp_path: Path, tiny_
     assert RunDir(out).read_summary()["engine"] == "flower"
 
 
+def test_fedadam_on_the_flower_simulation_equals_embedded(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    """A server optimizer with state (FedAdam's moments) and the examples each client trained
+    on (``examples-seen``, carried in the report) give the embedded engine's run."""
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, federation__server_optimizer='"fedadam"',
+                    federation__weighting='"examples-seen"', train__local_epochs=0.3)  # fmt: skip
+    emb, sim = tmp_path / "emb", tmp_path / "sim"
+    assert _run(emb, ov) == 0
+    assert _run(sim, ov, "--engine", "flower-sim") == 0
+    assert_same_adapter(emb, sim)
+    ours = [strip_timing(r) for r in RunDir(sim).read_metrics()]
+    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+
+
 def test_a_crashed_run_resumes_on_the_flower_simulation(embedded: Path, tmp_path: Path) -> None:
     """The checkpoint holds the whole server state, so a run continues on Flower where it
     stopped (here one started by the embedded engine) and ends as the uninterrupted run."""

@@ -78,7 +78,7 @@ def test_hetlora_with_equal_ranks_and_equal_norms_is_fedavg() -> None:
         t2[b_key], t2[a_key] = q @ a.tensors[b_key], a.tensors[a_key] @ p
     t2[HEAD] = rng.normal(size=(3, D_OUT))
     b = ClientUpdate(1, tuple(range(L)), 10, t2, rank=R)
-    new, report, extra = hetlora().aggregate(global_state(9), [a, b], LAYER_OF, False)
+    new, report, extra = hetlora().aggregate(global_state(9), [a, b], LAYER_OF, "uniform")
     assert report.accepted == [0, 1]
     assert extra["sparsity_weights"] == {"0": 0.5, "1": 0.5}
     for key in LAYER_OF:
@@ -88,7 +88,7 @@ def test_hetlora_with_equal_ranks_and_equal_norms_is_fedavg() -> None:
 def test_hetlora_pads_and_weighs_by_the_norm_of_each_clients_update() -> None:
     ups = [upload(0, 2, 10, 1), upload(1, 4, 20, 2), upload(2, R, 30, 3)]
     g = global_state(9)
-    new, _, extra = hetlora().aggregate(g, ups, LAYER_OF, True)
+    new, _, extra = hetlora().aggregate(g, ups, LAYER_OF, "shard")
     # S_k = ||B_k A_k||_F of the whole adapter (the block-diagonal of its modules), by hand
     norms = []
     for u in ups:
@@ -114,7 +114,7 @@ def test_hetlora_pads_and_weighs_by_the_norm_of_each_clients_update() -> None:
 def test_hetlora_keeps_a_pruned_rank_and_restores_it_from_its_state() -> None:
     s = hetlora()
     assert s.rank_for(1, 0) == R
-    s.aggregate(global_state(), [upload(0, 3, 10, 1)], LAYER_OF, True)  # client 0 pruned to 3
+    s.aggregate(global_state(), [upload(0, 3, 10, 1)], LAYER_OF, "shard")  # client 0 pruned to 3
     assert s.rank_for(2, 0) == 3 and s.rank_for(2, 1) == R
     fresh = hetlora()
     fresh.load_state_dict(s.state_dict())
@@ -136,7 +136,7 @@ def test_flexlora_is_lossless_at_full_rank_when_the_update_fits_the_rank() -> No
     ups = [upload(0, 2, 10, 1), upload(1, 2, 30, 2)]
     ups = [ClientUpdate(u.client, u.layers, u.num_examples, pad_all(u.tensors), rank=R)
            for u in ups]  # fmt: skip
-    new, _, extra = flexlora().aggregate(global_state(9), ups, LAYER_OF, True)
+    new, _, extra = flexlora().aggregate(global_state(9), ups, LAYER_OF, "shard")
     got = products(new)
     for m, (a, b) in lora_pairs(LAYER_OF).items():
         want = (
@@ -163,7 +163,7 @@ def pad_all(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def test_flexlora_returns_the_best_rank_r_approximation() -> None:
     ups = [upload(0, R, 10, 1), upload(1, 3, 10, 2), upload(2, R, 20, 3)]  # dW: rank 8 > R
-    new, report, _ = flexlora().aggregate(global_state(9), ups, LAYER_OF, True)
+    new, report, _ = flexlora().aggregate(global_state(9), ups, LAYER_OF, "shard")
     assert report.accepted == [0, 1, 2]
     for a, b in lora_pairs(LAYER_OF).values():
         dw = sum(

@@ -41,7 +41,7 @@ def _state(seed: int) -> dict[str, np.ndarray]:
 
 def _result(device_peak: float | None = 123.456) -> ClientResult:
     upload = {k: v for k, v in _state(1).items() if LAYER_OF[k] in (None, 1)}
-    update = ClientUpdate(4, SPEC.layers, 37, upload, 1.2345678901234567, None, "AB")
+    update = ClientUpdate(4, SPEC.layers, 37, upload, 1.2345678901234567, None, "AB", 160)
     return ClientResult(
         update, seconds=1.23456789, peak_memory_mb=612.345, train_memory_mb=0.1234567,
         trainable_params=644, bytes_up=72, bytes_down=168, steps=5, device="cuda:0",
@@ -62,7 +62,7 @@ def test_the_declaration_is_the_result_s_fields() -> None:
     own = typing.get_type_hints(ClientResult)
     upd = typing.get_type_hints(ClientUpdate)
     declared = {f.name for f in REPORT}
-    assert declared == set(own) - {"update"} | {"num_examples", "train_loss"}
+    assert declared == set(own) - {"update"} | {"num_examples", "examples_seen", "train_loss"}
     for f in REPORT:
         hint = own.get(f.name, upd.get(f.name))
         allowed = typing.get_args(hint) or (hint,)
@@ -89,8 +89,8 @@ def test_the_wire_keys_are_the_client_contract() -> None:
     """The keys the ClientApp sends, as the messages module's docstring states them."""
     metrics, config = wire.encode_report(_result())
     assert list(metrics) == [
-        "num-examples", "steps", "train-loss", "trainable-params", "seconds", "peak-memory-mb",
-        "train-memory-mb", "step-seconds", "device-peak-memory-mb",
+        "num-examples", "steps", "examples-seen", "train-loss", "trainable-params", "seconds",
+        "peak-memory-mb", "train-memory-mb", "step-seconds", "device-peak-memory-mb",
     ]  # fmt: skip
     assert config == {"device": "cuda:0", "precision": "bf16"}
     assert all(f"``{k}``" in (wire.__doc__ or "") for k in [*metrics, *config])
@@ -98,7 +98,7 @@ def test_the_wire_keys_are_the_client_contract() -> None:
 
 def _reject(result: ClientResult) -> str:
     strategy = build_strategy("fedra", num_layers=2, budgets=[1] * 5)
-    _, report, _ = strategy.aggregate(_state(0), [result.update], dict(LAYER_OF), True)
+    _, report, _ = strategy.aggregate(_state(0), [result.update], dict(LAYER_OF), "shard")
     assert report.accepted == []
     return report.rejected[result.update.client]
 
@@ -150,8 +150,9 @@ def test_the_record_keeps_its_keys_order_and_rounding() -> None:
     r = _result()
     rec = client_record(exp, r, {}, plan)  # type: ignore[arg-type]
     assert list(rec) == [
-        "client", "tier", "budget", "layers", "num_examples", "steps", "train_loss",
-        "trainable_params", "seconds", "peak_memory_mb", "train_memory_mb", "step_seconds",
+        "client", "tier", "budget", "layers", "num_examples", "steps", "examples_seen",
+        "train_loss", "trainable_params", "seconds", "peak_memory_mb", "train_memory_mb",
+        "step_seconds",
         "memory_limit_mb", "device_peak_memory_mb", "device", "precision", "bytes_up",
         "bytes_down", "accepted",
     ]  # fmt: skip

@@ -237,13 +237,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedhello.export import check_export, export_merged
+    from fedhello.export import check_export, export_merged, needs_remote_code
 
     _setup_output(args.verbose)
     check_export(Path(args.run_dir), Path(args.merged), args.overwrite)  # before heavy imports
     loader = export_merged(Path(args.run_dir), Path(args.merged), args.overwrite)
+    remote = ", trust_remote_code=True" if needs_remote_code(Path(args.merged)) else ""
     print(f"merged model in {args.merged}: load it with "
-          f"transformers.{loader}.from_pretrained({args.merged!r})")  # fmt: skip
+          f"transformers.{loader}.from_pretrained({args.merged!r}{remote})")  # fmt: skip
     return 0
 
 

@@ -1,11 +1,18 @@
 """Masked per-layer aggregation and update validation (numpy only).
 
 Each LoRA tensor of layer l is the weighted mean of the uploads of the clients that trained
-layer l this round; a layer nobody trained keeps its value; the head, trained by everyone, is
+layer l this round; a layer nobody trained keeps its value; the head, uploaded by everyone
+(unless ``train.head`` keeps it frozen or local this round: then it keeps its value), is
 averaged over everyone. Factors uploaded at a lower rank (rank methods) are zero-padded to the
 global rank first. Updates are validated *before* anything touches the global state: one bad
 client is rejected with a reason and the round goes on with the others. The rank methods'
 own aggregations (HetLoRA, FlexLoRA) reuse ``accept`` and ``weighted_mean``.
+
+A client's weight (``federation.weighting``, ``example_weights``): ``shard``, the examples in
+its shard (FedAvg's ``n_k``); ``uniform``, 1 (the Fed-HeLLo authors' protocol);
+``examples-seen``, the examples it trained on this round (local steps x batch size: equal for
+all with fixed local steps, proportional to the work with local epochs). How the server then
+moves the global state towards these means: ``fedhello.core.server_optimizers``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -23,6 +31,9 @@ from fedhello.core.ranks import expected_shape, pad, rank_of
 logger = logging.getLogger(__name__)
 
 State = dict[str, np.ndarray]
+
+Weighting = Literal["examples-seen", "shard", "uniform"]
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 
 
 @dataclass
@@ -38,13 +49,18 @@ class ClientUpdate:
     train_loss: float = 0.0
     rank: int | None = None
     factors: str = "AB"
+    # examples trained on this round: local steps x batch size (every batch is full, repeats
+    # counted); the weight under ``federation.weighting = "examples-seen"``
+    examples_seen: int = 0
     # why the report that carried this update is unusable (a required field missing or of the
     # wrong type on the wire): the update is rejected with this reason, before anything else
     malformed: str | None = None
+    # what the server asked of the head (``AdapterSpec.head``): only "federated" uploads it
+    head: str = "federated"
 
     @property
     def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.layers, self.rank, self.factors)
+        return AdapterSpec(self.layers, self.rank, self.factors, self.head)
 
     @property
     def upload_rank(self) -> int | None:
@@ -60,13 +76,21 @@ class AggregationReport:
 
 
 def validate_update(
-    update: ClientUpdate, global_state: Mapping[str, np.ndarray], layer_of: Mapping[str, int | None]
+    update: ClientUpdate,
+    global_state: Mapping[str, np.ndarray],
+    layer_of: Mapping[str, int | None],
+    weighting: Weighting = "shard",
 ) -> str | None:
-    """The reason to reject ``update``, or None if it is well formed."""
+    """The reason to reject ``update``, or None if it is well formed (its weight under
+    ``weighting`` positive)."""
     if update.malformed is not None:
         return update.malformed
-    if not isinstance(update.num_examples, int) or update.num_examples <= 0:
+    if not _count(update.num_examples) or update.num_examples <= 0:
         return f"num_examples = {update.num_examples!r}: must be a positive integer"
+    seen = update.examples_seen
+    if not _count(seen) or seen < 0 or (weighting == "examples-seen" and seen == 0):
+        need = "positive" if weighting == "examples-seen" else "non-negative"
+        return f"examples_seen = {seen!r}: must be a {need} integer"
     if not math.isfinite(update.train_loss):
         return f"training loss is {update.train_loss}: not finite"
     allowed = set(keys_for_spec(layer_of, update.spec))
@@ -77,6 +101,8 @@ def validate_update(
             layers = list(update.layers)
             if layer_of[key] in update.layers:  # FFA-LoRA: an A factor
                 return f"tensor {key!r} is frozen under FFA-LoRA: only B factors are uploaded"
+            if layer_of[key] is None:  # the head, this round frozen or kept local
+                return f"tensor {key!r} is the head, not uploaded this round (head {update.head})"
             return f"tensor {key!r} of layer {layer_of[key]} outside the allocation {layers}"
     missing = allowed - set(update.tensors)
     if missing:
@@ -104,17 +130,22 @@ def validate_update(
     return None
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def accept(
     global_state: Mapping[str, np.ndarray],
     updates: Sequence[ClientUpdate],
     layer_of: Mapping[str, int | None],
     num_layers: int,
+    weighting: Weighting = "shard",
 ) -> tuple[list[ClientUpdate], AggregationReport]:
     """The well-formed updates, and a report of who was accepted or rejected (and why)."""
     report = AggregationReport(coverage=[0] * num_layers)
     good: list[ClientUpdate] = []
     for update in updates:
-        reason = validate_update(update, global_state, layer_of)
+        reason = validate_update(update, global_state, layer_of, weighting)
         if reason is None:
             good.append(update)
             report.accepted.append(update.client)
@@ -126,9 +157,17 @@ def accept(
     return good, report
 
 
-def example_weights(updates: Sequence[ClientUpdate], weighted: bool) -> dict[int, float]:
-    """FedAvg's weight of each client: its example count, or 1 (``weighted = False``)."""
-    return {u.client: float(u.num_examples) if weighted else 1.0 for u in updates}
+def example_weights(updates: Sequence[ClientUpdate], weighting: Weighting) -> dict[int, float]:
+    """The weight of each client in the means (``federation.weighting``): its shard's example
+    count (``shard``), 1 (``uniform``) or the examples it trained on this round
+    (``examples-seen``)."""
+    if weighting == "shard":
+        return {u.client: float(u.num_examples) for u in updates}
+    if weighting == "uniform":
+        return {u.client: 1.0 for u in updates}
+    if weighting == "examples-seen":
+        return {u.client: float(u.examples_seen) for u in updates}
+    raise ValueError(f"weighting = {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
 
 
 def weighted_mean(
@@ -161,32 +200,8 @@ def aggregate_masked(
     updates: Sequence[ClientUpdate],
     layer_of: Mapping[str, int | None],
     num_layers: int,
-    weighted: bool = True,
+    weighting: Weighting = "shard",
 ) -> tuple[State, AggregationReport]:
-    """New global state: per tensor, the (weighted) mean over the accepted uploads holding it."""
-    good, report = accept(global_state, updates, layer_of, num_layers)
-    return weighted_mean(global_state, good, example_weights(good, weighted)), report
-
-
-class ServerMomentum:
-    """FedAvgM: ``v = beta v + (avg - global)``, ``global += server_lr * v`` on updated tensors.
-
-    With beta = 0 and server_lr = 1 this is plain FedAvg (the new state is the average).
-    """
-
-    def __init__(self, beta: float = 0.0, server_lr: float = 1.0) -> None:
-        self.beta = beta
-        self.server_lr = server_lr
-        self.velocity: State = {}
-
-    def step(self, old: Mapping[str, np.ndarray], averaged: State, updated: set[str]) -> State:
-        if self.beta == 0.0 and self.server_lr == 1.0:
-            return averaged
-        out = dict(averaged)
-        for key in updated:
-            delta = averaged[key] - old[key]
-            v = self.velocity.get(key)
-            v = delta if v is None else self.beta * v + delta
-            self.velocity[key] = v
-            out[key] = (old[key] + self.server_lr * v).astype(old[key].dtype)
-        return out
+    """New global state: per tensor, the weighted mean over the accepted uploads holding it."""
+    good, report = accept(global_state, updates, layer_of, num_layers, weighting)
+    return weighted_mean(global_state, good, example_weights(good, weighting)), report

@@ -21,6 +21,10 @@ _FACTOR_RE = re.compile(r"(?:^|\.)lora_(A|B)(?:\.|$)")
 # Which LoRA factors a client trains and uploads: both (LoRA), or B alone (FFA-LoRA: A stays
 # at its shared initialisation, so the average of the uploads is the exact average update).
 FACTOR_SETS = ("AB", "B")  # the LoRA factors a client trains: both, or B alone (FFA-LoRA)
+# What a client does with the head in a round (``fedhello.core.heads.head_mode`` decides it from
+# ``train.head``): train and upload it (federated), neither (frozen), or train it without
+# uploading it (local: the Fed-HeLLo authors' code).
+HEAD_MODES = ("federated", "frozen", "local")
 
 
 def is_lora_key(name: str) -> bool:
@@ -70,16 +74,21 @@ class AdapterSpec:
 
     ``rank`` None is the adapter's full rank (every layer strategy); a rank method hands out
     the leading ``rank`` components (``A[:r, :]``, ``B[:, :r]``) of every block. ``factors``
-    is ``"AB"`` or ``"B"`` (FFA-LoRA). The head is always part of it.
+    is ``"AB"`` or ``"B"`` (FFA-LoRA). ``head`` (``HEAD_MODES``): the head is trained and
+    uploaded (``federated``, the default), neither (``frozen``), or trained but not uploaded
+    (``local``).
     """
 
     layers: tuple[int, ...]
     rank: int | None = None
     factors: str = "AB"
+    head: str = "federated"
 
     def __post_init__(self) -> None:
         if self.factors not in FACTOR_SETS:
             raise ValueError(f"factors = {self.factors!r}; allowed: {', '.join(FACTOR_SETS)}")
+        if self.head not in HEAD_MODES:
+            raise ValueError(f"head = {self.head!r}; allowed: {', '.join(HEAD_MODES)}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank = {self.rank}; allowed: at least 1")
 
@@ -87,7 +96,8 @@ class AdapterSpec:
 @dataclass(frozen=True)
 class ClientAllocation:
     """The layers one client trains in one round (sorted, distinct), at a rank (None: full)
-    and with the LoRA ``factors`` it trains."""
+    and with the LoRA ``factors`` it trains; ``head``: what it does with the head (the
+    round's, set by the server's loop: ``AdapterSpec.head``)."""
 
     client: int
     budget: int
@@ -95,10 +105,11 @@ class ClientAllocation:
     repaired_from: tuple[int, ...] | None = None  # the strategy's set, when the fit repaired it
     rank: int | None = None
     factors: str = "AB"
+    head: str = "federated"
 
     @property
     def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.layers, self.rank, self.factors)
+        return AdapterSpec(self.layers, self.rank, self.factors, self.head)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -154,15 +165,20 @@ def check_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
     return out
 
 
-def keys_for_spec(layer_of: Mapping[str, int | None], spec: AdapterSpec) -> list[str]:
-    """The tensors a client with ``spec`` trains and uploads: the LoRA factors of its layers
-    (both, or B alone) plus the head. The one rule, used by the server (what to accept) and by
-    every client (what to train and send)."""
+def keys_for_spec(
+    layer_of: Mapping[str, int | None], spec: AdapterSpec, *, trained: bool = False
+) -> list[str]:
+    """The tensors a client with ``spec`` uploads: the LoRA factors of its layers (both, or B
+    alone) plus the head where ``spec.head`` is ``federated``; with ``trained``, those it
+    trains: the head also where it is ``local`` (trained, never uploaded). The one rule, used by
+    the server (what to accept) and by every client (what to train and send)."""
     chosen = set(spec.layers)
+    head = spec.head == "federated" or (trained and spec.head == "local")
     return [
         k
         for k, layer in layer_of.items()
-        if layer is None or (layer in chosen and (spec.factors == "AB" or lora_factor(k) == "B"))
+        if (head if layer is None else layer in chosen)
+        and (layer is None or spec.factors == "AB" or lora_factor(k) == "B")
     ]
 
 

@@ -3,10 +3,10 @@ count, on one model, batch shape, device and precision (pure python + numpy: no 
 
 Backward stops at the lowest trained block, so a layer set's cost is set by its lowest block
 ``b = min(S)`` and, a little, by how many layers ``n = |S|`` it trains (each adds its LoRA
-gradients, AdamW's two moments and the inputs its LoRA branch keeps for backward). The profile
-holds one measured :class:`Cost` per ``(b, n)``, ``1 <= n <= L - b`` (21 entries for 6 blocks);
-``fedhello.model.probe`` measures it, ``fedhello.store.profiles`` keeps it keyed by everything
-it depends on.
+gradients, the optimizer's moments and the inputs its LoRA branch keeps for backward). The
+profile holds one measured :class:`Cost` per ``(b, n)``, ``1 <= n <= L - b`` (21 entries for 6
+blocks); ``fedhello.model.probe`` measures it, ``fedhello.store.profiles`` keeps it keyed by
+everything it depends on.
 
 An analytic model is fitted to it (:class:`AnalyticFit`: least squares, linear in the depth
 ``L - b`` and the count ``n``): it fills the entries a quick probe did not measure and
@@ -30,9 +30,9 @@ PROFILE_VERSION = 1
 
 @dataclass(frozen=True)
 class Cost:
-    """One local step: training memory (MB: saved-for-backward peak + fp32 gradients + AdamW
-    state, what ``train_memory_mb`` records per client), median step time (s) and, on an
-    accelerator, the allocator's peak (MB, the frozen model included)."""
+    """One local step: training memory (MB: saved-for-backward peak + fp32 gradients + the
+    optimizer's state, what ``train_memory_mb`` records per client), median step time (s)
+    and, on an accelerator, the allocator's peak (MB, the frozen model included)."""
 
     memory_mb: float
     step_seconds: float

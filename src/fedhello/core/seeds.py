@@ -25,6 +25,7 @@ class Purpose(IntEnum):
     PROXY = 8  # server proxy set for Fisher scores
     SITE_SPLIT = 9  # a site's own file: its training and held-out validation rows
     AUGMENT = 10  # image augmentation of a training batch (round, client, step)
+    CLASS_MEANS = 11  # the examples a client sums in FedNCM's round 0 (client)
 
 
 def generator(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:

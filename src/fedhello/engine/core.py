@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from fedhello.core.aggregation import ClientUpdate, ServerMomentum, State
+from fedhello.core.aggregation import ClientUpdate, State
 from fedhello.core.config import Config
+from fedhello.core.heads import ClassSums, class_means_head, head_mode
 from fedhello.core.layers import AllocationPlan
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.core.schedule import lr_at, sample_clients
+from fedhello.core.server_optimizers import ServerOptimizer, server_optimizer
 from fedhello.engine.experiment import DataCache, Experiment, build_experiment
 from fedhello.model.accelerator import accelerator_for
+from fedhello.model.class_means import linear_head
 from fedhello.model.evaluation import evaluate
 from fedhello.model.lora import set_state
+from fedhello.model.pooling import pooled_module_file
 from fedhello.model.report import ClientResult, record_fields
 from fedhello.store.checkpoint import config_hash, load_latest, save_checkpoint
 from fedhello.store.profiles import read_profile, write_profile
@@ -54,6 +59,8 @@ class RoundPlan:
     lr: float
     fisher_info: dict[str, Any]
     started: float
+    head: str = "federated"  # what the clients do with the head (``train.head``'s this round)
+    class_means: dict[str, Any] | None = None  # FedNCM's round 0, recorded with round 1
 
 
 @dataclass
@@ -80,6 +87,12 @@ class Engine(Protocol):
 
     def final_scores(self, exp: Experiment, state: State) -> dict[str, Any]:
         """The engine's own scores of the final model for the summary (Flower: the sites')."""
+        ...
+
+    def class_sums(self, exp: Experiment, state: State) -> tuple[list[ClassSums], dict[int, str]]:
+        """FedNCM's round 0 (``train.head = "class-means"``): every client's per-class feature
+        sums and counts under ``state`` (``fedhello.model.class_means``), and the clients that
+        failed, with why."""
         ...
 
 
@@ -139,10 +152,16 @@ def repairs_field(exp: Experiment, plan: AllocationPlan) -> dict[str, Any]:
 
 
 def evaluate_global(exp: Experiment, state: State) -> dict[str, Any]:
-    """The global model on the fixed per-round evaluation subsets."""
+    """The global model on the fixed per-round evaluation subsets; after the historical keys,
+    ``predicted_classes`` and ``prediction_entropy`` on the test subset (where the task scores
+    them, ``fedhello.tasks.base.prediction_spread``), and a warning in the run log when the
+    model answers (nearly) one class there (``fedhello.model.evaluation.warn_if_collapsed``)."""
     set_state(exp.model, state)
     bs, accelerator = exp.cfg.train.eval_batch_size, exp.accelerator
-    test = evaluate(exp.model, exp.encoded, exp.eval_test, bs, accelerator, exp.task)
+    test = evaluate(
+        exp.model, exp.encoded, exp.eval_test, bs, accelerator, exp.task,
+        label_names=exp.raw.label_names, collapse_check="the round's evaluation subset",
+    )  # fmt: skip
     val = (
         evaluate(exp.model, exp.encoded, exp.eval_val, bs, accelerator, exp.task)
         if len(exp.eval_val)
@@ -157,10 +176,16 @@ def evaluate_global(exp: Experiment, state: State) -> dict[str, Any]:
     }
     if val:
         out |= {"val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"]}
+    out |= {k: test[k] for k in ("predicted_classes", "prediction_entropy") if k in test}
     return out
 
 
-def open_round(exp: Experiment, round_: int, state: State) -> RoundPlan:
+def open_round(
+    exp: Experiment, round_: int, state: State, class_means: dict[str, Any] | None = None
+) -> RoundPlan:
+    """Sample, refresh Fisher scores, allocate, and set the round's learning rate and what the
+    clients do with the head (``train.head``, ``fedhello.core.heads.head_mode``);
+    ``class_means``: FedNCM's round 0, for round 1's record."""
     cfg = exp.cfg
     t0 = time.perf_counter()
     sampled = sample_clients(cfg.run.seed, round_, cfg.clients.num_clients, cfg.clients.per_round)
@@ -168,20 +193,52 @@ def open_round(exp: Experiment, round_: int, state: State) -> RoundPlan:
     plan = exp.allocate(round_, sampled)
     t = cfg.train
     lr = lr_at(round_, cfg.federation.rounds, t.lr, t.lr_schedule, t.lr_min_factor, t.lr_decay)
-    return RoundPlan(round_, sampled, plan, lr, fisher_info, t0)
+    head = head_mode(t.head, round_, cfg.federation.rounds, t.head_finetune_rounds)
+    if head != "federated":
+        plan = replace(plan, clients=tuple(replace(a, head=head) for a in plan.clients))
+    return RoundPlan(round_, sampled, plan, lr, fisher_info, t0, head, class_means)
+
+
+def head_field(exp: Experiment, rp: RoundPlan) -> dict[str, Any]:
+    """``head``, the clients' head mode this round (absent with the default ``train.head``),
+    and in round 1 of ``class-means`` what round 0 built (``class_means``)."""
+    if exp.cfg.train.head == "federated":
+        return {}
+    return {"head": rp.head, **({"class_means": rp.class_means} if rp.class_means else {})}
+
+
+def class_means_round(
+    exp: Experiment, engine: Engine, state: State
+) -> tuple[State, dict[str, Any]]:
+    """FedNCM's round 0: every client's class sums under ``state`` (the initial global state),
+    and the state with the head built from them (``fedhello.core.heads.class_means_head``)."""
+    t0 = time.perf_counter()
+    sums, failed = engine.class_sums(exp, state)
+    new_state, info = class_means_head(state, exp.layer_of, sums)
+    if failed:
+        info["failed"] = {str(c): reason for c, reason in sorted(failed.items())}
+    info["seconds"] = round(time.perf_counter() - t0, 4)
+    if not info["classes_built"]:
+        logger.warning("round 0: no class means (no client sent any): the head stays as it was")
+    logger.info(
+        "round 0: head built from the class means of %d clients, %d examples, %d classes",
+        len(info["clients"]), info["examples"], info["classes_built"],
+    )  # fmt: skip
+    return new_state, info
 
 
 def close_round(
-    exp: Experiment, rp: RoundPlan, state: State, outcome: RoundResults, momentum: ServerMomentum
+    exp: Experiment, rp: RoundPlan, state: State, outcome: RoundResults, server: ServerOptimizer
 ) -> tuple[State, dict[str, Any]]:
     """Validate and aggregate the uploads, evaluate, and build the round's metrics record."""
     cfg = exp.cfg
     results = outcome.results
     averaged, report, method_record = exp.strategy.aggregate(
-        state, [r.update for r in results], exp.layer_of, cfg.federation.weighted
+        state, [r.update for r in results], exp.layer_of, cfg.federation.weighting
     )
     updated = {k for r in results if r.update.client in report.accepted for k in r.update.tensors}
-    new_state = momentum.step(state, averaged, updated) if report.accepted else state
+    # the server optimizer moves only the tensors an accepted client trained (their moments)
+    new_state = server.step(state, averaged, updated) if report.accepted else state
     accepted = [r for r in results if r.update.client in report.accepted]
     weights = [r.update.num_examples for r in accepted]
     expected = exp.strategy.expected_coverage(rp.round, [a.client for a in rp.plan.clients])
@@ -200,6 +257,7 @@ def close_round(
         "num_rejected": len(report.rejected),
         "failed": {str(c): reason for c, reason in outcome.failed.items()},
         **repairs_field(exp, rp.plan),
+        **head_field(exp, rp),
         **method_record,  # e.g. HetLoRA's sparsity weights, FlexLoRA's singular values
         # the server's (evaluation, Fisher scores): a resumed run keeps them
         "precision": exp.accelerator.precision,
@@ -238,6 +296,8 @@ def run_federation(
     accelerator = accelerator_for(cfg, run.recorded_precision() if opts.resume else None)
     saved = read_profile(run.profile_path) if opts.resume else None  # repair as before
     exp = build_experiment(cfg, cache=opts.cache, accelerator=accelerator, saved_profile=saved)
+    if cfg.train.head == "class-means":
+        linear_head(exp.model)  # a head class means cannot build fails before anything is written
     engine.start(exp)
     if not opts.resume:
         run.create(opts.overwrite)
@@ -248,27 +308,31 @@ def run_federation(
     # file, not today's rendering of it: a key added to fedhello since must not orphan them)
     cfg_hash = config_hash(run.config_path.read_text(encoding="utf-8"))
     state = exp.init_state
-    momentum = ServerMomentum(cfg.federation.server_momentum, cfg.federation.server_lr)
+    server = server_optimizer(cfg.federation)
     start = 1
     if opts.resume:
         ckpt = load_latest(run.checkpoint_dir, cfg_hash, set(exp.keys))
         if ckpt is not None:
-            state, momentum.velocity = ckpt.state, ckpt.velocity
+            state = ckpt.state
+            server.load_state_dict(ckpt.optimizer_state)
             exp.strategy.load_state_dict(ckpt.strategy_state)
             start = ckpt.round + 1
         run.truncate_metrics(start - 1)
         logger.info("resuming %s at round %d", run.path, start)
     obs.on_start(exp)
+    round0 = None  # FedNCM's head, built before round 1 (a resumed run has it in its state)
+    if start == 1 and cfg.train.head == "class-means":
+        state, round0 = class_means_round(exp, engine, state)
     for round_ in range(start, cfg.federation.rounds + 1):
-        rp = open_round(exp, round_, state)
+        rp = open_round(exp, round_, state, round0 if round_ == 1 else None)
         obs.on_round_start(round_, rp.plan)
         outcome = engine.train_round(exp, rp, state, obs)
-        state, record = close_round(exp, rp, state, outcome, momentum)
+        state, record = close_round(exp, rp, state, outcome, server)
         run.append_metrics(record)
         obs.on_round_end(record)
         if round_ % cfg.run.checkpoint_every == 0 or round_ == cfg.federation.rounds:
             save_checkpoint(
-                run.checkpoint_dir, round_, state, momentum.velocity,
+                run.checkpoint_dir, round_, state, server.state_dict(),
                 exp.strategy.state_dict(), cfg_hash, cfg.run.keep_checkpoints,
             )  # fmt: skip
     obs.on_final_eval()
@@ -277,10 +341,18 @@ def run_federation(
     return finish(exp, run, state, seconds, engine.name, start if opts.resume else None, extra)
 
 
-def adapter_note(cfg: Config) -> dict[str, Any]:
+def adapter_note(cfg: Config, pooling: str = "head") -> dict[str, Any]:
     """What the exported adapter is, beside PEFT's ``adapter_config.json`` (which plain PEFT
-    reads; this file is for people): the method and the scaling convention."""
+    reads; this file is for people): the method, the scaling convention and, for a pooled
+    classifier, the base it loads onto."""
+    base = (
+        {"pooling": pooling, "base": "PooledForSequenceClassification.from_encoder(model, "
+         f"{pooling!r}, labels) (or PooledForMultipleChoice) from modeling_fedhello_pooled.py "
+         "in this folder, then peft.PeftModel.from_pretrained(base, this folder)"}
+        if pooling != "head" else {"pooling": "head"}
+    )  # fmt: skip
     return {
+        **base,
         "method": cfg.allocation.strategy,
         "client_model": cfg.allocation.client_model,
         "freeze_a": cfg.lora.freeze_a,
@@ -300,19 +372,28 @@ def finish(
     resumed_at: int | None,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """Full-test evaluation, the PEFT adapter and summary.json (with ``extra`` in it)."""
+    """Full-test evaluation, the PEFT adapter and summary.json (with ``extra`` in it).
+
+    After the historical keys the summary holds the collapse measures of the whole test
+    split: ``predicted_classes``, ``prediction_entropy`` (nats) and ``per_class_recall``
+    (class name -> recall, 4 decimals; a class absent from the test labels is omitted). The
+    run log warns when the final model answers (nearly) one class."""
     cfg = exp.cfg
     set_state(exp.model, state)
     final = evaluate(
         exp.model, exp.encoded, exp.raw.splits["test"], cfg.train.eval_batch_size,
-        exp.accelerator, exp.task,
+        exp.accelerator, exp.task, label_names=exp.raw.label_names, per_class=True,
+        collapse_check="the whole test split (final)",
     )  # fmt: skip
     exp.model.save_pretrained(str(run.adapter_dir))
     (run.adapter_dir / "labels.json").write_text(json.dumps(exp.raw.label_names) + "\n")
-    (run.adapter_dir / "fedhello.json").write_text(json.dumps(adapter_note(cfg), indent=1) + "\n")
+    note = adapter_note(cfg, exp.pooling)
+    (run.adapter_dir / "fedhello.json").write_text(json.dumps(note, indent=1) + "\n")
+    if exp.pooling != "head":  # the pooled head's code, for a user with only the adapter
+        shutil.copyfile(pooled_module_file(), run.adapter_dir / "modeling_fedhello_pooled.py")
     records = run.read_metrics()
     clients = [c for r in records for c in r["clients"]]
-    summary = {
+    summary: dict[str, Any] = {
         "strategy": cfg.allocation.strategy,
         "engine": engine,
         "test_split": "whole",
@@ -328,6 +409,7 @@ def finish(
         "tiers": exp.tiers,
         "target": exp.strategy.target(),
         "model_source": exp.source,
+        "pooling": exp.pooling,
         **exp.accelerator.describe(),
         # the code's arithmetic: a comparison reuses this run only under the same version
         "numerics_version": NUMERICS_VERSION,
@@ -340,6 +422,12 @@ def finish(
         "budget_kind": cfg.clients.budget_kind,
         "fit": exp.resources.policy,
         "repairs": sum(r.get("num_repairs", 0) for r in records),
+        # collapse, measured: how many classes the final model answers, how evenly, per class
+        **{
+            k: final[k]
+            for k in ("predicted_classes", "prediction_entropy", "per_class_recall")
+            if k in final
+        },
         # e.g. a source split whose labels are hidden, and which split was tested on instead
         **({"data_notes": exp.raw.notes} if exp.raw.notes else {}),
         **extra,

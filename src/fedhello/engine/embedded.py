@@ -12,6 +12,7 @@ from typing import Any
 
 from fedhello.core.aggregation import State
 from fedhello.core.config import Config
+from fedhello.core.heads import ClassSums
 from fedhello.engine.core import (
     Observer,
     RoundPlan,
@@ -20,6 +21,7 @@ from fedhello.engine.core import (
     run_federation,
 )
 from fedhello.engine.experiment import Experiment
+from fedhello.model.class_means import class_feature_sums
 from fedhello.model.training import LocalTask, Shard, train_client
 from fedhello.store.runs import RunDir
 
@@ -50,6 +52,17 @@ class EmbeddedEngine:
 
     def final_scores(self, exp: Experiment, state: State) -> dict[str, Any]:
         return {}
+
+    def class_sums(self, exp: Experiment, state: State) -> tuple[list[ClassSums], dict[int, str]]:
+        """Every client's class sums, in client order (FedNCM's round 0)."""
+        cfg, out = exp.cfg, []
+        for client, rows in enumerate(exp.shards):
+            sums, counts = class_feature_sums(
+                exp.model, Shard(exp.encoded, rows), state, cfg.train.eval_batch_size,
+                exp.accelerator, seed=cfg.run.seed, client=client,
+            )  # fmt: skip
+            out.append(ClassSums(client, sums, counts))
+        return out, {}
 
 
 def run_embedded(cfg: Config, run: RunDir, options: RunOptions | None = None) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class Experiment:
     proxy: np.ndarray  # the server's labelled proxy set (Fisher scores)
     accelerator: Accelerator  # the device and precision everything of this process runs on
     resources: Resources  # the clients' limits, their cost profile and the fit policy
+    pooling: str = "head"  # what the head reads: transformers' head, or a pooling (mean, ...)
 
     def allocate(self, round_: int, sampled: list[int]) -> AllocationPlan:
         """The strategy's plan of ``round_``, every set checked against its client's limit."""
@@ -145,7 +146,8 @@ def build_lora_classifier(
     ``accelerator``: (loaded model and processor, PEFT model, adapter keys, block of each key).
     Shared by the experiment and a node's ClientApp, so that both build the same model."""
     torch.manual_seed(derived_int(cfg.run.seed, Purpose.INIT))  # head and LoRA A init
-    loaded = load_model(cfg.model.name, label_names, task, cfg.model.allow_download)
+    m = cfg.model
+    loaded = load_model(m.name, label_names, task, m.allow_download, m.pooling)
     lora = cfg.lora
     model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     keys = adapter_keys(model)
@@ -241,6 +243,7 @@ def build_experiment(
         processor=loaded.processor,
         task=task,
         source=loaded.source,
+        pooling=loaded.pooling,
         keys=keys,
         layer_of=layer_of,
         num_layers=num_layers,

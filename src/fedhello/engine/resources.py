@@ -63,6 +63,9 @@ def obtain_profile(
     a = accelerator
     key = profile_key(cfg, m.source, m.task.name, m.num_layers, m.num_labels, a.device_name(),
                       a.precision, a.base_precision, max_length)  # fmt: skip
+    pooling = getattr(m.model.config, "fedhello_pooling", None)
+    if pooling is not None:  # a pooled head (no pooler): keyed so, head profiles stay valid
+        key["pooling"] = pooling
     path = profile_path(profile_dir(cfg), key)
     found = None if remeasure else read_profile(path, key)
     if found is not None:
@@ -72,7 +75,7 @@ def obtain_profile(
     batch = synthetic_batch(m.model, m.task, cfg.train.batch_size, cfg.model.max_length,
                             m.num_labels)  # fmt: skip
     profile = measure_profile(m.model, m.layer_of, m.num_layers, batch, accelerator, key, steps,
-                              cfg.train.max_grad_norm)  # fmt: skip
+                              cfg.train.max_grad_norm, cfg.train)  # fmt: skip
     write_profile(path, profile)
     logger.info("cost profile measured in %.1f s: %s", time.perf_counter() - t0, path)
     return profile, "measured"

@@ -109,9 +109,10 @@ def set_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
 def apply_spec_mask(
     model: torch.nn.Module, spec: AdapterSpec, layer_of: Mapping[str, int | None]
 ) -> list[torch.nn.Parameter]:
-    """Train exactly the tensors of ``spec`` (``keys_for_spec``: its layers' LoRA factors, B
-    alone under FFA-LoRA, and the head); freeze every other parameter."""
-    chosen = set(keys_for_spec(layer_of, spec))
+    """Train exactly the tensors of ``spec`` (``keys_for_spec(..., trained=True)``: its
+    layers' LoRA factors, B alone under FFA-LoRA, and the head unless ``spec.head`` is
+    ``frozen``); freeze every other parameter."""
+    chosen = set(keys_for_spec(layer_of, spec, trained=True))
     trainable = []
     for name, param in model.named_parameters():
         train = name in chosen

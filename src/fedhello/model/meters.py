@@ -23,15 +23,18 @@ import torch
 if TYPE_CHECKING:
     from fedhello.model.accelerator import Accelerator
 
-# A float32 gradient and AdamW's two float32 moments per trainable parameter (fp32 in every
-# precision): 3 x 4 bytes.
-OPTIMIZER_BYTES_PER_PARAM = 3 * 4
+# Per trainable parameter, in every precision: a float32 gradient and the float32 state the
+# client keeps (``TrainConfig.state_per_param``): the optimizer's moments (AdamW two, SGD with
+# momentum one, plain SGD none), plus FedProx's copy of the global weights.
+FP32_BYTES = 4
+ADAMW_MOMENTS = 2
 
 
-def train_memory_mb(saved_peak: int, trainable: int) -> float:
+def train_memory_mb(saved_peak: int, trainable: int, state_per_param: int = ADAMW_MOMENTS) -> float:
     """Training memory on top of the frozen model (MiB): the peak step's tensors saved for
-    backward (bytes) + gradient and optimizer state of ``trainable`` parameters."""
-    return (saved_peak + OPTIMIZER_BYTES_PER_PARAM * trainable) / 2**20
+    backward (bytes) + the gradient and ``state_per_param`` more fp32 tensors of each of the
+    ``trainable`` parameters (default: AdamW's two moments)."""
+    return (saved_peak + (1 + state_per_param) * FP32_BYTES * trainable) / 2**20
 
 
 class PeakRSS:
@@ -135,6 +138,6 @@ class ClientMeter:
         """The median step, as the profile measures it (the first step also warms caches)."""
         return float(np.median(self.step_times))
 
-    def train_memory_mb(self, trainable: int) -> float:
+    def train_memory_mb(self, trainable: int, state_per_param: int = ADAMW_MOMENTS) -> float:
         assert self.saved is not None, "watch the model first"
-        return train_memory_mb(self.saved.peak, trainable)
+        return train_memory_mb(self.saved.peak, trainable, state_per_param)

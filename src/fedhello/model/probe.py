@@ -3,10 +3,13 @@
 For each ``(b, n)`` it trains the contiguous set ``b .. b+n-1`` for a few steps on a synthetic
 batch of ``batch_size`` inputs of the full ``max_length`` (a real batch is cut back to its
 longest example, so it never needs more), exactly as a client trains (the same masks and
-``LocalStep``: autocast, grad scaler, clipping, AdamW), and records the same training memory
-a client records (saved-for-backward peak + fp32 gradients + AdamW's two moments), the median
-step time and, on CUDA, the allocator's peak. Synthetic inputs make the profile independent
-of any dataset: a site can measure itself before it has read a row.
+``LocalStep``: autocast, grad scaler, clipping, and the optimizer ``train.optimizer`` names,
+built by the same ``local_optimizer``, with the local training's own hooks: FedProx's term,
+FedRS / FedLC's loss), and records the same training memory a client records
+(saved-for-backward peak + fp32 gradients + the optimizer's moments, and FedProx's copy of the
+global weights: ``TrainConfig.state_per_param``), the median step time and, on CUDA, the
+allocator's peak. Synthetic inputs make the profile independent of any dataset: a site can
+measure itself before it has read a row.
 
 Learning rate 0 and a saved adapter state leave the model as it was; the torch RNG is forked,
 so the probe changes no draw of the run that follows.
@@ -20,10 +23,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
+from fedhello.core.config import TrainConfig
+from fedhello.core.layers import AdapterSpec
 from fedhello.core.profile import Cost, CostProfile
 from fedhello.model.accelerator import Accelerator
+from fedhello.model.hooks import HookContext, build_hooks, train_hooks
 from fedhello.model.lora import apply_layer_mask, get_state, set_state
 from fedhello.model.meters import SavedTensorMeter, train_memory_mb
 from fedhello.model.step import LocalStep, local_optimizer
@@ -49,11 +56,19 @@ def _measure(
     accelerator: Accelerator,
     steps: int,
     max_grad_norm: float,
+    train: TrainConfig | None = None,
 ) -> Cost:
     params = apply_layer_mask(model, layers, layer_of)
-    optimizer = local_optimizer(params, lr=0.0)  # lr 0: the weights stay as they are
+    # the train config's hooks as a client runs them (FedProx's term, FedRS / FedLC's loss:
+    # what they keep for backward), every class present; the method's own are not the probe's
+    hooks = build_hooks(() if train is None else train_hooks(train))
+    num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
+    hooks.setup(HookContext(model, layer_of, AdapterSpec(tuple(layers)), params, 0, 0, 0,
+                            np.ones(num_labels, dtype=np.int64)))  # fmt: skip
+    optimizer = local_optimizer(params, 0.0, train)  # lr 0: the weights stay as they are
     meter = SavedTensorMeter(model)
-    step_once = LocalStep(model, params, optimizer, accelerator.grad_scaler(), meter, accelerator)
+    step_once = LocalStep(model, params, optimizer, accelerator.grad_scaler(), meter, accelerator,
+                          hooks.loss_term(), hooks.task_loss())  # fmt: skip
     times = []
     accelerator.reset_peak_memory()
     for step in range(steps + 1):  # one warm-up step (allocator, autocast caches, kernels)
@@ -66,8 +81,9 @@ def _measure(
     trainable = sum(p.numel() for p in params)
     peak = accelerator.peak_memory_mb()
     del optimizer
-    # what a client records as its train_memory_mb (the same function)
-    return Cost(train_memory_mb(meter.peak, trainable), statistics.median(times), peak)
+    # what a client records as its train_memory_mb (the same function, the same state)
+    state = TrainConfig().state_per_param if train is None else train.state_per_param
+    return Cost(train_memory_mb(meter.peak, trainable, state), statistics.median(times), peak)
 
 
 def measure_profile(
@@ -79,9 +95,10 @@ def measure_profile(
     key: dict[str, Any],
     steps: int = 3,
     max_grad_norm: float = 1.0,
+    train: TrainConfig | None = None,
 ) -> CostProfile:
     """Every ``(lowest block, count)`` measured on ``model`` (already on ``accelerator``'s
-    device)."""
+    device), stepping with ``train``'s optimizer (None: AdamW, as by default)."""
     state = get_state(model, list(layer_of))
     was_training = model.training
     on_device = accelerator.to_device(batch)
@@ -95,8 +112,9 @@ def measure_profile(
                 for n in range(1, num_layers - b + 1):
                     layers = range(b, b + n)
                     cost = _measure(
-                        model, layers, layer_of, on_device, accelerator, steps, max_grad_norm
-                    )
+                        model, layers, layer_of, on_device, accelerator, steps, max_grad_norm,
+                        train,
+                    )  # fmt: skip
                     table[(b, n)] = cost
     finally:
         set_state(model, state)

@@ -7,8 +7,8 @@ of ``metrics.jsonl`` is derived from it (``record_fields``, used by
 ``fedhello.engine.core.client_record``). A field added here travels and is recorded with no
 other change.
 
-``num_examples`` and ``train_loss`` are the update's (``ClientUpdate``: aggregation weighs
-and validates them); the rest are the result's own.
+``num_examples``, ``examples_seen`` and ``train_loss`` are the update's (``ClientUpdate``:
+aggregation weighs and validates them); the rest are the result's own.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ REPORT: tuple[ReportField, ...] = (
     ReportField("num_examples", int, "examples", "examples in the client's shard", "training",
                 default=0),
     ReportField("steps", int, "steps", "local steps taken", "training", default=0),
+    ReportField("examples_seen", int, "examples", "examples trained on this round: local "
+                "steps x batch size (full batches, repeats counted)", "training", default=0),
     ReportField("train_loss", float, "nats", "mean task loss over the local steps (no "
                 "regulariser)", "training", default=math.nan),
     ReportField("trainable_params", int, "parameters", "parameters trained (the spec's LoRA "
@@ -99,6 +101,10 @@ class ClientResult:
     @property
     def num_examples(self) -> int:
         return self.update.num_examples
+
+    @property
+    def examples_seen(self) -> int:
+        return self.update.examples_seen
 
     @property
     def train_loss(self) -> float:

@@ -12,24 +12,40 @@ from dataclasses import dataclass
 
 import torch
 
+from fedhello.core.config import TrainConfig
 from fedhello.model.accelerator import Accelerator
+from fedhello.model.hooks.base import TaskLoss
 from fedhello.model.meters import SavedTensorMeter
 
 
 def local_optimizer(
-    params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float = 0.01
+    params: Sequence[torch.nn.Parameter], lr: float, train: TrainConfig | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW over the trainable tensors (fp32 in every precision: two moments per parameter,
-    which ``fedhello.model.meters.train_memory_mb`` counts). ``weight_decay`` defaults to
-    AdamW's own 0.01: the probe, at lr 0, keeps the weights whatever it is."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    """The local optimizer over the trainable tensors, fp32 in every precision:
+    ``train.optimizer`` = adamw (two moments per parameter) or sgd (one with momentum, else
+    none), as ``fedhello.model.meters.train_memory_mb`` counts them
+    (``TrainConfig.optimizer_moments``). Without ``train``: AdamW with its own weight decay
+    0.01 (at lr 0 the weights stay whatever it is)."""
+    if train is None:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=train.momentum, nesterov=train.nesterov,
+            weight_decay=train.weight_decay,
+        )  # fmt: skip
+    beta1, beta2 = train.betas
+    return torch.optim.AdamW(
+        params, lr=lr, betas=(beta1, beta2), eps=train.eps, weight_decay=train.weight_decay
+    )
 
 
 @dataclass
 class LocalStep:
     """One local step: forward under autocast with the saved-for-backward meter on, backward
     (loss-scaled under fp16), gradient clipping on the true gradients, optimizer update.
-    ``loss_term`` (a client hook's regulariser) joins the loss that is differentiated."""
+    ``loss_term`` (a client hook's regulariser) joins the loss that is differentiated;
+    ``task_loss`` (a client hook's loss, FedRS / FedLC) replaces the model's own loss: the
+    model then runs without labels and the loss is computed from its logits."""
 
     model: torch.nn.Module
     params: list[torch.nn.Parameter]
@@ -38,10 +54,15 @@ class LocalStep:
     meter: SavedTensorMeter
     accelerator: Accelerator
     loss_term: Callable[[], torch.Tensor] | None = None
+    task_loss: TaskLoss | None = None
 
     def __call__(self, batch: Mapping[str, torch.Tensor], max_grad_norm: float) -> torch.Tensor:
         with self.meter.hooks(), self.accelerator.autocast():
-            loss = self.model(**batch).loss
+            if self.task_loss is None:
+                loss = self.model(**batch).loss
+            else:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                loss = self.task_loss(self.model(**inputs).logits, batch["labels"])
             total = loss if self.loss_term is None else loss + self.loss_term()
         self.meter.step_done()
         self.optimizer.zero_grad(set_to_none=True)
@@ -51,4 +72,4 @@ class LocalStep:
             torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach()  # the task's loss (a regulariser is not part of the record)
+        return loss.detach()  # the task loss minimised (a regulariser is not part of it)

@@ -63,6 +63,19 @@ class Shard:
     rows: np.ndarray
 
 
+def label_counts(shard: Shard, model: torch.nn.Module) -> np.ndarray | None:
+    """How many of the shard's examples each class has (one entry per class of the model's
+    head), or None where the labels are not class ids."""
+    labels = shard.data.labels
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        return None
+    ids = labels[torch.as_tensor(shard.rows, dtype=torch.long)].cpu().numpy()
+    if ids.size and ids.min() < 0:
+        return None
+    num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
+    return np.bincount(ids, minlength=num_labels)
+
+
 def num_local_steps(num_examples: int, batch_size: int, steps: int, epochs: float | None) -> int:
     if epochs is None:
         return steps
@@ -89,15 +102,16 @@ def train_client(
     """Train ``task.spec`` (and the head) on ``shard`` from the global state; return the
     upload and what it cost. ``model`` is already on ``accelerator``'s device
     (``Accelerator.place``); the forward runs under its autocast, the trainable tensors and
-    AdamW's state are fp32."""
+    the optimizer's state (``train_cfg.optimizer``) are fp32."""
     spec, rows = task.spec, shard.rows
     hooks = build_hooks(task.hooks)
     with ClientMeter(accelerator) as meter:
         set_state(model, truncate(global_state, spec.rank))  # a no-op slice when sent sliced
         params = apply_spec_mask(model, spec, layer_of)
-        ctx = HookContext(model, layer_of, spec, params, task.client, task.round, task.seed)
+        ctx = HookContext(model, layer_of, spec, params, task.client, task.round, task.seed,
+                          label_counts(shard, model))  # fmt: skip
         hooks.setup(ctx)  # before any step: e.g. HetLoRA's starting tail norm
-        optimizer = local_optimizer(params, task.lr, train_cfg.weight_decay)
+        optimizer = local_optimizer(params, task.lr, train_cfg)
         scaler = accelerator.grad_scaler()  # fp16 only; a no-op otherwise
         steps = num_local_steps(
             len(rows), train_cfg.batch_size, train_cfg.local_steps, train_cfg.local_epochs
@@ -106,7 +120,8 @@ def train_client(
         torch.manual_seed(derived_int(task.seed, Purpose.TRAIN, task.round, task.client))  # dropout
         model.train()
         saved = meter.watch(model)
-        step = LocalStep(model, params, optimizer, scaler, saved, accelerator, hooks.loss_term())
+        step = LocalStep(model, params, optimizer, scaler, saved, accelerator, hooks.loss_term(),
+                         hooks.task_loss())  # fmt: skip
         losses = []
         with hooks.local_loop(ctx):
             for i, batch_pos in enumerate(batch_order(rng, len(rows), train_cfg.batch_size, steps)):
@@ -121,10 +136,10 @@ def train_client(
         del optimizer
     trainable = sum(p.numel() for p in params)
     return ClientResult(
-        update=task_update(task, len(rows), upload, train_loss),
+        update=task_update(task, len(rows), upload, train_loss, steps, train_cfg.batch_size),
         seconds=meter.seconds,
         peak_memory_mb=meter.peak_rss_mb,
-        train_memory_mb=meter.train_memory_mb(trainable),
+        train_memory_mb=meter.train_memory_mb(trainable, train_cfg.state_per_param),
         trainable_params=trainable,
         bytes_up=state_nbytes(upload),
         bytes_down=state_nbytes(truncate(global_state, spec.rank)),  # what the spec needs
@@ -137,8 +152,17 @@ def train_client(
 
 
 def task_update(
-    task: LocalTask, num_examples: int, upload: dict[str, np.ndarray], train_loss: float
+    task: LocalTask,
+    num_examples: int,
+    upload: dict[str, np.ndarray],
+    train_loss: float,
+    steps: int,
+    batch_size: int,
 ) -> ClientUpdate:
-    """The upload as the server validates it: for the spec the client was handed."""
+    """The upload as the server validates it: for the spec the client was handed, with the
+    examples it trained on (``steps`` full batches: ``batch_order`` never cuts one short)."""
     s = task.spec
-    return ClientUpdate(task.client, s.layers, num_examples, upload, train_loss, s.rank, s.factors)
+    return ClientUpdate(
+        task.client, s.layers, num_examples, upload, train_loss, s.rank, s.factors,
+        examples_seen=steps * batch_size, head=s.head,
+    )  # fmt: skip

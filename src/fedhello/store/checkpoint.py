@@ -2,7 +2,9 @@
 
 A checkpoint of round r is two files under ``<run>/checkpoints/``:
 
-    round-000r.safetensors   the global adapter + head, and the server momentum (``momentum/``)
+    round-000r.safetensors   the global adapter + head, and the server optimizer's state
+                             (``server/`` + its ``state_dict`` names: ``server/velocity/<t>``
+                             for FedAvgM, ``server/m/<t>`` and ``server/v/<t>`` for FedOpt)
     round-000r.json          round, strategy state (Fisher scores), config hash, tensor hash,
                              numerics version (``fedhello.core.numerics``; none: version 1)
 
@@ -10,7 +12,8 @@ Both are written to a temporary name and renamed (atomic on POSIX); the JSON goe
 holds the SHA-256 of the tensor file, so a half-written or truncated checkpoint is detected and
 skipped in favour of the previous one. Client sampling, allocation draws, batch order and
 dropout all derive from (seed, round, client), so no generator state needs saving.
-Never pickle: safetensors and JSON only.
+Never pickle: safetensors and JSON only. Checkpoints written before the server optimizers
+(FedAvgM's velocity under ``momentum/<t>``) load as ``velocity/<t>``.
 """
 
 from __future__ import annotations
@@ -33,14 +36,15 @@ from fedhello.core.numerics import NUMERICS_VERSION, recorded_version
 logger = logging.getLogger(__name__)
 
 FORMAT = "fedhello-checkpoint-1"
-MOMENTUM_PREFIX = "momentum/"
+SERVER_PREFIX = "server/"  # the server optimizer's state (fedhello.core.server_optimizers)
+MOMENTUM_PREFIX = "momentum/"  # before the server optimizers: FedAvgM's velocity
 
 
 @dataclass
 class Checkpoint:
     round: int
     state: dict[str, np.ndarray]
-    velocity: dict[str, np.ndarray]
+    optimizer_state: dict[str, np.ndarray]  # the server optimizer's ``state_dict``
     strategy_state: dict[str, Any]
 
 
@@ -60,15 +64,16 @@ def save_checkpoint(
     folder: Path,
     round_: int,
     state: dict[str, np.ndarray],
-    velocity: dict[str, np.ndarray],
+    optimizer_state: dict[str, np.ndarray],
     strategy_state: dict[str, Any],
     cfg_hash: str,
     keep: int = 2,
 ) -> Path:
-    """Write the checkpoint of ``round_`` atomically; keep the newest ``keep`` checkpoints."""
+    """Write the checkpoint of ``round_`` atomically (``optimizer_state``: the server
+    optimizer's ``state_dict``); keep the newest ``keep`` checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"round-{round_:06d}"
-    tensors = dict(state) | {MOMENTUM_PREFIX + k: v for k, v in velocity.items()}
+    tensors = dict(state) | {SERVER_PREFIX + k: v for k, v in optimizer_state.items()}
     tmp = stem.with_suffix(".safetensors.tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
     _fsync(tmp)
@@ -126,11 +131,16 @@ def _load_one(meta_path: Path, cfg_hash: str, keys: set[str]) -> Checkpoint:
         tensors = load_file(str(tensors_path))
     except SafetensorError as err:
         raise ValueError(f"tensor file unreadable ({err})") from None
-    state = {k: v for k, v in tensors.items() if not k.startswith(MOMENTUM_PREFIX)}
-    velocity = {
-        k[len(MOMENTUM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MOMENTUM_PREFIX)
+    state = {k: v for k, v in tensors.items() if not k.startswith((SERVER_PREFIX, MOMENTUM_PREFIX))}
+    server = {
+        k.removeprefix(SERVER_PREFIX): v for k, v in tensors.items() if k.startswith(SERVER_PREFIX)
     }
-    return Checkpoint(int(meta["round"]), state, velocity, meta.get("strategy_state", {}))
+    server |= {  # an older checkpoint: FedAvgM's velocity
+        "velocity/" + k.removeprefix(MOMENTUM_PREFIX): v
+        for k, v in tensors.items()
+        if k.startswith(MOMENTUM_PREFIX)
+    }
+    return Checkpoint(int(meta["round"]), state, server, meta.get("strategy_state", {}))
 
 
 def load_latest(folder: Path, cfg_hash: str, keys: set[str]) -> Checkpoint | None:

@@ -3,10 +3,11 @@ shares it, and re-measured when anything it depends on changes.
 
 The key holds everything a step's cost depends on: the model (source, task, blocks, classes),
 the LoRA shape (rank, dropout, target modules), the batch (size, tokens), the device (its
-kind and name) and the precisions, and the torch version. The file's name is a hash of the key
-and the file holds the key itself: a file whose key differs from the wanted one (an edit, a
-collision, an older format) is measured again, never reused. A run keeps a copy of the profile
-it used (``profile.json`` in its directory), so a resumed run repairs exactly as it did.
+kind and name) and the precisions, the local optimizer (when not the default AdamW) and the
+torch version. The file's name is a hash of the key and the file holds the key itself: a file
+whose key differs from the wanted one (an edit, a collision, an older format) is measured
+again, never reused. A run keeps a copy of the profile it used (``profile.json`` in its
+directory), so a resumed run repairs exactly as it did.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def profile_key(
     tokens per example, or None for a kind whose inputs are not token sequences (images)."""
     import torch
 
+    t = cfg.train
+    # the optimizer's step time and state (memory); keyed only when not the default AdamW
+    # (without FedProx's copy), so the profiles measured before the choice existed stay valid
+    optimizer = (
+        {} if t.optimizer == "adamw" and t.state_per_param == 2
+        else {"optimizer": t.optimizer, "state_per_param": t.state_per_param}
+    )  # fmt: skip
     return {
         "model": source,
         "task": task,
@@ -46,6 +54,7 @@ def profile_key(
         "precision": precision,
         "base_precision": base_precision,
         "torch": torch.__version__,
+        **optimizer,
     }
 
 

@@ -10,6 +10,12 @@ backward pass (peak step) plus gradients and AdamW state of the trained tensors;
 the frozen model every client holds anyway. With memory limits a second table sets, per tier,
 the largest training memory of any client in any seed against the tier's limit, with the
 number of repaired layer sets per run (``allocation.fit = repair``).
+
+Collapse columns (``predicted classes``): the fewest classes any seed's final model predicts
+on the whole test split (summary.json's ``predicted_classes``; 1: it answers one class,
+whatever its accuracy), and the mean over seeds of the entropy of its predictions in nats
+(``prediction_entropy``: 0 for one class, log K for an even spread over K). Runs written before
+these keys existed show ``-``.
 """
 
 from __future__ import annotations
@@ -73,9 +79,38 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
                 ),
                 "mb_up": statistics.fmean(r.summary["bytes_up"] for r in row.runs) / 1e6,
                 "mb_down": statistics.fmean(r.summary["bytes_down"] for r in row.runs) / 1e6,
+                **collapse_columns(row),
             }
         )
     return table
+
+
+def collapse_columns(row: Row) -> dict[str, Any]:
+    """``pred_classes_min`` (the fewest classes a seed's final model predicts),
+    ``pred_entropy_mean`` (nats) and ``num_classes``, over the runs that recorded them; None
+    where none did (runs of an older fedhello)."""
+    classes = [r.summary["predicted_classes"] for r in row.runs if "predicted_classes" in r.summary]
+    entropy = [
+        r.summary["prediction_entropy"] for r in row.runs if "prediction_entropy" in r.summary
+    ]
+    known = [r.summary["num_classes"] for r in row.runs if "num_classes" in r.summary]
+    return {
+        "pred_classes_min": min(classes) if classes else None,
+        "pred_entropy_mean": statistics.fmean(entropy) if entropy else None,
+        "num_classes": max(known) if known else None,
+    }
+
+
+def collapse_cell(r: dict[str, Any]) -> str:
+    """``min of K / entropy``, e.g. ``1 of 4 / 0.00``; ``-`` for what was not recorded."""
+    if r.get("pred_classes_min") is None:
+        classes = "-"
+    elif r.get("num_classes") is None:
+        classes = str(r["pred_classes_min"])
+    else:
+        classes = f"{r['pred_classes_min']} of {r['num_classes']}"
+    entropy = r.get("pred_entropy_mean")
+    return f"{classes} / {'-' if entropy is None else f'{entropy:.2f}'}"
 
 
 BY_TIER = ("train_mb_by_tier", "train_mb_max_by_tier", "limit_mb_by_tier")
@@ -90,8 +125,9 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> None:
             writer.writerow(row | {k: json.dumps(row[k]) for k in BY_TIER})
     lines = [
         "| partition | strategy | seeds | final acc | final macro-F1 | last-5 acc | val-selected "
-        "acc (round) | client s | train MB by tier | MB up / down |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "acc (round) | client s | train MB by tier | MB up / down | predicted classes (min) / "
+        "entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         tiers = " / ".join(f"{v:.1f}" for v in r["train_mb_by_tier"].values())
@@ -100,7 +136,8 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> None:
             f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f} | "
             f"{100 * r['f1_mean']:.1f} ± {100 * r['f1_std']:.1f} | {100 * r['last5_mean']:.1f} | "
             f"{100 * r['val_selected_acc_mean']:.1f} ({r['val_round_mean']:.1f}) | "
-            f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} |"
+            f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} | "
+            f"{collapse_cell(r)} |"
         )
     if any(r["limit_mb_by_tier"] for r in table):
         lines += ["", *resource_lines(table)]

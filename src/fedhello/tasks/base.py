@@ -154,10 +154,62 @@ class Task(ABC):
 
 def classification_scores(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Accuracy, and macro-F1 averaged over the classes present in the labels or the
-    predictions (a class neither holds would add a meaningless 0)."""
+    predictions (a class neither holds would add a meaningless 0); then how many classes
+    were predicted and how evenly (``prediction_spread``)."""
     from sklearn.metrics import f1_score  # not for training: imported when scoring
 
     return {
         "accuracy": float((predictions == labels).mean()),
         "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+        **prediction_spread(predictions),
     }
+
+
+# A collapse: one class takes at least this share of the predictions ...
+COLLAPSE_SHARE = 0.8
+# ... while the most frequent true label holds less than this share of the labels.
+COLLAPSE_MAJORITY = 0.5
+
+
+def prediction_spread(predictions: np.ndarray) -> dict[str, float]:
+    """``predicted_classes``: how many distinct classes ``predictions`` holds (for multiple
+    choice: answer positions); ``prediction_entropy``: the Shannon entropy, in nats, of the
+    distribution of the predicted classes, rounded to 4 decimals: 0 when every example gets
+    the same class, log(K) when the predictions spread evenly over K classes. A model that
+    collapsed to one class under label skew shows 1 and 0 whatever its accuracy."""
+    _, counts = np.unique(np.asarray(predictions), return_counts=True)
+    p = counts / max(1, counts.sum())
+    entropy = float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: never -0.0
+    return {"predicted_classes": len(counts), "prediction_entropy": round(entropy, 4)}
+
+
+def per_class_recall(
+    predictions: np.ndarray, labels: np.ndarray, names: Sequence[str]
+) -> dict[str, float]:
+    """Class name -> the share of its examples predicted as it (recall), rounded to 4
+    decimals, for the class ids ``0..len(names) - 1``. A class absent from ``labels`` has no
+    recall and is omitted (not 0, not null): the dict names only the classes tested."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    recall = {}
+    for i, name in enumerate(names):
+        mask = labels == i
+        if mask.any():
+            recall[str(name)] = round(float((predictions[mask] == i).mean()), 4)
+    return recall
+
+
+def collapsed_class(predictions: np.ndarray, labels: np.ndarray) -> tuple[int, float, float] | None:
+    """(class, its share of the predictions, the most frequent true label's share) when the
+    model answers (nearly) one class where the data is not that skewed: one class gets at
+    least ``COLLAPSE_SHARE`` (80%) of the predictions while the most frequent true label holds
+    less than ``COLLAPSE_MAJORITY`` (50%) of the labels; else None (also for no examples).
+    On data where one label is the majority, predicting it mostly is no evidence of collapse."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if len(predictions) == 0 or len(labels) == 0:
+        return None
+    classes, counts = np.unique(predictions, return_counts=True)
+    share = float(counts.max() / counts.sum())
+    majority = float(np.unique(labels, return_counts=True)[1].max() / len(labels))
+    if share >= COLLAPSE_SHARE and majority < COLLAPSE_MAJORITY:
+        return int(classes[counts.argmax()]), share, majority
+    return None

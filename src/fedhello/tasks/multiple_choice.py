@@ -33,7 +33,8 @@ class MultipleChoiceTask(TextTask):
     head = "MultipleChoice"
 
     def check_config(self, cfg: Config) -> None:
-        """At least two choices, something to read them with, and no sentence pair."""
+        """At least two choices, something to read them with, no sentence pair, the plain
+        local loss (a skew-aware loss needs classes) and no class-means head."""
         d = cfg.data
         if len(d.choice_columns) < 2:
             raise ConfigError(
@@ -51,6 +52,18 @@ class MultipleChoiceTask(TextTask):
                 f"config: data.text_column = {d.text_column} with model.task = "
                 "'multiple-choice': its inputs are data.context_column, data.question_column "
                 "and data.choice_columns; allowed: leave text_column as one column"
+            )
+        if cfg.train.loss != "cross-entropy":
+            raise ConfigError(
+                f"config: train.loss = {cfg.train.loss!r} with model.task = 'multiple-choice': "
+                "its labels are answer positions, not classes a client lacks; allowed: "
+                "loss = 'cross-entropy'"
+            )
+        if cfg.train.head == "class-means":
+            raise ConfigError(
+                "config: train.head = 'class-means' with model.task = 'multiple-choice': its "
+                "head scores each choice, it has no class rows to build from class means; "
+                "allowed: head = 'federated', 'frozen' or 'local'"
             )
 
     def input_columns(self, cfg: DataConfig) -> list[tuple[str, str]]:

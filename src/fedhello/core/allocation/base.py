@@ -17,6 +17,7 @@ from fedhello.core.aggregation import (
     AggregationReport,
     ClientUpdate,
     State,
+    Weighting,
     aggregate_masked,
 )
 from fedhello.core.allocation.options import StrategyOptions
@@ -127,11 +128,14 @@ class AllocationStrategy(ABC):
         global_state: State,
         updates: Sequence[ClientUpdate],
         layer_of: dict[str, int | None],
-        weighted: bool,
+        weighting: Weighting,
     ) -> tuple[State, AggregationReport, dict[str, Any]]:
-        """The new global state from the round's uploads, the report of who was accepted,
-        and what the method adds to the round's record. Default: masked per-layer FedAvg."""
-        state, report = aggregate_masked(global_state, updates, layer_of, self.num_layers, weighted)
+        """The new global state from the round's uploads (each client weighted as
+        ``weighting``, ``federation.weighting``, says), the report of who was accepted, and
+        what the method adds to the round's record. Default: masked per-layer FedAvg."""
+        state, report = aggregate_masked(
+            global_state, updates, layer_of, self.num_layers, weighting
+        )
         return state, report, {}
 
     @classmethod

@@ -3,8 +3,8 @@ Implemented from the paper's definitions (its official branch never calls the pe
 change, so every client trains at one rank there; it is not a reference).
 
 Each client trains every layer at its rank ``r_k``. Per LoRA module the server forms the
-full-size update ``dW = sum_k p_k * scale * B_k A_k`` (``p_k`` by examples, or equal when
-``federation.weighted = false``), takes its SVD ``dW = U diag(S) V^T`` and keeps the rank-
+full-size update ``dW = sum_k p_k * scale * B_k A_k`` (``p_k`` the client's weight,
+``federation.weighting``), takes its SVD ``dW = U diag(S) V^T`` and keeps the rank-
 ``r_max`` truncation as the global adapter: ``B = U[:, :r_max] diag(S[:r_max]) / scale``,
 ``A = V^T[:r_max, :]``. A client of rank ``r`` then receives the leading ``r`` components,
 ``U[:, :r] diag(S[:r]) / scale`` and ``V^T[:r, :]``: the best rank-``r`` approximation of
@@ -26,6 +26,7 @@ from fedhello.core.aggregation import (
     AggregationReport,
     ClientUpdate,
     State,
+    Weighting,
     example_weights,
 )
 from fedhello.core.allocation.base import register
@@ -53,10 +54,10 @@ class FlexLoRAAllocation(RankAllocation):
         global_state: State,
         updates: Sequence[ClientUpdate],
         layer_of: dict[str, int | None],
-        weighted: bool,
+        weighting: Weighting,
     ) -> tuple[State, AggregationReport, dict[str, Any]]:
-        good, report, state = self.accept_with_head(global_state, updates, layer_of, weighted)
-        p = example_weights(good, weighted)
+        good, report, state = self.accept_with_head(global_state, updates, layer_of, weighting)
+        p = example_weights(good, weighting)
         spectra: dict[str, list[float]] = {}
         for module, (a_key, b_key) in lora_pairs(global_state).items():
             holders = [u for u in good if a_key in u.tensors and b_key in u.tensors]

@@ -12,7 +12,7 @@ width and never matches the model's keys; it is not a reference).
 * The server zero-pads every upload to ``r_max`` and averages the factors with the sparsity
   weights ``S_k = ||B_k A_k||_F`` (over all of the client's modules), ``Z = sum S_k``:
   ``B = sum (S_k / Z) B_k``, ``A = sum (S_k / Z) A_k``. The head, which is not a LoRA
-  factor, is averaged as by every other strategy (by examples, or unweighted).
+  factor, is averaged as by every other strategy (``federation.weighting``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fedhello.core.aggregation import (
     AggregationReport,
     ClientUpdate,
     State,
+    Weighting,
     weighted_mean,
 )
 from fedhello.core.allocation.base import register
@@ -92,9 +93,9 @@ class HetLoRAAllocation(RankAllocation):
         global_state: State,
         updates: Sequence[ClientUpdate],
         layer_of: dict[str, int | None],
-        weighted: bool,
+        weighting: Weighting,
     ) -> tuple[State, AggregationReport, dict[str, Any]]:
-        good, report, state = self.accept_with_head(global_state, updates, layer_of, weighted)
+        good, report, state = self.accept_with_head(global_state, updates, layer_of, weighting)
         s = sparsity_weights(good)
         lora = [k for k in global_state if lora_factor(k) is not None]
         state |= weighted_mean(global_state, good, s, lora)

@@ -18,6 +18,7 @@ from fedhello.core.aggregation import (
     AggregationReport,
     ClientUpdate,
     State,
+    Weighting,
     accept,
     example_weights,
     weighted_mean,
@@ -77,15 +78,15 @@ class RankAllocation(AllocationStrategy):
         global_state: State,
         updates: Sequence[ClientUpdate],
         layer_of: dict[str, int | None],
-        weighted: bool,
+        weighting: Weighting,
     ) -> tuple[list[ClientUpdate], AggregationReport, State]:
         """The rank methods' common first step: the well-formed updates, the report, and the
         head (not a LoRA factor) averaged as every strategy averages it; the LoRA factors are
         the method's to combine."""
-        good, report = accept(global_state, updates, layer_of, self.num_layers)
+        good, report = accept(global_state, updates, layer_of, self.num_layers, weighting)
         head = [k for k in global_state if lora_factor(k) is None]
         return (
             good,
             report,
-            weighted_mean(global_state, good, example_weights(good, weighted), head),
+            weighted_mean(global_state, good, example_weights(good, weighting), head),
         )

@@ -88,6 +88,19 @@ class Config(Section):
                 "lora.freeze_a = true with allocation.strategy = 'flexlora': its server "
                 "re-factorises A every round; allowed: false"
             )
+        fed = self.federation
+        if name == "flexlora" and (fed.server_optimizer != "fedavg" or fed.eta != 1.0):
+            setting = (
+                f"federation.server_optimizer = {fed.server_optimizer!r}"
+                if fed.server_optimizer != "fedavg"
+                else f"federation.server_lr = {fed.eta:g}"
+            )
+            raise ValueError(
+                f"{setting} with allocation.strategy = 'flexlora': its server re-factorises "
+                "every module by SVD every round, so the factors are fresh and a server step "
+                "or moments over them mean nothing; allowed: server_optimizer = 'fedavg' with "
+                "server_lr = 1"
+            )
         limited = self.clients.real_limits or self.clients.upload_mb is not None
         if (self.lora.freeze_a or cls.freezes_a) and limited:
             raise ValueError(
@@ -101,6 +114,12 @@ class Config(Section):
                 "allocation.client_model = 'subnetwork' with clients.budget_kind = "
                 f"{self.clients.budget_kind!r}: cost profiles are measured on the full model; "
                 "allowed: budget_kind = layers"
+            )
+        if self.train.head_finetune_rounds > fed.rounds:
+            raise ValueError(
+                f"train.head_finetune_rounds = {self.train.head_finetune_rounds} with "
+                f"federation.rounds = {fed.rounds}: it counts the last rounds; allowed: 0.."
+                f"{fed.rounds}"
             )
         return self
 

@@ -104,8 +104,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # Settings added after runs were first written, with the value in effect for a run whose saved
-# config lacks them (every run before ``train.precision`` existed trained in fp32 on a CPU).
-LEGACY: dict[str, dict[str, Any]] = {"train": {"precision": "fp32", "base_precision": "fp32"}}
+# config lacks them (every run before ``train.precision`` existed trained in fp32 on a CPU;
+# every run before ``model.pooling`` read the encoder through transformers' head as built).
+LEGACY: dict[str, dict[str, Any]] = {
+    "train": {"precision": "fp32", "base_precision": "fp32"},
+    "model": {"pooling": "head"},
+}
 
 
 def is_run_config(path: str | Path) -> bool:

@@ -9,9 +9,12 @@ them). Pure python + pydantic: no torch.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedhello.core.aggregation import Weighting
+from fedhello.core.server_optimizers import OPTIMIZERS, OptimizerName, default_server_lr
 
 DEVICE_FORM = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -34,6 +37,14 @@ class ModelConfig(Section):
         "one is the label), or a kind registered with fedhello.tasks.register_task",
     )
     max_length: int = Field(32, ge=4, le=4096, description="text: tokens per example (truncated)")
+    pooling: Literal["auto", "mean", "cls", "max", "head"] = Field(
+        "auto",
+        description="what the classifier reads the encoder through: auto (the pooling the model "
+        "declares, e.g. sentence-transformers' mean; else the masked mean where the head would "
+        "read a never-trained pooler; else the model's own head), mean, cls or max of the token "
+        "states (text and multiple choice), or head (transformers' head as built, its pooler "
+        "frozen: how runs before this setting were made)",
+    )
     allow_download: bool = Field(False, description="allow hub downloads (off: offline, fail fast)")
 
 
@@ -134,8 +145,61 @@ class TrainConfig(Section):
         None, gt=0, description="if set, passes over the client's data instead of local_steps"
     )
     batch_size: int = Field(32, ge=1, description="examples per local step")
-    lr: float = Field(5e-3, gt=0, description="AdamW learning rate (LoRA and head)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lr: float = Field(
+        5e-3,
+        gt=0,
+        description="local learning rate (LoRA and head); SGD typically needs a larger one "
+        "than AdamW (about 0.05-0.1 for a LoRA adapter and a linear head)",
+    )
+    weight_decay: float = Field(
+        0.0, ge=0, description="weight decay (AdamW: decoupled; SGD: L2 added to the gradient)"
+    )
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw",
+        description="local optimizer, built fresh every round: adamw (two fp32 moments per "
+        "trainable parameter; fast on IID or mild skew) or sgd (momentum: one moment, else "
+        "none; under label skew its push on absent classes fades as their probability goes "
+        "to 0, where a fresh AdamW moves every coordinate by about lr)",
+    )
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd: momentum (0: plain SGD)")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0)")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="adamw: the moments' decay rates [beta1, beta2], each in [0, 1)"
+    )
+    eps: float = Field(1e-8, gt=0, description="adamw: term added to the denominator")
+    proximal_mu: float = Field(
+        0.0,
+        ge=0,
+        description="FedProx: mu/2 ||w - w_global||^2 over the tensors a client trains (head "
+        "included) added to its local loss (0: off)",
+    )
+    loss: Literal["cross-entropy", "restricted-softmax", "logit-adjusted"] = Field(
+        "cross-entropy",
+        description="local training loss (evaluation always uses cross-entropy): "
+        "restricted-softmax (FedRS: the logits of classes absent from the client's shard "
+        "times restricted_alpha) or logit-adjusted (FedLC: calibration_tau * n_c^(-1/4) "
+        "subtracted from class c's logit, n_c the shard's count, 1e-8 for an absent class); "
+        "classification tasks only",
+    )
+    restricted_alpha: float = Field(
+        0.5, ge=0, le=1, description="restricted-softmax: factor on absent classes' logits"
+    )
+    calibration_tau: float = Field(1.0, gt=0, description="logit-adjusted: the margin's scale tau")
+    head: Literal["federated", "frozen", "class-means", "local"] = Field(
+        "federated",
+        description="the classification head: federated (every client trains and uploads it, "
+        "the server averages it), frozen (FedBABU: kept at its initialisation while LoRA "
+        "trains), class-means (FedNCM: built before round 1 from the clients' per-class mean "
+        "features, w_c = mu_c / ||mu_c||, bias 0, then frozen) or local (the Fed-HeLLo "
+        "authors' code: clients train it but never upload it, so the global model is "
+        "evaluated with its initial head)",
+    )
+    head_finetune_rounds: int = Field(
+        0,
+        ge=0,
+        description="frozen and class-means: the last rounds in which the head is trained and "
+        "averaged as federated (FedBABU's fine-tuning; class-means with all rounds is FedNCM-FT)",
+    )
     lr_schedule: Literal["constant", "linear", "cosine", "exponential"] = Field(
         "cosine",
         description="learning rate over rounds: linear and cosine decay to lr_min_factor * lr; "
@@ -179,12 +243,117 @@ class TrainConfig(Section):
             )
         return self
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("allowed: two decay rates, each in [0, 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _optimizer_settings(self) -> TrainConfig:
+        """Settings of the other optimizer (or loss) are refused rather than ignored (compared
+        with the defaults, so a saved config that spells every default out loads)."""
+        if self.optimizer == "adamw" and (self.momentum or self.nesterov):
+            nesterov = str(self.nesterov).lower()
+            raise ValueError(
+                f"train.momentum = {self.momentum}, train.nesterov = {nesterov} with "
+                "train.optimizer = 'adamw': they are SGD's; allowed: optimizer = 'sgd', or "
+                "momentum = 0 and nesterov = false"
+            )
+        if self.optimizer == "sgd" and (tuple(self.betas) != (0.9, 0.999) or self.eps != 1e-8):
+            raise ValueError(
+                f"train.betas = {list(self.betas)}, train.eps = {self.eps} with "
+                "train.optimizer = 'sgd': they are AdamW's; allowed: optimizer = 'adamw', or "
+                "their defaults"
+            )
+        if self.nesterov and not self.momentum:
+            raise ValueError(
+                "train.nesterov = true with train.momentum = 0: Nesterov needs momentum; "
+                "allowed: momentum > 0, or nesterov = false"
+            )
+        if self.loss != "restricted-softmax" and self.restricted_alpha != 0.5:
+            raise ValueError(
+                f"train.restricted_alpha = {self.restricted_alpha} with train.loss = "
+                f"{self.loss!r}: it is restricted-softmax's; allowed: loss = "
+                "'restricted-softmax', or its default 0.5"
+            )
+        if self.loss != "logit-adjusted" and self.calibration_tau != 1.0:
+            raise ValueError(
+                f"train.calibration_tau = {self.calibration_tau} with train.loss = "
+                f"{self.loss!r}: it is logit-adjusted's; allowed: loss = 'logit-adjusted', or "
+                "its default 1.0"
+            )
+        if self.head_finetune_rounds and self.head in ("federated", "local"):
+            raise ValueError(
+                f"train.head_finetune_rounds = {self.head_finetune_rounds} with train.head = "
+                f"{self.head!r}: it fine-tunes a frozen head; allowed: head = 'frozen' or "
+                "'class-means', or 0"
+            )
+        return self
+
+    @property
+    def optimizer_moments(self) -> int:
+        """fp32 tensors of optimizer state per trainable parameter: AdamW 2, SGD with
+        momentum 1, plain SGD 0 (``fedhello.model.meters.train_memory_mb`` counts them)."""
+        if self.optimizer == "adamw":
+            return 2
+        return 1 if self.momentum else 0
+
+    @property
+    def state_per_param(self) -> int:
+        """fp32 tensors kept per trainable parameter besides its gradient: the optimizer's
+        moments, plus FedProx's copy of the global weights when ``proximal_mu > 0``."""
+        return self.optimizer_moments + (1 if self.proximal_mu > 0 else 0)
+
 
 class FederationConfig(Section):
+    """The rounds, how the server weighs the uploads (``weighting``) and moves the global
+    state towards their means (``server_optimizer``: ``fedhello.core.server_optimizers``).
+
+    Older configs still load: ``weighted = true`` / ``false`` is ``weighting = "shard"`` /
+    ``"uniform"``; ``server_momentum > 0`` without ``server_optimizer`` is ``fedavgm``. An
+    unset ``server_lr`` takes its optimizer's default (1.0 for fedavg and fedavgm, 0.1 for the
+    adaptive ones), and the resolved config (a run's ``config.toml``) holds that value."""
+
     rounds: int = Field(15, ge=1, description="communication rounds")
-    weighted: bool = Field(True, description="weight client updates by their example counts")
-    server_momentum: float = Field(0.0, ge=0, lt=1, description="FedAvgM momentum (0: FedAvg)")
-    server_lr: float = Field(1.0, gt=0, description="server step size on the averaged update")
+    weighting: Weighting = Field(
+        "shard",
+        description="each client's weight in the per-tensor means: shard (the examples in its "
+        "shard, FedAvg's n_k), uniform (1 each: the Fed-HeLLo authors' protocol) or "
+        "examples-seen (the examples it trained on this round, local steps x batch size: "
+        "uniform with fixed local steps, the work done with local epochs); replaces "
+        "weighted (true: shard, false: uniform)",
+    )
+    server_optimizer: OptimizerName = Field(
+        "fedavg",
+        description="the server's step on the mean update delta of each tensor trained this "
+        "round: fedavg (x += server_lr delta), fedavgm (momentum server_momentum), fedadam, "
+        "fedyogi, fedadagrad (FedOpt, Reddi et al. 2021: server_beta1, server_beta2, "
+        "server_tau); a tensor nobody trained keeps its value and its moments. Default: "
+        "fedavgm where server_momentum > 0, else fedavg",
+    )
+    server_lr: float | None = Field(
+        None,
+        gt=0,
+        description="server step size eta (default: 1.0 for fedavg and fedavgm, the average "
+        "itself; 0.1 for fedadam, fedyogi and fedadagrad, Flower's)",
+    )
+    server_momentum: float = Field(
+        0.0, ge=0, lt=1, description="fedavgm: momentum beta, v = beta v + delta (0: fedavg)"
+    )
+    server_beta1: float = Field(
+        0.9, ge=0, lt=1, description="fedadam, fedyogi, fedadagrad: first-moment decay b1"
+    )
+    server_beta2: float = Field(
+        0.99, ge=0, lt=1, description="fedadam, fedyogi: second-moment decay b2"
+    )
+    server_tau: float = Field(
+        1e-3,
+        gt=0,
+        description="fedadam, fedyogi, fedadagrad: adaptivity tau in eta m / (sqrt(v) + tau); "
+        "v starts at tau^2",
+    )
     eval_every: int = Field(1, ge=1, description="evaluate the global model every N rounds")
     min_replies: int = Field(
         1, ge=1, description="Flower: fewest valid replies a round needs to update the model"
@@ -208,6 +377,54 @@ class FederationConfig(Section):
         description="Flower simulation: GPU share per virtual client, e.g. 0.25 = four share "
         "a GPU (default: 1 where train.device finds CUDA, else 0)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_keys(cls, data: Any) -> Any:
+        """``weighted`` into ``weighting``; the optimizer and its step size where unset."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "weighted" in data:
+            weighted = data.pop("weighted")
+            if not isinstance(weighted, bool):
+                raise ValueError(
+                    f"federation.weighted = {weighted!r}: allowed: true (weighting = 'shard') "
+                    "or false ('uniform'); better: federation.weighting"
+                )
+            meant = "shard" if weighted else "uniform"
+            given = data.get("weighting")
+            if given is not None and given != meant:
+                raise ValueError(
+                    f"federation.weighted = {str(weighted).lower()} (weighting = {meant!r}) "
+                    f"contradicts federation.weighting = {given!r}: give only weighting "
+                    "(examples-seen, shard or uniform)"
+                )
+            data["weighting"] = meant
+        momentum = data.get("server_momentum", 0.0)
+        if data.get("server_optimizer") is None:
+            moving = isinstance(momentum, int | float) and momentum > 0
+            data["server_optimizer"] = "fedavgm" if moving else "fedavg"
+        if data.get("server_lr") is None and data["server_optimizer"] in OPTIMIZERS:
+            data["server_lr"] = default_server_lr(data["server_optimizer"])
+        return data
+
+    @model_validator(mode="after")
+    def _momentum_is_fedavgm_s(self) -> FederationConfig:
+        if self.server_momentum > 0 and self.server_optimizer != "fedavgm":
+            raise ValueError(
+                f"federation.server_momentum = {self.server_momentum:g} with "
+                f"federation.server_optimizer = {self.server_optimizer!r}: momentum is "
+                "FedAvgM's; allowed: server_optimizer = 'fedavgm', or server_momentum = 0"
+            )
+        return self
+
+    @property
+    def eta(self) -> float:
+        """The server step size: ``server_lr``, or its optimizer's default where unset."""
+        return (
+            default_server_lr(self.server_optimizer) if self.server_lr is None else self.server_lr
+        )
 
 
 class RunConfig(Section):

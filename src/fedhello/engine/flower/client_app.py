@@ -26,6 +26,7 @@ import hashlib
 import json
 import tomllib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from fedhello.engine.experiment import NodeModel, build_node_model
 from fedhello.engine.flower import messages as wire
 from fedhello.engine.resources import ModelUnderTest, obtain_profile
 from fedhello.model.accelerator import Accelerator, resolve
+from fedhello.model.class_means import class_feature_sums
 from fedhello.model.lora import set_state
 from fedhello.model.training import LocalTask, Shard, train_client
 
@@ -219,6 +221,21 @@ def node_profile(req: wire.Request, nc: Any) -> CostProfile:
     return obtain_profile(cfg, m)[0]
 
 
+def _learner(req: wire.Request, nc: Any, client: int) -> tuple[NodeModel, Shard]:
+    """This node's model and the shard it trains on (its own file's, or the rows sent)."""
+    if "partition-id" in nc and int(nc["partition-id"]) != client:
+        raise ValueError(f"message for client {client} reached partition {nc['partition-id']}")
+    if "data" in nc:
+        learner, data, splits = _site(req, nc)
+        return learner, Shard(data, splits["train"])
+    if "partition-id" in nc and req.config_toml is not None:
+        if req.rows is None:
+            raise ValueError("a message for a partition node must carry its rows")
+        learner = node_model_for(req.config_toml, req.label_names, nc)
+        return learner, partition_shard(learner, client, req.rows)
+    raise ValueError("this node declares neither partition-id nor data in its node config")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     req = wire.read_request(msg)
@@ -226,19 +243,7 @@ def train(msg: Message, context: Context) -> Message:
     client = req.client  # the server's id for this node (declared or assigned)
     if client is None or req.round is None or req.lr is None or req.state is None:
         raise ValueError("a train message needs client, server-round, lr and arrays")
-    if "partition-id" in nc and int(nc["partition-id"]) != client:
-        raise ValueError(f"message for client {client} reached partition {nc['partition-id']}")
-    learner: NodeModel
-    if "data" in nc:
-        learner, data, splits = _site(req, nc)
-        shard = Shard(data, splits["train"])
-    elif "partition-id" in nc and req.config_toml is not None:
-        if req.rows is None:
-            raise ValueError("a train message for a partition node must carry its rows")
-        learner = node_model_for(req.config_toml, req.label_names, nc)
-        shard = partition_shard(learner, client, req.rows)
-    else:
-        raise ValueError("this node declares neither partition-id nor data in its node config")
+    learner, shard = _learner(req, nc, client)
     cfg = learner.cfg
     spec = node_spec(req.spec, context, client)
     task = LocalTask.of(cfg, client, req.round, spec, req.lr)
@@ -250,6 +255,22 @@ def train(msg: Message, context: Context) -> Message:
         # the client pruned its rank (HetLoRA's client hook): its rank from now on
         context.state[RANK_STATE] = ConfigRecord({"client": client, "rank": rank})
     return wire.train_reply(msg, result)
+
+
+@app.query("class_means")
+def class_means(msg: Message, context: Context) -> Message:
+    """FedNCM's round 0: per class, the sum of the head's input features over this node's
+    shard and their count (``fedhello.model.class_means``); only these leave the node."""
+    req = wire.read_request(msg)
+    if req.client is None or req.state is None:
+        raise ValueError("a class-means message needs client and arrays")
+    learner, shard = _learner(req, context.node_config, req.client)
+    cfg = learner.cfg
+    sums, counts = class_feature_sums(
+        learner.model, shard, req.state, cfg.train.eval_batch_size, learner.accelerator,
+        seed=cfg.run.seed, client=req.client,
+    )  # fmt: skip
+    return wire.class_means_reply(msg, sums, counts)
 
 
 RANK_STATE = "fedhello-rank"
@@ -264,7 +285,7 @@ def node_spec(spec: AdapterSpec, context: Context, client: int) -> AdapterSpec:
         return spec
     kept = record["rank"]
     assert isinstance(kept, int)
-    return AdapterSpec(spec.layers, min(spec.rank, kept), spec.factors)
+    return replace(spec, rank=min(spec.rank, kept))
 
 
 @app.evaluate()

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedhello.core.aggregation import State
+from fedhello.core.heads import ClassSums
 from fedhello.core.ranks import truncate
 from fedhello.engine.core import Observer, RoundPlan, RoundResults
 from fedhello.engine.experiment import Experiment
@@ -89,6 +90,42 @@ class FlowerEngine:
         if not self.sites:
             return {}
         return evaluate_sites(self.grid, exp, state, self.node_of, self.sites)
+
+    def class_sums(self, exp: Experiment, state: State) -> tuple[list[ClassSums], dict[int, str]]:
+        """FedNCM's round 0: every node's class sums (``query.class_means``), in client order;
+        a client without a node, with an error reply or silent past the round timeout fails."""
+        arrays = wire.to_record(state)
+        messages, failed = [], {}
+        for client in range(exp.cfg.clients.num_clients):
+            node = self.node_of.get(client)
+            if node is None:
+                failed[client] = "no SuperNode declared this partition-id"
+                continue
+            messages.append(wire.class_means_message(
+                node, arrays, client, self.config_toml, self.label_names,
+                None if client in self.sites else self.shards[client],
+            ))  # fmt: skip
+        timeout = exp.cfg.federation.round_timeout
+        replies = self.grid.send_and_receive(messages, timeout=timeout) if messages else []
+        client_of, out = self.client_of, []
+        for msg in replies:
+            sender = client_of.get(msg.metadata.src_node_id)
+            if sender is None:
+                continue
+            if msg.has_error():
+                failed[sender] = f"node error: {msg.error.reason}"
+                continue
+            try:
+                out.append(ClassSums(sender, *wire.read_class_means_reply(msg)))
+            except ValueError as err:
+                failed[sender] = str(err)
+        answered = {s.client for s in out} | set(failed)
+        for client in range(exp.cfg.clients.num_clients):
+            if client not in answered:
+                failed[client] = "no reply before the round's timeout"
+        for client, reason in sorted(failed.items()):
+            logger.warning("round 0: client %d failed: %s", client, reason)
+        return sorted(out, key=lambda s: s.client), failed
 
     def messages_for(self, rp: RoundPlan, state: State) -> tuple[list[Message], dict[int, str]]:
         """One train message per allocated client; clients without a node are failures."""

@@ -19,6 +19,8 @@ Client contract (keys are kebab-case):
   pass needs them all), truncated to ``train-rank`` where the message has one (rank
   methods); ``config`` = ``server-round``, ``client`` (the server's id for the node),
   ``train-layers`` (block indices), ``train-factors`` (``AB``, or ``B`` under FFA-LoRA),
+  ``train-head`` (``federated``: train and upload the head; ``frozen``: neither; ``local``:
+  train it, upload it not; a message without it means ``federated``),
   ``lr``, ``fedhello-config``, ``label-names`` (a site holds no copy of the configured
   dataset); for a partition node, ``rows`` = an array record whose ``rows`` are the
   positions of its shard in the configured dataset (as the server split it), so the node
@@ -28,13 +30,19 @@ Client contract (keys are kebab-case):
   and the client's report (``fedhello.model.report.REPORT``, one key per field the client
   measures, its name in kebab-case): numbers in ``metrics`` = ``num-examples`` (int),
   ``train-loss``, ``seconds``, ``step-seconds``, ``peak-memory-mb``, ``train-memory-mb``
-  (floats), ``trainable-params``, ``steps`` (ints) and, on CUDA only,
+  (floats), ``trainable-params``, ``steps``, ``examples-seen`` (ints) and, on CUDA only,
   ``device-peak-memory-mb``; strings in ``config`` = ``device``, ``precision`` (what this
   node trained on, recorded per client). Every field but ``device-peak-memory-mb`` is
   required: a reply missing one, or carrying it with the wrong type, is rejected with a
   reason naming it (the round goes on with the other clients). The server counts
   ``bytes_up`` and ``bytes_down`` itself, and validates every upload before it touches the
   global state.
+* **query.class_means** (``train.head = "class-means"``: once, before round 1, to every
+  node): ``arrays`` and ``config`` as for training (``client``, ``fedhello-config``,
+  ``label-names``, a partition node's ``rows``). Reply ``arrays`` = ``sums`` (classes x
+  features, float64: per class, the sum of the head's input features over the node's
+  examples, ``fedhello.model.class_means``) and ``counts`` (classes, int64). Only these sums
+  and counts leave the node.
 * **evaluate** (sites, after the last round): ``arrays`` and ``config`` as for training
   (``client``, ``fedhello-config``, ``label-names``); reply ``metrics`` = ``num-examples``,
   ``accuracy``, ``macro-f1``, ``loss`` on the site's held-out rows. Only scores leave a site.
@@ -107,7 +115,7 @@ def train_message(
     configured dataset), None for a site, which trains on its own file."""
     config = ConfigRecord({
         "server-round": round_, "client": client, "train-layers": list(spec.layers), "lr": lr,
-        "train-factors": spec.factors, **_task(config_toml, label_names),
+        "train-factors": spec.factors, "train-head": spec.head, **_task(config_toml, label_names),
     })  # fmt: skip
     if spec.rank is not None:
         config["train-rank"] = spec.rank
@@ -130,7 +138,7 @@ def read_train_reply(
     values |= {"bytes_up": state_nbytes(tensors), "bytes_down": bytes_down}  # the server's count
     malformed = "malformed reply: " + "; ".join(problems) if problems else None
     update = {"client": client, "layers": spec.layers, "tensors": tensors, "rank": spec.rank,
-              "factors": spec.factors, "malformed": malformed}  # fmt: skip
+              "factors": spec.factors, "malformed": malformed, "head": spec.head}  # fmt: skip
     return ClientResult.assemble(values, update)
 
 
@@ -193,6 +201,37 @@ def _describe(f: ReportField) -> str:
     return f"{f.type.__name__}{unit}: {f.doc}"
 
 
+CLASS_MEANS = f"{MessageType.QUERY}.class_means"  # the message type of FedNCM's round 0
+
+
+def class_means_message(
+    node: int, arrays: ArrayRecord, client: int, config_toml: str, label_names: Sequence[str],
+    rows: np.ndarray | None = None,
+) -> Message:  # fmt: skip
+    """Ask one node for its per-class feature sums and counts (``rows`` as for training)."""
+    config = ConfigRecord({"client": client, **_task(config_toml, label_names)})
+    content = RecordDict({"arrays": arrays, "config": config})
+    if rows is not None:
+        content["rows"] = ArrayRecord({"rows": Array(np.asarray(rows, dtype=np.int64))})
+    return Message(content, dst_node_id=node, message_type=CLASS_MEANS)
+
+
+def read_class_means_reply(reply: Message) -> tuple[np.ndarray, np.ndarray]:
+    """``(sums, counts)`` of a class-means reply (checked by ``fedhello.core.heads``)."""
+    record = reply.content.array_records.get("arrays", ArrayRecord())
+    if "sums" not in record or "counts" not in record:
+        raise ValueError("malformed class-means reply: arrays 'sums' and 'counts' are required")
+    return record["sums"].numpy(), record["counts"].numpy()
+
+
+def class_means_reply(msg: Message, sums: np.ndarray, counts: np.ndarray) -> Message:
+    arrays = ArrayRecord({
+        "sums": Array(np.ascontiguousarray(sums, dtype=np.float64)),
+        "counts": Array(np.ascontiguousarray(counts, dtype=np.int64)),
+    })  # fmt: skip
+    return Message(RecordDict({"arrays": arrays}), reply_to=msg)
+
+
 def evaluate_message(
     node: int, arrays: ArrayRecord, client: int, config_toml: str, label_names: Sequence[str]
 ) -> Message:
@@ -224,10 +263,11 @@ class Request:
     rank: int | None = None
     factors: str = "AB"
     rows: np.ndarray | None = None  # a partition node's shard, sent by the server
+    head: str = "federated"
 
     @property
     def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.layers, self.rank, self.factors)
+        return AdapterSpec(self.layers, self.rank, self.factors, self.head)
 
 
 def _get(config: ConfigRecord, key: str, cast: Callable[[Any], T]) -> T | None:
@@ -251,6 +291,7 @@ def read_request(msg: Message) -> Request:
         rank=_get(config, "train-rank", int),
         factors=str(config.get("train-factors", "AB")),
         rows=rows["rows"].numpy() if rows is not None and "rows" in rows else None,
+        head=str(config.get("train-head", "federated")),
     )
 
 

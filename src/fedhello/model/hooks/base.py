@@ -1,21 +1,24 @@
 """The client hook protocol: what a method may add to the one local training loop.
 
 ``fedhello.model.training.train_client`` is the same loop for every method. It loads the
-spec's slice of the global state, masks the spec's tensors, builds AdamW, takes the local
-steps and extracts the spec's tensors as the upload; a method's client side plugs in at four
-points, in this order:
+spec's slice of the global state, masks the spec's tensors, builds the local optimizer, takes
+the local steps and extracts the spec's tensors as the upload; a method's client side plugs in
+at five points, in this order:
 
 1. ``setup(ctx)``: the state is loaded and masked, the optimizer not built yet: record what the
    hook needs from the starting point (HetLoRA: the norm of the rank tail).
 2. ``loss_term()``: asked once after ``setup``; a differentiable term added to the task loss at
-   every step, or None (HetLoRA: its rank self-pruning regulariser).
-3. ``local_loop(ctx)``: a context wrapping all local steps (FedRA's client model: only the
+   every step, or None (HetLoRA: its rank self-pruning regulariser; FedProx: the proximal term).
+3. ``task_loss()``: asked once after ``setup``; a loss computed from the logits and labels that
+   replaces the model's own cross-entropy during local training, or None (FedRS, FedLC). At most
+   one hook of a client may replace it. Evaluation keeps the model's own loss.
+4. ``local_loop(ctx)``: a context wrapping all local steps (FedRA's client model: only the
    allocated blocks run).
-4. ``finish_upload(upload)``: the extracted tensors, to change before they leave (HetLoRA: the
+5. ``finish_upload(upload)``: the extracted tensors, to change before they leave (HetLoRA: the
    pruned rank).
 
 A hook is built fresh for every client and round from its ``HookSpec`` (``cls(**params)``),
-so it may keep state between the four calls and never between clients. Why hooks rather than
+so it may keep state between the five calls and never between clients. Why hooks rather than
 a subclass of the loop: the loop owns everything that must stay bit-identical across methods
 and engines (seeds, batch order, metering); a hook cannot reorder it.
 """
@@ -27,12 +30,15 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, nullco
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from fedhello.core.aggregation import State
+from fedhello.core.errors import ConfigError
 from fedhello.core.layers import AdapterSpec
 
 LossTerm = Callable[[], torch.Tensor]
+TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> loss
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,9 @@ class HookContext:
     """What a hook sees of the client's training: the shared model (the spec's state loaded,
     its tensors masked), the block of every adapter key, the spec, the trainable parameters,
     and who trains when (``client``, ``round``, ``seed``: a hook drawing random numbers derives
-    its generator from them, as everything else does)."""
+    its generator from them, as everything else does). ``label_counts``: how many examples of
+    each class the client's shard holds (one entry per class of the model; None where the
+    labels are not class ids)."""
 
     model: torch.nn.Module
     layer_of: Mapping[str, int | None]
@@ -49,6 +57,7 @@ class HookContext:
     client: int
     round: int
     seed: int
+    label_counts: np.ndarray | None = None
 
 
 class ClientHook:
@@ -65,6 +74,11 @@ class ClientHook:
     def loss_term(self) -> LossTerm | None:
         """A term added to the task loss at every step (under the step's autocast), or None.
         Only the task loss is recorded as ``train_loss``."""
+        return None
+
+    def task_loss(self) -> TaskLoss | None:
+        """A loss of (logits, labels) replacing the model's own at every step (under the
+        step's autocast), or None. It is what ``train_loss`` records."""
         return None
 
     def local_loop(self, ctx: HookContext) -> AbstractContextManager[object]:
@@ -103,6 +117,15 @@ class HookChain:
             return out
 
         return total
+
+    def task_loss(self) -> TaskLoss | None:
+        """The one hook's replacement of the task loss, or None; two replacements are refused
+        (which one would the client minimise?)."""
+        losses = [(h.name, f) for h in self.hooks if (f := h.task_loss()) is not None]
+        if len(losses) > 1:
+            names = ", ".join(name for name, _ in losses)
+            raise ConfigError(f"client hooks {names} each replace the task loss; allowed: one")
+        return losses[0][1] if losses else None
 
     @contextmanager
     def local_loop(self, ctx: HookContext) -> Iterator[None]:
