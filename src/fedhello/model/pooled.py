@@ -54,7 +54,8 @@ class _Pooled(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    outputs_per_example = 1  # the classifier's width per encoded sequence (1: a choice's score)
+    outputs_per_example = 1  # 1: a score per class; 0: one per sequence (an answer choice)
+    output_class: Any = SequenceClassifierOutput
 
     def __init__(self, config: PretrainedConfig, encoder: nn.Module | None = None) -> None:
         # in training the loaded base model is passed in; from a checkpoint it is built from the
@@ -104,10 +105,6 @@ class _Pooled(PreTrainedModel):
         pooled = pool(out[0], attention_mask, self.config.fedhello_pooling)
         return self.classifier(self.dropout(pooled))
 
-
-class PooledForSequenceClassification(_Pooled):
-    """Sequence classification from the pooled token states."""
-
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -115,11 +112,31 @@ class PooledForSequenceClassification(_Pooled):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> SequenceClassifierOutput:
+    ) -> Any:
+        """Logits (batch, classes), or for multiple choice (batch, choices): every (context,
+        choice) sequence of a (batch, choices, tokens) input is scored on its own; the loss is
+        the cross-entropy of those logits where ``labels`` are given."""
         kwargs.pop("return_dict", None)
+        choices = None if self.outputs_per_example else input_ids.shape[1]  # type: ignore[union-attr]
+
+        def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None or choices is None else t.reshape(-1, t.shape[-1])
+
+        if choices is not None:
+            input_ids, attention_mask, token_type_ids = map(
+                flat, (input_ids, attention_mask, token_type_ids)
+            )
         logits = self._logits(input_ids, attention_mask, token_type_ids=token_type_ids, **kwargs)
+        if choices is not None:
+            logits = logits.view(-1, choices)
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels.view(-1))
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return self.output_class(loss=loss, logits=logits)
+
+
+class PooledForSequenceClassification(_Pooled):
+    """Sequence classification from the pooled token states."""
+
+    output_class = SequenceClassifierOutput
 
 
 class PooledForMultipleChoice(_Pooled):
@@ -127,28 +144,7 @@ class PooledForMultipleChoice(_Pooled):
     multiple-choice heads: inputs (batch, choices, tokens), logits (batch, choices)."""
 
     outputs_per_example = 0
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> MultipleChoiceModelOutput:
-        kwargs.pop("return_dict", None)
-        assert input_ids is not None
-        choices = input_ids.shape[1]
-
-        def flat(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.reshape(-1, t.shape[-1])
-
-        scores = self._logits(
-            flat(input_ids), flat(attention_mask), token_type_ids=flat(token_type_ids), **kwargs
-        )
-        logits = scores.view(-1, choices)
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels.view(-1))
-        return MultipleChoiceModelOutput(loss=loss, logits=logits)
+    output_class = MultipleChoiceModelOutput
 
 
 # transformers' auto class each pooled model stands in for (the export's ``auto_map``)
