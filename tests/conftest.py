@@ -186,3 +186,20 @@ def peft_test_accuracy(
     recorded = RunDir(run_dir).recorded_precision() or {"precision": "fp32"}
     accelerator = resolve("cpu", precision or recorded["precision"], "fp32")
     return evaluate(model, data, raw.splits[split], 64, accelerator)["accuracy"]
+
+
+def crash_after(finished: Path, crashed: Path, round_: int) -> Path:
+    """A copy of the finished run ``finished`` at ``crashed`` as if it had died after round
+    ``round_``'s checkpoint: no summary, no adapter, no later checkpoints (resume material)."""
+    import shutil
+
+    from fedhello.store.runs import RunDir
+
+    shutil.copytree(finished, crashed)
+    run = RunDir(crashed)
+    run.summary_path.unlink()
+    shutil.rmtree(run.adapter_dir)
+    for ckpt in run.checkpoint_dir.glob("round-*"):
+        if int(ckpt.name.split(".")[0].removeprefix("round-")) > round_:
+            ckpt.unlink()
+    return crashed

@@ -5,13 +5,12 @@ adapters that plain PEFT loads)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import peft_test_accuracy, tiny_overrides
+from conftest import crash_after, peft_test_accuracy, tiny_overrides
 from helpers import strip_timing
 from safetensors.numpy import load_file
 
@@ -235,14 +234,7 @@ def test_a_resumed_hetlora_run_equals_an_uninterrupted_one(
                for first in records[0]["clients"] if first["client"] == c["client"]), (
         "no client pruned: the resume would not exercise the pruned ranks"
     )  # fmt: skip
-    crashed = tmp_path / "crashed"
-    shutil.copytree(ref, crashed)
-    r = RunDir(crashed)
-    r.summary_path.unlink()
-    shutil.rmtree(r.adapter_dir)
-    for ckpt in r.checkpoint_dir.glob("round-*"):
-        if int(ckpt.name.split(".")[0].removeprefix("round-")) > 2:
-            ckpt.unlink()
+    crashed = crash_after(ref, tmp_path / "crashed", 2)
     assert main(["run", "--resume", str(crashed)]) == 0
     assert [strip_timing(x) for x in RunDir(crashed).read_metrics()] == [
         strip_timing(x) for x in records

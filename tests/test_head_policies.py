@@ -5,14 +5,13 @@ resume exact with class means)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import crash_after, tiny_overrides
 from flwr.app import Context, Message, RecordDict
 from helpers import strip_timing
 from safetensors.numpy import load_file
@@ -363,14 +362,7 @@ def test_class_means_resumes_exactly_without_recomputing_round_0(
     ref = tmp_path / "ref"
     records = _run(ref, ov)
     assert [r["head"] for r in records] == ["frozen", "federated", "federated"]
-    crashed = tmp_path / "crashed"
-    shutil.copytree(ref, crashed)
-    run = RunDir(crashed)
-    run.summary_path.unlink()
-    shutil.rmtree(run.adapter_dir)
-    for ckpt in run.checkpoint_dir.glob("round-*"):
-        if int(ckpt.stem.split(".")[0].removeprefix("round-")) > 1:
-            ckpt.unlink()
+    crashed = crash_after(ref, tmp_path / "crashed", 1)
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("round 0 recomputed on resume")

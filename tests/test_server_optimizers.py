@@ -7,13 +7,12 @@ resumed run with each optimizer equal to the uninterrupted one."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import crash_after, tiny_overrides
 from helpers import strip_timing
 from safetensors.numpy import load_file, save_file
 
@@ -347,14 +346,8 @@ def test_a_resumed_run_equals_the_uninterrupted_one(
     ref = tmp_path / "ref"
     args = [a for o in _overrides(tiny_bert_dir, tiny_text_csv, **settings) for a in ("--set", o)]
     assert main(["run", "--out", str(ref), *args]) == 0
-    crashed = tmp_path / "crashed"
-    shutil.copytree(ref, crashed)
+    crashed = crash_after(ref, tmp_path / "crashed", 1)
     run = RunDir(crashed)
-    run.summary_path.unlink()
-    shutil.rmtree(run.adapter_dir)
-    for ckpt in run.checkpoint_dir.glob("round-*"):
-        if int(ckpt.stem.removeprefix("round-")) > 1:
-            ckpt.unlink()
     saved = load_file(str(run.checkpoint_dir / "round-000001.safetensors"))
     assert any(k.startswith("server/") for k in saved)  # the optimizer's state is in it
     assert main(["run", "--resume", str(crashed)]) == 0

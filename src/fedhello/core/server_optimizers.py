@@ -39,12 +39,9 @@ Conventions (where Flower's FedOpt strategies and the paper differ, the paper wi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from fedhello.core.config.sections import FederationConfig
 
 State = dict[str, np.ndarray]
 
@@ -196,7 +193,25 @@ def build_server_optimizer(
     raise ValueError(f"unknown server optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
-def server_optimizer(fed: FederationConfig) -> ServerOptimizer:
+class ServerSettings(Protocol):
+    """What ``server_optimizer`` reads of a config's ``federation`` section (a protocol, so
+    that the config, which imports this module's names, is not imported back)."""
+
+    @property
+    def server_optimizer(self) -> str: ...
+    @property
+    def eta(self) -> float: ...
+    @property
+    def server_momentum(self) -> float: ...
+    @property
+    def server_beta1(self) -> float: ...
+    @property
+    def server_beta2(self) -> float: ...
+    @property
+    def server_tau(self) -> float: ...
+
+
+def server_optimizer(fed: ServerSettings) -> ServerOptimizer:
     """The optimizer a config's ``federation`` section asks for."""
     return build_server_optimizer(
         fed.server_optimizer, fed.eta, fed.server_momentum, fed.server_beta1,

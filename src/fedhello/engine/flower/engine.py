@@ -19,7 +19,7 @@ replies whose arrays differ in keys).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -107,14 +107,8 @@ class FlowerEngine:
             ))  # fmt: skip
         timeout = exp.cfg.federation.round_timeout
         replies = self.grid.send_and_receive(messages, timeout=timeout) if messages else []
-        client_of, out = self.client_of, []
-        for msg in replies:
-            sender = client_of.get(msg.metadata.src_node_id)
-            if sender is None:
-                continue
-            if msg.has_error():
-                failed[sender] = f"node error: {msg.error.reason}"
-                continue
+        out = []
+        for sender, msg in self.answers(replies, failed):
             try:
                 out.append(ClassSums(sender, *wire.read_class_means_reply(msg)))
             except ValueError as err:
@@ -126,6 +120,21 @@ class FlowerEngine:
         for client, reason in sorted(failed.items()):
             logger.warning("round 0: client %d failed: %s", client, reason)
         return sorted(out, key=lambda s: s.client), failed
+
+    def answers(
+        self, replies: Iterable[Message], failed: dict[int, str]
+    ) -> Iterator[tuple[int, Message]]:
+        """(client, reply) of every reply from a known node; an error reply is recorded in
+        ``failed`` as the client's failure instead (replies from unknown nodes are ignored)."""
+        client_of = self.client_of
+        for msg in replies:
+            client = client_of.get(msg.metadata.src_node_id)
+            if client is None:
+                continue
+            if msg.has_error():
+                failed[client] = f"node error: {msg.error.reason}"
+                continue
+            yield client, msg
 
     def messages_for(self, rp: RoundPlan, state: State) -> tuple[list[Message], dict[int, str]]:
         """One train message per allocated client; clients without a node are failures."""
@@ -155,16 +164,9 @@ class FlowerEngine:
             rp.round, len(replies), [m.metadata.src_node_id for m in replies],
         )  # fmt: skip
         spec_of = {a.client: a.spec for a in rp.plan.clients}
-        client_of = self.client_of
         results: list[ClientResult] = []
         failed: dict[int, str] = {}
-        for msg in replies:
-            client = client_of.get(msg.metadata.src_node_id)
-            if client is None:
-                continue
-            if msg.has_error():
-                failed[client] = f"node error: {msg.error.reason}"
-                continue
+        for client, msg in self.answers(replies, failed):
             spec = spec_of[client]
             bytes_down = state_nbytes(truncate(state, spec.rank))
             results.append(wire.read_train_reply(msg, client, spec, bytes_down))
