@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The offline environment (no hub, no telemetry) is set by the fedhello command and by the
 # tests' conftest, from one table: src/fedhello/environment.py.
 
-.PHONY: install run test test-fast lint format clean bench bench-gpu mpnet-12
+.PHONY: install run test test-fast lint format clean bench bench-gpu gpu-check gpu-kit mpnet-12
 
 install: $(STAMP)
 
@@ -52,3 +52,12 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) bench/gpu.py
+
+# Every GPU path once, one JSON report (bench/results/gpu-check.json), < 8 min on one GPU, no
+# network. Uses .venv where it exists; on a bare CUDA image, the system python3 and the wheels
+# of `make gpu-kit` (run here first, then carry .gpu-kit). On a CPU: the CPU-possible parts.
+gpu-check:
+	@if [ -x $(PY) ]; then $(PY) scripts/gpu_check.py; else python3 scripts/gpu_check.py; fi
+
+gpu-kit: $(STAMP)
+	$(PY) scripts/gpu_check.py --prepare-kit

@@ -36,7 +36,9 @@ def wordnet_rows() -> tuple[list[str], list[str]]:
 def minilm_lora_and_batches(count: int) -> tuple[Any, list[str], dict, dict, Any]:
     """The benchmarks' subject: MiniLM-L6 with LoRA r=16 on query/value (seeded), its adapter
     keys and their blocks, and ``count`` random WordNet examples tokenised to 32 tokens with
-    their labels. No pandas: keep the process lean and RSS honest."""
+    their labels. No pandas: keep the process lean and RSS honest. ``FEDHELLO_BENCH_MODEL``
+    names another model folder (``make gpu-check`` on a machine without the MiniLM package
+    passes MiniLM's architecture with random weights: the same cost, not the same accuracy)."""
     import numpy as np
     import torch
 
@@ -47,7 +49,7 @@ def minilm_lora_and_batches(count: int) -> tuple[Any, list[str], dict, dict, Any
     torch.manual_seed(0)
     texts, names = wordnet_rows()
     label_names = sorted(set(names))
-    loaded = load_model("minilm-l6", label_names)
+    loaded = load_model(os.environ.get("FEDHELLO_BENCH_MODEL", "minilm-l6"), label_names)
     model = build_lora_model(loaded.model, 16, 16, 0.1, ["auto"])
     keys = adapter_keys(model)
     pick = np.random.default_rng(0).choice(len(texts), count, replace=False)

@@ -80,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=OUT, help=f"the JSON result (default {OUT})")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -100,9 +101,9 @@ def main() -> None:
               f"{r['speedup']:>8.2f}x{r['peak_mb']:>9.0f}{r['memory_ratio']:>10.2f}")  # fmt: skip
     result |= {"batch": args.batch, "steps": args.steps, "platform": platform.platform(),
                "torch": torch.__version__}  # fmt: skip
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"(speedup, mem ratio: against every layer in fp32) -> {OUT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"(speedup, mem ratio: against every layer in fp32) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-accuracy", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"the JSON result (default {OUT})")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fedhello.model.accelerator import cpu_has_bf16, resolve
@@ -204,9 +205,9 @@ def main() -> None:
             print(f"default experiment, {prec}: test accuracy {r['test_accuracy']:.4f}, "
                   f"macro-F1 {r['test_macro_f1']:.4f}, client compute {r['client_seconds']:.0f} s"
                   f"{' (reused run)' if r['reused'] else ''}")  # fmt: skip
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {OUT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

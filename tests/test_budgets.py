@@ -134,7 +134,7 @@ def tiny_profile(
     profiles = tmp_path_factory.mktemp("profiles")
     cfg = fedhello.load_config(None, _overrides(tiny_bert_dir, tiny_text_csv,
                                                 run__profile_dir=f'"{profiles}"'))  # fmt: skip
-    result = fedhello.calibrate(cfg, steps=1)
+    result = fedhello.calibrate(cfg)
     assert result["source"] == "measured"
     return result, profiles
 

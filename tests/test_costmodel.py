@@ -1,10 +1,12 @@
 """fedhello's one cost model: a measured profile, and the linear model fitted to it that fills
-the entries a probe did not measure (pure python). The retired relative tiers are refused."""
+the entries a probe did not measure, and the checks its step times pass before it is stored
+(pure python). The retired relative tiers are refused."""
 
 from __future__ import annotations
 
 import pytest
 
+from fedhello.core.coherence import spread_summary, step_time_problem
 from fedhello.core.errors import ConfigError
 from fedhello.core.profile import Cost, CostProfile, fit_analytic
 
@@ -58,6 +60,68 @@ def test_the_fit_survives_the_json_round_trip_from_measured_entries_only() -> No
     assert again.fit is not None and profile.fit is not None
     assert again.fit.memory == pytest.approx(profile.fit.memory)
     assert again.table[1, 1] == profile.table[1, 1]
+
+
+def timed(b: int, n: int, mad: float = 0.004) -> Cost:
+    """``linear``'s entry as the probe keeps it: the median of 5 timed steps and their MAD."""
+    return Cost(linear(b, n).memory_mb, linear(b, n).step_seconds, step_mad_seconds=mad)
+
+
+def coherent() -> dict[tuple[int, int], Cost]:
+    return {(b, n): timed(b, n) for b in range(L) for n in range(1, L - b + 1)}
+
+
+def test_times_that_rise_with_depth_pass_and_the_spread_is_summarised() -> None:
+    table = coherent()
+    assert step_time_problem(table, L, 5) is None
+    table[2, 2] = timed(2, 2, mad=0.1 * linear(2, 2).step_seconds)  # its steps spread 10%
+    summary = spread_summary(table)
+    assert summary is not None and "1.0% of the step in the median entry" in summary
+    assert "at most 10.0% (lowest block 2, 2 layers)" in summary
+
+
+def test_the_issues_profile_is_named_incoherent() -> None:
+    """Issue 29 (2026-12-02): the deepest one-layer entry at 5.589 s beside 0.17-0.39 s."""
+    table = coherent()
+    table[0, 1] = Cost(table[0, 1].memory_mb, 5.589, step_mad_seconds=0.01)
+    problem = step_time_problem(table, L, 5)
+    assert problem is not None and "\n" not in problem
+    assert "lowest block 0, 1 layer: 5.589 s, slower than 0.426 s with 2 layers" in problem
+    assert "the linear model misses a step time by" in problem
+
+
+def test_an_inversion_is_judged_against_the_spread_the_probe_saw() -> None:
+    """Every entry from block 1 measured 25% slower than block 0's (less deep, so it should be
+    faster): beyond the noise when the steps agreed (MAD 1%), within it when they spread 10%."""
+    table = coherent()
+    for n in range(1, L):
+        table[1, n] = Cost(0.0, table[0, n].step_seconds * 1.25, step_mad_seconds=0.004)
+    problem = step_time_problem(table, L, 5)
+    assert problem is not None and "times do not rise with depth" in problem
+    assert "faster than" in problem and "from block 1 (less deep)" in problem
+    noisy = {k: Cost(c.memory_mb, c.step_seconds, step_mad_seconds=0.1 * c.step_seconds)
+             for k, c in table.items()}  # fmt: skip
+    assert step_time_problem(noisy, L, 5) is None
+
+
+def test_steps_that_spread_widely_are_no_profile() -> None:
+    table = {k: Cost(c.memory_mb, c.step_seconds, step_mad_seconds=0.3 * c.step_seconds)
+             for k, c in coherent().items()}  # fmt: skip
+    problem = step_time_problem(table, L, 5)
+    assert problem is not None and "the timed steps spread 30% of the step" in problem
+
+
+def test_the_json_keeps_the_spread_and_reads_a_version_1_file_as_measured_then() -> None:
+    profile = CostProfile({"k": 1}, L, coherent(), [1000] * L, 500, probe_steps=5)
+    again = CostProfile.from_json(profile.to_json())
+    assert again.table == profile.table and again.version == 2
+    old = profile.to_json() | {"version": 1}
+    for k in ("memory_measure", "warmup_steps", "step_time_problem"):
+        del old[k]
+    v1 = CostProfile.from_json(old)
+    assert (v1.version, v1.memory_measure, v1.warmup_steps) == (1, "meter", 1)
+    with pytest.raises(ValueError, match="profile version 3"):
+        CostProfile.from_json(profile.to_json() | {"version": 3})
 
 
 @pytest.mark.parametrize(

@@ -177,3 +177,55 @@ def test_training_only_the_top_block_keeps_less_for_backward(
     if accelerator.device.type == "cuda":  # and where the allocator measures it, it agrees
         peak = {layers: r.device_peak_memory_mb or 0.0 for layers, r in mem.items()}
         assert 0 < peak[(3,)] < peak[(0, 1, 2, 3)]
+
+
+def _client(tiny_bert_dir: Path, accelerator, steps: int = 2):
+    """A tiny BERT on ``accelerator`` and a function training one client on it."""
+    loaded, model = _model(tiny_bert_dir, ["class-0", "class-1", "class-2", "class-3"])
+    data = _text_data(loaded)
+    keys = adapter_keys(model)
+    layer_of = layer_of_keys(keys, 4)
+    accelerator.place(model, set(keys))
+    state = get_state(model, keys)
+    cfg = load_config(None, [f"train.local_steps={steps}", "train.batch_size=8"]).train
+    shard = Shard(data, np.arange(len(data)))
+
+    def train(client: int, *rest):
+        task = LocalTask(client, 1, AdapterSpec((0, 1, 2, 3)), 1e-2, 0)
+        return train_client(model, layer_of, shard, task, state, cfg, accelerator, *rest)
+
+    return model, train
+
+
+def test_gradients_are_freed_after_a_client(tiny_bert_dir: Path) -> None:
+    """A client's gradients would otherwise stay on the device into the next client's
+    training (and its measured peak)."""
+    model, train = _client(tiny_bert_dir, resolve("cpu", "fp32", "fp32"))
+    result = train(0)
+    assert all(p.grad is None for p in model.parameters())
+    assert result.skipped_steps is None  # not fp16: nothing scaled, nothing recorded
+
+
+def test_fp16_loss_scale_carries_across_clients_and_skips_are_counted(tiny_bert_dir: Path) -> None:
+    """fp16 with a real GradScaler, on the CPU (the config refuses fp16 there: a CPU has no
+    fast fp16 path, but torch runs it, so the scaling logic can be checked here). Started at
+    2**20, the scaled gradients overflow fp16: each overflow skips its step and halves the
+    scale, the skips are counted in the client's result, and the next client starts from
+    where the last one left the scale instead of rediscovering it."""
+    from fedhello.model.accelerator import Accelerator
+    from fedhello.model.step import LossScale
+
+    fp16 = Accelerator(torch.device("cpu"), "fp16", "fp32", "fp16 on the CPU: scaling checks")
+    _, train = _client(tiny_bert_dir, fp16, steps=4)
+    scale = LossScale(scale=2.0**20)
+    first = train(0, scale)
+    assert first.skipped_steps is not None and first.skipped_steps >= 1
+    assert scale.scale == 2.0 ** (20 - first.skipped_steps)  # halved once per skipped step
+    assert np.isfinite(first.train_loss)  # an overflow skips the step, not the update
+    assert all(np.isfinite(v).all() for v in first.update.tensors.values())
+    second = train(1, scale)
+    assert second.skipped_steps is not None and second.skipped_steps < first.skipped_steps
+    assert scale.scale == 2.0 ** (20 - first.skipped_steps - second.skipped_steps)
+    assert scale.growth_tracker >= 1  # successful steps since the last skip, carried on
+    # without a kept scale every client starts afresh (today's 2**16, for a plain call)
+    assert train(1).skipped_steps is not None

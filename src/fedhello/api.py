@@ -123,9 +123,10 @@ def plan(cfg: ConfigLike = None, rounds: int | None = None) -> dict[str, Any]:
     return make_plan(_config(cfg), rounds)
 
 
-def calibrate(cfg: ConfigLike = None, steps: int = 3, remeasure: bool = False) -> dict[str, Any]:
+def calibrate(cfg: ConfigLike = None, steps: int = 5, remeasure: bool = False) -> dict[str, Any]:
     """The cost profile of ``cfg``'s model, batch, device and precision: the stored one, or
-    measured now and stored (``fedhello calibrate``); with what each limit affords."""
+    measured now and stored (``fedhello calibrate``); with what each limit affords. ``steps``:
+    timed steps per entry (a profile of fewer than 5 is used, not stored)."""
     from fedhello.calibration import calibrate as measure
 
     config = _config(cfg)

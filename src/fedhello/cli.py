@@ -91,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
         "calibrate", help="measure (or show the stored) cost of each layer depth on this device"
     )
     config_args(cal)
-    cal.add_argument("--steps", type=int, default=3, help="timed steps per entry (default 3)")
+    cal.add_argument(
+        "--steps", type=int, default=5,
+        help="timed steps per entry, after warm-up (default 5; a profile of fewer is not stored)",
+    )  # fmt: skip
     cal.add_argument(
         "--remeasure", action="store_true", help="measure again even if a profile is stored"
     )
@@ -109,8 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_output(verbose: bool, allow_download: bool = False) -> None:
-    """Environment and logging for a command that loads models (the CLI's to set)."""
+def _setup_output(verbose: bool, allow_download: bool = False, deterministic: bool = False) -> None:
+    """Environment and logging for a command that loads models (the CLI's to set), and the
+    process's deterministic mode where the config asks for it (``train.deterministic``:
+    process-wide, so the entry point's to set, before any GPU work)."""
     apply_offline_env(allow_download)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
@@ -125,6 +130,10 @@ def _setup_output(verbose: bool, allow_download: bool = False) -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:  # `validate` and `plan` may run without the heavy stack
         pass
+    if deterministic:
+        from fedhello.model.determinism import configure_process
+
+        configure_process(True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -147,7 +156,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = run_dir_for(cfg, args.out)  # fedhello.run checks it before any long work
-    _setup_output(args.verbose, cfg is not None and cfg.model.allow_download)
+    _setup_output(
+        args.verbose,
+        cfg is not None and cfg.model.allow_download,
+        cfg is not None and cfg.train.deterministic,
+    )
     console = Console(stderr=True)
     done = len(run_dir.read_metrics()) if args.resume else 0
     rounds = cfg.federation.rounds if cfg is not None else 0
@@ -189,7 +202,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     limited = cfg.clients.real_limits or cfg.clients.upload_mb is not None
     if strategy_class(cfg.allocation.strategy).uses_fisher or limited:  # builds the model
-        _setup_output(args.verbose, cfg.model.allow_download)
+        _setup_output(args.verbose, cfg.model.allow_download, cfg.train.deterministic)
     plan = fedhello.plan(cfg, args.rounds)
     if args.json:
         sys.stdout.write(json.dumps(plan) + "\n")
@@ -206,7 +219,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedhello.progress import RichObserver
 
     cfg = load_config(args.config, args.overrides)
-    _setup_output(args.verbose, cfg.model.allow_download)
+    _setup_output(args.verbose, cfg.model.allow_download, cfg.train.deterministic)
     logging.getLogger("fedhello").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     console = Console(stderr=True)
 
@@ -260,7 +273,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.steps < 1:
         raise UserError(f"--steps {args.steps}: allowed: at least 1")
-    _setup_output(args.verbose, cfg.model.allow_download)
+    _setup_output(args.verbose, cfg.model.allow_download, cfg.train.deterministic)
     result = fedhello.calibrate(cfg, steps=args.steps, remeasure=args.remeasure)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")

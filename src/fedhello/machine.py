@@ -30,11 +30,19 @@ def _version(package: str) -> str:
 
 
 def devices() -> list[dict[str, Any]]:
-    """Every device torch can use here, with its memory."""
+    """Every device torch can use here, with its memory. ``bf16``: whether that device computes
+    bf16 natively (a GPU by its own compute capability, 8.0 or more: what ``auto`` precision
+    asks; older GPUs run bf16 only emulated)."""
     import psutil
     import torch
 
-    from fedhello.model.accelerator import cpu_has_bf16, cpu_name, cuda_count, mps_available
+    from fedhello.model.accelerator import (
+        cpu_has_bf16,
+        cpu_name,
+        cuda_count,
+        cuda_native_bf16,
+        mps_available,
+    )
 
     found: list[dict[str, Any]] = []
     for i in range(cuda_count()):
@@ -42,11 +50,14 @@ def devices() -> list[dict[str, Any]]:
         found.append({
             "device": f"cuda:{i}", "name": props.name,
             "memory_gb": round(props.total_memory / 2**30, 1),
-            "bf16": bool(torch.cuda.is_bf16_supported()),
+            "bf16": cuda_native_bf16(i),
             "compute_capability": f"{props.major}.{props.minor}",
         })  # fmt: skip
     if mps_available():
-        found.append({"device": "mps", "name": "Apple MPS"})
+        # the memory Metal recommends a process stay within (MPS shares the host's memory)
+        recommended = torch.mps.recommended_max_memory()
+        found.append({"device": "mps", "name": "Apple MPS",
+                      "memory_gb": round(recommended / 2**30, 1)})  # fmt: skip
     found.append({
         "device": "cpu", "name": cpu_name(), "cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),

@@ -14,13 +14,21 @@ rest (a strategy that ignores floors, ``full``, a plan built elsewhere):
   keeps its pairing. The original set is kept in ``ClientAllocation.repaired_from``.
 * ``strict``: stop with one line naming round, client, set, predicted cost and limit.
 * ``off``: the paper's semantics, a budget only; the run log warns that limits are not enforced.
+
+A memory limit is checked in the profile's measure (``CostProfile.memory_measure``): on a CPU
+the training memory a client records as ``train_memory_mb`` (the frozen model not included),
+on an accelerator the allocator's peak it records as ``device_peak_memory_mb`` (everything the
+step holds on the device, the frozen model included: what runs out). A step-time limit needs
+a profile whose times passed their checks (``fedhello.core.coherence``); with any other it is
+refused in one line rather than set on noise.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from fedhello.core.errors import ConfigError, UserError
 from fedhello.core.layers import AllocationPlan
@@ -29,10 +37,17 @@ from fedhello.core.profile import CostProfile
 logger = logging.getLogger(__name__)
 
 MB = 2**20
-# Measured training memory may exceed the profile's by this share: the probe measures full
-# ``max_length`` batches (shorter batches only need less), but allocator and autocast-cache
+# Measured memory (either measure) may exceed the profile's by this share: the probe measures
+# full ``max_length`` batches (shorter batches only need less), but allocator and autocast-cache
 # details vary a little between layer sets with the same lowest block and count.
 MEMORY_TOLERANCE = 0.05
+
+
+def recorded_memory_mb(record: Mapping[str, Any]) -> float:
+    """What a client record's memory limit bounds: ``device_peak_memory_mb`` where the device
+    reported one (the allocator measure), else ``train_memory_mb`` (the meter)."""
+    peak = record.get("device_peak_memory_mb")
+    return float(record["train_memory_mb"] if peak is None else peak)
 
 
 @dataclass(frozen=True)
@@ -84,8 +99,9 @@ def excesses(layers: Sequence[int], limit: ResourceLimit, profile: CostProfile) 
     out = []
     if limit.needs_profile:
         cost = profile.cost(layers)
-        if limit.memory_mb is not None and cost.memory_mb > limit.memory_mb:
-            out.append(f"{cost.memory_mb:.1f} MB of training memory > {limit.memory_mb:g} MB")
+        memory = profile.memory_mb(layers) if limit.memory_mb is not None else 0.0
+        if limit.memory_mb is not None and memory > limit.memory_mb:
+            out.append(f"{memory:.1f} MB of {profile.memory_phrase} > {limit.memory_mb:g} MB")
         if limit.step_seconds is not None and cost.step_seconds > limit.step_seconds:
             out.append(f"{cost.step_seconds:.3f} s per step > {limit.step_seconds:g} s")
     if limit.upload_mb is not None:
@@ -104,7 +120,7 @@ def smallest_fitting(limit: ResourceLimit, profile: CostProfile) -> ResourceLimi
     top = [profile.num_layers - 1]
     cost = profile.cost(top) if limit.needs_profile else None
     return ResourceLimit(
-        None if limit.memory_mb is None or cost is None else round(cost.memory_mb, 1),
+        None if limit.memory_mb is None else round(profile.memory_mb(top), 1),
         None if limit.step_seconds is None or cost is None else round(cost.step_seconds, 3),
         None if limit.upload_mb is None else round(profile.upload_bytes(top) / MB, 3),
     )
@@ -112,8 +128,15 @@ def smallest_fitting(limit: ResourceLimit, profile: CostProfile) -> ResourceLimi
 
 def allowance(limit: ResourceLimit, profile: CostProfile, who: str) -> Allowance:
     """The most layers ``limit`` affords (at the top) and the lowest block from which every
-    set of that many layers fits; a ConfigError naming ``who`` if not even the top layer fits.
+    set of that many layers fits; a ConfigError naming ``who`` if not even the top layer fits,
+    or if ``limit`` bounds step time and the profile's times are not to be trusted.
     """
+    if limit.step_seconds is not None and profile.step_time_problem is not None:
+        raise ConfigError(
+            f"{who}: a limit of {limit} needs step times, but this machine's cost profile has "
+            f"none to trust ({profile.step_time_problem}); allowed: a memory or upload limit, "
+            "or measure again on a quiet machine (fedhello calibrate --remeasure)"
+        )
     L = profile.num_layers
     count = 0
     for n in range(1, L + 1):
@@ -122,7 +145,8 @@ def allowance(limit: ResourceLimit, profile: CostProfile, who: str) -> Allowance
     if count == 0:
         raise ConfigError(
             f"{who}: a limit of {limit} fits no layer set (the top layer alone needs "
-            f"{smallest_fitting(limit, profile)}); allowed: at least that"
+            f"{smallest_fitting(limit, profile)}{_measured_as(limit, profile)}); allowed: at "
+            "least that"
         )
     floor = L - count
     # lower the floor while a set of ``count`` layers starting there still fits (the cost of a
@@ -130,6 +154,13 @@ def allowance(limit: ResourceLimit, profile: CostProfile, who: str) -> Allowance
     while floor > 0 and fits(range(floor - 1, floor - 1 + count), limit, profile):
         floor -= 1
     return Allowance(count, floor)
+
+
+def _measured_as(limit: ResourceLimit, profile: CostProfile) -> str:
+    """Where memory is the allocator's peak, the message says so."""
+    if limit.memory_mb is None or profile.memory_measure != "allocator":
+        return ""
+    return f", its memory being {profile.memory_phrase}"
 
 
 def repair(layers: Sequence[int], limit: ResourceLimit, profile: CostProfile) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.core.schedule import lr_at, sample_clients
 from fedhello.core.server_optimizers import ServerOptimizer, server_optimizer
 from fedhello.engine.experiment import DataCache, Experiment, build_experiment
+from fedhello.model import determinism
 from fedhello.model.accelerator import accelerator_for
 from fedhello.model.class_means import linear_head
 from fedhello.model.evaluation import evaluate
@@ -294,6 +295,7 @@ def run_federation(
     # device and precision first: a missing GPU fails before anything is loaded; a resumed
     # run keeps the precision it has run in so far
     accelerator = accelerator_for(cfg, run.recorded_precision() if opts.resume else None)
+    determinism.log_run(cfg.train.deterministic, accelerator.device)  # what repeats exactly
     saved = read_profile(run.profile_path) if opts.resume else None  # repair as before
     exp = build_experiment(cfg, cache=opts.cache, accelerator=accelerator, saved_profile=saved)
     if cfg.train.head == "class-means":
@@ -385,6 +387,14 @@ def finish(
         exp.accelerator, exp.task, label_names=exp.raw.label_names, per_class=True,
         collapse_check="the whole test split (final)",
     )  # fmt: skip
+    # a low-precision base is scored as trained (reloading it in fp32 would cost the memory it
+    # saves); the export merges into fp32, so the log says which model the scores are of
+    if exp.accelerator.base_precision != "fp32":
+        logger.info(
+            "test scores are of the model as trained, its frozen base in %s; `fedhello export` "
+            "merges the adapter into the fp32 base, which may score slightly differently",
+            exp.accelerator.base_precision,
+        )
     exp.model.save_pretrained(str(run.adapter_dir))
     (run.adapter_dir / "labels.json").write_text(json.dumps(exp.raw.label_names) + "\n")
     note = adapter_note(cfg, exp.pooling)

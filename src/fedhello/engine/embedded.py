@@ -22,17 +22,24 @@ from fedhello.engine.core import (
 )
 from fedhello.engine.experiment import Experiment
 from fedhello.model.class_means import class_feature_sums
+from fedhello.model.step import LossScale
 from fedhello.model.training import LocalTask, Shard, train_client
 from fedhello.store.runs import RunDir
 
 
 class EmbeddedEngine:
-    """Trains every sampled client in this process, in client order."""
+    """Trains every sampled client in this process, in client order. Under fp16 the clients
+    share one loss scale for the whole run (``LossScale``: this process's training owns it);
+    a resumed run starts it afresh."""
 
     name = "embedded"
 
+    def __init__(self) -> None:
+        self.loss_scale = LossScale()
+
     def start(self, exp: Experiment) -> None:
         del exp  # nothing to discover: every client is here
+        self.loss_scale = LossScale()
 
     def train_round(
         self, exp: Experiment, rp: RoundPlan, state: State, observer: Observer
@@ -44,8 +51,9 @@ class EmbeddedEngine:
             task = LocalTask.of(exp.cfg, alloc.client, rp.round, alloc.spec, rp.lr)
             shard = Shard(exp.encoded, exp.shards[alloc.client])
             result = train_client(
-                exp.model, exp.layer_of, shard, task, state, exp.cfg.train, exp.accelerator
-            )
+                exp.model, exp.layer_of, shard, task, state, exp.cfg.train, exp.accelerator,
+                self.loss_scale,
+            )  # fmt: skip
             results.append(result)
             observer.on_client_end(rp.round, result)
         return RoundResults(results)

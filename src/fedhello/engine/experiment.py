@@ -118,6 +118,7 @@ class Experiment:
             scores = fisher_scores(
                 self.model, self.encoded, self.proxy, self.layer_of, self.num_layers,
                 self.cfg.allocation.fisher_batch_size, self.accelerator,
+                factors=strategy.factors,  # FFA-LoRA scores B alone: A never trains
             )  # fmt: skip
             strategy.observe_scores(round_, scores)
             info["fisher_seconds"] = round(time.perf_counter() - t0, 4)

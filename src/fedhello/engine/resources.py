@@ -4,7 +4,8 @@ checked with, and the fit policy, set up once the model exists (the profile meas
 With budgets from the config alone (the default, the paper's) there is nothing to set up: no
 limit, no profile, every plan passes through unchanged. With limits in real units the profile
 comes from the run's own copy (a resumed run), from the profile store (another run measured the
-same setting) or from the probe; each client then gets the budget and floor its limit affords
+same setting) or from the probe (stored only if its step times pass their checks:
+``obtain_profile``); each client then gets the budget and floor its limit affords
 (``fedhello.core.fit.allowance``), so strategies choose within it, and ``fit`` checks every
 plan. A Flower node that declares its own limit brings its own profile, measured on its own
 device (``set_client``).
@@ -22,6 +23,7 @@ import torch
 
 from fedhello.core.allocation import AllocationStrategy
 from fedhello.core.budgets import apply_limit, client_limits, limit_source
+from fedhello.core.coherence import MIN_STEPS
 from fedhello.core.config import Config
 from fedhello.core.fit import ResourceLimit, apply_fit, fit_policy
 from fedhello.core.layers import AllocationPlan
@@ -54,10 +56,17 @@ class ModelUnderTest:
 
 
 def obtain_profile(
-    cfg: Config, m: ModelUnderTest, steps: int = 3, remeasure: bool = False
+    cfg: Config, m: ModelUnderTest, steps: int = MIN_STEPS, remeasure: bool = False
 ) -> tuple[CostProfile, str]:
-    """The stored profile of this setting, or a fresh measurement (then stored);
-    returns it with ``"reused"`` or ``"measured"``."""
+    """The stored profile of this setting, or a fresh measurement; returns it with
+    ``"reused"``, ``"measured"`` (and stored) or ``"not stored"``.
+
+    Only a profile whose step times passed their checks (``fedhello.core.coherence``) is
+    stored: one that fails is measured once more, and if it fails again it is used for this
+    run alone and the reason logged in one line. Its memory is as good as any (a count of
+    bytes, not a time), so memory and upload limits are checked with it; a step-time limit
+    is refused (``fedhello.core.fit.allowance``) rather than set on noise. A profile of fewer
+    than ``MIN_STEPS`` timed steps (``fedhello calibrate --steps``) is used, never stored."""
     accelerator = m.accelerator
     max_length = cfg.model.max_length if m.task.uses_max_length else None
     a = accelerator
@@ -76,8 +85,20 @@ def obtain_profile(
                             m.num_labels)  # fmt: skip
     profile = measure_profile(m.model, m.layer_of, m.num_layers, batch, accelerator, key, steps,
                               cfg.train.max_grad_norm, cfg.train)  # fmt: skip
+    if profile.step_time_problem is not None and steps >= MIN_STEPS:
+        logger.info("cost profile's step times incoherent (%s): measuring again",
+                    profile.step_time_problem)  # fmt: skip
+        profile = measure_profile(m.model, m.layer_of, m.num_layers, batch, accelerator, key,
+                                  steps, cfg.train.max_grad_norm, cfg.train)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    if profile.step_time_problem is not None:
+        logger.warning(
+            "cost profile measured in %.1f s, not stored: %s; memory and upload limits use it "
+            "for this run, a step-time limit is refused", seconds, profile.step_time_problem,
+        )  # fmt: skip
+        return profile, "not stored"
     write_profile(path, profile)
-    logger.info("cost profile measured in %.1f s: %s", time.perf_counter() - t0, path)
+    logger.info("cost profile measured in %.1f s: %s", seconds, path)
     return profile, "measured"
 
 

@@ -15,10 +15,12 @@ memory and saves the casts. ``auto`` does so on an accelerator, where memory is 
 keeps fp32 on a CPU, where it measured only 1-4% faster (docs/PERFORMANCE.md; the GPU side is
 ``make bench-gpu``'s to measure, not yet run).
 
-``auto`` precision: bf16 where the hardware has it (CUDA with bf16 support, a CPU with native
-bf16 instructions, AVX512-BF16 or AMX), fp16 with scaling on older CUDA GPUs, fp32 elsewhere
-(a CPU without bf16 instructions emulates it, slower than fp32; MPS mixed precision is not
-measured by fedhello, so it is left for the user to ask for).
+``auto`` precision: bf16 where the hardware computes it natively (a CUDA GPU of compute
+capability 8.0 or more, a CPU with AVX512-BF16 or AMX), fp16 with loss scaling on older CUDA
+GPUs (a T4 or V100 runs bf16 emulated, slowly: ``torch.cuda.is_bf16_supported()`` counts that
+as support, and asks about the current device rather than the configured one, so it is not the
+question asked here), fp32 elsewhere (a CPU without bf16 instructions emulates it, slower than
+fp32; MPS mixed precision is not measured by fedhello, so it is left for the user to ask for).
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
+def cuda_native_bf16(device: torch.device | int) -> bool:
+    """Whether the CUDA device computes bf16 in hardware: compute capability 8.0 (Ampere) or
+    more. Asked of ``device`` itself, so ``cuda:1`` is judged by its own capability."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def devices_found() -> list[str]:
     found = [f"cuda:{i}" for i in range(cuda_count())]
     return found + (["mps"] if mps_available() else []) + ["cpu"]
@@ -104,17 +112,15 @@ def resolve_precision(spec: str, device: torch.device) -> tuple[str, str]:
     """The compute precision for ``device`` and why; an impossible pair is a ConfigError."""
     kind = device.type
     if kind == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        name = f"{torch.cuda.get_device_name(device)} (sm{major}{minor})"
+        native = cuda_native_bf16(device)
         if spec == "auto":
-            if bf16:
-                return "bf16", f"auto: {name} supports bf16"
-            return "fp16", f"auto: {name} has no bf16; fp16 with gradient scaling"
-        if spec == "bf16" and not bf16:
-            raise ConfigError(
-                f"train.precision = 'bf16': {name} does not support bf16; "
-                "allowed on it: auto, fp32, fp16"
-            )
+            if native:
+                return "bf16", f"auto: {name} has native bf16"
+            return "fp16", f"auto: {name} has no native bf16; fp16 with loss scaling"
+        if spec == "bf16" and not native:
+            logger.warning("bf16 on %s, which has no native bf16: emulated, slow", name)
         return spec, "as configured"
     if kind == "cpu":
         if spec == "fp16":
@@ -167,31 +173,33 @@ class Accelerator:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
-        """Loss scaling, enabled for fp16 only (bf16 has fp32's exponent range)."""
+        """Loss scaling, enabled for fp16 only (bf16 has fp32's exponent range); a fresh scale
+        (2**16). A client's training carries one across rounds: ``step.LossScale``."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A batch on the device. On CPU the tensors are used as they are (no copy); to CUDA
-        they go through pinned memory, asynchronously (the gathered batch is a fresh tensor,
-        so pinning it costs one host copy and lets the transfer overlap the queue)."""
+        """A batch on the device. On CPU the tensors are used as they are (no copy). To an
+        accelerator a plain copy, not through pinned memory: pinning buys an asynchronous
+        transfer that overlaps queued work, but every step is timed up to its queue having run
+        (``ClientMeter.step``) and evaluation reads each batch's loss, so there is nothing to
+        overlap; pinning would only add a host copy (gather, pin, transfer) and, on
+        ``cuda:N``, open a context on the current device, ``cuda:0``."""
         if not self.on_accelerator:
             return dict(batch)
-        pin = self.device.type == "cuda"
-        return {
-            k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin)
-            for k, v in batch.items()
-        }
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def place(self, model: torch.nn.Module, trainable: set[str]) -> torch.nn.Module:
-        """Move ``model`` to the device; store the frozen parameters (every one not named in
-        ``trainable``: the adapter keys) in ``base_precision``. The adapter stays fp32."""
-        model.to(self.device)
+        """Store the frozen parameters (every one not named in ``trainable``: the adapter
+        keys) in ``base_precision``, then move ``model`` to the device: cast first, so that
+        the device never holds the fp32 base (its peak is the low-precision model, not the
+        fp32 one plus each cast). The adapter stays fp32."""
         if self.base_precision != "fp32":
             low = DTYPES[self.base_precision]
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     if name not in trainable and param.is_floating_point():
                         param.data = param.data.to(low)
+        model.to(self.device)
         return model
 
     def device_name(self) -> str:
@@ -203,9 +211,12 @@ class Accelerator:
         return self.device.type
 
     def synchronize(self) -> None:
-        """Wait for the device's queue (timing a step on CUDA needs it; a no-op elsewhere)."""
+        """Wait for the device's queue: CUDA and MPS run asynchronously, so a step timed
+        without it measures how fast work is queued (a no-op on the CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
 
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
@@ -213,10 +224,21 @@ class Accelerator:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_memory_mb(self) -> float | None:
-        """The allocator's peak since ``reset_peak_memory`` (CUDA); None where there is none."""
+        """The allocator's peak since ``reset_peak_memory``: CUDA only; torch has no peak for
+        MPS (``allocated_memory_mb`` is what can be sampled there), none on the CPU."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return None
+
+    def allocated_memory_mb(self) -> float | None:
+        """Memory the device's allocator holds for tensors now (MiB): on MPS
+        ``torch.mps.current_allocated_memory`` (the driver's total, caches included, is
+        ``driver_allocated_memory``); on CUDA ``memory_allocated``; None on the CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        if self.device.type == "mps":
+            return torch.mps.current_allocated_memory() / 2**20
         return None
 
 

@@ -1,5 +1,6 @@
 """Meters of what a client's training costs: time, process memory, the tensors kept for
-backward, the accelerator's peak.
+backward, the accelerator's peak (CUDA's allocator keeps one; on MPS, which has none, the
+largest allocation sampled after each forward pass, when the activations are held).
 
 ``PeakRSS`` samples the resident set size of the whole process (the frozen model included);
 ``SavedTensorMeter`` counts only what autograd keeps for the backward pass, which is what
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -69,12 +70,16 @@ class PeakRSS:
 
 class SavedTensorMeter:
     """Bytes autograd keeps for the backward pass, per step: the activation memory that
-    training costs on top of the frozen model (parameters themselves are not counted)."""
+    training costs on top of the frozen model (parameters themselves are not counted).
+    ``after_forward`` is called at the end of each forward pass (``step_done``)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(
+        self, model: torch.nn.Module, after_forward: Callable[[], None] | None = None
+    ) -> None:
         self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.storages: dict[int, int] = {}
         self.peak = 0
+        self.after_forward = after_forward
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -85,6 +90,8 @@ class SavedTensorMeter:
     def step_done(self) -> None:
         self.peak = max(self.peak, sum(self.storages.values()))
         self.storages.clear()
+        if self.after_forward is not None:
+            self.after_forward()
 
     def hooks(self) -> Any:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
@@ -95,7 +102,13 @@ class ClientMeter:
     RSS peak and the accelerator's allocator peak over the whole ``with`` block, the tensors
     saved for backward (``watch``, once the model's trainable tensors are in place: parameter
     storages are not counted, and a rank slice replaces them) and the time of each ``step``
-    (up to the accelerator's queue having run)."""
+    (up to the accelerator's queue having run).
+
+    The device peak: CUDA's allocator peak over the block; on MPS (torch keeps no peak there)
+    the largest ``torch.mps.current_allocated_memory`` sampled at the start, after each
+    forward pass (activations held for backward: the step's high point short of the
+    backward's transient buffers) and at the end, so a lower bound of the true peak; None on
+    the CPU."""
 
     def __init__(self, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
@@ -103,22 +116,32 @@ class ClientMeter:
         self.step_times: list[float] = []
         self.seconds = 0.0
         self.device_peak_mb: float | None = None
+        self._sampled: float | None = None  # MPS: the largest allocation sampled so far
         self._rss = PeakRSS()
 
     def __enter__(self) -> ClientMeter:
         self._start = time.perf_counter()
         self.accelerator.reset_peak_memory()
+        self._sample()
         self._rss.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.device_peak_mb = self.accelerator.peak_memory_mb()
+        self._sample()
+        peak = self.accelerator.peak_memory_mb()  # CUDA's own; None on MPS and the CPU
+        self.device_peak_mb = peak if peak is not None else self._sampled
         self._rss.__exit__(*exc)
         self.seconds = time.perf_counter() - self._start
 
+    def _sample(self) -> None:
+        """Note the MPS allocation now (host-side bookkeeping: no sync); elsewhere nothing."""
+        if self.accelerator.device.type == "mps":
+            now = self.accelerator.allocated_memory_mb() or 0.0
+            self._sampled = max(self._sampled or 0.0, now)
+
     def watch(self, model: torch.nn.Module) -> SavedTensorMeter:
         """The saved-for-backward meter of ``model`` (its parameters as they are now)."""
-        self.saved = SavedTensorMeter(model)
+        self.saved = SavedTensorMeter(model, self._sample)
         return self.saved
 
     @contextmanager

@@ -33,7 +33,9 @@ class ReportField:
     bytes moved (``traffic``). ``measured_by`` the server: never sent (the server counts the
     bytes it sent and received). A ``required`` field missing from a reply makes the update
     rejected, naming it; ``default`` is the value an optional field takes when absent (and the
-    placeholder a rejected report records for a missing required one)."""
+    placeholder a rejected report records for a missing required one). ``omit_none``: an
+    optional field that only some precisions have is left out of the record where it has no
+    value (so records of the other precisions keep their keys)."""
 
     name: str  # snake_case: the attribute and the record's key
     type: type[int] | type[float] | type[str]
@@ -44,6 +46,7 @@ class ReportField:
     digits: int | None = None  # rounding in metrics.jsonl (None: as measured)
     measured_by: Literal["client", "server"] = "client"
     default: int | float | str | None = None
+    omit_none: bool = False
 
 
 MIB = "MiB (2**20 bytes)"
@@ -53,10 +56,13 @@ REPORT: tuple[ReportField, ...] = (
     ReportField("num_examples", int, "examples", "examples in the client's shard", "training",
                 default=0),
     ReportField("steps", int, "steps", "local steps taken", "training", default=0),
+    ReportField("skipped_steps", int, "steps", "fp16 only: local steps whose update the loss "
+                "scaler skipped (gradients overflowed)", "training", required=False,
+                omit_none=True),
     ReportField("examples_seen", int, "examples", "examples trained on this round: local "
                 "steps x batch size (full batches, repeats counted)", "training", default=0),
-    ReportField("train_loss", float, "nats", "mean task loss over the local steps (no "
-                "regulariser)", "training", default=math.nan),
+    ReportField("train_loss", float, "nats", "mean task loss over the local steps whose "
+                "loss is finite (no regulariser)", "training", default=math.nan),
     ReportField("trainable_params", int, "parameters", "parameters trained (the spec's LoRA "
                 "tensors and the head)", "training", default=0),
     ReportField("seconds", float, "s", "wall time of the client's training", "training",
@@ -68,7 +74,8 @@ REPORT: tuple[ReportField, ...] = (
     ReportField("step_seconds", float, "s", "median time of a local step", "training",
                 digits=5, default=0.0),
     ReportField("device_peak_memory_mb", float, MIB, "the accelerator allocator's peak "
-                "(CUDA only)", "device", required=False, digits=1),
+                "(CUDA; on MPS the largest allocation sampled after each forward pass; none on "
+                "a CPU)", "device", required=False, digits=1),
     ReportField("device", str, "", "the device it trained on", "device", default="unknown"),
     ReportField("precision", str, "", "the compute precision it trained in", "device",
                 default="unknown"),
@@ -95,8 +102,9 @@ class ClientResult:
     steps: int
     device: str = "cpu"
     precision: str = "fp32"
-    device_peak_memory_mb: float | None = None  # the accelerator allocator's peak (CUDA)
+    device_peak_memory_mb: float | None = None  # allocator peak (CUDA; MPS: sampled)
     step_seconds: float = 0.0  # median time of a local step (batch, forward, backward, update)
+    skipped_steps: int | None = None  # fp16: steps the loss scaler skipped; None otherwise
 
     @property
     def num_examples(self) -> int:
@@ -125,5 +133,7 @@ def record_fields(result: ClientResult, group: Group) -> dict[str, Any]:
     for f in REPORT:
         if f.group == group:
             value = getattr(result, f.name)
+            if value is None and f.omit_none:
+                continue
             out[f.name] = value if f.digits is None or value is None else round(value, f.digits)
     return out

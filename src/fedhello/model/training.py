@@ -15,7 +15,7 @@ context, the upload and the hooks' finish.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,7 @@ from fedhello.model.hooks import HookContext, build_hooks, hooks_for
 from fedhello.model.lora import apply_spec_mask, get_state, set_state, state_nbytes
 from fedhello.model.meters import ClientMeter
 from fedhello.model.report import ClientResult
-from fedhello.model.step import LocalStep, local_optimizer
+from fedhello.model.step import LocalStep, LossScale, local_optimizer
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,17 @@ def batch_order(rng: np.random.Generator, n: int, batch_size: int, steps: int) -
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def mean_loss(losses: Sequence[torch.Tensor]) -> float:
+    """The float64 mean of the step losses that are finite (NaN if none is). One transfer at
+    the end rather than a device sync per step, to the CPU before the cast: MPS has no float64.
+    A non-finite loss (an fp16 overflow, a skipped step) is left out rather than making the
+    whole mean, and so the update, non-finite; a non-finite *tensor* is still rejected by the
+    server. With every loss finite this is the float64 mean of all of them, bit for bit."""
+    values = torch.stack(list(losses)).cpu().double().numpy()
+    finite = values[np.isfinite(values)]
+    return float(np.mean(finite)) if finite.size else math.nan
+
+
 def train_client(
     model: torch.nn.Module,
     layer_of: Mapping[str, int | None],
@@ -98,13 +109,18 @@ def train_client(
     global_state: Mapping[str, np.ndarray],
     train_cfg: TrainConfig,
     accelerator: Accelerator = CPU_FP32,
+    loss_scale: LossScale | None = None,
 ) -> ClientResult:
     """Train ``task.spec`` (and the head) on ``shard`` from the global state; return the
     upload and what it cost. ``model`` is already on ``accelerator``'s device
     (``Accelerator.place``); the forward runs under its autocast, the trainable tensors and
-    the optimizer's state (``train_cfg.optimizer``) are fp32."""
+    the optimizer's state (``train_cfg.optimizer``) are fp32. ``loss_scale``: fp16's loss
+    scale as the previous client of this process left it, updated here (None: a fresh one,
+    kept by nobody). The trained tensors' gradients are freed at the end, so that the next
+    client's device peak does not include them."""
     spec, rows = task.spec, shard.rows
     hooks = build_hooks(task.hooks)
+    loss_scale = LossScale() if loss_scale is None else loss_scale
     with ClientMeter(accelerator) as meter:
         set_state(model, truncate(global_state, spec.rank))  # a no-op slice when sent sliced
         params = apply_spec_mask(model, spec, layer_of)
@@ -112,7 +128,7 @@ def train_client(
                           label_counts(shard, model))  # fmt: skip
         hooks.setup(ctx)  # before any step: e.g. HetLoRA's starting tail norm
         optimizer = local_optimizer(params, task.lr, train_cfg)
-        scaler = accelerator.grad_scaler()  # fp16 only; a no-op otherwise
+        scaler = loss_scale.scaler(accelerator)  # fp16 only; a no-op otherwise
         steps = num_local_steps(
             len(rows), train_cfg.batch_size, train_cfg.local_steps, train_cfg.local_epochs
         )
@@ -131,8 +147,9 @@ def train_client(
                     batch = accelerator.to_device(shard.data.batch(rows[batch_pos], augment))
                     losses.append(step(batch, train_cfg.max_grad_norm))
         upload = hooks.finish_upload(get_state(model, keys_for_spec(layer_of, spec)))
-        # one transfer at the end rather than a device sync per step; float64 mean as before
-        train_loss = float(np.mean(torch.stack(losses).double().cpu().numpy()))
+        train_loss = mean_loss(losses)
+        loss_scale.keep(scaler)
+        optimizer.zero_grad(set_to_none=True)  # free the gradients with the optimizer's state
         del optimizer
     trainable = sum(p.numel() for p in params)
     return ClientResult(
@@ -148,6 +165,7 @@ def train_client(
         precision=accelerator.precision,
         device_peak_memory_mb=meter.device_peak_mb,
         step_seconds=meter.step_seconds,
+        skipped_steps=step.skipped if scaler.is_enabled() else None,
     )
 
 

@@ -5,9 +5,12 @@ The key holds everything a step's cost depends on: the model (source, task, bloc
 the LoRA shape (rank, dropout, target modules), the batch (size, tokens), the device (its
 kind and name) and the precisions, the local optimizer (when not the default AdamW) and the
 torch version. The file's name is a hash of the key and the file holds the key itself: a file
-whose key differs from the wanted one (an edit, a collision, an older format) is measured
-again, never reused. A run keeps a copy of the profile it used (``profile.json`` in its
-directory), so a resumed run repairs exactly as it did.
+whose key differs from the wanted one (an edit, a collision) or that an older probe measured
+(``PROFILE_VERSION``: version 1 timed 3 steps and had no checks) is measured again, never
+reused. Only a profile whose step times passed their checks is stored
+(``fedhello.engine.resources.obtain_profile``). A run keeps a copy of the profile it used
+(``profile.json`` in its directory), of whatever version, so a resumed run repairs exactly as
+it did.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.core.config import Config
-from fedhello.core.profile import CostProfile
+from fedhello.core.profile import PROFILE_VERSION, CostProfile
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,8 @@ def profile_path(directory: Path, key: dict[str, Any]) -> Path:
 
 
 def read_profile(path: Path, key: dict[str, Any] | None = None) -> CostProfile | None:
-    """The profile at ``path`` if it exists, is readable and (given ``key``) has that key."""
+    """The profile at ``path`` if it exists, is readable and (given ``key``: the store) has
+    that key and today's format. Without ``key`` (a run's own copy) any readable version."""
     if not path.is_file():
         return None
     try:
@@ -80,6 +84,10 @@ def read_profile(path: Path, key: dict[str, Any] | None = None) -> CostProfile |
         changed = sorted(k for k in {*key, *profile.key} if key.get(k) != profile.key.get(k))
         logger.warning("cost profile %s is for another setting (%s): measuring again",
                        path, ", ".join(changed))  # fmt: skip
+        return None
+    if key is not None and profile.version != PROFILE_VERSION:
+        logger.warning("cost profile %s is of format %d, measured by an older probe (today's: "
+                       "%d): measuring again", path, profile.version, PROFILE_VERSION)  # fmt: skip
         return None
     return profile
 

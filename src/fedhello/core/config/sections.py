@@ -222,6 +222,15 @@ class TrainConfig(Section):
         description="storage of the frozen base weights: fp32 or the compute precision "
         "(auto: the compute precision on an accelerator, fp32 on a CPU)",
     )
+    deterministic: bool = Field(
+        False,
+        strict=True,
+        description="deterministic kernels (PyTorch's deterministic mode, cuBLAS's fixed "
+        "workspace, no TF32, cuDNN without autotuning): CUDA runs repeat bit for bit, so a "
+        "resumed run equals the uninterrupted one and Flower's simulation the embedded engine "
+        "exactly; slower. false: on a GPU these hold to rounding only; a CPU repeats bit for "
+        "bit either way. Set by the process's entry point (fedhello.model.determinism)",
+    )
 
     @field_validator("device")
     @classmethod
@@ -368,14 +377,21 @@ class FederationConfig(Section):
         1000, ge=1, description="per-round evaluation on a fixed subset of test/validation"
     )
     client_cpus: int = Field(
-        0, ge=0, description="Flower simulation: CPU cores per virtual client (0: all cores)"
+        0,
+        ge=0,
+        description="Flower simulation: CPU cores per virtual client (0: all cores, one "
+        "client at a time; with a GPU share, cores // (GPUs / client_gpus), so that the GPU "
+        "share limits how many run at once). Ray runs min(cores // client_cpus, "
+        "GPUs // client_gpus) at once; the run log says how many",
     )
     client_gpus: float | None = Field(
         None,
         ge=0,
         le=1,
-        description="Flower simulation: GPU share per virtual client, e.g. 0.25 = four share "
-        "a GPU (default: 1 where train.device finds CUDA, else 0)",
+        description="Flower simulation: GPU share per virtual client, e.g. 0.25 = four "
+        "clients train on a GPU at once (with client_cpus 0 or at most cores / 4). Default: "
+        "1 where train.device finds CUDA, else 0; 0 with train.device = cuda is refused (Ray "
+        "hides the GPUs from a client that asks for none). A client sees its GPU as cuda:0",
     )
 
     @model_validator(mode="before")

@@ -44,10 +44,13 @@ from fedhello.data.loading import RawData, load_raw
 from fedhello.data.site import load_site_raw
 from fedhello.engine.experiment import NodeModel, build_node_model
 from fedhello.engine.flower import messages as wire
+from fedhello.engine.flower.simulation import actor_device
 from fedhello.engine.resources import ModelUnderTest, obtain_profile
 from fedhello.model.accelerator import Accelerator, resolve
 from fedhello.model.class_means import class_feature_sums
+from fedhello.model.determinism import configure_process
 from fedhello.model.lora import set_state
+from fedhello.model.step import LossScale
 from fedhello.model.training import LocalTask, Shard, train_client
 
 app = ClientApp()
@@ -78,20 +81,22 @@ def _config(config_toml: str) -> Config:
     cfg = build_config(tomllib.loads(config_toml))
     if cfg.run.threads:  # this process is the node's: its thread count is the run's to set
         torch.set_num_threads(cfg.run.threads)
+    configure_process(cfg.train.deterministic)  # and so is its deterministic mode (once)
     return cfg
 
 
 def node_accelerator(cfg: Config, node_config: Any) -> Accelerator:
     """This node's device and precision: what its ``--node-config`` declares (``device``,
     ``precision``, ``base-precision``: a site with a small GPU in fp16, another on its CPU),
-    else the run's settings, resolved on this node's hardware."""
+    else the run's settings, resolved on this node's hardware. In Flower's simulation the
+    node is a Ray actor that sees only the GPU Ray gave it: a ``cuda:N`` means that one."""
     t = cfg.train
     run_values = (t.device, t.precision, t.base_precision)  # in NODE_DEVICE_KEYS' order
     device, precision, base = (
         str(node_config.get(key, value))
         for key, value in zip(wire.NODE_DEVICE_KEYS, run_values, strict=True)
     )
-    return resolve(device, precision, base)
+    return resolve(actor_device(device), precision, base)
 
 
 def _node_key(node_config: Any) -> list[str]:
@@ -247,9 +252,14 @@ def train(msg: Message, context: Context) -> Message:
     cfg = learner.cfg
     spec = node_spec(req.spec, context, client)
     task = LocalTask.of(cfg, client, req.round, spec, req.lr)
+    # fp16's loss scale, as this node's previous round left it (``LossScale``)
+    loss_scale = LossScale.from_record(context.state.config_records.get(LOSS_SCALE_STATE))
     result = train_client(
-        learner.model, learner.layer_of, shard, task, req.state, cfg.train, learner.accelerator
-    )
+        learner.model, learner.layer_of, shard, task, req.state, cfg.train, learner.accelerator,
+        loss_scale,
+    )  # fmt: skip
+    if loss_scale.scale is not None:
+        context.state[LOSS_SCALE_STATE] = ConfigRecord(loss_scale.to_record())
     rank = rank_of(result.update.tensors)
     if rank is not None and spec.rank is not None and rank < spec.rank:
         # the client pruned its rank (HetLoRA's client hook): its rank from now on
@@ -274,6 +284,7 @@ def class_means(msg: Message, context: Context) -> Message:
 
 
 RANK_STATE = "fedhello-rank"
+LOSS_SCALE_STATE = "fedhello-loss-scale"  # fp16's loss scale, kept between a node's rounds
 
 
 def node_spec(spec: AdapterSpec, context: Context, client: int) -> AdapterSpec:

@@ -1,7 +1,8 @@
 """Start a federation on Flower: its simulation engine, or a running SuperLink.
 
 ``run_flower_sim`` runs the ServerApp in this process and the ClientApps in Flower's
-simulation engine (Ray), one virtual SuperNode per client with ``partition-id`` set.
+simulation engine (Ray), one virtual SuperNode per client with ``partition-id`` set, each with
+the CPU cores and GPU share of ``simulation.simulation_resources``.
 ``run_flower_deployment`` submits the app to a SuperLink with ``flwr run``: the ServerApp runs
 beside the SuperLink, the ClientApps on the SuperNodes (see the README's deployment guide).
 The app needs no code of its own: every node imports fedhello from its environment, so the
@@ -23,6 +24,7 @@ from typing import Any
 from fedhello.core.config import Config
 from fedhello.core.errors import UserError
 from fedhello.engine.core import RunOptions
+from fedhello.engine.flower.simulation import simulation_resources
 from fedhello.environment import find_program, program_env
 from fedhello.store.runs import RunDir
 
@@ -63,41 +65,28 @@ def run_flower_sim(cfg: Config, run: RunDir, options: RunOptions | None = None) 
     from fedhello.engine.experiment import DataCache, check_data
     from fedhello.engine.flower.client_app import app as client_app
     from fedhello.engine.flower.server_app import make_server_app
+    from fedhello.model.accelerator import accelerator_for
 
     opts = options or RunOptions()
     cache = opts.cache or DataCache()  # the ServerApp below runs in this process: it reuses it
     opts = replace(opts, cache=cache)
     check_data(cfg, cache)  # bad data is one line before Ray starts, not after
+    accelerator_for(cfg)  # a device or precision this machine lacks: one line, before Ray
+    resources = simulation_resources(cfg)
+    logger.info("Flower simulation: %s", resources.describe())
     outcome: dict[str, Any] = {}
-    resources = client_resources(cfg)
-    logger.info("Flower simulation: client resources %s", resources)
     server = make_server_app(cfg, run, opts, outcome)
     run_simulation(
         server_app=server,
         client_app=client_app,
         num_supernodes=cfg.clients.num_clients,
-        backend_config={"client_resources": resources},
+        backend_config=resources.backend_config(),
     )
     if "error" in outcome:
         raise outcome["error"]
     if not run.summary_path.is_file():
         raise RuntimeError("the Flower simulation ended without finishing the run")
     return run.read_summary()
-
-
-def client_resources(cfg: Config) -> dict[str, Any]:
-    """Ray resources of one virtual client. Ray runs as many clients at once as fit: all
-    cores each (the default) trains one client at a time with every core; ``client_gpus =
-    0.25`` lets four share a GPU. Ray hides the GPUs from an actor that asks for none, so a
-    run whose device finds CUDA asks for a whole one unless told otherwise."""
-    from fedhello.model.accelerator import accelerator_for
-
-    fed = cfg.federation
-    cpus = fed.client_cpus or max(1, os.cpu_count() or 1)
-    gpus = fed.client_gpus
-    if gpus is None:
-        gpus = 1.0 if accelerator_for(cfg).device.type == "cuda" else 0.0
-    return {"num_cpus": cpus, "num_gpus": float(gpus)}
 
 
 def write_app(folder: Path) -> Path:

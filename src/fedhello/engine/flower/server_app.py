@@ -18,6 +18,7 @@ from fedhello.core.config import Config, load_config
 from fedhello.core.errors import UserError
 from fedhello.engine.core import RunOptions, run_federation
 from fedhello.engine.flower.engine import FlowerEngine
+from fedhello.model.determinism import configure_process
 from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     run = RunDir(str(rc.get("run-dir", "runs/flower")))
     try:
         cfg = load_config(str(rc["config"]) if rc.get("config") else None)
+        configure_process(cfg.train.deterministic)  # this process is the deployed ServerApp's
         options = RunOptions(
             overwrite=bool(rc.get("overwrite", False)), resume=bool(rc.get("resume", False))
         )
