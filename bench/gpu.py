@@ -34,11 +34,11 @@ def measure(steps: int, batch_size: int) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from fedhello.model.accelerator import resolve
+    from fedhello.model.accelerator import cuda_native_bf16, resolve
     from fedhello.model.lora import apply_layer_mask
 
     base, keys, layer_of, tok, labels = minilm_lora_and_batches(batch_size * (steps + 2))
-    precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    precisions = ["fp32", "fp16"] + (["bf16"] if cuda_native_bf16(0) else [])
     rows = []
     for precision in precisions:
         accelerator = resolve("cuda", precision)  # auto base: stored in the compute precision

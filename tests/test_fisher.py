@@ -11,7 +11,7 @@ from helpers import fisher_scores_loop
 from fedhello.core.errors import UserError
 from fedhello.core.layers import layer_of_keys
 from fedhello.data.encoding import Encoded
-from fedhello.model.accelerator import Accelerator
+from fedhello.model.accelerator import Accelerator, cuda_native_bf16
 from fedhello.model.fisher import FisherScale, finite_backward, fisher_scores
 from fedhello.model.loading import load_model
 from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
@@ -193,7 +193,7 @@ def test_fisher_on_cuda_scores_as_the_fp32_reference(precision: str, tiny_bert_d
     """On the GPU, in fp16 with its dynamic loss scale (and bf16), multiple choice included."""
     from fedhello.model.accelerator import resolve
 
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and not cuda_native_bf16(0):
         pytest.skip("this GPU has no bf16")
     model = _choice_model(tiny_bert_dir, "head")
     layer_of = _perturbed(model)

@@ -17,6 +17,7 @@ from conftest import tiny_overrides
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
+from fedhello.model.accelerator import cuda_native_bf16
 from fedhello.store.runs import RunDir
 
 pytestmark = [
@@ -29,7 +30,7 @@ pytestmark = [
 def test_a_two_round_federation_on_cuda(
     precision: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
 ) -> None:
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and not cuda_native_bf16(0):
         pytest.skip("this GPU has no bf16")
     out = tmp_path / precision
     ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',

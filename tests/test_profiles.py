@@ -34,7 +34,7 @@ from fedhello.core.profile import Cost, CostProfile
 from fedhello.engine import resources
 from fedhello.engine.resources import ModelUnderTest, obtain_profile
 from fedhello.model import probe
-from fedhello.model.accelerator import Accelerator
+from fedhello.model.accelerator import Accelerator, cuda_native_bf16
 from fedhello.store.profiles import read_profile
 
 L = 4  # the tiny BERT's blocks
@@ -332,7 +332,7 @@ def test_on_cuda_every_clients_allocator_peak_holds_its_memory_limit(
     as the probe's are)."""
     from fedhello.store.runs import RunDir
 
-    gpu = ['train.device="cuda"', 'train.precision="bf16"' if torch.cuda.is_bf16_supported()
+    gpu = ['train.device="cuda"', 'train.precision="bf16"' if cuda_native_bf16(0)
            else 'train.precision="fp16"']  # fmt: skip
     result = fedhello.calibrate(_cfg(tmp_path, tiny_bert_dir, tiny_text_csv, *gpu))
     profile = CostProfile.from_json(result["profile"])

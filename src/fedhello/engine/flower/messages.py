@@ -30,10 +30,12 @@ Client contract (keys are kebab-case):
   and the client's report (``fedhello.model.report.REPORT``, one key per field the client
   measures, its name in kebab-case): numbers in ``metrics`` = ``num-examples`` (int),
   ``train-loss``, ``seconds``, ``step-seconds``, ``peak-memory-mb``, ``train-memory-mb``
-  (floats), ``trainable-params``, ``steps``, ``examples-seen`` (ints) and, on CUDA only,
-  ``device-peak-memory-mb``; strings in ``config`` = ``device``, ``precision`` (what this
-  node trained on, recorded per client). Every field but ``device-peak-memory-mb`` is
-  required: a reply missing one, or carrying it with the wrong type, is rejected with a
+  (floats), ``trainable-params``, ``steps``, ``examples-seen`` (ints), on an accelerator
+  ``device-peak-memory-mb`` (CUDA's allocator peak; MPS's largest sampled allocation) and,
+  in fp16 only, ``skipped-steps`` (int: overflowed steps the loss scaler did not apply);
+  strings in ``config`` = ``device``, ``precision`` (what this node trained on, recorded per
+  client). Every field but ``device-peak-memory-mb`` and ``skipped-steps`` is required: a
+  reply missing one, or carrying it with the wrong type, is rejected with a
   reason naming it (the round goes on with the other clients). The server counts
   ``bytes_up`` and ``bytes_down`` itself, and validates every upload before it touches the
   global state.
