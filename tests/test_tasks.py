@@ -35,7 +35,8 @@ def test_an_unknown_task_is_one_line_naming_it_and_the_allowed_names() -> None:
         task_for("sentiment")
     message = str(err.value)
     assert message == (
-        "model.task = 'sentiment': unknown task; allowed: auto, image, multiple-choice, text"
+        "model.task = 'sentiment': unknown task; allowed: auto, causal-lm, image, "
+        "multiple-choice, text"
     )
     with pytest.raises(ConfigError, match="'auto' is resolved from the model's config"):
         task_for("auto")
@@ -44,7 +45,8 @@ def test_an_unknown_task_is_one_line_naming_it_and_the_allowed_names() -> None:
 def test_the_config_takes_any_name_and_the_use_checks_it() -> None:
     """The core's config knows no kinds; ``fedhello.load_config`` (and every command) does."""
     assert load_config(None, ['model.task="sentiment"']).model.task == "sentiment"
-    with pytest.raises(ConfigError, match="'sentiment': unknown task; allowed: auto, image"):
+    allowed = "'sentiment': unknown task; allowed: auto, causal-lm, image"
+    with pytest.raises(ConfigError, match=allowed):
         fedhello.load_config(None, ['model.task="sentiment"'])
 
 

@@ -60,12 +60,11 @@ class RichObserver(Observer):
         )
 
     def on_round_end(self, record: dict[str, Any]) -> None:
-        accuracy = record.get("test_accuracy")
         loss = record.get("train_loss")
         line = (
             f"round {record['round']}/{self.rounds}  loss "
-            f"{'-' if loss is None else f'{loss:.3f}'}  test acc "
-            f"{'-' if accuracy is None else f'{accuracy:.3f}'}  coverage {record['coverage']}"
+            f"{'-' if loss is None else f'{loss:.3f}'}  {round_score(record)}  coverage "
+            f"{record['coverage']}"
             + (f"  rejected {record['num_rejected']}" if record["num_rejected"] else "")
         )
         self.progress.update(self._rounds_task, advance=1, status=line.split("  ", 1)[1])
@@ -78,13 +77,44 @@ class RichObserver(Observer):
             self.console.print("evaluating the global model on the whole test split ...")
 
 
+def round_score(record: dict[str, Any]) -> str:
+    """The round's headline score: a classifier's test accuracy, a language model's test
+    perplexity (and ROUGE-L in the rounds it generates); "-" in a round without evaluation."""
+    if "test_perplexity" in record:
+        rouge = record.get("test_rouge_l")
+        return f"test ppl {record['test_perplexity']:.2f}" + (
+            "" if rouge is None else f"  ROUGE-L {rouge:.3f}"
+        )
+    accuracy = record.get("test_accuracy")
+    return f"test acc {'-' if accuracy is None else f'{accuracy:.3f}'}"
+
+
+def score_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary's scores as table rows: accuracy for a classifier; for a causal language
+    model perplexity, and ROUGE-L and exact match beside the base model's zero-shot ones."""
+    if "test_perplexity" in summary:
+        rows = [
+            ("test perplexity",
+             f"{summary['test_perplexity']:.3f} ({summary['test_examples']} examples)"),
+            ("test ROUGE-L", f"{summary['test_rouge_l']:.4f} "
+             f"({summary['generated_examples']} answers; zero-shot "
+             f"{summary['zero_shot_rouge_l']:.4f})"),
+            ("test exact match", f"{summary['test_exact_match']:.4f} "
+             f"(zero-shot {summary['zero_shot_exact_match']:.4f})"),
+        ]  # fmt: skip
+        return rows
+    return [
+        ("test accuracy", f"{summary['test_accuracy']:.4f} ({summary['test_examples']} examples)"),
+        ("test macro-F1", f"{summary['test_macro_f1']:.4f}"),
+        ("chance level", f"{1 / summary['num_classes']:.4f}"),
+    ]
+
+
 def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
     table = Table(title=f"run {run_dir}", show_header=False)
     rows = [
         ("strategy", summary["strategy"]),
-        ("test accuracy", f"{summary['test_accuracy']:.4f} ({summary['test_examples']} examples)"),
-        ("test macro-F1", f"{summary['test_macro_f1']:.4f}"),
-        ("chance level", f"{1 / summary['num_classes']:.4f}"),
+        *score_rows(summary),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ("client compute", f"{summary['client_seconds']:.1f} s"),
         (

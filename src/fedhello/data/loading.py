@@ -1,8 +1,12 @@
-"""Datasets: the shipped WordNet nouns, local CSV/TSV/JSONL/Parquet files, saved HF datasets
-and hub names; a fixed train/validation/test split; tokenisation (or image preprocessing) once.
+"""Datasets: the shipped WordNet nouns (and the word definitions built from them), local
+CSV/TSV/JSONL/Parquet files, saved HF datasets and hub names; a fixed train/validation/test
+split; tokenisation (or image preprocessing) once.
 
 Generic over task kinds: which columns hold the inputs, how they are read and how labels
-become class ids is asked of the task (an :class:`~fedhello.data.kinds.InputKind`).
+become class ids is asked of the task (an :class:`~fedhello.data.kinds.InputKind`). A kind
+whose examples need no class (a causal language model learning answers) says so with a class
+attribute ``unlabelled_class`` (the one class's name): a dataset without its
+``data.label_column`` is then read as that one class, which only an IID partition can split.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from typing import Any
 import numpy as np
 
 from fedhello.core.config import DataConfig
-from fedhello.core.errors import DataError
+from fedhello.core.errors import ConfigError, DataError
 from fedhello.core.seeds import Purpose, generator
+from fedhello.data import definitions
 from fedhello.data.columns import read_column
 from fedhello.data.kinds import InputKind
 
 logger = logging.getLogger(__name__)
 
-BUILTIN = {"wordnet-nouns": "wordnet_nouns.tsv.gz"}
+# Built-in name -> the shipped file it is read from (``builtin/``).
+BUILTIN = {"wordnet-nouns": "wordnet_nouns.tsv.gz", "wordnet-definitions": "wordnet_nouns.tsv.gz"}
 FILE_FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
@@ -72,13 +78,23 @@ def _read_table(path: Path) -> Any:
         raise DataError(f"data.name = {str(path)!r}: cannot read it as {fmt}: {err}") from None
 
 
-def load_tables(name: str, allow_download: bool, subset: str | None = None) -> dict[str, Any]:
+def load_tables(
+    name: str, allow_download: bool, subset: str | None = None, cfg: DataConfig | None = None
+) -> dict[str, Any]:
     """Split name -> table with column access (pandas DataFrame or datasets.Dataset).
 
-    ``subset`` names a hub dataset's configuration; a local copy is one subset already."""
+    ``subset`` names a hub dataset's configuration; a local copy is one subset already.
+    ``cfg``: the data settings a built-in dataset that fixes its own test split draws it with
+    (``wordnet-definitions``: ``split_seed`` and ``test_fraction``; default: the defaults)."""
     if name in BUILTIN:
         with resources.files("fedhello.data").joinpath("builtin", BUILTIN[name]).open("rb") as raw:
-            return {"all": _read_table_gz_tsv(raw)}
+            table = _read_table_gz_tsv(raw)
+        if name == definitions.NAME:
+            settings = cfg or DataConfig()
+            return definitions.wordnet_definitions(
+                table, settings.split_seed, settings.test_fraction
+            )
+        return {"all": table}
     path = Path(name).expanduser()
     if path.is_file():
         return {"all": _read_table(path)}
@@ -120,12 +136,17 @@ def load_raw(cfg: DataConfig, task: InputKind, allow_download: bool) -> RawData:
     labels) and fix its splits. A split whose labels are hidden (all missing or negative, as
     in GLUE's test) is dropped, and the run says so (``RawData.notes``)."""
     split_seed = cfg.split_seed
-    tables = load_tables(cfg.name, allow_download, cfg.subset)
+    tables = load_tables(cfg.name, allow_download, cfg.subset, cfg)
     notes: dict[str, str] = {}
     split_labels: dict[str, list[Any]] = {}
-    for split, table in tables.items():
+    for table in tables.values():
         task.check_inputs(table, cfg)
-        y = read_column(table, cfg.label_column, "label", "label_column", cfg.name)
+    one_class = _one_class(tables, cfg, task)
+    for split, table in tables.items():
+        if one_class is not None:
+            y: list[Any] = [one_class] * len(table)
+        else:
+            y = read_column(table, cfg.label_column, "label", "label_column", cfg.name)
         why = _hidden(y, split, cfg)
         if why:
             notes[f"{split}_split"] = f"not used: its labels are hidden ({why}), as in GLUE's test"
@@ -154,6 +175,33 @@ def load_raw(cfg: DataConfig, task: InputKind, allow_download: bool) -> RawData:
     for note in notes.values():
         logger.info("data %s: %s", cfg.name, note)
     return RawData(inputs, label_ids, names, task, splits, notes)
+
+
+def _one_class(tables: Mapping[str, Any], cfg: DataConfig, task: InputKind) -> str | None:
+    """The one class every example gets when ``task`` needs no classes (its
+    ``unlabelled_class``) and no table has ``data.label_column``; None otherwise (the labels
+    are read, and a table without the column is an error, as for every classifier). One class
+    cannot be skewed across clients: any partition but IID is refused in one line."""
+    name = getattr(task, "unlabelled_class", None)
+    if name is None or any(cfg.label_column in _columns(t) for t in tables.values()):
+        return None
+    if cfg.partition != "iid":
+        columns = _columns(next(iter(tables.values())))
+        raise ConfigError(
+            f"data.partition = {cfg.partition!r}: dataset {cfg.name!r} has no "
+            f"data.label_column = {cfg.label_column!r} to split its examples by class; "
+            "allowed: partition = 'iid', or label_column naming a category column (its "
+            f"columns: {', '.join(columns)})"
+        )
+    logger.info(
+        "data %s: no column %r (data.label_column): every example is class %r, split IID",
+        cfg.name, cfg.label_column, name,
+    )  # fmt: skip
+    return str(name)
+
+
+def _columns(table: Any) -> list[str]:
+    return [str(c) for c in (getattr(table, "column_names", None) or table.columns)]
 
 
 def _hidden(labels: list[Any], split: str, cfg: DataConfig) -> str | None:

@@ -25,6 +25,7 @@ from fedhello.core.layers import AllocationPlan
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.core.schedule import lr_at, sample_clients
 from fedhello.core.server_optimizers import ServerOptimizer, server_optimizer
+from fedhello.engine import generative
 from fedhello.engine.experiment import DataCache, Experiment, build_experiment
 from fedhello.model import determinism
 from fedhello.model.accelerator import accelerator_for
@@ -152,12 +153,15 @@ def repairs_field(exp: Experiment, plan: AllocationPlan) -> dict[str, Any]:
     return {"num_repairs": sum(a.repaired_from is not None for a in plan.clients)}
 
 
-def evaluate_global(exp: Experiment, state: State) -> dict[str, Any]:
+def evaluate_global(exp: Experiment, state: State, round_: int = 0) -> dict[str, Any]:
     """The global model on the fixed per-round evaluation subsets; after the historical keys,
     ``predicted_classes`` and ``prediction_entropy`` on the test subset (where the task scores
     them, ``fedhello.tasks.base.prediction_spread``), and a warning in the run log when the
-    model answers (nearly) one class there (``fedhello.model.evaluation.warn_if_collapsed``)."""
+    model answers (nearly) one class there (``fedhello.model.evaluation.warn_if_collapsed``).
+    A generative task records its own scores (``fedhello.engine.generative.round_scores``)."""
     set_state(exp.model, state)
+    if generative.is_generative(exp):
+        return generative.round_scores(exp, round_)
     bs, accelerator = exp.cfg.train.eval_batch_size, exp.accelerator
     test = evaluate(
         exp.model, exp.encoded, exp.eval_test, bs, accelerator, exp.task,
@@ -267,7 +271,7 @@ def close_round(
     }
     if rp.round % cfg.federation.eval_every == 0 or rp.round == cfg.federation.rounds:
         e0 = time.perf_counter()
-        record |= evaluate_global(exp, new_state)
+        record |= evaluate_global(exp, new_state, rp.round)
         record["eval_seconds"] = round(time.perf_counter() - e0, 4)
     record["round_seconds"] = round(time.perf_counter() - rp.started, 4)
     return new_state, record
@@ -321,6 +325,8 @@ def run_federation(
             start = ckpt.round + 1
         run.truncate_metrics(start - 1)
         logger.info("resuming %s at round %d", run.path, start)
+    if generative.is_generative(exp):  # the base model's answers: the reference, measured once
+        generative.zero_shot(exp, run, exp.init_state)
     obs.on_start(exp)
     round0 = None  # FedNCM's head, built before round 1 (a resumed run has it in its state)
     if start == 1 and cfg.train.head == "class-means":
@@ -382,11 +388,9 @@ def finish(
     run log warns when the final model answers (nearly) one class."""
     cfg = exp.cfg
     set_state(exp.model, state)
-    final = evaluate(
-        exp.model, exp.encoded, exp.raw.splits["test"], cfg.train.eval_batch_size,
-        exp.accelerator, exp.task, label_names=exp.raw.label_names, per_class=True,
-        collapse_check="the whole test split (final)",
-    )  # fmt: skip
+    scores = (
+        generative.final_scores(exp, run) if generative.is_generative(exp) else final_scores(exp)
+    )
     # a low-precision base is scored as trained (reloading it in fp32 would cost the memory it
     # saves); the export merges into fp32, so the log says which model the scores are of
     if exp.accelerator.base_precision != "fp32":
@@ -408,10 +412,7 @@ def finish(
         "engine": engine,
         "test_split": "whole",
         "rounds": cfg.federation.rounds,
-        "test_accuracy": final["accuracy"],
-        "test_macro_f1": final["macro_f1"],
-        "test_loss": final["loss"],
-        "test_examples": final["examples"],
+        **scores,
         "num_classes": len(exp.raw.label_names),
         "num_layers": exp.num_layers,
         "budgets": exp.budgets,
@@ -432,16 +433,29 @@ def finish(
         "budget_kind": cfg.clients.budget_kind,
         "fit": exp.resources.policy,
         "repairs": sum(r.get("num_repairs", 0) for r in records),
-        # collapse, measured: how many classes the final model answers, how evenly, per class
-        **{
-            k: final[k]
-            for k in ("predicted_classes", "prediction_entropy", "per_class_recall")
-            if k in final
-        },
         # e.g. a source split whose labels are hidden, and which split was tested on instead
         **({"data_notes": exp.raw.notes} if exp.raw.notes else {}),
         **extra,
     }
     run.write_summary(summary)
-    logger.info("finished: test accuracy %.4f", final["accuracy"])
     return summary
+
+
+def final_scores(exp: Experiment) -> dict[str, Any]:
+    """A classifier's summary scores on the whole test split: accuracy, macro-F1, loss and
+    the collapse measures (how many classes the final model answers, how evenly, per class
+    recall); the run log warns when it answers (nearly) one class."""
+    final = evaluate(
+        exp.model, exp.encoded, exp.raw.splits["test"], exp.cfg.train.eval_batch_size,
+        exp.accelerator, exp.task, label_names=exp.raw.label_names, per_class=True,
+        collapse_check="the whole test split (final)",
+    )  # fmt: skip
+    logger.info("finished: test accuracy %.4f", final["accuracy"])
+    spread = ("predicted_classes", "prediction_entropy", "per_class_recall")
+    return {
+        "test_accuracy": final["accuracy"],
+        "test_macro_f1": final["macro_f1"],
+        "test_loss": final["loss"],
+        "test_examples": final["examples"],
+        **{k: final[k] for k in spread if k in final},
+    }

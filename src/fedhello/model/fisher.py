@@ -80,6 +80,22 @@ def finite_backward(
             )
 
 
+def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum, not mean, over the batch of each example's ``-log p(y|x)``, in fp32: each
+    example's gradient at full scale. A classifier's ``y`` is its class (logits (batch,
+    classes)); a causal language model's is its response (logits (batch, T, vocab), labels
+    (batch, T) with -100 on the prompt and padding): the sum of the response tokens' NLL,
+    position t predicting token t + 1 as in the model's own training loss."""
+    if logits.dim() == 3 and labels.dim() == 2:
+        return F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
 def _squared_sums(
     loss: torch.Tensor,
     captured: list[tuple[torch.Tensor, torch.Tensor]],
@@ -167,8 +183,7 @@ def fisher_scores(
             labels = batch.pop("labels")
             with accelerator.autocast():
                 logits = model(**batch).logits
-            # Sum, not mean: each example's gradient of -log p(y|x) at full scale.
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss = summed_nll(logits, labels)
             names = list(captured)
             pairs = [captured[name] for name in names]
             compute = partial(_squared_sums, loss, pairs, labels.shape[0], retain=scale is not None)

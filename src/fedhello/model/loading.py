@@ -86,6 +86,10 @@ def load_model(
             f"model.name = {name!r}: cannot load a {kind.name} model: {first}"
         ) from None
     model.float()
+    if getattr(kind, "generative", False) and hasattr(model.config, "use_cache"):
+        # training and scoring forwards need no key/value cache (transformers builds one by
+        # default); generation asks for it itself (fedhello.model.generation)
+        model.config.use_cache = False
     reason = f"{mode} pooling ({why})" if mode != HEAD else "transformers' own head"
     logger.info("loaded %s model from %s; the head reads %s", kind.name, source, reason)
     return LoadedModel(model, processor, kind, source, mode, why)

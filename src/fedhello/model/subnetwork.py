@@ -6,6 +6,14 @@ memory too, not only the backward below its lowest block. fedhello keeps one sha
 for the duration of a client's local training, swaps the model's block list for the allocated
 blocks: the same parameter objects, so the masks, optimizer and upload work as for the full
 model, and the list is restored afterwards (also on error).
+
+Decoders (Llama, Qwen2, Mistral, Gemma) need two more things for the duration. Rotary position
+embeddings are computed once before the blocks from the position ids, so skipping blocks
+leaves them right. But where blocks differ by attention kind (Qwen2's and Gemma's sliding-window
+layers), the model picks block ``i``'s mask (and Gemma its rotary table) by position in its
+config's ``layer_types``, so that list is swapped for the allocated blocks' kinds too; and a KV
+cache sized from the shortened list would no longer fit the blocks' own ``layer_idx``, so the
+config's ``use_cache`` is off: the subnetwork trains, it never generates.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -38,8 +47,21 @@ def subnetwork(model: torch.nn.Module, layers: Sequence[int], num_layers: int) -
     """Within the block, ``model`` runs only the blocks ``layers`` (in order)."""
     parent, attr = block_container(model, num_layers)
     full = getattr(parent, attr)
-    setattr(parent, attr, torch.nn.ModuleList([full[i] for i in sorted(layers)]))
+    chosen = sorted(layers)
+    config: Any = getattr(parent, "config", None)
+    kinds = getattr(config, "layer_types", None)
+    swaps: dict[str, object] = {}  # config settings for the duration (see the module's doc)
+    if isinstance(kinds, list) and len(kinds) == num_layers:
+        swaps["layer_types"] = [kinds[i] for i in chosen]
+    if getattr(config, "use_cache", None) is not None:
+        swaps["use_cache"] = False
+    saved = {key: getattr(config, key) for key in swaps}
+    setattr(parent, attr, torch.nn.ModuleList([full[i] for i in chosen]))
     try:
+        for key, value in swaps.items():
+            setattr(config, key, value)
         yield
     finally:
         setattr(parent, attr, full)
+        for key, value in saved.items():
+            setattr(config, key, value)

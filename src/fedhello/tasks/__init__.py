@@ -1,7 +1,8 @@
 """Task kinds behind one registry: ``model.task`` names one, or "auto" lets the model decide.
 
-Built in: ``text`` (one text or a sentence pair), ``image`` and ``multiple-choice``, one
-module each. Your own kind is a :class:`Task` subclass registered with :func:`register_task`
+Built in: ``text`` (one text or a sentence pair), ``image``, ``multiple-choice`` and
+``causal-lm`` (instruction tuning of a decoder, the loss on the answers), one module each.
+Your own kind is a :class:`Task` subclass registered with :func:`register_task`
 (``fedhello.tasks.text.TextTask`` is the usual base: override what changes)::
 
     from fedhello.tasks import TextTask, register_task
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 from fedhello.core.config import Config
 from fedhello.core.errors import ConfigError
 from fedhello.tasks.base import Task
+from fedhello.tasks.causal_lm import CausalLMTask
 from fedhello.tasks.image import ImageTask
 from fedhello.tasks.multiple_choice import MultipleChoiceTask
 from fedhello.tasks.text import TextTask
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AUTO",
     "DEFAULT_TASK",
+    "CausalLMTask",
     "ImageTask",
     "MultipleChoiceTask",
     "Task",
@@ -104,9 +107,30 @@ def check_config(cfg: Config, task: Task | None = None) -> Config:
     checked as ``DEFAULT_TASK`` (every built-in kind "auto" can pick refuses the same things).
     """
     name = cfg.model.task
-    (task or task_for(DEFAULT_TASK if name == AUTO else name)).check_config(cfg)
+    kind = task or task_for(DEFAULT_TASK if name == AUTO else name)
+    if task is not None or name != AUTO:  # "auto" may yet resolve to a causal LM
+        _check_conversation_columns(cfg, kind)
+    kind.check_config(cfg)
     return cfg
 
 
-for _kind in (TextTask, ImageTask, MultipleChoiceTask):
+CONVERSATION_KEYS = ("prompt_column", "response_column", "messages_column")
+
+
+def _check_conversation_columns(cfg: Config, kind: Task) -> None:
+    """The prompt, response and messages columns are a causal LM's: set for another kind,
+    they are an error rather than a setting silently ignored."""
+    if isinstance(kind, CausalLMTask):
+        return
+    for key in CONVERSATION_KEYS:
+        value = getattr(cfg.data, key)
+        if value is not None:
+            raise ConfigError(
+                f"config: data.{key} = {value!r} with model.task = {kind.name!r}: prompt, "
+                "response and messages columns are read only by a causal-lm task; allowed: "
+                "model.task = 'causal-lm', or leave it unset"
+            )
+
+
+for _kind in (TextTask, ImageTask, MultipleChoiceTask, CausalLMTask):
     register_task(_kind)

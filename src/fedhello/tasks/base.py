@@ -51,6 +51,9 @@ class Task(ABC):
     name: str = ""  # the value of ``model.task`` that selects this kind
     head: str = ""  # the transformers head: the model is ``AutoModelFor<head>``
     uses_max_length: bool = True  # inputs are token sequences cut at ``model.max_length``
+    # scored by its outputs' text (loss, perplexity, generation: fedhello.engine.generative),
+    # not by predicted classes; such a kind has no trained head
+    generative: bool = False
 
     # -- the config ---------------------------------------------------------------------------
 

@@ -82,7 +82,10 @@ class DataConfig(Section):
     )
     image_column: str = Field("image", description="column with the input image")
     label_column: str = Field(
-        "label", description="column with the class label (multiple-choice: the right choice)"
+        "label",
+        description="column with the class label (multiple-choice: the right choice; "
+        "causal-lm: an optional category the clients' shards are split by, absent: one class "
+        "and partition = iid)",
     )
     augment: bool = Field(
         True,
@@ -102,6 +105,19 @@ class DataConfig(Section):
         0,
         description="multiple-choice: the label of the first choice (Belebele numbers its "
         "answers from 1)",
+    )
+    prompt_column: str | None = Field(
+        None,
+        description="causal-lm: the column of prompts, answered by data.response_column (unset "
+        "with messages_column unset: the Alpaca columns instruction, optional input, output)",
+    )
+    response_column: str | None = Field(
+        None, description="causal-lm: the column of the answers to data.prompt_column"
+    )
+    messages_column: str | None = Field(
+        None,
+        description="causal-lm: the column of chat conversations (lists of {role, content}); "
+        "the last assistant turn is the answer (unset: a 'messages' column is found by name)",
     )
     test_fraction: float = Field(0.1, gt=0, lt=1, description="share held out for the test split")
     validation_fraction: float = Field(0.05, ge=0, lt=1, description="share for validation")
@@ -127,6 +143,27 @@ class DataConfig(Section):
     def text_columns(self) -> list[str]:
         """The text column, or the two columns of a sentence pair."""
         return [self.text_column] if isinstance(self.text_column, str) else self.text_column
+
+    @model_validator(mode="after")
+    def _conversation_columns(self) -> DataConfig:
+        """A prompt needs its answer's column, and one input format is read, not two."""
+        if (self.prompt_column is None) != (self.response_column is None):
+            given, missing = (
+                ("prompt_column", "response_column")
+                if self.response_column is None
+                else ("response_column", "prompt_column")
+            )
+            raise ValueError(
+                f"data.{given} = {getattr(self, given)!r} without data.{missing}: a prompt "
+                f"column is read with its answers' column; allowed: both, or neither"
+            )
+        if self.messages_column is not None and self.prompt_column is not None:
+            raise ValueError(
+                f"data.messages_column = {self.messages_column!r} with data.prompt_column = "
+                f"{self.prompt_column!r}: one input format is read; allowed: messages_column, "
+                "or prompt_column and response_column"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -375,6 +412,22 @@ class FederationConfig(Section):
     )
     eval_examples: int = Field(
         1000, ge=1, description="per-round evaluation on a fixed subset of test/validation"
+    )
+    generate_every: int = Field(
+        0,
+        ge=0,
+        description="causal-lm: greedy generation on the generation subset every N rounds, "
+        "scored by ROUGE-L and exact match (0: at the end only; it costs far more than the "
+        "per-round loss and perplexity)",
+    )
+    generate_examples: int = Field(
+        100,
+        ge=1,
+        description="causal-lm: how many test prompts (a fixed subset) are answered by greedy "
+        "generation, each round it generates and at the end (also the zero-shot reference)",
+    )
+    max_new_tokens: int = Field(
+        48, ge=1, description="causal-lm: most tokens a generated answer may have"
     )
     client_cpus: int = Field(
         0,

@@ -1,0 +1,349 @@
+"""Causal language modelling: instruction tuning of a decoder (SmolLM2, Llama, Qwen, ...).
+
+An example is a prompt and the answer the model should learn to give, read in one of three
+formats (the first that the config or the table names):
+
+- chat: ``data.messages_column`` (or, unset, a column named ``messages``) holds a list of
+  ``{"role", "content"}`` turns; the **last assistant turn** is the answer, the turns before it
+  (system, user, earlier assistant turns) the prompt; turns after it are dropped (counted in
+  the log). A conversation without an assistant turn is an error naming its row;
+- prompt/response columns: ``data.prompt_column`` (one user turn) and
+  ``data.response_column``;
+- Alpaca (the default when none of these is set): ``instruction``, an optional ``input``
+  (appended to the instruction after a blank line when not empty) and ``output``.
+
+The same content gives the same tokens in every format. Prompts are written with the
+tokenizer's **own chat template** (``apply_chat_template(..., add_generation_prompt=True)``),
+the answer being what the template writes after them when the assistant turn is rendered too,
+ending with the template's end-of-turn token (the EOS token appended where the template ends
+an answer with no special token), so that generation learns to stop. A tokenizer without a
+chat template is refused in one line naming the model.
+
+**Loss on the answer only**: each token's label is -100 on the prompt and the padding, the
+token id on the answer's tokens; transformers' causal-LM models shift the labels themselves.
+``model.max_length`` never cuts a prompt: an answer that does not fit is cut (keeping the
+prompt whole and at least one answer token; how many were cut is logged), and a prompt that
+does not fit with one answer token is an error (see :meth:`CausalLMTask.encode`).
+
+The classes: a causal LM has no class to predict, but the partition splits examples by class.
+``data.label_column`` may name a category column (``wordnet-definitions``: ``category``) whose
+values the Dirichlet and pathological partitions skew the shards by; a dataset without that
+column is one class (``UNLABELLED_CLASS``), which only ``data.partition = "iid"`` can split
+(``fedhello.data.loading``, through ``unlabelled_class``).
+
+Evaluation of this kind is the language model's loss and perplexity on the answers, and
+generation from ``LMInputs.prompt_ids`` scored against ``LMInputs.references``; the
+classification ``predictions`` and ``scores`` of :class:`~fedhello.tasks.base.Task` do not
+apply to it (the evaluation wiring is the engine's).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedhello.core.config import Config, DataConfig
+from fedhello.core.errors import ConfigError, DataError, ModelError
+from fedhello.tasks.base import Task
+from fedhello.tasks.lm_formats import Exchange, chat_rows, column_rows, input_format
+from fedhello.tasks.lm_inputs import IGNORE, LMInputs
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+UNLABELLED_CLASS = "all"  # the one class of a dataset without data.label_column
+# model_type values of decoder-only language models, for a config that names no architecture
+# (a config built in code); a saved checkpoint names its class (``...ForCausalLM``).
+DECODER_MODEL_TYPES = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+    "gemma2", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox", "gptj", "opt", "falcon",
+    "olmo", "olmo2", "granite", "stablelm", "starcoder2", "smollm3", "cohere", "bloom",
+}  # fmt: skip
+
+
+class CausalLMTask(Task):
+    """Instruction tuning of a causal language model: the loss is on the answers' tokens."""
+
+    name = "causal-lm"
+    head = "CausalLM"
+    uses_max_length = True
+    generative = True  # scored by loss, perplexity and generation (fedhello.engine.generative)
+    unlabelled_class = UNLABELLED_CLASS  # fedhello.data.loading: a dataset may have no classes
+
+    # -- the config ---------------------------------------------------------------------------
+
+    def check_config(self, cfg: Config) -> None:
+        """No setting that only means something for a classifier: choice or text columns, a
+        skew-aware loss, a head policy other than federated (there is no new head: the
+        model's own LM head stays frozen, only LoRA trains), a forced pooling."""
+        super().check_config(cfg)
+        where = "with model.task = 'causal-lm'"
+        if cfg.data.text_columns != ["text"]:
+            raise ConfigError(
+                f"config: data.text_column = {cfg.data.text_column!r} {where}: its inputs are "
+                "the Alpaca columns (instruction, input, output), data.messages_column, or "
+                "data.prompt_column and data.response_column; allowed: leave text_column "
+                "unset"
+            )
+        if cfg.train.loss != "cross-entropy":
+            raise ConfigError(
+                f"config: train.loss = {cfg.train.loss!r} {where}: that loss reweights class "
+                "logits, and a language model predicts tokens; allowed: loss = 'cross-entropy'"
+            )
+        if cfg.train.head != "federated":
+            raise ConfigError(
+                f"config: train.head = {cfg.train.head!r} {where}: a language model gets no "
+                "new head (its own LM head stays frozen and only LoRA is trained); allowed: "
+                "head = 'federated'"
+            )
+        if cfg.model.pooling not in ("auto", "head"):
+            raise ConfigError(
+                f"config: model.pooling = {cfg.model.pooling!r} {where}: a pooling is what a "
+                "classifier's head reads, and a language model predicts every next token; "
+                "allowed: pooling = 'auto' or 'head'"
+            )
+
+    # -- the data -----------------------------------------------------------------------------
+
+    def input_columns(self, cfg: DataConfig) -> list[tuple[str, str]]:
+        """The configured columns; the Alpaca ones (under the keys that would replace them)
+        when none is set. Which format a table is read in: :meth:`check_inputs`."""
+        if cfg.messages_column is not None:
+            return [(cfg.messages_column, "messages_column")]
+        if cfg.prompt_column is not None and cfg.response_column is not None:
+            return [(cfg.prompt_column, "prompt_column"), (cfg.response_column, "response_column")]
+        return [("instruction", "prompt_column"), ("output", "response_column")]
+
+    def check_inputs(self, table: Any, cfg: DataConfig) -> None:
+        """One line for the first column ``table`` lacks, in the format it is read in."""
+        input_format(table, cfg)
+
+    def read_inputs(self, tables: Mapping[str, Any], cfg: DataConfig) -> Sequence[Any]:
+        """One :class:`Exchange` per row of every table."""
+        inputs: list[Exchange] = []
+        dropped = 0
+        for split, table in tables.items():
+            form, columns = input_format(table, cfg)
+            if form == "messages":
+                rows, cut = chat_rows(table, columns[0], split, cfg.name)
+                inputs.extend(rows)
+                dropped += cut
+            else:
+                inputs.extend(column_rows(table, form, columns, cfg.name))
+        if dropped:
+            logger.info(
+                "data %s: %d conversations end with turns after their last assistant turn "
+                "(the answer); those turns are not used",
+                cfg.name, dropped,
+            )  # fmt: skip
+        return inputs
+
+    def encode(
+        self,
+        inputs: Sequence[Any],
+        labels: torch.Tensor,
+        processor: Any,
+        max_length: int,
+        augment: bool,
+    ) -> LMInputs:
+        """Every example's prompt and answer tokens (see the module's docstring).
+
+        The prompt's tokens are an exact prefix of the example's: the prompt and the whole
+        text are tokenised, and where the tokenizer merged across their boundary (rare: none of
+        the 82k wordnet-definitions examples in SmolLM2's ChatML), the answer is tokenised on
+        its own after the prompt's tokens (logged).
+
+        The length rule: an answer is cut so that prompt + answer fit ``max_length``. Every
+        prompt must fit with at least one answer token, else the whole encoding is one
+        ConfigError naming how many do not and the length that would fit them all: an
+        example whose prompt is cut or dropped would silently change what is learnt (or
+        leave nothing to learn), and the fix is one setting that costs the short examples
+        nothing (each batch is cut to its longest example).
+        """
+        exchanges: list[Exchange] = list(inputs)
+        source = str(getattr(processor, "name_or_path", "") or type(processor).__name__)
+        check_chat_template(processor, source)
+        prompt_texts, completions = _render(processor, exchanges, source)
+        prompt_tok = _tokens(processor, prompt_texts)
+        full_tok = _tokens(
+            processor, [p + c for p, c in zip(prompt_texts, completions, strict=True)]
+        )
+        apart = [i for i, (p, f) in enumerate(zip(prompt_tok, full_tok, strict=True))
+                 if f[: len(p)] != p]  # fmt: skip
+        if apart:
+            answers = _tokens(processor, [completions[i] for i in apart])
+            for i, answer in zip(apart, answers, strict=True):
+                full_tok[i] = prompt_tok[i] + answer
+            logger.info(
+                "causal-lm: %d of %d examples tokenise across the prompt's end; their answers "
+                "are tokenised after the prompt's tokens",
+                len(apart), len(exchanges),
+            )  # fmt: skip
+        prompt_lengths = np.array([len(p) for p in prompt_tok], dtype=np.int64)
+        lengths = np.array([len(f) for f in full_tok], dtype=np.int64)
+        if len(exchanges) and (lengths <= prompt_lengths).any():
+            raise ModelError(
+                f"model {source!r}: its chat template writes an answer as no tokens "
+                f"(example {int(np.argmax(lengths <= prompt_lengths))}); allowed: a template "
+                "that writes the assistant's turn"
+            )
+        _check_prompts_fit(prompt_lengths, max_length)
+        cut = lengths > max_length
+        if cut.any():
+            logger.info(
+                "causal-lm: %d of %d answers cut at model.max_length = %d (prompts kept whole; "
+                "the longest example has %d tokens)",
+                int(cut.sum()), len(lengths), max_length, int(lengths.max()),
+            )  # fmt: skip
+        kept = np.minimum(lengths, max_length)
+        offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+        ids = np.fromiter(
+            (t for f, n in zip(full_tok, kept, strict=True) for t in f[:n]),
+            dtype=np.int64,
+            count=int(offsets[-1]),
+        )
+        pad = getattr(processor, "pad_token_id", None)
+        pad = getattr(processor, "eos_token_id", None) if pad is None else pad
+        return LMInputs(
+            ids, offsets, prompt_lengths, labels, [e.response for e in exchanges],
+            int(pad or 0), int(cut.sum()),
+        )  # fmt: skip
+
+    # -- the model ----------------------------------------------------------------------------
+
+    def detects(self, model_config: Mapping[str, Any]) -> bool:
+        """A decoder-only language model: a ``...ForCausalLM`` architecture (or GPT-2-style
+        ``...LMHeadModel`` of a decoder type); with no architecture named, a decoder
+        ``model_type``. Encoders (BERT, MPNet: ``...ForMaskedLM``, ``BertLMHeadModel``) and
+        encoder-decoders are not claimed."""
+        if model_config.get("is_encoder_decoder"):
+            return False
+        architectures = [str(a) for a in model_config.get("architectures") or []]
+        decoder = model_config.get("model_type") in DECODER_MODEL_TYPES
+        if not architectures:
+            return decoder
+        return any(
+            a.endswith("ForCausalLM") or (decoder and a.endswith("LMHeadModel"))
+            for a in architectures
+        )
+
+    def load_processor(self, source: str, offline: bool) -> Any:
+        """The model's tokenizer, which must have a chat template."""
+        tokenizer = super().load_processor(source, offline)
+        check_chat_template(tokenizer, source)
+        return tokenizer
+
+    def synthetic_batch(
+        self, model: Any, batch_size: int, max_length: int, num_labels: int
+    ) -> dict[str, torch.Tensor]:
+        """``max_length`` random tokens per sequence (ids from 1000 up skip special tokens),
+        no padding, the first quarter to half of each a prompt (label -100) and the rest its
+        answer (labels = the tokens), as in real instruction data."""
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        vocab = int(getattr(model.config, "vocab_size", 32000))
+        ids = torch.randint(min(1000, vocab - 1), vocab, (batch_size, max_length), generator=gen)
+        low, high = max(1, max_length // 4), max(2, max_length // 2 + 1)
+        prompt = torch.randint(low, high, (batch_size, 1), generator=gen)
+        labels = ids.masked_fill(torch.arange(max_length)[None, :] < prompt, IGNORE)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def check_chat_template(processor: Any, source: str) -> None:
+    """A ModelError naming the model unless its tokenizer has a chat template."""
+    if not getattr(processor, "chat_template", None):
+        raise ModelError(
+            f"model {source!r}: its tokenizer has no chat template, which model.task = "
+            "'causal-lm' writes every prompt with; allowed: a chat (instruction-tuned) model, "
+            "whose tokenizer_config.json or chat_template.jinja holds one"
+        )
+
+
+def _check_prompts_fit(prompt_lengths: np.ndarray, max_length: int) -> None:
+    too_long = prompt_lengths + 1 > max_length
+    if too_long.any():
+        worst = int(np.argmax(prompt_lengths))
+        raise ConfigError(
+            f"model.max_length = {max_length}: {int(too_long.sum())} of {len(prompt_lengths)} "
+            f"prompts do not fit with one answer token (the longest, example {worst}, has "
+            f"{int(prompt_lengths[worst])} tokens in the chat template); allowed: max_length "
+            f">= {int(prompt_lengths.max()) + 1}, plus room for the answers (a batch is cut to "
+            "its longest example)"
+        )
+
+
+def _render(processor: Any, exchanges: list[Exchange], source: str) -> tuple[list[str], list[str]]:
+    """(prompt text, answer text) of every example: the prompt as the chat template writes it
+    for generation, the answer what follows it when the assistant's turn is written too,
+    ending with the template's end of turn (the EOS token where it writes no special token)."""
+    if not exchanges:
+        return [], []
+    prompts = [[{"role": r, "content": c} for r, c in e.prompt] for e in exchanges]
+    fulls = [
+        [*p, {"role": "assistant", "content": e.response}]
+        for p, e in zip(prompts, exchanges, strict=True)
+    ]
+    try:
+        prompt_texts = processor.apply_chat_template(
+            prompts, tokenize=False, add_generation_prompt=True
+        )
+        full_texts = processor.apply_chat_template(fulls, tokenize=False)
+    except Exception as err:  # jinja raises what a template says (roles it refuses, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"model {source!r}: its chat template refuses the data: {first}") from None
+    ends = _turn_ends(processor)
+    eos = getattr(processor, "eos_token", None)
+    completions = []
+    for i, (prompt, full) in enumerate(zip(prompt_texts, full_texts, strict=True)):
+        if not full.startswith(prompt):
+            raise ModelError(
+                f"model {source!r}: its chat template writes example {i}'s prompt differently "
+                "when the answer follows, so the prompt is not a prefix of the training text; "
+                "allowed: a template whose generation prompt is where the assistant's turn "
+                "starts"
+            )
+        answer = full[len(prompt) :].rstrip()
+        if not answer.endswith(ends):
+            if not eos:
+                raise ModelError(
+                    f"model {source!r}: its chat template ends an answer with no special token "
+                    "and its tokenizer has no EOS token: generation could not learn to stop"
+                )
+            answer += eos
+        completions.append(answer)
+    return list(prompt_texts), completions
+
+
+def _turn_ends(processor: Any) -> tuple[str, ...]:
+    """The tokens a template may end an assistant's turn with: EOS and the special added
+    tokens (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...)."""
+    ends = {str(t.content) for t in getattr(processor, "added_tokens_decoder", {}).values()
+            if getattr(t, "special", False)}  # fmt: skip
+    eos = getattr(processor, "eos_token", None)
+    if eos:
+        ends.add(str(eos))
+    return tuple(sorted(e for e in ends if e))
+
+
+def _tokens(processor: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` as written (the template writes any BOS itself): through a
+    fast tokenizer's own backend where there is one (the same ids, without transformers'
+    per-text conversion: a third of the time on 160k texts) unless the backend is set to
+    truncate or pad, which transformers' call would turn off."""
+    if not texts:
+        return []
+    backend: Any = getattr(processor, "backend_tokenizer", None)
+    if (
+        getattr(processor, "is_fast", False)
+        and hasattr(backend, "encode_batch_fast")
+        and backend.truncation is None
+        and backend.padding is None
+    ):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return [list(ids) for ids in processor(texts, add_special_tokens=False)["input_ids"]]
