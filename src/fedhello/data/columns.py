@@ -20,8 +20,13 @@ def read_column(table: Any, column: str, role: str, key: str, name: str) -> list
     return list(table[column])
 
 
+def column_names(table: Any) -> list[str]:
+    """The column names of a pandas DataFrame or a ``datasets.Dataset``."""
+    return [str(c) for c in (getattr(table, "column_names", None) or table.columns)]
+
+
 def check_column(table: Any, column: str, role: str, key: str, name: str) -> None:
-    columns = list(getattr(table, "column_names", None) or table.columns)
+    columns = column_names(table)
     if column not in columns:
         raise DataError(
             f"data.{key} = {column!r}: dataset {name!r} has no such {role} column; "

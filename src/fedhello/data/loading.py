@@ -25,7 +25,7 @@ from fedhello.core.config import DataConfig
 from fedhello.core.errors import ConfigError, DataError
 from fedhello.core.seeds import Purpose, generator
 from fedhello.data import definitions
-from fedhello.data.columns import read_column
+from fedhello.data.columns import column_names, read_column
 from fedhello.data.kinds import InputKind
 
 logger = logging.getLogger(__name__)
@@ -183,10 +183,10 @@ def _one_class(tables: Mapping[str, Any], cfg: DataConfig, task: InputKind) -> s
     are read, and a table without the column is an error, as for every classifier). One class
     cannot be skewed across clients: any partition but IID is refused in one line."""
     name = getattr(task, "unlabelled_class", None)
-    if name is None or any(cfg.label_column in _columns(t) for t in tables.values()):
+    if name is None or any(cfg.label_column in column_names(t) for t in tables.values()):
         return None
     if cfg.partition != "iid":
-        columns = _columns(next(iter(tables.values())))
+        columns = column_names(next(iter(tables.values())))
         raise ConfigError(
             f"data.partition = {cfg.partition!r}: dataset {cfg.name!r} has no "
             f"data.label_column = {cfg.label_column!r} to split its examples by class; "
@@ -198,10 +198,6 @@ def _one_class(tables: Mapping[str, Any], cfg: DataConfig, task: InputKind) -> s
         cfg.name, cfg.label_column, name,
     )  # fmt: skip
     return str(name)
-
-
-def _columns(table: Any) -> list[str]:
-    return [str(c) for c in (getattr(table, "column_names", None) or table.columns)]
 
 
 def _hidden(labels: list[Any], split: str, cfg: DataConfig) -> str | None:

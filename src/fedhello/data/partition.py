@@ -39,6 +39,14 @@ def partition_indices(
             f"the training pool has {n} examples, fewer than clients.num_clients = {num_clients}"
         )
     num_classes = len(np.unique(labels))
+    if num_classes < 2 and scheme != "iid":
+        # e.g. a causal-LM dataset without a category column: one class cannot be skewed (and
+        # a cached dataset reused by another partition must be refused here, not only on load)
+        raise DataError(
+            f"data.partition = {scheme!r}: the training pool has one class, which cannot be "
+            "split by label; allowed: partition = 'iid', or data.label_column naming a "
+            "category column"
+        )
     part_seed = derived_int(seed, Purpose.PARTITION) % (2**32)
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_clients)

@@ -21,7 +21,7 @@ import numpy as np
 from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
 from fedhello.core.seeds import Purpose, generator
-from fedhello.data.columns import read_column
+from fedhello.data.columns import column_names, read_column
 from fedhello.data.kinds import InputKind
 from fedhello.data.loading import FILE_FORMATS, RawData, load_tables
 
@@ -73,7 +73,16 @@ def load_site_raw(
         )
     tables = load_tables(str(local), allow_download=False)
     labels: list[Any] = []
-    for table in tables.values():
+    unlabelled = getattr(task, "unlabelled_class", None)
+    if unlabelled is not None and not any(
+        data_cfg.label_column in column_names(t) for t in tables.values()
+    ):
+        # a kind that needs no classes (a causal LM) on a file without the category column:
+        # every row is the federation's first class (what only label counts would read)
+        labels = [label_names[0]] * sum(len(t) for t in tables.values())
+        logger.info("site data %s: no column %r: every row is class %r",
+                    path, data_cfg.label_column, label_names[0])  # fmt: skip
+    for table in tables.values() if not labels else ():
         labels.extend(read_column(table, data_cfg.label_column, "label", "label_column", path))
     inputs = task.read_inputs(tables, data_cfg)
     if not labels:

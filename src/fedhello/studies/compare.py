@@ -214,6 +214,22 @@ def run_cell(
     return "ran"
 
 
+def refuse_generative(base: Config) -> None:
+    """A comparison's tables, pairing and plots read accuracy: a generative task (``causal-lm``,
+    scored by perplexity and ROUGE-L) is refused in one line rather than failing after hours
+    of runs. Its runs are compared by hand until compare learns their scores."""
+    from fedhello.model.source import model_shape, resolve_model_source
+
+    source = resolve_model_source(base.model.name, base.model.allow_download)
+    task = model_shape(source, base.model.task)[0]
+    if task == "causal-lm":
+        raise ConfigError(
+            f"compare: model.task = {task!r} ({base.model.name}) is scored by perplexity and "
+            "ROUGE-L, which compare does not tabulate yet; allowed: a classification task, or "
+            "`fedhello run` per strategy and seed (each summary.json holds test_rouge_l)"
+        )
+
+
 def run_compare(
     base: Config,
     root: Path,
@@ -224,6 +240,7 @@ def run_compare(
     on_done: Callable[[Cell, str], None] | None = None,
 ) -> list[Cell]:
     """Run every cell (reusing finished ones) and write ``compare.json``."""
+    refuse_generative(base)
     cells = plan_cells(strategies, seeds, partitions)
     configs = {cell: cell_config(base, cell) for cell in cells}  # all errors before any work
     root.mkdir(parents=True, exist_ok=True)

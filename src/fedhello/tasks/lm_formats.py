@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
-from fedhello.data.columns import check_column, read_column, strings
+from fedhello.data.columns import check_column, column_names, read_column, strings
 
 ALPACA = ("instruction", "input", "output")  # the Alpaca columns; "input" may be absent
 MESSAGES = "messages"  # the chat column found by name when data.messages_column is unset
@@ -24,10 +24,6 @@ class Exchange(NamedTuple):
     response: str
 
 
-def _columns(table: Any) -> list[str]:
-    return [str(c) for c in (getattr(table, "column_names", None) or table.columns)]
-
-
 def input_format(table: Any, cfg: DataConfig) -> tuple[str, list[str]]:
     """("messages" | "columns" | "alpaca", the columns read) of ``table``; a DataError naming
     the first column it lacks and the key that names it."""
@@ -38,7 +34,7 @@ def input_format(table: Any, cfg: DataConfig) -> tuple[str, list[str]]:
         check_column(table, cfg.prompt_column, "prompt", "prompt_column", cfg.name)
         check_column(table, cfg.response_column, "response", "response_column", cfg.name)
         return "columns", [cfg.prompt_column, cfg.response_column]
-    columns = _columns(table)
+    columns = column_names(table)
     instruction, input_, output = ALPACA
     if instruction in columns or output in columns:
         for missing in (c for c in (instruction, output) if c not in columns):

@@ -32,9 +32,11 @@ class ModelConfig(Section):
     task: str = Field(
         "auto",
         min_length=1,
-        description="auto: image for vision model types, else text (sequence classification); "
-        "text, image, multiple-choice (one score per choice, data.choice_columns, the right "
-        "one is the label), or a kind registered with fedhello.tasks.register_task",
+        description="auto: image for vision model types, causal-lm for decoder LLMs "
+        "(*ForCausalLM), else text (sequence classification); text, image, multiple-choice "
+        "(one score per choice, data.choice_columns, the right one is the label), causal-lm "
+        "(instruction tuning: loss on the answers, scored by perplexity and ROUGE-L), or a kind "
+        "registered with fedhello.tasks.register_task",
     )
     max_length: int = Field(32, ge=4, le=4096, description="text: tokens per example (truncated)")
     pooling: Literal["auto", "mean", "cls", "max", "head"] = Field(

@@ -313,8 +313,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     if len(splits["validation"]) and req.state is not None:
         set_state(site.model, req.state)
         batch = site.cfg.train.eval_batch_size
-        result = evaluate_rows(
-            site.model, data, splits["validation"], batch, site.accelerator, site.task
-        )
-        scores |= {k: result[k] for k in ("accuracy", "macro_f1", "loss")}
+        if site.task.generative:  # a language model: its answers' loss and perplexity
+            from fedhello.model.generation import response_loss
+
+            lm = response_loss(site.model, data, splits["validation"], batch, site.accelerator)  # type: ignore[arg-type]
+            scores |= {k: lm[k] for k in ("loss", "perplexity")}
+        else:
+            result = evaluate_rows(
+                site.model, data, splits["validation"], batch, site.accelerator, site.task
+            )
+            scores |= {k: result[k] for k in ("accuracy", "macro_f1", "loss")}
     return wire.evaluate_reply(msg, scores)

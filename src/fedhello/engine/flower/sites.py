@@ -47,7 +47,8 @@ def evaluate_sites(
     out: dict[str, Any] = {
         "site_validation": dict(sorted(scores.items(), key=lambda kv: int(kv[0])))
     }
-    if total:
-        mean = sum(float(s["accuracy"]) * int(s["num_examples"]) for s in scored) / total
-        out |= {"site_validation_accuracy": mean, "site_validation_examples": total}
+    if total:  # a classifier's accuracy; a language model's loss (its sites score no classes)
+        metric = "accuracy" if all("accuracy" in s for s in scored) else "loss"
+        mean = sum(float(s[metric]) * int(s["num_examples"]) for s in scored) / total
+        out |= {f"site_validation_{metric}": mean, "site_validation_examples": total}
     return out
