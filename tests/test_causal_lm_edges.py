@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from fedhello.core.config import DataConfig, load_config
 from fedhello.core.errors import ConfigError, DataError
@@ -64,3 +66,54 @@ def tiny_llama_dir_for_edges(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 num_key_value_heads=2, vocab_size=64, architectures=["LlamaForCausalLM"],
                 ).save_pretrained(out)  # fmt: skip
     return out
+
+
+def _llama_with_lora(checkpointing: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedhello.model.lora import build_lora_model, enable_checkpointing
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, use_cache=False,
+    ))  # fmt: skip
+    model = build_lora_model(base, 4, 8.0, 0.0, ["auto"])
+    with torch.no_grad():  # B non-zero, so the LoRA path carries gradient to A
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    if checkpointing:
+        enable_checkpointing(model)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less() -> None:
+    """Training only the top two blocks: the same loss and LoRA gradients with checkpointing,
+    fewer bytes saved for backward (the meter the memory profile reads), and the blocks
+    below the lowest trained one still get no gradient."""
+    from fedhello.model.meters import SavedTensorMeter
+
+    out = {}
+    for checkpointing in (False, True):
+        model, batch = _llama_with_lora(checkpointing)
+        model.train()
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name and (".layers.2." in name or ".layers.3." in name))
+        meter = SavedTensorMeter(model)
+        with meter.hooks():
+            loss = model(**batch).loss
+        meter.step_done()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[checkpointing] = (float(loss.detach()), grads, meter.peak)
+    (loss0, g0, kept0), (loss1, g1, kept1) = out[False], out[True]
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    assert sorted(g1) == sorted(g0) and all(".layers.2." in n or ".layers.3." in n for n in g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7)
+    assert 0 < kept1 < kept0

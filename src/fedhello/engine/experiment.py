@@ -33,7 +33,13 @@ from fedhello.engine.resources import ModelUnderTest, Resources, setup_resources
 from fedhello.model.accelerator import Accelerator, accelerator_for
 from fedhello.model.fisher import fisher_scores
 from fedhello.model.loading import LoadedModel, load_model
-from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
+from fedhello.model.lora import (
+    adapter_keys,
+    build_lora_model,
+    enable_checkpointing,
+    get_state,
+    set_state,
+)
 from fedhello.model.source import model_shape, resolve_model_source
 from fedhello.tasks import Task, check_config, task_for
 
@@ -151,6 +157,8 @@ def build_lora_classifier(
     loaded = load_model(m.name, label_names, task, m.allow_download, m.pooling)
     lora = cfg.lora
     model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(model)
     keys = adapter_keys(model)
     accelerator.place(model, set(keys))
     return loaded, model, keys, layer_of_keys(keys, num_layers)

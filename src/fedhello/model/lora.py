@@ -114,6 +114,24 @@ def build_lora_model(
     return get_peft_model(model, config)
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing on every block (``train.gradient_checkpointing``): a block keeps
+    only its input and recomputes its activations when backward reaches it. Non-reentrant
+    (``use_reentrant=False``): it needs no input that requires grad, so the frozen blocks below
+    the lowest trained one still run no backward at all, and LoRA's gradients are exact."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        # a pooled head (fedhello.model.pooled) wraps the encoder, whose blocks checkpoint
+        encoder = getattr(inner, "encoder", None)
+        if not getattr(encoder, "supports_gradient_checkpointing", False):
+            raise ModelError(
+                f"train.gradient_checkpointing = true: {type(inner).__name__} does not "
+                "support gradient checkpointing in transformers; allowed: false for this model"
+            )
+        inner = encoder
+    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def is_head_key(name: str) -> bool:
     return ".modules_to_save." in name
 

@@ -58,6 +58,9 @@ def profile_key(
         "base_precision": base_precision,
         "torch": torch.__version__,
         **optimizer,
+        # recomputing activations trades step time for memory: keyed only when on, so the
+        # profiles measured before the option existed stay valid
+        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
     }
 
 

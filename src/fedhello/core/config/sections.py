@@ -261,6 +261,15 @@ class TrainConfig(Section):
         description="storage of the frozen base weights: fp32 or the compute precision "
         "(auto: the compute precision on an accelerator, fp32 on a CPU)",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        strict=True,
+        description="recompute each block's activations in the backward pass instead of "
+        "keeping them (transformers' gradient checkpointing, non-reentrant): less memory per "
+        "trained block, about one more forward of time; the cost profile measures both, so "
+        "memory budgets afford more layers with it. Blocks below the lowest trained one are "
+        "neither kept nor recomputed either way",
+    )
     deterministic: bool = Field(
         False,
         strict=True,
