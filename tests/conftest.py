@@ -207,3 +207,99 @@ def crash_after(finished: Path, crashed: Path, round_: int) -> Path:
         if int(ckpt.name.split(".")[0].removeprefix("round-")) > round_:
             ckpt.unlink()
     return crashed
+
+
+# -- decoder language models (model.task = "causal-lm") -----------------------------------------
+
+# The toy definitions: "<prompt about a word>" -> "a kind of <its category>", 3 categories of 8
+# words, 5 phrasings each (120 rows): an answer a tiny decoder learns within a few steps.
+LM_CATEGORIES = {
+    "animal": ["dog", "cat", "horse", "bird", "fish", "mouse", "cow", "pig"],
+    "food": ["apple", "bread", "cheese", "soup", "rice", "cake", "milk", "egg"],
+    "vehicle": ["car", "train", "plane", "boat", "truck", "bus", "bike", "ship"],
+}
+LM_PROMPTS = [
+    "Define the word {}.", "What is a {}?", "Explain the word {}.", "Tell me what {} means.",
+    "Describe {}.",
+]  # fmt: skip
+LM_VOCAB = 64  # the tiny decoders' vocabulary (the tokenizer's 49 words fit in it)
+
+
+def lm_answer(word: str) -> str:
+    return "a kind of " + next(c for c, ws in LM_CATEGORIES.items() if word in ws)
+
+
+def lm_words() -> list[str]:
+    """Every word the toy's prompts, answers and the ChatML roles use (the tokenizer's vocab)."""
+    text = " ".join(p.format("x") for p in LM_PROMPTS) + " system user assistant a kind of"
+    words = text.replace(".", " . ").replace("?", " ? ").split()
+    nouns = [w for ws in LM_CATEGORIES.values() for w in ws]
+    return [w for w in words if w != "x"] + list(LM_CATEGORIES) + nouns
+
+
+def make_tiny_decoder(out: Path, kind: str) -> Path:
+    """A 4-block random decoder saved with the word-level ChatML tokenizer (``save_pretrained``,
+    template included): ``llama`` (tied embeddings, as SmolLM2) or ``qwen2`` (untied)."""
+    import torch
+    from helpers import word_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tok = word_tokenizer(lm_words())
+    assert len(tok) <= LM_VOCAB
+    common: dict[str, object] = {
+        "vocab_size": LM_VOCAB, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
+        # weights 10x the usual 0.02: a frozen LM head that small bounds the logits' spread
+        # (behind the final norm) so that LoRA on attention alone could not learn the toy
+        "initializer_range": 0.2,
+        "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.convert_tokens_to_ids("<|im_start|>"),
+    }  # fmt: skip
+    if kind == "llama":
+        config = LlamaConfig(hidden_size=32, tie_word_embeddings=True, **common)
+    else:
+        config = Qwen2Config(hidden_size=48, tie_word_embeddings=False, **common)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block random Llama (hidden 32, tied) with a word-level ChatML tokenizer."""
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block random Qwen2 (hidden 48, untied) with a word-level ChatML tokenizer."""
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_alpaca_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """120 Alpaca rows (instruction, output, category): every word in 5 phrasings, answered
+    "a kind of <category>"; rows shuffled so that any split holds every category."""
+    import pandas as pd
+
+    rows = [
+        {"instruction": p.format(w), "output": lm_answer(w), "category": c}
+        for c, ws in LM_CATEGORIES.items() for w in ws for p in LM_PROMPTS
+    ]  # fmt: skip
+    order = np.random.default_rng(0).permutation(len(rows))
+    path = tmp_path_factory.mktemp("lm-data") / "definitions.jsonl"
+    pd.DataFrame([rows[i] for i in order]).to_json(path, orient="records", lines=True)
+    return path
+
+
+def lm_overrides(model_dir: Path, data: Path | str, **extra: object) -> list[str]:
+    """--set overrides for a fast causal-LM federation on a tiny decoder and the toy data:
+    4 clients in tiers of 1, 2 and 4 blocks, greedy answers of at most 6 tokens."""
+    settings: dict[str, object] = {
+        "data__label_column": '"category"', "clients__num_clients": 4, "clients__per_round": 3,
+        "clients__tiers": "[0.25, 0.5, 1.0]", "model__max_length": 24, "train__lr": 0.05,
+        "train__local_steps": 4, "train__eval_batch_size": 16, "federation__max_new_tokens": 6,
+        "train__precision": '"fp32"',
+    }  # fmt: skip
+    return tiny_overrides(model_dir, data, **(settings | extra))

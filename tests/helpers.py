@@ -63,3 +63,56 @@ def fisher_scores_loop(
         for name, p in model.named_parameters():
             p.requires_grad_(saved[name])
     return (totals / max(1, len(indices))).tolist()
+
+
+# -- decoder language models: a word-level tokenizer with a chat template ----------------------
+
+# ChatML, as SmolLM2 and Qwen write it (``<|im_start|>role\ncontent<|im_end|>\n``)
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]  # ids 0..3
+
+
+def word_tokenizer(words: list[str], template: str = CHATML) -> Any:
+    """A fast word-level tokenizer over ``words`` (whitespace and punctuation runs split them;
+    special tokens first, so [PAD] = 0 and EOS ``<|im_end|>`` = 3) with a chat template: small
+    enough for a tiny decoder's vocabulary, saved and loaded like any hub tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(CHAT_SPECIALS + words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )  # fmt: skip
+    tok.chat_template = template
+    return tok
+
+
+def greedy_answer(model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int) -> str:
+    """Reference greedy decoding: the whole sequence re-run for every new token (no cache, no
+    padding, no ``generate``), the argmax appended until EOS; special tokens dropped."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt == tokenizer.eos_token_id:
+                break
+            ids.append(nxt)
+    return str(tokenizer.decode(ids[len(prompt) :], skip_special_tokens=True)).strip()
+
+
+def response_nll(model: Any, tokens: list[int], prompt_length: int) -> tuple[float, int]:
+    """Reference: (summed NLL, count) of one example's answer tokens, the example alone (no
+    padding), token t scored by the logits at t - 1 with torch's cross-entropy."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([tokens])).logits[0].double()
+    target = torch.tensor(tokens[prompt_length:])
+    nll = F.cross_entropy(logits[prompt_length - 1 : -1], target, reduction="sum")
+    return float(nll), len(target)
