@@ -29,15 +29,21 @@ def test_the_fit_recovers_a_linear_cost_exactly() -> None:
     assert fit.seconds_max_error == pytest.approx(0, abs=1e-9)
 
 
-def test_unmeasured_sets_are_predicted_by_the_fit_and_cost_grows_with_depth() -> None:
-    # a quick probe: the top block alone, the whole model, and one set in between
+def test_unmeasured_sets_are_bounded_by_measured_ones_and_cost_grows_with_depth() -> None:
+    # a partial probe: the top block alone, the whole model, and one set in between
     measured = {(5, 1): linear(5, 1), (0, 6): linear(0, 6), (2, 2): linear(2, 2)}
     profile = CostProfile({"test": True}, L, dict(measured), [1000] * L, 500)
     assert profile.cost([5]) == measured[5, 1]  # a measured entry is used as it is
-    filled = profile.cost([0])  # one shallow layer: not measured
+    filled = profile.cost([0])  # one shallow layer: not measured, bounded by the whole model
     assert not filled.measured and filled.device_peak_mb is None
-    assert filled.memory_mb == pytest.approx(linear(0, 1).memory_mb)
-    assert filled.step_seconds == pytest.approx(linear(0, 1).step_seconds)
+    assert filled.memory_mb == pytest.approx(linear(0, 6).memory_mb)
+    assert filled.memory_mb > linear(0, 1).memory_mb
+    assert filled.step_seconds == pytest.approx(linear(0, 6).step_seconds)
+    # an entry nothing measured bounds (wider than any measured set that deep) is the fit's
+    fitted = CostProfile({"test": True}, L, {(5, 1): linear(5, 1), (2, 2): linear(2, 2),
+                                             (3, 1): linear(3, 1)}, [1000] * L, 500)  # fmt: skip
+    assert fitted.dominating(0, 3) == []
+    assert fitted.cost([0, 1, 2]).memory_mb == pytest.approx(linear(0, 3).memory_mb)
     # one shallow layer costs nearly the whole model, one deep layer far less; a set's cost is
     # set by its lowest block, whatever else it trains above it
     singles = [profile.cost([b]).step_seconds for b in range(L)]

@@ -15,8 +15,12 @@ device's allocator answers (CUDA; MPS sampled), its peak during a step as a clie
 in ``device_peak_memory_mb``: everything on the device, the frozen model, temporaries,
 workspaces and the allocator's rounding included, which is what runs out.
 
-An analytic model is fitted to it (:class:`AnalyticFit`: least squares, linear in the depth
-``L - b`` and the count ``n``): it fills the entries a quick probe did not measure and
+A model of up to 12 blocks has every entry measured; a deeper one (a 30-block decoder: 465
+entries) a lattice (:func:`probe_entries`), and an entry the probe did not measure is bounded
+by the least measured entry at least as deep and as wide (a step costs more the deeper its
+backward and the more layers it trains), so a limit checked against the profile holds. An
+analytic model is fitted to it (:class:`AnalyticFit`: least squares, linear in the depth
+``L - b`` and the count ``n``): it answers what no measured entry bounds, and
 ``fedhello calibrate`` prints it with its largest error, so one sees how far the simple model
 is from the measurement. Step times are only as good as the machine was quiet:
 ``fedhello.core.coherence`` says whether a profile's times deserve storing. This is
@@ -57,6 +61,32 @@ class Cost:
     device_peak_mb: float | None = None
     measured: bool = True  # False: filled in by the fitted analytic model
     step_mad_seconds: float | None = None
+
+
+# Up to this many blocks the probe measures every (lowest block, count): 78 entries for 12.
+FULL_TABLE_LAYERS = 12
+LATTICE_ROWS = 6  # deeper models: lowest blocks measured beside the top placements
+
+
+def probe_entries(num_layers: int) -> list[tuple[int, int]]:
+    """The ``(lowest block, count)`` entries the probe measures.
+
+    Every one up to ``FULL_TABLE_LAYERS`` blocks. A deeper model (a 30-block decoder has 465
+    entries: hours of probing on a CPU) gets a lattice: every *top placement* ``(L - c, c)``
+    (the layers a budget of ``c`` affords most cheaply, which the fit and ``deepest-fit``
+    read), and at ``LATTICE_ROWS`` evenly spaced lowest blocks the counts 1, 2, 4, 8, ... up to
+    all the blocks above it. Another entry is bounded by a measured one that costs at least
+    as much (:meth:`CostProfile.cost`); 56 entries for 30 blocks."""
+    L = num_layers
+    if L <= FULL_TABLE_LAYERS:
+        return [(b, n) for b in range(L) for n in range(1, L - b + 1)]
+    entries = {(L - c, c) for c in range(1, L + 1)}
+    for b in sorted({round(i * L / LATTICE_ROWS) for i in range(LATTICE_ROWS)}):
+        n = 1
+        while n < L - b:
+            entries.add((b, n))
+            n *= 2
+    return sorted(entries)
 
 
 def _lstsq(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float, float], float]:
@@ -131,15 +161,34 @@ class CostProfile:
             self.fit = fit_analytic(self.table, self.num_layers)
 
     def cost(self, layers: Sequence[int]) -> Cost:
-        """The predicted cost of one step training ``layers`` (non-empty)."""
+        """The cost of one step training ``layers`` (non-empty): its measured entry, else a
+        bound from the measured entries that cost at least as much (``dominating``), else the
+        fitted analytic model's prediction."""
         b, n = min(layers), len(layers)
         entry = self.table.get((b, n))
         if entry is not None:
             return entry
+        above = self.dominating(b, n)
+        if above:
+            # a step costs more the deeper its backward (lower b) and the more layers it
+            # trains (larger n): each bound is the least of the entries at least as deep and
+            # at least as wide, so a limit checked against it holds (a lattice probe's entries)
+            peaks = [c.device_peak_mb for c in above]
+            return Cost(
+                min(c.memory_mb for c in above),
+                min(c.step_seconds for c in above),
+                None if any(p is None for p in peaks) else min(p for p in peaks if p is not None),
+                measured=False,
+            )
         if self.fit is None:
             raise KeyError(f"the profile has no entry for lowest block {b}, {n} layers")
         mem, sec = self.fit.predict(b, n, self.num_layers)
         return Cost(mem, sec, self.fit.predict_peak(b, n, self.num_layers), measured=False)
+
+    def dominating(self, lowest: int, count: int) -> list[Cost]:
+        """The measured entries ``(b, m)`` with ``b <= lowest`` and ``m >= count``: a backward
+        at least as deep, at least as many layers trained."""
+        return [c for (b, m), c in self.table.items() if c.measured and b <= lowest and m >= count]
 
     def memory_mb(self, layers: Sequence[int]) -> float:
         """The memory a limit on ``layers`` is checked against, in this profile's measure: the

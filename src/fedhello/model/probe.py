@@ -40,7 +40,7 @@ import torch
 from fedhello.core.coherence import MIN_STEPS, step_time_problem
 from fedhello.core.config import TrainConfig
 from fedhello.core.layers import AdapterSpec
-from fedhello.core.profile import Cost, CostProfile, MemoryMeasure
+from fedhello.core.profile import Cost, CostProfile, MemoryMeasure, probe_entries
 from fedhello.model.accelerator import Accelerator
 from fedhello.model.hooks import HookContext, build_hooks, train_hooks
 from fedhello.model.hooks.base import HookChain
@@ -169,7 +169,7 @@ def measure_profile(
     was_training = model.training
     on_device = accelerator.to_device(batch)
     model.train()
-    entries = [(b, n) for b in range(num_layers) for n in range(1, num_layers - b + 1)]
+    entries = probe_entries(num_layers)  # all of them, or a lattice on a deep model
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
