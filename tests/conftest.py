@@ -222,7 +222,6 @@ LM_PROMPTS = [
     "Define the word {}.", "What is a {}?", "Explain the word {}.", "Tell me what {} means.",
     "Describe {}.",
 ]  # fmt: skip
-LM_VOCAB = 64  # the tiny decoders' vocabulary (the tokenizer's 49 words fit in it)
 
 
 def lm_answer(word: str) -> str:
@@ -238,16 +237,23 @@ def lm_words() -> list[str]:
 
 
 def make_tiny_decoder(out: Path, kind: str) -> Path:
-    """A 4-block random decoder saved with the word-level ChatML tokenizer (``save_pretrained``,
-    template included): ``llama`` (tied embeddings, as SmolLM2) or ``qwen2`` (untied)."""
+    """A 4-block random decoder saved with its ChatML tokenizer (``save_pretrained``, template
+    included): ``llama`` (tied embeddings, as SmolLM2) with a word-level tokenizer of the toy's
+    words, or ``qwen2`` (untied) with a byte-level BPE trained on the toy's conversations (the
+    tokenizer class transformers loads for a qwen2 folder). The vocabulary is the tokenizer's
+    rounded up to 64."""
     import torch
-    from helpers import word_tokenizer
+    from helpers import byte_bpe_tokenizer, word_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    tok = word_tokenizer(lm_words())
-    assert len(tok) <= LM_VOCAB
+    if kind == "llama":
+        tok = word_tokenizer(lm_words())
+    else:
+        texts = [f"user\n{p.format(w)}\nassistant\n{lm_answer(w)}\n"
+                 for ws in LM_CATEGORIES.values() for w in ws for p in LM_PROMPTS]  # fmt: skip
+        tok = byte_bpe_tokenizer([*texts, " ".join(lm_words())])
     common: dict[str, object] = {
-        "vocab_size": LM_VOCAB, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "vocab_size": -(-len(tok) // 64) * 64, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
         # weights 10x the usual 0.02: a frozen LM head that small bounds the logits' spread
         # (behind the final norm) so that LoRA on attention alone could not learn the toy
@@ -273,7 +279,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-block random Qwen2 (hidden 48, untied) with a word-level ChatML tokenizer."""
+    """A 4-block random Qwen2 (hidden 48, untied) with a byte-level BPE ChatML tokenizer."""
     return make_tiny_decoder(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 
 
@@ -295,11 +301,12 @@ def tiny_alpaca_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def lm_overrides(model_dir: Path, data: Path | str, **extra: object) -> list[str]:
     """--set overrides for a fast causal-LM federation on a tiny decoder and the toy data:
-    4 clients in tiers of 1, 2 and 4 blocks, greedy answers of at most 6 tokens."""
+    4 clients in tiers of 1, 2 and 4 blocks, evaluation batches of 5 (the 12 test rows in 3),
+    greedy answers of at most 6 tokens in round 2 (of 2) and at the end."""
     settings: dict[str, object] = {
         "data__label_column": '"category"', "clients__num_clients": 4, "clients__per_round": 3,
-        "clients__tiers": "[0.25, 0.5, 1.0]", "model__max_length": 24, "train__lr": 0.05,
-        "train__local_steps": 4, "train__eval_batch_size": 16, "federation__max_new_tokens": 6,
-        "train__precision": '"fp32"',
+        "clients__tiers": "[0.25, 0.5, 1.0]", "model__max_length": 24, "train__lr": 0.03,
+        "train__local_steps": 4, "train__eval_batch_size": 5, "federation__max_new_tokens": 6,
+        "train__precision": '"fp32"', "federation__generate_every": 2,
     }  # fmt: skip
     return tiny_overrides(model_dir, data, **(settings | extra))

@@ -76,20 +76,21 @@ CHATML = (
 CHAT_SPECIALS = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]  # ids 0..3
 
 
-def word_tokenizer(words: list[str], template: str = CHATML) -> Any:
+def word_tokenizer(words: list[str], template: str = CHATML, eos: str = "<|im_end|>") -> Any:
     """A fast word-level tokenizer over ``words`` (whitespace and punctuation runs split them;
-    special tokens first, so [PAD] = 0 and EOS ``<|im_end|>`` = 3) with a chat template: small
-    enough for a tiny decoder's vocabulary, saved and loaded like any hub tokenizer."""
+    special tokens first, so [PAD] = 0 and EOS ``<|im_end|>`` = 3; another ``eos`` comes
+    after them) with a chat template: small enough for a tiny decoder's vocabulary, saved and
+    loaded like any hub tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(CHAT_SPECIALS + words))}
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*CHAT_SPECIALS, eos, *words]))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
+        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token=eos,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )  # fmt: skip
     tok.chat_template = template
     return tok
@@ -116,3 +117,33 @@ def response_nll(model: Any, tokens: list[int], prompt_length: int) -> tuple[flo
     target = torch.tensor(tokens[prompt_length:])
     nll = F.cross_entropy(logits[prompt_length - 1 : -1], target, reduction="sum")
     return float(nll), len(target)
+
+
+def byte_bpe_tokenizer(texts: list[str], template: str = CHATML) -> Any:
+    """A Qwen2 tokenizer (byte-level BPE, Qwen's split regex) trained on ``texts``, with
+    ChatML's special tokens and template: transformers 5 loads any ``qwen2`` model folder's
+    tokenizer as ``Qwen2Tokenizer``, which rebuilds its own pipeline from the saved vocabulary
+    and merges, so a word-level tokenizer would not survive the round trip."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tk.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, show_progress=False)
+    )
+    model = json.loads(tk.to_str())["model"]
+    tok = Qwen2Tokenizer(
+        vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+    )  # fmt: skip
+    tok.chat_template = template
+    return tok

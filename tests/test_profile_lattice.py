@@ -69,3 +69,26 @@ def test_the_bound_is_the_least_of_the_entries_at_least_as_deep_and_wide() -> No
     # wider than any entry from that deep: only (0, 20) and (5, 15) bound (5, 9)
     assert p.cost(range(5, 14)).memory_mb == 70
     assert list(itertools.islice(p.dominating(19, 1), 5))  # everything bounds the top layer
+
+
+def test_calibrate_shows_a_lattice_as_its_measured_entries() -> None:
+    """A 30-block profile is shown as the list of its 56 entries, not a 30 x 30 grid."""
+    from rich.console import Console
+
+    from fedhello.calibration import render_profile
+
+    L = 30
+    p = CostProfile({"model": "m", "device": "cpu", "precision": "bf16",
+                     "base_precision": "fp32", "batch_size": 16, "max_length": 96}, L,
+                    {e: _true_cost(L, *e) for e in probe_entries(L)}, [1000] * L, 500,
+                    probe_steps=5, memory_measure="allocator")  # fmt: skip
+    console = Console(record=True, width=200)
+    render_profile({"profile": p.to_json(), "source": "measured", "path": "x.json",
+                    "model_mb": 520.0, "spread": None, "allowances": []}, console)  # fmt: skip
+    text = console.export_text()
+    assert "the 56 measured entries" in text
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()
+             if line.startswith("│")]  # fmt: skip
+    rows = [c for c in cells if len(c) > 2 and c[1] == "16"]
+    assert len(rows) == sum(1 for b, n in probe_entries(L) if n == 16)  # (0, 16), (5, 16) ...
+    assert "lowest trained block x layers trained" not in text  # no grid

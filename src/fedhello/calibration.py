@@ -19,6 +19,7 @@ from fedhello.core.budgets import client_limits, limit_source, tier_of
 from fedhello.core.coherence import MIN_STEPS, spread_summary
 from fedhello.core.config import Config
 from fedhello.core.fit import MB, allowance
+from fedhello.core.profile import FULL_TABLE_LAYERS
 
 if TYPE_CHECKING:
     from fedhello.engine.resources import ModelUnderTest
@@ -116,7 +117,18 @@ def render_profile(result: dict[str, Any], console: Any) -> None:
         + (f" after {warmup} warm-up" if warmup else "")
     )  # fmt: skip
     cells = {(e["lowest"], e["count"]): e for e in p["entries"]}
-    for what, field, fmt in _tables(p):
+    if L > FULL_TABLE_LAYERS:  # a lattice (fedhello.core.profile.probe_entries): its entries
+        table = Table(title=f"the {len(cells)} measured entries (a lattice: other layer sets "
+                      "are bounded by the least entry at least as deep and as wide)")  # fmt: skip
+        table.add_column("lowest", justify="right")
+        table.add_column("layers", justify="right")
+        shown = _tables(p)
+        for what, _, _ in shown:
+            table.add_column(what.split(",")[0], justify="right")
+        for (b, n), e in sorted(cells.items()):
+            table.add_row(str(b), str(n), *(_cell(e, field, fmt) for _, field, fmt in shown))
+        console.print(table)
+    for what, field, fmt in [] if L > FULL_TABLE_LAYERS else _tables(p):
         table = Table(title=f"{what}: lowest trained block x layers trained")
         table.add_column("lowest", justify="right")
         for n in range(1, L + 1):

@@ -10,10 +10,11 @@ as much as batches of short ones. Only response tokens count (the prompt's label
 
 Generation is greedy (no sampling: the same model answers the same text, so rounds, runs
 and strategies compare without sampling noise), batched with the prompts padded on the left
-so that every answer starts right after its prompt. ROUGE-L is Google's ``rouge-score``
-(``RougeScorer(["rougeL"], use_stemmer=True)``, F-measure), the implementation the FlowerTune
-leaderboard and most papers report; exact match compares answers after lower-casing,
-dropping punctuation and collapsing spaces.
+so that every answer starts right after its prompt, and stopping at any token that ends an
+answer (``stop_tokens``: the end of turn training taught, not only the tokenizer's EOS).
+ROUGE-L is Google's ``rouge-score`` (``RougeScorer(["rougeL"], use_stemmer=True)``,
+F-measure), the implementation the FlowerTune leaderboard and most papers report; exact match
+compares answers after lower-casing, dropping punctuation and collapsing spaces.
 """
 
 from __future__ import annotations
@@ -110,11 +111,12 @@ def generate_answers(
     accelerator: Accelerator = CPU_FP32,
 ) -> list[str]:
     """Greedy answers to the prompts of ``indices`` (in their order), special tokens dropped:
-    left-padded batches of similar length, at most ``max_new_tokens`` each, stopping at the
-    tokenizer's end of sequence."""
+    left-padded batches of similar length, at most ``max_new_tokens`` each, stopping at any of
+    :func:`stop_tokens`."""
     model.eval()
     indices = np.asarray(indices)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_tokens(model, tokenizer)
     answers: list[str] = [""] * len(indices)
     order = data.length_order(indices)
     for start in range(0, len(order), batch_size):
@@ -130,11 +132,49 @@ def generate_answers(
         with accelerator.autocast():
             out = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                pad_token_id=pad, eos_token_id=stops, use_cache=True,
             )  # fmt: skip
         for row, p in enumerate(pos):
             answers[p] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     return answers
+
+
+def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """The token ids that end a generated answer: the tokenizer's EOS, the model's generation
+    config's (Llama 3, Gemma and Phi-3 list their end-of-turn tokens there) and the special
+    token the chat template closes an assistant's turn with, which training appends to every
+    answer (``fedhello.tasks.causal_lm``). Passing ``generate`` the tokenizer's EOS alone
+    replaces the generation config's list, and where the template ends a turn otherwise
+    (Qwen2.5's base models: EOS ``<|endoftext|>``, turns ``<|im_end|>``) the answer would run
+    on past its end into a new turn, up to ``max_new_tokens``."""
+    config = getattr(model, "generation_config", None)
+    found: list[int] = []
+    for value in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None),
+                  turn_end_token(tokenizer)):  # fmt: skip
+        for token in value if isinstance(value, list | tuple) else [value]:
+            if token is not None and int(token) not in found:
+                found.append(int(token))
+    return found
+
+
+def turn_end_token(tokenizer: Any) -> int | None:
+    """The special token the chat template writes right after an assistant's answer; None
+    when it writes none there (or cannot write a user and an assistant turn)."""
+    mark = "fedhello-answer"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
+    try:
+        text = str(tokenizer.apply_chat_template(chat, tokenize=False))
+    except Exception:  # jinja raises what a template says: no end of turn to learn from it
+        return None
+    if mark not in text:
+        return None
+    after = text[text.rindex(mark) + len(mark) :].lstrip()
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(getattr(tokenizer, "all_special_ids", [])) | {
+        int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        if getattr(t, "special", False)
+    }  # fmt: skip
+    return int(ids[0]) if ids and int(ids[0]) in special else None
 
 
 def generation_scores(

@@ -119,7 +119,7 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     only its input and recomputes its activations when backward reaches it. Non-reentrant
     (``use_reentrant=False``): it needs no input that requires grad, so the frozen blocks below
     the lowest trained one still run no backward at all, and LoRA's gradients are exact."""
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner: Any = model.get_base_model() if isinstance(model, PeftModel) else model
     if not getattr(inner, "supports_gradient_checkpointing", False):
         # a pooled head (fedhello.model.pooled) wraps the encoder, whose blocks checkpoint
         encoder = getattr(inner, "encoder", None)
