@@ -65,23 +65,22 @@ def order_violations(table: Mapping[tuple[int, int], Cost], steps: int) -> list[
     measured = {k: c for k, c in table.items() if c.measured}
     out = []
     for (b, n), deep in measured.items():
-        shallow = measured.get((b + 1, n))  # one block less deep, the same count
-        if shallow is not None:
-            gap, tol = shallow.step_seconds - deep.step_seconds, tolerance(deep, shallow, steps)
+        # one block less deep with the same count must not be slower; nor one layer more
+        # from the same lowest block faster
+        for cheap, costly, what in (
+            ((b + 1, n), (b, n), f"faster than {{other}} s from block {b + 1} (less deep)"),
+            ((b, n), (b, n + 1), f"slower than {{other}} s with {_layers(n + 1)}"),
+        ):
+            low, high = measured.get(cheap), measured.get(costly)
+            if low is None or high is None:
+                continue
+            gap, tol = low.step_seconds - high.step_seconds, tolerance(high, low, steps)
             if gap > tol:
+                other = (low if costly == (b, n) else high).step_seconds
                 out.append((gap / tol, (
-                    f"lowest block {b}, {_layers(n)}: {deep.step_seconds:.3f} s, faster than "
-                    f"{shallow.step_seconds:.3f} s from block {b + 1} (less deep) by more than "
-                    f"the noise allows ({tol:.3f} s)"
-                )))  # fmt: skip
-        more = measured.get((b, n + 1))  # one more layer, the same lowest block
-        if more is not None:
-            gap, tol = deep.step_seconds - more.step_seconds, tolerance(deep, more, steps)
-            if gap > tol:
-                out.append((gap / tol, (
-                    f"lowest block {b}, {_layers(n)}: {deep.step_seconds:.3f} s, slower than "
-                    f"{more.step_seconds:.3f} s with {_layers(n + 1)} by more than the noise "
-                    f"allows ({tol:.3f} s)"
+                    f"lowest block {b}, {_layers(n)}: {deep.step_seconds:.3f} s, "
+                    + what.format(other=f"{other:.3f}")
+                    + f" by more than the noise allows ({tol:.3f} s)"
                 )))  # fmt: skip
     return sorted(out, key=lambda v: -v[0])
 

