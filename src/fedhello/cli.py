@@ -22,7 +22,8 @@ DESCRIPTION = (
     "Federated LoRA fine-tuning of foundation models with heterogeneous per-client layer "
     "allocation: each client trains only as many LoRA layers as its resources allow, and a "
     "strategy (Fed-HeLLo, FedRA, HetLoRA, ...) decides which; text, image and multiple-choice "
-    "tasks. Runs in one process (--engine embedded) or on Flower (flower-sim, or flower with a "
+    "classification, and instruction tuning of decoder LLMs (causal-lm). Runs in one process "
+    "(--engine embedded) or on Flower (flower-sim, or flower with a "
     "SuperLink). Start with: fedhello run [CONFIG]; compare strategies with fedhello compare, "
     "tabulate with fedhello report; plan, calibrate, export and env explain the rest."
 )

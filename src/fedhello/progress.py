@@ -86,7 +86,9 @@ def round_score(record: dict[str, Any]) -> str:
             "" if rouge is None else f"  ROUGE-L {rouge:.3f}"
         )
     accuracy = record.get("test_accuracy")
-    return f"test acc {'-' if accuracy is None else f'{accuracy:.3f}'}"
+    if accuracy is None:  # a round without evaluation (federation.eval_every), any task
+        return "test -"
+    return f"test acc {accuracy:.3f}"
 
 
 def score_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
