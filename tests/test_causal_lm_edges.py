@@ -54,6 +54,11 @@ def test_compare_refuses_a_causal_lm_in_one_line(tiny_llama_dir_for_edges: Path)
     assert "\n" not in str(err.value)
     assert str(err.value).startswith("compare: model.task = 'causal-lm'")
     refuse_generative(load_config(None, []))  # the default classifier passes
+    # a named kind is known without reading the model: re-tabulating a finished comparison
+    # needs no installed model
+    refuse_generative(load_config(None, ['model.name="/nowhere/model"', 'model.task="text"']))
+    with pytest.raises(ConfigError, match=r"compare: model\.task = 'causal-lm'"):
+        refuse_generative(load_config(None, ['model.name="/nowhere"', 'model.task="causal-lm"']))
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +122,28 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less() -> Non
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7)
     assert 0 < kept1 < kept0
+
+
+def test_gradient_checkpointing_runs_no_backward_below_the_lowest_trained_block() -> None:
+    """The frozen blocks below the lowest trained one produce outputs that need no gradient,
+    with checkpointing as without: a weak client still does less work."""
+    model, batch = _llama_with_lora(checkpointing=True)
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name and ".layers.2." in name)
+    needs_grad: dict[int, bool] = {}
+    blocks = model.get_base_model().model.layers
+    hooks = [
+        block.register_forward_hook(
+            lambda m, i, out, k=k: needs_grad.__setitem__(
+                k, (out[0] if isinstance(out, tuple) else out).requires_grad
+            )
+        )
+        for k, block in enumerate(blocks)
+    ]
+    try:
+        model(**batch).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert needs_grad == {0: False, 1: False, 2: True, 3: True}

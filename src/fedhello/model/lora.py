@@ -130,6 +130,10 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
             )
         inner = encoder
     inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes the embeddings' output require grad (for reentrant checkpointing,
+    # which needs a grad-requiring input): that would run backward through every frozen block
+    # below the lowest trained one. Non-reentrant checkpointing needs no such input: undo it.
+    inner.disable_input_require_grads()
 
 
 def is_head_key(name: str) -> bool:

@@ -220,8 +220,9 @@ def refuse_generative(base: Config) -> None:
     of runs. Its runs are compared by hand until compare learns their scores."""
     from fedhello.model.source import model_shape, resolve_model_source
 
-    source = resolve_model_source(base.model.name, base.model.allow_download)
-    task = model_shape(source, base.model.task)[0]
+    task = base.model.task
+    if task == "auto":  # only then is the model read (its config.json): a named kind is known
+        task = model_shape(resolve_model_source(base.model.name, base.model.allow_download))[0]
     if task == "causal-lm":
         raise ConfigError(
             f"compare: model.task = {task!r} ({base.model.name}) is scored by perplexity and "

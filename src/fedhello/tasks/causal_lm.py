@@ -261,7 +261,8 @@ def check_chat_template(processor: Any, source: str) -> None:
         raise ModelError(
             f"model {source!r}: its tokenizer has no chat template, which model.task = "
             "'causal-lm' writes every prompt with; allowed: a chat (instruction-tuned) model, "
-            "whose tokenizer_config.json or chat_template.jinja holds one"
+            "whose tokenizer_config.json or chat_template.jinja holds one, or model.task = "
+            "'text' to train a classifier on this model"
         )
 
 
