@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from fedhello.core.config import DataConfig
 from fedhello.core.errors import DataError
-from fedhello.data.columns import check_column, column_names, read_column, strings
+from fedhello.data.columns import check_column, column_names, read_strings
 
 ALPACA = ("instruction", "input", "output")  # the Alpaca columns; "input" may be absent
 MESSAGES = "messages"  # the chat column found by name when data.messages_column is unset
@@ -58,11 +58,8 @@ def input_format(table: Any, cfg: DataConfig) -> tuple[str, list[str]]:
 def column_rows(table: Any, form: str, columns: list[str], name: str) -> list[Exchange]:
     """Exchanges of the prompt/response columns, or of the Alpaca columns."""
     if form == "columns":
-        prompt_key, response_key = "prompt_column", "response_column"
-        prompts = strings(read_column(table, columns[0], "prompt", prompt_key, name), prompt_key,
-                          columns[0])  # fmt: skip
-        answers = strings(read_column(table, columns[1], "response", response_key, name),
-                          response_key, columns[1])  # fmt: skip
+        prompts = read_strings(table, columns[0], "prompt", "prompt_column", name)
+        answers = read_strings(table, columns[1], "response", "response_column", name)
     else:
         instruction, input_, output = ALPACA
         prompts = _alpaca_strings(table, instruction, name, optional=False)
