@@ -214,23 +214,6 @@ def run_cell(
     return "ran"
 
 
-def refuse_generative(base: Config) -> None:
-    """A comparison's tables, pairing and plots read accuracy: a generative task (``causal-lm``,
-    scored by perplexity and ROUGE-L) is refused in one line rather than failing after hours
-    of runs. Its runs are compared by hand until compare learns their scores."""
-    from fedhello.model.source import model_shape, resolve_model_source
-
-    task = base.model.task
-    if task == "auto":  # only then is the model read (its config.json): a named kind is known
-        task = model_shape(resolve_model_source(base.model.name, base.model.allow_download))[0]
-    if task == "causal-lm":
-        raise ConfigError(
-            f"compare: model.task = {task!r} ({base.model.name}) is scored by perplexity and "
-            "ROUGE-L, which compare does not tabulate yet; allowed: a classification task, or "
-            "`fedhello run` per strategy and seed (each summary.json holds test_rouge_l)"
-        )
-
-
 def run_compare(
     base: Config,
     root: Path,
@@ -241,7 +224,6 @@ def run_compare(
     on_done: Callable[[Cell, str], None] | None = None,
 ) -> list[Cell]:
     """Run every cell (reusing finished ones) and write ``compare.json``."""
-    refuse_generative(base)
     cells = plan_cells(strategies, seeds, partitions)
     configs = {cell: cell_config(base, cell) for cell in cells}  # all errors before any work
     root.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ difference whose sign flips between seeds is not a ranking, whatever the means s
 deviation over the common seeds of ``accuracy(strategy) - accuracy(baseline)`` in points, for
 the final whole-test-split accuracy and for the validation-selected round, the 95% confidence
 interval of the mean final difference (Student's t over the seeds: a gap is established when
-the interval excludes zero), and how many seeds the strategy won, tied or lost.
+the interval excludes zero), and how many seeds the strategy won, tied or lost. A generative
+comparison pairs ROUGE-L the same way (``fedhello.studies.scores``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.core.errors import ConfigError
-from fedhello.studies.results import RunData, mean_std, val_selected
+from fedhello.studies.results import RunData, mean_std
+from fedhello.studies.scores import ACCURACY, Scoring
 
 # Preferred baselines, in order: the paper's main competitor, then the budget-ignoring bound.
 DEFAULT_BASELINES = ("fedra", "full")
@@ -50,8 +52,11 @@ def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
     return mean - half, mean + half
 
 
-def paired_differences(runs: list[RunData], baseline: str | None = None) -> list[dict[str, Any]]:
-    """One row per (partition, strategy other than the baseline) with a common seed."""
+def paired_differences(
+    runs: list[RunData], baseline: str | None = None, scoring: Scoring = ACCURACY
+) -> list[dict[str, Any]]:
+    """One row per (partition, strategy other than the baseline) with a common seed, on
+    ``scoring``'s headline score (accuracy, or a generative task's ROUGE-L) in points."""
     by_cell: dict[tuple[str, str], dict[int, RunData]] = {}
     for r in runs:
         if not r.is_reference:  # the centralised reference has no partition to pair on
@@ -69,14 +74,9 @@ def paired_differences(runs: list[RunData], baseline: str | None = None) -> list
             seeds = sorted(runs_s.keys() & base.keys())
             if not seeds:
                 continue
-            final = [
-                100 * (runs_s[k].summary["test_accuracy"] - base[k].summary["test_accuracy"])
-                for k in seeds
-            ]
-            chosen = [
-                100 * (val_selected(runs_s[k].records)[1] - val_selected(base[k].records)[1])
-                for k in seeds
-            ]
+            key = scoring.final
+            final = [100 * (runs_s[k].summary[key] - base[k].summary[key]) for k in seeds]
+            chosen = _selected_differences(scoring, [(runs_s[k], base[k]) for k in seeds])
             low, high = t_interval(final)
             rows.append(
                 {
@@ -98,24 +98,42 @@ def paired_differences(runs: list[RunData], baseline: str | None = None) -> list
     return rows
 
 
+def _selected_differences(scoring: Scoring, pairs: list[tuple[RunData, RunData]]) -> list[float]:
+    """Per seed, the val-selected score's difference in points; [nan] when a run recorded no
+    round with the score (a generative run that generated only at the end)."""
+    diffs = []
+    for run, base in pairs:
+        a, b = scoring.val_selected(run.records), scoring.val_selected(base.records)
+        if a is None or b is None:
+            return [float("nan")]
+        diffs.append(100 * (a[1] - b[1]))
+    return diffs
+
+
 def _interval(low: float, high: float) -> str:
     return "-" if low != low else f"[{low:+.1f}, {high:+.1f}]"  # nan: fewer than 2 seeds
 
 
-def write_paired(rows: list[dict[str, Any]], out: Path) -> None:
+def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCURACY) -> None:
     """``paired.csv`` (every column) and ``paired.md`` (points, signed, one decimal)."""
+    label = scoring.label
     lines = [
-        "| partition | strategy | vs | seeds | final acc diff (points) | 95% CI "
-        "| wins / ties / losses | val-selected acc diff (points) |",
+        f"| partition | strategy | vs | seeds | final {label} diff (points) | 95% CI "
+        f"| wins / ties / losses | val-selected {label} diff (points) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        chosen = (
+            "-"
+            if r["val_selected_diff_mean"] != r["val_selected_diff_mean"]  # nan: not recorded
+            else f"{r['val_selected_diff_mean']:+.1f} ± {r['val_selected_diff_std']:.1f}"
+        )
         lines.append(
             f"| {r['partition']} | {r['strategy']} | {r['baseline']} | {r['seeds']} | "
             f"{r['final_diff_mean']:+.1f} ± {r['final_diff_std']:.1f} | "
             f"{_interval(r['final_diff_ci95_low'], r['final_diff_ci95_high'])} | "
             f"{r['wins']} / {r['ties']} / {r['losses']} | "
-            f"{r['val_selected_diff_mean']:+.1f} ± {r['val_selected_diff_std']:.1f} |"
+            f"{chosen} |"
         )
     (out / "paired.md").write_text("\n".join(lines) + "\n")
     with open(out / "paired.csv", "w", newline="") as f:

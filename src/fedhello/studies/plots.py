@@ -1,4 +1,5 @@
-"""Pictures of a comparison (matplotlib, written as PNG): accuracy curves with seed bands,
+"""Pictures of a comparison (matplotlib, written as PNG): accuracy curves (a generative task's
+loss curves) with seed bands,
 layer x round coverage heatmaps, realized coverage vs the target shape, and client cost
 against budget and against the lowest trained layer."""
 
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedhello.studies.results import CENTRALIZED, REFERENCE_PARTITION, RunData
+from fedhello.studies.scores import ACCURACY, Scoring
 
 
 def _plt() -> Any:
@@ -39,35 +41,38 @@ def _panels(n: int) -> tuple[Any, Any, Any]:
 
 
 def accuracy_plot(
-    partition: str, groups: dict[str, list[RunData]], reference: list[RunData], path: Path
-) -> Path:
+    partition: str, groups: dict[str, list[RunData]], reference: list[RunData], path: Path,
+    scoring: Scoring = ACCURACY,
+) -> Path:  # fmt: skip
+    """``scoring``'s per-round curve (accuracy; a generative task's test loss), mean over
+    seeds with a min-max band."""
     plt = _plt()
+    key, scale = scoring.curve, scoring.curve_scale
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab20").colors  # 11 strategies: the default 10-colour cycle repeats
     series = [*groups.items(), *([("centralized", reference)] if reference else [])]
     for i, (strategy, runs) in enumerate(series):
-        rounds = [x["round"] for x in runs[0].records if "test_accuracy" in x]
-        accuracy = np.array(
-            [[x["test_accuracy"] for x in r.records if "test_accuracy" in x] for r in runs]
-        )
+        rounds = [x["round"] for x in runs[0].records if key in x]
+        accuracy = np.array([[x[key] for x in r.records if key in x] for r in runs])
         mean = accuracy.mean(axis=0)
         style = "--" if strategy == "centralized" else "-"
         label = f"{strategy} (n={len(runs)})"
         (line,) = ax.plot(
-            rounds, 100 * mean, style, color=colors[(2 * i) % 20 + (2 * i) // 20], label=label
+            rounds, scale * mean, style, color=colors[(2 * i) % 20 + (2 * i) // 20], label=label
         )
         if len(runs) > 1:
             ax.fill_between(
                 rounds,
-                100 * accuracy.min(axis=0),
-                100 * accuracy.max(axis=0),
+                scale * accuracy.min(axis=0),
+                scale * accuracy.max(axis=0),
                 alpha=0.15,
                 color=line.get_color(),
             )
     ax.set(
         xlabel="round",
-        ylabel="test accuracy (%)",
-        title=f"Test accuracy per round, {partition} (band: min-max over seeds)",
+        ylabel=scoring.curve_label,
+        title=f"{scoring.curve_label.split(' (')[0].capitalize()} per round, {partition} "
+        "(band: min-max over seeds)",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
@@ -158,14 +163,17 @@ def mean_train_mb(run: RunData) -> float:
     return float(np.mean(used)) if used else 0.0
 
 
-def resource_plot(partition: str, groups: dict[str, list[RunData]], path: Path) -> Path:
-    """Final accuracy against what it cost: total client compute, peak client training memory
-    and the mean over the clients that trained (the peak is the strongest tier's, often the
-    same for every strategy), one point per strategy (mean over seeds, bars: min-max)."""
+def resource_plot(
+    partition: str, groups: dict[str, list[RunData]], path: Path, scoring: Scoring = ACCURACY
+) -> Path:
+    """Final score (accuracy; a generative task's ROUGE-L) against what it cost: total client
+    compute, peak client training memory and the mean over the clients that trained (the peak
+    is the strongest tier's, often the same for every strategy), one point per strategy (mean
+    over seeds, bars: min-max)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for strategy, runs in groups.items():
-        accuracy = 100 * np.array([r.summary["test_accuracy"] for r in runs])
+        accuracy = 100 * np.array([r.summary[scoring.final] for r in runs])
         costs = {
             "client_seconds": np.array([r.summary["client_seconds"] for r in runs]),
             "peak_mb": np.array([peak_train_mb(r) for r in runs]),
@@ -179,28 +187,33 @@ def resource_plot(partition: str, groups: dict[str, list[RunData]], path: Path) 
                 yerr=[[accuracy.mean() - accuracy.min()], [accuracy.max() - accuracy.mean()]],
                 fmt="o", capsize=3, label=f"{strategy} (n={len(runs)})",
             )  # fmt: skip
-    axes[0].set(xlabel="total client compute per run (s)", ylabel="final test accuracy (%)")
-    axes[1].set(xlabel="peak client training memory (MB)", ylabel="final test accuracy (%)")
-    axes[2].set(xlabel="mean training memory of a training client (MB)",
-                ylabel="final test accuracy (%)")  # fmt: skip
+    score = "final test accuracy (%)" if scoring is ACCURACY else f"final test {scoring.label}"
+    axes[0].set(xlabel="total client compute per run (s)", ylabel=score)
+    axes[1].set(xlabel="peak client training memory (MB)", ylabel=score)
+    axes[2].set(xlabel="mean training memory of a training client (MB)", ylabel=score)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Accuracy against resources, {partition} (bars: min-max over seeds)")
+    fig.suptitle(f"{'Accuracy' if scoring is ACCURACY else scoring.label} against resources, "
+                 f"{partition} (bars: min-max over seeds)")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_plots(runs: list[RunData], out: Path) -> list[Path]:
+def write_plots(runs: list[RunData], out: Path, scoring: Scoring = ACCURACY) -> list[Path]:
+    """Per partition: the score's curves (``accuracy-*``; a generative task's ``loss-*``),
+    coverage heatmap and against the target, client costs, score against resources."""
     out.mkdir(parents=True, exist_ok=True)
+    curve = "accuracy" if scoring is ACCURACY else "loss"
+    score = "accuracy" if scoring is ACCURACY else "rouge-l"
     by_partition = _by_partition(runs)
     reference = by_partition.pop(REFERENCE_PARTITION, {}).get(CENTRALIZED, [])
     written = []
     for partition, groups in sorted(by_partition.items()):
         written.append(
-            accuracy_plot(partition, groups, reference, out / f"accuracy-{partition}.png")
+            accuracy_plot(partition, groups, reference, out / f"{curve}-{partition}.png", scoring)
         )
         written.append(heatmap_plot(partition, groups, out / f"coverage-heatmap-{partition}.png"))
         written.append(
@@ -208,6 +221,6 @@ def write_plots(runs: list[RunData], out: Path) -> list[Path]:
         )
         written.append(cost_plot(partition, groups, out / f"client-cost-{partition}.png"))
         written.append(
-            resource_plot(partition, groups, out / f"accuracy-vs-resources-{partition}.png")
+            resource_plot(partition, groups, out / f"{score}-vs-resources-{partition}.png", scoring)
         )
     return written

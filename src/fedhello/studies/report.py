@@ -16,6 +16,12 @@ on the whole test split (summary.json's ``predicted_classes``; 1: it answers one
 whatever its accuracy), and the mean over seeds of the entropy of its predictions in nats
 (``prediction_entropy``: 0 for one class, log K for an even spread over K). Runs written before
 these keys existed show ``-``.
+
+A generative comparison (``causal-lm`` runs, ``fedhello.studies.scores``) has its own columns:
+the final model's ROUGE-L and exact match on the generation subset, perplexity on the whole
+test split, the base model's zero-shot ROUGE-L on the same prompts, the test ROUGE-L of the
+generated round with the lowest validation loss, and the same cost columns; its paired
+differences are ROUGE-L points.
 """
 
 from __future__ import annotations
@@ -28,15 +34,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from fedhello.core.errors import RunDirError
 from fedhello.core.numerics import NUMERICS_VERSION, recorded_version
 from fedhello.studies.paired import paired_differences, write_paired
 from fedhello.studies.plots import write_plots
-from fedhello.studies.results import Row, RunData, collect, group, mean_std, val_selected
+from fedhello.studies.results import Row, RunData, collect, group, mean_std
+from fedhello.studies.scores import ACCURACY, ROUGE_L, Scoring, scoring_of
 
 logger = logging.getLogger(__name__)
 
 
-def summarize(rows: list[Row]) -> list[dict[str, Any]]:
+def summarize(rows: list[Row], scoring: Scoring = ACCURACY) -> list[dict[str, Any]]:
+    """One table row per (partition, strategy): scores over seeds, then cost columns."""
+    if scoring is ROUGE_L:
+        return [generative_columns(row) | cost_columns(row) for row in rows]
     table = []
     for row in rows:
         accuracy = mean_std([r.summary["test_accuracy"] for r in row.runs])
@@ -45,18 +56,7 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
             statistics.fmean([x["test_accuracy"] for x in r.records if "test_accuracy" in x][-5:])
             for r in row.runs
         ]
-        selected = [val_selected(r.records) for r in row.runs]
-        tiers: dict[int, list[float]] = defaultdict(list)
-        limits: dict[int, float] = {}
-        for r in row.runs:
-            peak: dict[int, float] = {}
-            for rec in r.records:
-                for c in rec["clients"]:
-                    peak[c["tier"]] = max(peak.get(c["tier"], 0.0), c["train_memory_mb"])
-                    if c.get("memory_limit_mb") is not None:
-                        limits[c["tier"]] = max(limits.get(c["tier"], 0.0), c["memory_limit_mb"])
-            for tier, mb in peak.items():
-                tiers[tier].append(mb)
+        selected = [_selected(scoring, r) for r in row.runs]
         table.append(
             {
                 "partition": row.partition,
@@ -69,20 +69,77 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
                 "last5_mean": statistics.fmean(last5),
                 "val_round_mean": statistics.fmean(s[0] for s in selected),
                 "val_selected_acc_mean": statistics.fmean(s[1] for s in selected),
-                "client_seconds": statistics.fmean(r.summary["client_seconds"] for r in row.runs),
-                "train_mb_by_tier": {t: statistics.fmean(v) for t, v in sorted(tiers.items())},
-                # the largest over seeds, against the tier's limit: a limit must hold in every run
-                "train_mb_max_by_tier": {t: max(v) for t, v in sorted(tiers.items())},
-                "limit_mb_by_tier": dict(sorted(limits.items())),
-                "repairs": statistics.fmean(
-                    sum(x.get("num_repairs", 0) for x in r.records) for r in row.runs
-                ),
-                "mb_up": statistics.fmean(r.summary["bytes_up"] for r in row.runs) / 1e6,
-                "mb_down": statistics.fmean(r.summary["bytes_down"] for r in row.runs) / 1e6,
+                **cost_columns(row),
                 **collapse_columns(row),
             }
         )
     return table
+
+
+def _selected(scoring: Scoring, run: RunData) -> tuple[int, float]:
+    chosen = scoring.val_selected(run.records)
+    if chosen is None:  # a classifier records accuracy every round
+        raise RunDirError(
+            f"{run.partition}/{run.strategy}/seed{run.seed} records no {scoring.final}"
+        )
+    return chosen
+
+
+def generative_columns(row: Row) -> dict[str, Any]:
+    """A generative row's scores: ROUGE-L and exact match of the final model on the generation
+    subset, perplexity on the whole test split, the base model's zero-shot ROUGE-L on the same
+    prompts, and the validation-selected generated round (None where a run generated only at
+    the end)."""
+    rouge = mean_std([r.summary["test_rouge_l"] for r in row.runs])
+    exact = mean_std([r.summary["test_exact_match"] for r in row.runs])
+    perplexity = mean_std([r.summary["test_perplexity"] for r in row.runs])
+    selected = [ROUGE_L.val_selected(r.records) for r in row.runs]
+    known = [s for s in selected if s is not None]
+    every = len(known) == len(selected)
+    return {
+        "partition": row.partition,
+        "strategy": row.strategy,
+        "seeds": len(row.runs),
+        "rouge_l_mean": rouge[0],
+        "rouge_l_std": rouge[1],
+        "exact_match_mean": exact[0],
+        "exact_match_std": exact[1],
+        "perplexity_mean": perplexity[0],
+        "perplexity_std": perplexity[1],
+        "zero_shot_rouge_l_mean": statistics.fmean(
+            r.summary["zero_shot_rouge_l"] for r in row.runs
+        ),
+        "val_round_mean": statistics.fmean(s[0] for s in known) if every else None,
+        "val_selected_rouge_l_mean": statistics.fmean(s[1] for s in known) if every else None,
+    }
+
+
+def cost_columns(row: Row) -> dict[str, Any]:
+    """What the runs cost: client compute, training memory per tier (mean and largest over
+    seeds, against the tier's limit), repairs, traffic."""
+    tiers: dict[int, list[float]] = defaultdict(list)
+    limits: dict[int, float] = {}
+    for r in row.runs:
+        peak: dict[int, float] = {}
+        for rec in r.records:
+            for c in rec["clients"]:
+                peak[c["tier"]] = max(peak.get(c["tier"], 0.0), c["train_memory_mb"])
+                if c.get("memory_limit_mb") is not None:
+                    limits[c["tier"]] = max(limits.get(c["tier"], 0.0), c["memory_limit_mb"])
+        for tier, mb in peak.items():
+            tiers[tier].append(mb)
+    return {
+        "client_seconds": statistics.fmean(r.summary["client_seconds"] for r in row.runs),
+        "train_mb_by_tier": {t: statistics.fmean(v) for t, v in sorted(tiers.items())},
+        # the largest over seeds, against the tier's limit: a limit must hold in every run
+        "train_mb_max_by_tier": {t: max(v) for t, v in sorted(tiers.items())},
+        "limit_mb_by_tier": dict(sorted(limits.items())),
+        "repairs": statistics.fmean(
+            sum(x.get("num_repairs", 0) for x in r.records) for r in row.runs
+        ),
+        "mb_up": statistics.fmean(r.summary["bytes_up"] for r in row.runs) / 1e6,
+        "mb_down": statistics.fmean(r.summary["bytes_down"] for r in row.runs) / 1e6,
+    }
 
 
 def collapse_columns(row: Row) -> dict[str, Any]:
@@ -116,13 +173,46 @@ def collapse_cell(r: dict[str, Any]) -> str:
 BY_TIER = ("train_mb_by_tier", "train_mb_max_by_tier", "limit_mb_by_tier")
 
 
-def write_tables(table: list[dict[str, Any]], out: Path) -> None:
+def write_tables(table: list[dict[str, Any]], out: Path, scoring: Scoring = ACCURACY) -> None:
     columns = [k for k in table[0] if k not in BY_TIER] + list(BY_TIER)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in table:
             writer.writerow(row | {k: json.dumps(row[k]) for k in BY_TIER})
+    lines = generative_lines(table) if scoring is ROUGE_L else accuracy_lines(table)
+    if any(r["limit_mb_by_tier"] for r in table):
+        lines += ["", *resource_lines(table)]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def generative_lines(table: list[dict[str, Any]]) -> list[str]:
+    """ROUGE-L and exact match in points (0-100), perplexity as is."""
+    lines = [
+        "| partition | strategy | seeds | final ROUGE-L | exact match | test perplexity | "
+        "zero-shot ROUGE-L | val-selected ROUGE-L (round) | client s | train MB by tier | "
+        "MB up / down |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        tiers = " / ".join(f"{v:.1f}" for v in r["train_mb_by_tier"].values())
+        selected = (
+            "-"
+            if r["val_selected_rouge_l_mean"] is None
+            else f"{100 * r['val_selected_rouge_l_mean']:.1f} ({r['val_round_mean']:.1f})"
+        )
+        lines.append(
+            f"| {r['partition']} | {r['strategy']} | {r['seeds']} | "
+            f"{100 * r['rouge_l_mean']:.1f} ± {100 * r['rouge_l_std']:.1f} | "
+            f"{100 * r['exact_match_mean']:.1f} ± {100 * r['exact_match_std']:.1f} | "
+            f"{r['perplexity_mean']:.2f} ± {r['perplexity_std']:.2f} | "
+            f"{100 * r['zero_shot_rouge_l_mean']:.1f} | {selected} | "
+            f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} |"
+        )
+    return lines
+
+
+def accuracy_lines(table: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| partition | strategy | seeds | final acc | final macro-F1 | last-5 acc | val-selected "
         "acc (round) | client s | train MB by tier | MB up / down | predicted classes (min) / "
@@ -139,9 +229,7 @@ def write_tables(table: list[dict[str, Any]], out: Path) -> None:
             f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} | "
             f"{collapse_cell(r)} |"
         )
-    if any(r["limit_mb_by_tier"] for r in table):
-        lines += ["", *resource_lines(table)]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def resource_lines(table: list[dict[str, Any]]) -> list[str]:
@@ -173,11 +261,12 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     runs = collect(root)
     warn_mixed_numerics(runs, root)
-    table = summarize(group(runs))
-    paired = paired_differences(runs, baseline)  # a bad --baseline fails before any write
-    write_tables(table, out)
-    write_paired(paired, out)
-    plots = write_plots(runs, out / "plots")
+    scoring = scoring_of(runs)
+    table = summarize(group(runs), scoring)
+    paired = paired_differences(runs, baseline, scoring)  # a bad --baseline fails before writes
+    write_tables(table, out, scoring)
+    write_paired(paired, out, scoring)
+    plots = write_plots(runs, out / "plots", scoring)
     return {"table": table, "paired": paired, "plots": [str(p) for p in plots]}
 
 

@@ -73,16 +73,6 @@ def collect(root: Path) -> list[RunData]:
     return runs
 
 
-def val_selected(records: list[dict[str, Any]]) -> tuple[int, float]:
-    """(round, test accuracy) of the round with the best validation accuracy."""
-    scored = [r for r in records if r.get("val_accuracy") is not None]
-    if not scored:
-        scored = [r for r in records if r.get("test_accuracy") is not None][-1:]
-        return scored[0]["round"], scored[0]["test_accuracy"]
-    best = max(scored, key=lambda r: (r["val_accuracy"], -r["round"]))
-    return best["round"], best["test_accuracy"]
-
-
 def group(runs: list[RunData]) -> list[Row]:
     rows: dict[tuple[str, str], Row] = {}
     for r in runs:
