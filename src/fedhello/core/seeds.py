@@ -26,6 +26,8 @@ class Purpose(IntEnum):
     SITE_SPLIT = 9  # a site's own file: its training and held-out validation rows
     AUGMENT = 10  # image augmentation of a training batch (round, client, step)
     CLASS_MEANS = 11  # the examples a client sums in FedNCM's round 0 (client)
+    DP_NOISE = 12  # the Gaussian noise on a DP round's per-tensor sums (round)
+    DP_CLIP = 13  # the noise on adaptive clipping's count of unclipped clients (round)
 
 
 def generator(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:

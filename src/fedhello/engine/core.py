@@ -23,9 +23,11 @@ from fedhello.core.config import Config
 from fedhello.core.heads import ClassSums, class_means_head, head_mode
 from fedhello.core.layers import AllocationPlan
 from fedhello.core.numerics import NUMERICS_VERSION
+from fedhello.core.privacy.server import STATE_KEY as PRIVACY_STATE
+from fedhello.core.privacy.server import PrivateAggregator
 from fedhello.core.schedule import lr_at, sample_clients
 from fedhello.core.server_optimizers import ServerOptimizer, server_optimizer
-from fedhello.engine import generative
+from fedhello.engine import generative, privacy
 from fedhello.engine.experiment import DataCache, Experiment, build_experiment
 from fedhello.model import determinism
 from fedhello.model.accelerator import accelerator_for
@@ -63,6 +65,7 @@ class RoundPlan:
     started: float
     head: str = "federated"  # what the clients do with the head (``train.head``'s this round)
     class_means: dict[str, Any] | None = None  # FedNCM's round 0, recorded with round 1
+    clip_norm: float | None = None  # client-level DP: the norm each update is clipped to
 
 
 @dataclass
@@ -186,11 +189,12 @@ def evaluate_global(exp: Experiment, state: State, round_: int = 0) -> dict[str,
 
 
 def open_round(
-    exp: Experiment, round_: int, state: State, class_means: dict[str, Any] | None = None
-) -> RoundPlan:
+    exp: Experiment, round_: int, state: State, class_means: dict[str, Any] | None = None,
+    clip_norm: float | None = None,
+) -> RoundPlan:  # fmt: skip
     """Sample, refresh Fisher scores, allocate, and set the round's learning rate and what the
     clients do with the head (``train.head``, ``fedhello.core.heads.head_mode``);
-    ``class_means``: FedNCM's round 0, for round 1's record."""
+    ``class_means``: FedNCM's round 0, for round 1's record; ``clip_norm``: DP's this round."""
     cfg = exp.cfg
     t0 = time.perf_counter()
     sampled = sample_clients(cfg.run.seed, round_, cfg.clients.num_clients, cfg.clients.per_round)
@@ -201,7 +205,7 @@ def open_round(
     head = head_mode(t.head, round_, cfg.federation.rounds, t.head_finetune_rounds)
     if head != "federated":
         plan = replace(plan, clients=tuple(replace(a, head=head) for a in plan.clients))
-    return RoundPlan(round_, sampled, plan, lr, fisher_info, t0, head, class_means)
+    return RoundPlan(round_, sampled, plan, lr, fisher_info, t0, head, class_means, clip_norm)
 
 
 def head_field(exp: Experiment, rp: RoundPlan) -> dict[str, Any]:
@@ -233,15 +237,24 @@ def class_means_round(
 
 
 def close_round(
-    exp: Experiment, rp: RoundPlan, state: State, outcome: RoundResults, server: ServerOptimizer
-) -> tuple[State, dict[str, Any]]:
-    """Validate and aggregate the uploads, evaluate, and build the round's metrics record."""
+    exp: Experiment, rp: RoundPlan, state: State, outcome: RoundResults, server: ServerOptimizer,
+    private: PrivateAggregator | None = None,
+) -> tuple[State, dict[str, Any]]:  # fmt: skip
+    """Validate and aggregate the uploads (``private``: with client-level DP), evaluate, and
+    build the round's metrics record."""
     cfg = exp.cfg
     results = outcome.results
-    averaged, report, method_record = exp.strategy.aggregate(
-        state, [r.update for r in results], exp.layer_of, cfg.federation.weighting
-    )
-    updated = {k for r in results if r.update.client in report.accepted for k in r.update.tensors}
+    if private is not None:
+        averaged, report, method_record, updated = privacy.private_round(
+            exp, rp.plan, state, results, private
+        )
+    else:
+        averaged, report, method_record = exp.strategy.aggregate(
+            state, [r.update for r in results], exp.layer_of, cfg.federation.weighting
+        )
+        updated = {
+            k for r in results if r.update.client in report.accepted for k in r.update.tensors
+        }
     # the server optimizer moves only the tensors an accepted client trained (their moments)
     new_state = server.step(state, averaged, updated) if report.accepted else state
     accepted = [r for r in results if r.update.client in report.accepted]
@@ -296,6 +309,7 @@ def run_federation(
         return run.read_summary()
     if not opts.resume:
         run.check_free(opts.overwrite)
+    private, last = privacy.start(cfg)  # a privacy budget round 1 exceeds fails here
     # device and precision first: a missing GPU fails before anything is loaded; a resumed
     # run keeps the precision it has run in so far
     accelerator = accelerator_for(cfg, run.recorded_precision() if opts.resume else None)
@@ -320,7 +334,11 @@ def run_federation(
         ckpt = load_latest(run.checkpoint_dir, cfg_hash, set(exp.keys))
         if ckpt is not None:
             state = ckpt.state
-            server.load_state_dict(ckpt.optimizer_state)
+            server.load_state_dict(
+                {k: v for k, v in ckpt.optimizer_state.items() if k != PRIVACY_STATE}
+            )
+            if private is not None:
+                private.load_state_dict(ckpt.optimizer_state)
             exp.strategy.load_state_dict(ckpt.strategy_state)
             start = ckpt.round + 1
         run.truncate_metrics(start - 1)
@@ -331,21 +349,23 @@ def run_federation(
     round0 = None  # FedNCM's head, built before round 1 (a resumed run has it in its state)
     if start == 1 and cfg.train.head == "class-means":
         state, round0 = class_means_round(exp, engine, state)
-    for round_ in range(start, cfg.federation.rounds + 1):
-        rp = open_round(exp, round_, state, round0 if round_ == 1 else None)
+    for round_ in range(start, last + 1):
+        clip = None if private is None else private.clip_norm
+        rp = open_round(exp, round_, state, round0 if round_ == 1 else None, clip)
         obs.on_round_start(round_, rp.plan)
         outcome = engine.train_round(exp, rp, state, obs)
-        state, record = close_round(exp, rp, state, outcome, server)
+        state, record = close_round(exp, rp, state, outcome, server, private)
         run.append_metrics(record)
         obs.on_round_end(record)
-        if round_ % cfg.run.checkpoint_every == 0 or round_ == cfg.federation.rounds:
+        if round_ % cfg.run.checkpoint_every == 0 or round_ == last:
+            server_state = server.state_dict() | (private.state_dict() if private else {})
             save_checkpoint(
-                run.checkpoint_dir, round_, state, server.state_dict(),
+                run.checkpoint_dir, round_, state, server_state,
                 exp.strategy.state_dict(), cfg_hash, cfg.run.keep_checkpoints,
             )  # fmt: skip
     obs.on_final_eval()
     seconds = time.perf_counter() - wall0
-    extra = engine.final_scores(exp, state)
+    extra = engine.final_scores(exp, state) | privacy.summary(private, last, cfg.federation.rounds)
     return finish(exp, run, state, seconds, engine.name, start if opts.resume else None, extra)
 
 

@@ -48,7 +48,7 @@ class EmbeddedEngine:
         for alloc in rp.plan.clients:
             if not alloc.layers:  # e.g. `exclusive`: a client whose budget is too small sits out
                 continue
-            task = LocalTask.of(exp.cfg, alloc.client, rp.round, alloc.spec, rp.lr)
+            task = LocalTask.of(exp.cfg, alloc.client, rp.round, alloc.spec, rp.lr, rp.clip_norm)
             shard = Shard(exp.encoded, exp.shards[alloc.client])
             result = train_client(
                 exp.model, exp.layer_of, shard, task, state, exp.cfg.train, exp.accelerator,

@@ -79,6 +79,12 @@ REPORT: tuple[ReportField, ...] = (
     ReportField("device", str, "", "the device it trained on", "device", default="unknown"),
     ReportField("precision", str, "", "the compute precision it trained in", "device",
                 default="unknown"),
+    ReportField("dp_clip_norm", float, "", "client-level DP, clipped on the client: the clip "
+                "norm its whole update was clipped to", "training", required=False,
+                omit_none=True),
+    ReportField("unclipped", int, "", "client-level DP, clipped on the client: 1 if its update "
+                "was within the clip norm, else 0 (the bit adaptive clipping counts)", "training",
+                required=False, omit_none=True),
     ReportField("bytes_up", int, "bytes", "the upload's tensors", "traffic",
                 measured_by="server", default=0),
     ReportField("bytes_down", int, "bytes", "the global tensors its spec needs", "traffic",
@@ -105,6 +111,8 @@ class ClientResult:
     device_peak_memory_mb: float | None = None  # allocator peak (CUDA; MPS: sampled)
     step_seconds: float = 0.0  # median time of a local step (batch, forward, backward, update)
     skipped_steps: int | None = None  # fp16: steps the loss scaler skipped; None otherwise
+    dp_clip_norm: float | None = None  # DP clipped on the client: the norm it clipped to
+    unclipped: int | None = None  # DP clipped on the client: 1 if within the norm, else 0
 
     @property
     def num_examples(self) -> int:

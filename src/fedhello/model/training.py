@@ -50,9 +50,17 @@ class LocalTask:
     hooks: tuple[HookSpec, ...] = ()  # the method's client side, in order
 
     @classmethod
-    def of(cls, cfg: Config, client: int, round_: int, spec: AdapterSpec, lr: float) -> LocalTask:
-        """The task of ``spec`` under ``cfg``'s method (the same on every engine)."""
-        return cls(client, round_, spec, lr, cfg.run.seed, hooks_for(cfg))
+    def of(
+        cls, cfg: Config, client: int, round_: int, spec: AdapterSpec, lr: float,
+        clip_norm: float | None = None,
+    ) -> LocalTask:  # fmt: skip
+        """The task of ``spec`` under ``cfg``'s method (the same on every engine);
+        ``clip_norm``: the round's DP clip norm, applied here when ``privacy.clip_on`` is the
+        client, after every other hook."""
+        hooks = hooks_for(cfg)
+        if clip_norm is not None and cfg.privacy.enabled and cfg.privacy.clip_on == "client":
+            hooks = (*hooks, HookSpec("dp-clip", {"clip_norm": clip_norm}))
+        return cls(client, round_, spec, lr, cfg.run.seed, hooks)
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,7 @@ def train_client(
         device_peak_memory_mb=meter.device_peak_mb,
         step_seconds=meter.step_seconds,
         skipped_steps=step.skipped if scaler.is_enabled() else None,
+        **hooks.report(),
     )
 
 

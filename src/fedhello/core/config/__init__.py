@@ -5,9 +5,10 @@ experiment. Unknown keys and bad values raise :class:`ConfigError` with one line
 the value and what is allowed. Pure python + pydantic: no torch.
 
 The sections live in their own modules (``sections``: model, LoRA, data, training, federation,
-run; ``clients``: tiers, budgets and limits; ``strategy``: the allocation strategy and its
-options), the whole experiment and its cross-section checks in ``experiment``, reading files in
-``loading``; this package re-exports what the rest of fedhello uses.
+run; ``privacy``: client-level differential privacy; ``clients``: tiers, budgets and limits;
+``strategy``: the allocation strategy and its options), the whole experiment and its
+cross-section checks in ``experiment``, reading files in ``loading``; this package re-exports
+what the rest of fedhello uses.
 """
 
 from fedhello.core.config.clients import TIER_UNITS, ClientsConfig
@@ -22,6 +23,7 @@ from fedhello.core.config.loading import (
     load_saved_config,
     parse_value,
 )
+from fedhello.core.config.privacy import PrivacyConfig
 from fedhello.core.config.sections import (
     DEVICE_FORM,
     DataConfig,
@@ -46,6 +48,7 @@ __all__ = [
     "FederationConfig",
     "LoraSection",
     "ModelConfig",
+    "PrivacyConfig",
     "RunConfig",
     "Section",
     "TrainConfig",

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from fedhello.core.allocation import strategy_class
 from fedhello.core.config.clients import ClientsConfig
+from fedhello.core.config.privacy import PrivacyConfig
 from fedhello.core.config.sections import (
     DataConfig,
     FederationConfig,
@@ -31,11 +32,12 @@ def outcome_differences(
     ``resolved_elsewhere``: ``train`` keys the caller compares as resolved (the precisions)."""
     a, b = saved.outcome_dict(), wanted.outcome_dict()
     skip = {("train", key) for key in resolved_elsewhere}
+    sections = list(dict.fromkeys([*b, *a]))  # [privacy] is written only where DP is on
     return [
-        f"{section}.{key} ({a[section].get(key)!r} -> {b[section].get(key)!r})"
-        for section in b
-        for key in sorted(set(a[section]) | set(b[section]))
-        if a[section].get(key) != b[section].get(key) and (section, key) not in skip
+        f"{section}.{key} ({a.get(section, {}).get(key)!r} -> {b.get(section, {}).get(key)!r})"
+        for section in sections
+        for key in sorted(set(a.get(section, {})) | set(b.get(section, {})))
+        if a.get(section, {}).get(key) != b.get(section, {}).get(key) and (section, key) not in skip
     ]
 
 
@@ -64,6 +66,69 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _private_weighting(cls, data: Any) -> Any:
+        """Under DP every client weighs the same (a sum of clipped updates over a count that
+        depends on no data): an unset ``federation.weighting`` becomes ``uniform``, written so
+        in the run's config; another one given is refused by ``_privacy_settings``."""
+        if not isinstance(data, dict):
+            return data
+        privacy = data.get("privacy")
+        if isinstance(privacy, dict) and privacy.get("noise_multiplier") is not None:
+            fed = data.get("federation", {})
+            if isinstance(fed, dict) and "weighting" not in fed and "weighted" not in fed:
+                data = {**data, "federation": {**fed, "weighting": "uniform"}}
+        return data
+
+    @model_validator(mode="after")
+    def _privacy_settings(self) -> Config:
+        p = self.privacy
+        if not p.enabled:
+            return self
+        name = self.allocation.strategy
+        if strategy_class(name).rank_method:
+            raise ValueError(
+                f"privacy.noise_multiplier with allocation.strategy = {name!r}: a rank method's "
+                "server does not average (HetLoRA weighs by sparsity, FlexLoRA re-factorises by "
+                "SVD), so a sum of clipped updates with noise is not its aggregate; allowed: a "
+                "layer strategy (fed-hello, fedra, deepest-fit, full, ...)"
+            )
+        if self.train.head == "class-means":
+            raise ValueError(
+                "privacy.noise_multiplier with train.head = 'class-means': round 0 uploads "
+                "every client's class feature sums, a release the accountant does not cover; "
+                "allowed: train.head = federated, frozen or local"
+            )
+        if self.federation.weighting != "uniform":
+            raise ValueError(
+                f"federation.weighting = {self.federation.weighting!r} with "
+                "privacy.noise_multiplier: DP sums clipped updates with equal weights (a weight "
+                "from a client's data would change the sensitivity); allowed: uniform"
+            )
+        if p.target_epsilon is not None and p.noise_multiplier == 0:
+            raise ValueError(
+                f"privacy.target_epsilon = {p.target_epsilon:g} with noise_multiplier = 0: "
+                "without noise epsilon is infinite; allowed: a positive noise_multiplier"
+            )
+        if p.clipping == "adaptive":
+            count_noise = p.count_noise or self.clients.per_round / 20
+            if p.noise_multiplier and 2 * count_noise <= p.noise_multiplier:
+                given = (
+                    f"privacy.count_noise = {count_noise:g}"
+                    if p.count_noise
+                    else f"privacy.count_noise (default clients.per_round / 20 = {count_noise:g})"
+                )
+                raise ValueError(
+                    f"{given} with noise_multiplier = "
+                    f"{p.noise_multiplier:g}: adaptive clipping needs 2 x count_noise > "
+                    "noise_multiplier (the count's release takes part of the budget: Andrew et "
+                    f"al. 2021); allowed: count_noise > {p.noise_multiplier / 2:g}, or clipping "
+                    "= 'fixed'"
+                )
+        return self
 
     @model_validator(mode="after")
     def _method_settings(self) -> Config:
@@ -129,7 +194,10 @@ class Config(Section):
         return f"{self.allocation.strategy}-{self.data.partition}-seed{self.run.seed}"
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not self.privacy.enabled:  # off: no section, so every config without DP reads alike
+            data.pop("privacy")
+        return data
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_kebab(self.to_dict()))

@@ -251,7 +251,7 @@ def train(msg: Message, context: Context) -> Message:
     learner, shard = _learner(req, nc, client)
     cfg = learner.cfg
     spec = node_spec(req.spec, context, client)
-    task = LocalTask.of(cfg, client, req.round, spec, req.lr)
+    task = LocalTask.of(cfg, client, req.round, spec, req.lr, req.clip_norm)
     # fp16's loss scale, as this node's previous round left it (``LossScale``)
     loss_scale = LossScale.from_record(context.state.config_records.get(LOSS_SCALE_STATE))
     result = train_client(

@@ -153,6 +153,7 @@ class FlowerEngine:
                 node, by_rank[alloc.rank], rp.round, alloc.client, alloc.spec, rp.lr,
                 self.config_toml, self.label_names,
                 None if alloc.client in self.sites else self.shards[alloc.client],
+                rp.clip_norm,
             ))  # fmt: skip
         return messages, missing
 

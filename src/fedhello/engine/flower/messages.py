@@ -112,15 +112,20 @@ def read_query_reply(reply: Message) -> dict[str, Any]:
 def train_message(
     node: int, arrays: ArrayRecord, round_: int, client: int, spec: AdapterSpec, lr: float,
     config_toml: str, label_names: Sequence[str], rows: np.ndarray | None = None,
+    clip_norm: float | None = None,
 ) -> Message:  # fmt: skip
     """The train message of one client; ``rows``: a partition node's shard (positions in the
-    configured dataset), None for a site, which trains on its own file."""
+    configured dataset), None for a site, which trains on its own file; ``clip_norm``: the
+    round's DP clip norm, which the node applies to its update before it replies (where the
+    run's ``privacy.clip_on`` is the client)."""
     config = ConfigRecord({
         "server-round": round_, "client": client, "train-layers": list(spec.layers), "lr": lr,
         "train-factors": spec.factors, "train-head": spec.head, **_task(config_toml, label_names),
     })  # fmt: skip
     if spec.rank is not None:
         config["train-rank"] = spec.rank
+    if clip_norm is not None:
+        config["dp-clip-norm"] = clip_norm
     content = RecordDict({"arrays": arrays, "config": config})
     if rows is not None:
         content["rows"] = ArrayRecord({"rows": Array(np.asarray(rows, dtype=np.int64))})
@@ -266,6 +271,7 @@ class Request:
     factors: str = "AB"
     rows: np.ndarray | None = None  # a partition node's shard, sent by the server
     head: str = "federated"
+    clip_norm: float | None = None  # client-level DP: the norm to clip the update to
 
     @property
     def spec(self) -> AdapterSpec:
@@ -294,6 +300,7 @@ def read_request(msg: Message) -> Request:
         factors=str(config.get("train-factors", "AB")),
         rows=rows["rows"].numpy() if rows is not None and "rows" in rows else None,
         head=str(config.get("train-head", "federated")),
+        clip_norm=_get(config, "dp-clip-norm", float),
     )
 
 

@@ -1,12 +1,12 @@
 """Client hooks: a method's client side as parts of the one local loop.
 
 ``base`` states the protocol (``ClientHook``: ``setup``, ``loss_term``, ``local_loop``,
-``finish_upload``), ``registry`` maps the names strategies declare to hook classes, and each
-other module is one behaviour: ``rank_pruning`` (HetLoRA), ``subnetwork`` (FedRA's client
-model), ``proximal`` (FedProx, ``train.proximal_mu``), ``losses`` (FedRS and FedLC,
-``train.loss``). FFA-LoRA needs none: its frozen A is the spec's factor mask
-(``AdapterSpec.factors``), and a rank method's slice is the spec's rank, both applied by the
-loop itself.
+``finish_upload``, ``report``), ``registry`` maps the names strategies declare to hook classes,
+and each other module is one behaviour: ``rank_pruning`` (HetLoRA), ``subnetwork`` (FedRA's
+client model), ``proximal`` (FedProx, ``train.proximal_mu``), ``losses`` (FedRS and FedLC,
+``train.loss``), ``privacy`` (client-level DP's clipping on the client). FFA-LoRA needs none:
+its frozen A is the spec's factor mask (``AdapterSpec.factors``), and a rank method's slice is
+the spec's rank, both applied by the loop itself.
 
 A new hook, in a few lines::
 
@@ -30,7 +30,7 @@ from fedhello.core.config import Config, TrainConfig
 from fedhello.core.hooks import HookSpec
 
 # Importing the modules registers the hooks.
-from fedhello.model.hooks import losses, proximal, rank_pruning, subnetwork  # noqa: F401
+from fedhello.model.hooks import losses, privacy, proximal, rank_pruning, subnetwork  # noqa: F401
 from fedhello.model.hooks.base import ClientHook, HookChain, HookContext, LossTerm, TaskLoss
 from fedhello.model.hooks.registry import build_hooks, hook_class, hook_names, register_hook
 

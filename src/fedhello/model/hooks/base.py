@@ -3,7 +3,7 @@
 ``fedhello.model.training.train_client`` is the same loop for every method. It loads the
 spec's slice of the global state, masks the spec's tensors, builds the local optimizer, takes
 the local steps and extracts the spec's tensors as the upload; a method's client side plugs in
-at five points, in this order:
+at six points, in this order:
 
 1. ``setup(ctx)``: the state is loaded and masked, the optimizer not built yet: record what the
    hook needs from the starting point (HetLoRA: the norm of the rank tail).
@@ -15,7 +15,9 @@ at five points, in this order:
 4. ``local_loop(ctx)``: a context wrapping all local steps (FedRA's client model: only the
    allocated blocks run).
 5. ``finish_upload(upload)``: the extracted tensors, to change before they leave (HetLoRA: the
-   pruned rank).
+   pruned rank; client-level DP: the clipped update).
+6. ``report()``: what the hook adds to the client's report (``fedhello.model.report.REPORT``
+   declares each field), e.g. DP's ``unclipped`` bit.
 
 A hook is built fresh for every client and round from its ``HookSpec`` (``cls(**params)``),
 so it may keep state between the five calls and never between clients. Why hooks rather than
@@ -28,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -90,6 +92,10 @@ class ClientHook:
         """The tensors this client uploads (the spec's, as trained), possibly changed."""
         return upload
 
+    def report(self) -> dict[str, Any]:
+        """Fields of the client's report (declared in ``REPORT``), after ``finish_upload``."""
+        return {}
+
 
 class HookChain:
     """The hooks of one client, applied in their declared order at each point."""
@@ -139,3 +145,9 @@ class HookChain:
         for hook in self.hooks:
             upload = hook.finish_upload(upload)
         return upload
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for hook in self.hooks:
+            out |= hook.report()
+        return out

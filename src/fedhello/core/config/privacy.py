@@ -1,0 +1,85 @@
+"""The ``[privacy]`` section: client-level differential privacy (DP-FedAvg for partial
+updates, ``fedhello.core.privacy``). Off unless ``noise-multiplier`` is given.
+
+Why these settings and defaults:
+
+- ``noise-multiplier`` z: each per-tensor sum of clipped updates gets Gaussian noise of standard
+  deviation ``z * clip-norm``. fedhello samples a fixed number of clients per round without
+  replacement, so its neighbouring relation is *replace one client's data*, under which one
+  client moves a sum by up to ``2 * clip-norm`` (its update out, another's in): the accountant
+  sees the noise multiplier ``z / 2`` (``fedhello.core.privacy.accountant``). 0 clips without
+  noise (no privacy: epsilon is infinite), to measure what clipping alone costs.
+- ``clipping = "adaptive"`` (Andrew et al., NeurIPS 2021): the clip norm follows the
+  ``target-quantile`` of the clients' update norms, from a noisy count of the clients that were
+  not clipped (standard deviation ``count-noise``, default ``per-round / 20``, the paper's); the
+  count is a release too, so the updates' noise grows to keep the round's privacy equal to the
+  fixed clipping's at the same ``noise-multiplier``.
+- ``clip-on = "client"``: a client clips its own update before it leaves (the server never sees
+  an unclipped update, and rejects one whose norm exceeds the round's clip norm); ``"server"``
+  for a trusted server that clips on arrival.
+- ``delta`` (default ``1 / num-clients``) and ``target-epsilon``: a run whose accounted epsilon
+  would exceed the target stops after the last round within it, or is refused before round 1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fedhello.core.config.sections import Section
+
+Clipping = Literal["fixed", "adaptive"]
+ClipOn = Literal["client", "server"]
+
+
+class PrivacyConfig(Section):
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="client-level DP-FedAvg: Gaussian noise of std noise_multiplier x clip_norm "
+        "on each per-tensor sum of clipped client updates (unset: DP off; 0: clipping only, "
+        "no privacy)",
+    )
+    clip_norm: float = Field(
+        1.0,
+        gt=0,
+        description="L2 norm C each client's whole update (every uploaded tensor minus the "
+        "global one it received, the head included) is clipped to; with adaptive clipping, "
+        "its starting value",
+    )
+    clipping: Clipping = Field(
+        "fixed",
+        description="fixed (C as given) or adaptive (C follows target_quantile of the update "
+        "norms, Andrew et al. 2021)",
+    )
+    target_quantile: float = Field(
+        0.5, gt=0, lt=1, description="adaptive: the share of clients meant to be left unclipped"
+    )
+    clip_lr: float = Field(
+        0.2, gt=0, description="adaptive: geometric step of C, C *= exp(-clip_lr (b - quantile))"
+    )
+    count_noise: float | None = Field(
+        None,
+        gt=0,
+        description="adaptive: std of the noise on the count of unclipped clients (default "
+        "clients.per_round / 20)",
+    )
+    clip_on: ClipOn = Field(
+        "client",
+        description="client (each client clips before its update leaves) or server (a trusted "
+        "server clips on arrival)",
+    )
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="the delta epsilon is accounted at (default 1 / num_clients)"
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="privacy budget: the run stops after the last round whose epsilon is "
+        "within it, and is refused if round 1 already exceeds it",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None

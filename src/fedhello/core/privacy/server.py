@@ -1,0 +1,163 @@
+"""The server's side of client-level DP: one round's private aggregate, the adaptive clip norm
+it carries to the next round (checkpointed), and the epsilon spent so far.
+
+Round by round (``PrivateAggregator.aggregate``): every accepted update is checked against the
+round's clip norm (``clip_on = "client"``: an update above it was not clipped and is rejected,
+never clipped silently) or clipped here (``"server"``); the clipped updates are summed per
+tensor with noise (``fedhello.core.privacy.mechanism.noisy_mean``) from the generator of
+(seed, ``Purpose.DP_NOISE``, round), so a resumed run and a Flower run draw the same noise; with
+adaptive clipping the noisy count of unclipped clients, from (seed, ``Purpose.DP_CLIP``,
+round), moves the clip norm for the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedhello.core.layers import AllocationPlan, keys_for_spec
+from fedhello.core.privacy import accountant
+from fedhello.core.privacy.mechanism import (
+    CLIP_TOLERANCE,
+    clip_upload,
+    layer_noise,
+    next_clip_norm,
+    noisy_mean,
+    norm_of,
+    update_noise_multiplier,
+    update_of,
+)
+from fedhello.core.seeds import Purpose, generator
+
+if TYPE_CHECKING:
+    from fedhello.core.aggregation import ClientUpdate, State
+    from fedhello.core.config import Config
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "privacy/clip_norm"  # the adaptive clip norm in a checkpoint's server tensors
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """What the accountant needs of a config: the sampling, the noise and the delta."""
+
+    num_clients: int
+    per_round: int
+    noise_multiplier: float
+    delta: float
+
+    @classmethod
+    def of(cls, cfg: Config) -> Accounting:
+        p, c = cfg.privacy, cfg.clients
+        delta = p.delta if p.delta is not None else accountant.default_delta(c.num_clients)
+        return cls(c.num_clients, c.per_round, p.noise_multiplier or 0.0, delta)
+
+    def epsilon(self, rounds: int) -> float:
+        return accountant.epsilon(
+            rounds, self.num_clients, self.per_round, self.noise_multiplier, self.delta
+        )
+
+
+def private_rounds(cfg: Config) -> int:
+    """How many of ``federation.rounds`` a DP run trains: all of them, or the last round whose
+    epsilon is within ``privacy.target_epsilon`` (0: round 1 already exceeds it)."""
+    p, rounds = cfg.privacy, cfg.federation.rounds
+    if not p.enabled or p.target_epsilon is None:
+        return rounds
+    a = Accounting.of(cfg)
+    return accountant.rounds_within(
+        p.target_epsilon, rounds, a.num_clients, a.per_round, a.noise_multiplier, a.delta
+    )
+
+
+def json_number(x: float) -> float | None:
+    """A number JSON can hold: infinity (no noise) is recorded as null."""
+    return None if math.isinf(x) else x
+
+
+class PrivateAggregator:
+    """One run's DP server: checks or clips the updates, adds the noise, adapts the clip norm."""
+
+    def __init__(self, cfg: Config) -> None:
+        p = cfg.privacy
+        self.cfg = cfg
+        self.clip_norm = p.clip_norm
+        self.adaptive = p.clipping == "adaptive"
+        self.count_noise = (p.count_noise or cfg.clients.per_round / 20) if self.adaptive else None
+        self.update_multiplier = update_noise_multiplier(
+            p.noise_multiplier or 0.0, self.count_noise
+        )
+        self.accounting = Accounting.of(cfg)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {STATE_KEY: np.array([self.clip_norm], dtype=np.float64)}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        if STATE_KEY in state:
+            self.clip_norm = float(state[STATE_KEY][0])
+
+    def aggregate(
+        self,
+        global_state: State,
+        updates: Sequence[ClientUpdate],
+        unclipped: Mapping[int, int | None],
+        plan: AllocationPlan,
+        layer_of: Mapping[str, int | None],
+        round_: int,
+    ) -> tuple[State, dict[int, str], dict[str, Any]]:
+        """(the new means, the clients rejected here with why, the round's privacy record)
+        from the accepted ``updates``; ``unclipped``: each client's report that its update was
+        within the clip norm (client-side clipping)."""
+        p, seed, clip = self.cfg.privacy, self.cfg.run.seed, self.clip_norm
+        trainers = [a for a in plan.clients if a.layers]
+        planned: dict[str, int] = {}
+        for alloc in trainers:
+            for key in keys_for_spec(layer_of, alloc.spec):
+                planned[key] = planned.get(key, 0) + 1
+        deltas, bits, rejected = [], 0, {}
+        for u in updates:
+            if p.clip_on == "server":
+                clipped, norm, within = clip_upload(u.tensors, global_state, clip)
+                deltas.append(update_of(clipped, global_state))
+                bits += int(within)
+                continue
+            delta = update_of(u.tensors, global_state)
+            norm = norm_of(delta)
+            if norm > clip * (1 + CLIP_TOLERANCE):
+                rejected[u.client] = (
+                    f"update norm {norm:.6g} exceeds the round's clip norm {clip:.6g} "
+                    "(privacy.clip_on = client: the client must clip before it uploads)"
+                )
+                continue
+            if self.adaptive and unclipped.get(u.client) is None:
+                rejected[u.client] = "no 'unclipped' report: adaptive clipping needs it"
+                continue
+            deltas.append(delta)
+            bits += int(unclipped.get(u.client) or 0)
+        for client, reason in rejected.items():
+            logger.warning("rejected the update of client %d: %s", client, reason)
+        noise_std = self.update_multiplier * clip
+        result = noisy_mean(
+            global_state, deltas, planned, noise_std, generator(seed, Purpose.DP_NOISE, round_)
+        )
+        record: dict[str, Any] = {
+            "clip_norm": round(clip, 8),
+            "noise_multiplier": round(self.update_multiplier, 8),
+            **layer_noise(result, layer_of, plan.num_layers),
+        }
+        if self.adaptive and trainers:
+            assert self.count_noise is not None
+            self.clip_norm, share = next_clip_norm(
+                clip, bits, len(trainers), p.target_quantile, p.clip_lr, self.count_noise,
+                generator(seed, Purpose.DP_CLIP, round_),
+            )  # fmt: skip
+            record["unclipped_share"] = round(share, 6)  # the noisy share that moved C
+        epsilon = self.accounting.epsilon(round_)
+        record |= {"epsilon": json_number(epsilon), "delta": self.accounting.delta}
+        return result.state, rejected, record

@@ -1,0 +1,104 @@
+"""Client-level DP in the run loop (``[privacy]``, ``fedhello.core.privacy``): where the
+round's aggregate is private, how many rounds the budget allows, and what the summary says.
+
+The loop is the same on every engine: the server validates the uploads as always
+(``accept``), then ``PrivateAggregator`` checks or clips them, sums them with noise and moves the
+clip norm; the server optimizer then steps on the noisy means (post-processing: it costs no
+privacy). The round's record gets ``clip_norm``, the noise, per-layer contributors and
+noise-to-signal, ``epsilon`` and ``delta``; the summary the epsilon spent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from fedhello.core.aggregation import AggregationReport, State, accept
+from fedhello.core.errors import ConfigError
+from fedhello.core.layers import AllocationPlan, keys_for_spec
+from fedhello.core.privacy.server import PrivateAggregator, json_number, private_rounds
+
+if TYPE_CHECKING:
+    from fedhello.core.config import Config
+    from fedhello.engine.experiment import Experiment
+    from fedhello.model.report import ClientResult
+
+logger = logging.getLogger(__name__)
+
+
+def start(cfg: Config) -> tuple[PrivateAggregator | None, int]:
+    """The run's DP server (None without ``[privacy]``) and the last round it trains: all of
+    ``federation.rounds``, or the last within ``privacy.target_epsilon``. A target that round 1
+    already exceeds is refused here, before anything is loaded or written."""
+    if not cfg.privacy.enabled:
+        return None, cfg.federation.rounds
+    private = PrivateAggregator(cfg)
+    last = private_rounds(cfg)
+    p, a = cfg.privacy, private.accounting
+    if last == 0:
+        raise ConfigError(
+            f"privacy.target_epsilon = {p.target_epsilon:g}: one round already spends epsilon "
+            f"{a.epsilon(1):.3g} (noise_multiplier {p.noise_multiplier:g}, {a.per_round} of "
+            f"{a.num_clients} clients per round, delta {a.delta:.3g}); allowed: a target of "
+            "at least that, or more noise or more clients"
+        )
+    if last < cfg.federation.rounds:
+        logger.warning(
+            "privacy.target_epsilon = %g: the run stops after round %d of %d (epsilon %.3f; "
+            "round %d would spend %.3f)", p.target_epsilon, last, cfg.federation.rounds,
+            a.epsilon(last), last + 1, a.epsilon(last + 1),
+        )  # fmt: skip
+    logger.info(
+        "client-level DP: noise multiplier %g (updates %.4g), clip norm %g (%s, on the %s), "
+        "epsilon %.3f at delta %.3g after %d rounds", p.noise_multiplier,
+        private.update_multiplier, p.clip_norm, p.clipping, p.clip_on, a.epsilon(last),
+        a.delta, last,
+    )  # fmt: skip
+    return private, last
+
+
+def private_round(
+    exp: Experiment,
+    plan: AllocationPlan,
+    state: State,
+    results: Sequence[ClientResult],
+    private: PrivateAggregator,
+) -> tuple[State, AggregationReport, dict[str, Any], set[str]]:
+    """The round's private aggregate: (the noisy means, who was accepted or rejected, the
+    round's privacy record, the tensors it moved: every tensor the plan gave a trainer, since
+    each got noise)."""
+    updates = [r.update for r in results]
+    good, report = accept(
+        state, updates, exp.layer_of, exp.num_layers, exp.cfg.federation.weighting
+    )
+    unclipped = {r.update.client: r.unclipped for r in results}
+    averaged, dropped, record = private.aggregate(
+        state, good, unclipped, plan, exp.layer_of, plan.round
+    )
+    for update in good:
+        if update.client in dropped:
+            report.accepted.remove(update.client)
+            report.rejected[update.client] = dropped[update.client]
+            for layer in update.layers:
+                report.coverage[layer] -= 1
+    moved = {key for a in plan.clients if a.layers for key in keys_for_spec(exp.layer_of, a.spec)}
+    return averaged, report, record, moved
+
+
+def summary(private: PrivateAggregator | None, last: int, rounds: int) -> dict[str, Any]:
+    """The summary's privacy keys: epsilon spent over the rounds trained, delta, the noise and
+    the clip norm the run ended with; ``stopped_by`` where the budget ended it early."""
+    if private is None:
+        return {}
+    p = private.cfg.privacy
+    out: dict[str, Any] = {
+        "epsilon": json_number(private.accounting.epsilon(last)),
+        "delta": private.accounting.delta,
+        "noise_multiplier": p.noise_multiplier,
+        "clip_norm_final": round(private.clip_norm, 8),
+        "rounds_trained": last,
+    }
+    if last < rounds:
+        out["stopped_by"] = "privacy.target_epsilon"
+    return out

@@ -1,0 +1,342 @@
+"""Client-level DP for partial updates: clipping, the noise, per-tensor sums over planned
+contributors, adaptive clipping, the accountant, the config's refusals, and whole runs (the
+record, resume, the budget stopping a run, client- and server-side clipping agreeing, DP
+without noise equal to plain FedAvg), each against an independent computation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import crash_after, tiny_overrides
+from helpers import strip_timing
+from safetensors.numpy import load_file
+
+from fedhello.cli import main
+from fedhello.core.config import load_config
+from fedhello.core.errors import ConfigError
+from fedhello.core.layers import AllocationPlan, ClientAllocation
+from fedhello.core.privacy import accountant
+from fedhello.core.privacy.mechanism import (
+    clip_upload,
+    layer_noise,
+    next_clip_norm,
+    noisy_mean,
+    update_noise_multiplier,
+)
+from fedhello.core.privacy.server import PrivateAggregator
+from fedhello.core.seeds import Purpose, generator
+from fedhello.store.runs import RunDir
+
+# -- the mechanism, in numpy ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.5, 1.0, 3.0, 40.0])
+def test_clipping_leaves_norm_min_of_norm_and_c_in_the_same_direction(scale: float) -> None:
+    rng = np.random.default_rng(1)
+    received = {"a": rng.normal(size=(4, 3)).astype(np.float32), "h": np.zeros(5, np.float32)}
+    step = {"a": rng.normal(size=(4, 3)), "h": rng.normal(size=5)}
+    tensors = {k: (received[k] + scale * step[k]).astype(np.float32) for k in received}
+    delta = np.concatenate([(tensors[k].astype(float) - received[k]).ravel() for k in "ah"])
+    clipped, norm, within = clip_upload(tensors, received, 1.0)
+    after = np.concatenate([(clipped[k].astype(float) - received[k]).ravel() for k in "ah"])
+    assert norm == pytest.approx(np.linalg.norm(delta))
+    assert within == (np.linalg.norm(delta) <= 1.0)
+    assert np.linalg.norm(after) == pytest.approx(min(np.linalg.norm(delta), 1.0), rel=1e-5)
+    cosine = after @ delta / (np.linalg.norm(after) * np.linalg.norm(delta))
+    assert cosine == pytest.approx(1.0, abs=1e-6)
+    assert all(clipped[k].dtype == np.float32 for k in clipped)
+
+
+def test_the_noise_on_a_mean_has_std_noise_over_count() -> None:
+    g = {"w": np.zeros((400, 500), np.float32), "untouched": np.ones(3, np.float32)}
+    out = noisy_mean(g, [], {"w": 4}, noise_std=2.0, rng=np.random.default_rng(0))
+    assert np.std(out.state["w"]) == pytest.approx(2.0 / 4, rel=0.01)  # 200,000 draws
+    assert abs(np.mean(out.state["w"])) < 0.005
+    np.testing.assert_array_equal(out.state["untouched"], g["untouched"])  # nobody planned: kept
+
+
+def test_per_tensor_sums_over_planned_contributors_for_a_heterogeneous_allocation() -> None:
+    rng = np.random.default_rng(3)
+    keys = ["l0", "l1", "l2", "head"]
+    g = {k: rng.normal(size=(3, 2)).astype(np.float32) for k in keys}
+    # three clients trained {0,1}, {1,2}, {2}, all the head; a fourth was planned {0} and failed
+    holds = [("l0", "l1", "head"), ("l1", "l2", "head"), ("l2", "head")]
+    deltas = [{k: rng.normal(size=(3, 2)) for k in h} for h in holds]
+    planned = {"l0": 2, "l1": 2, "l2": 2, "head": 4}
+    out = noisy_mean(g, deltas, planned, noise_std=0.0, rng=np.random.default_rng(0))
+    for key in keys:
+        total = sum((d[key] for d in deltas if key in d), np.zeros((3, 2)))
+        want = (g[key].astype(np.float64) + total / planned[key]).astype(np.float32)
+        np.testing.assert_array_equal(out.state[key], want)
+    # per layer: contributors, the noise on the mean, the mean's RMS and their ratio
+    noisy = noisy_mean(g, deltas, planned, noise_std=0.3, rng=np.random.default_rng(0))
+    layer_of = {"l0": 0, "l1": 1, "l2": 2, "head": None}
+    info = layer_noise(noisy, layer_of, 3)
+    assert info["dp_contributors"] == [2, 2, 2, 4]
+    assert info["dp_noise_std"] == [0.15, 0.15, 0.15, 0.075]
+    rms1 = np.sqrt(np.mean(np.square((deltas[0]["l1"] + deltas[1]["l1"]) / 2)))
+    assert info["dp_signal_rms"][1] == pytest.approx(rms1, abs=1e-8)
+    assert info["dp_noise_to_signal"][1] == pytest.approx(0.15 / rms1, rel=1e-3)
+
+
+def test_adaptive_clipping_steps_geometrically_towards_the_quantile() -> None:
+    c, share = next_clip_norm(2.0, unclipped=5, expected=6, quantile=0.5, clip_lr=0.2,
+                              count_noise=0.3, rng=generator(7, Purpose.DP_CLIP, 3))  # fmt: skip
+    noise = generator(7, Purpose.DP_CLIP, 3).normal(0.0, 0.3)
+    assert share == pytest.approx((5 + noise) / 6)
+    assert c == pytest.approx(2.0 * math.exp(-0.2 * ((5 + noise) / 6 - 0.5)))
+    # Andrew et al.: z_delta^-2 = z^-2 - (2 sigma_b)^-2
+    assert update_noise_multiplier(1.0, 2.0) == pytest.approx((1 - 1 / 16) ** -0.5)
+    assert update_noise_multiplier(1.0, None) == 1.0
+
+
+# -- the accountant ------------------------------------------------------------------------------
+
+
+def test_epsilon_matches_the_librarys_own_gaussian_example() -> None:
+    """dp-accounting's test: noise multiplier 4.530877117 is exactly (1, 1e-6)-DP. Sampling
+    every client (q = 1) is that Gaussian, at fedhello's z = 2 x 4.530877117 (replace-one: the
+    accountant sees z / 2)."""
+    orders = [0.001 * i for i in range(1000, 100000)]
+    eps = accountant.epsilon(1, 10, 10, 2 * 4.530877117, 1e-6, orders=orders)
+    assert eps == pytest.approx(1.0, abs=1e-4)
+
+
+def test_epsilon_grows_with_rounds_shrinks_with_noise_and_sampling() -> None:
+    eps = [accountant.epsilon(t, 100, 10, 1.5, 0.01) for t in (1, 5, 20)]
+    assert eps[0] < eps[1] < eps[2]
+    assert accountant.epsilon(20, 100, 10, 3.0, 0.01) < eps[2]
+    assert accountant.epsilon(20, 100, 5, 1.5, 0.01) < eps[2]
+    assert accountant.epsilon(3, 100, 10, 0.0, 0.01) == math.inf
+    assert accountant.epsilon(0, 100, 10, 1.5, 0.01) == 0.0
+    # the most rounds within a target, against a plain scan
+    for target in (0.5, eps[1], 4.0, 1e9):
+        scan = max([t for t in range(0, 21)
+                    if accountant.epsilon(t, 100, 10, 1.5, 0.01) <= target])  # fmt: skip
+        assert accountant.rounds_within(target, 20, 100, 10, 1.5, 0.01) == scan
+
+
+# -- the config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        (["privacy.noise_multiplier=-1"], "config: privacy.noise_multiplier = -1"),
+        (["privacy.noise_multiplier=1", "privacy.clip_norm=0"], "config: privacy.clip_norm = 0"),
+        (["privacy.noise_multiplier=1", 'allocation.strategy="hetlora"'],
+         "config: privacy.noise_multiplier with allocation.strategy = 'hetlora'"),
+        (["privacy.noise_multiplier=1", 'train.head="class-means"'],
+         "config: privacy.noise_multiplier with train.head = 'class-means'"),
+        (["privacy.noise_multiplier=1", 'federation.weighting="shard"'],
+         "config: federation.weighting = 'shard' with privacy.noise_multiplier"),
+        (["privacy.noise_multiplier=0", "privacy.target_epsilon=3"],
+         "config: privacy.target_epsilon = 3 with noise_multiplier = 0"),
+        (["privacy.noise_multiplier=1", 'privacy.clipping="adaptive"'],
+         "config: privacy.count_noise (default clients.per_round / 20 = 0.3) with "
+         "noise_multiplier = 1"),
+    ],
+)  # fmt: skip
+def test_bad_privacy_settings_are_one_line(overrides: list[str], start: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(start)
+    assert "\n" not in str(err.value)
+
+
+def test_dp_is_off_by_default_and_weighs_uniformly_when_on() -> None:
+    off = load_config(None, [])
+    assert not off.privacy.enabled and "privacy" not in off.to_dict()
+    on = load_config(None, ["privacy.noise_multiplier=1"])
+    assert on.federation.weighting == "uniform" and "privacy" in on.to_toml()
+
+
+def test_a_target_that_round_one_exceeds_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    one = accountant.epsilon(1, 12, 6, 0.5, 1 / 12)
+    code = main(["run", "--out", str(out), "--set", "privacy.noise_multiplier=0.5",
+                 "--set", f"privacy.target_epsilon={one / 2}"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"fedhello: error: privacy.target_epsilon = {one / 2:g}: one round")
+    assert not out.exists()
+
+
+# -- whole runs ----------------------------------------------------------------------------------
+
+
+def _overrides(model: Path, data: Path, **extra: object) -> list[str]:
+    settings: dict[str, object] = {
+        "data__text_column": '"sentence"', "data__label_column": '"topic"',
+        "federation__rounds": 3, "run__keep_checkpoints": 3, "train__lr": 0.02,
+        "privacy__noise_multiplier": 0.3, "privacy__clip_norm": 0.05,
+    }  # fmt: skip
+    return tiny_overrides(model, data, **(settings | extra))
+
+
+def _run(out: Path, overrides: list[str], *extra: str) -> int:
+    args = ["run", "--out", str(out), *extra]
+    for o in overrides:
+        args += ["--set", o]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_text_csv: Path):
+    out = tmp_path_factory.mktemp("dp") / "run"
+    assert _run(out, _overrides(tiny_bert_dir, tiny_text_csv)) == 0
+    return out
+
+
+def test_each_round_records_its_privacy(dp_run: Path) -> None:
+    run = RunDir(dp_run)
+    records, summary = run.read_metrics(), run.read_summary()
+    cfg = load_config(run.config_path)
+    for r in records:
+        eps = accountant.epsilon(r["round"], 6, 3, 0.3, 1 / 6)
+        assert r["epsilon"] == pytest.approx(eps) and r["delta"] == pytest.approx(1 / 6)
+        assert r["clip_norm"] == 0.05 and r["noise_multiplier"] == 0.3
+        # contributors per layer: the clients the plan gave it (every sampled client the head)
+        planned = [0] * len(r["coverage"])
+        for alloc in r["allocation"]:
+            for layer in alloc["layers"]:
+                planned[layer] += 1
+        want = [c or None for c in planned] + [len(r["allocation"])]
+        assert r["dp_contributors"] == want
+        assert r["dp_noise_std"][-1] == pytest.approx(0.3 * 0.05 / len(r["allocation"]))
+        for c in r["clients"]:  # each client clipped on its own side and said whether it had to
+            assert c["dp_clip_norm"] == 0.05 and c["unclipped"] in (0, 1)
+        assert r["num_rejected"] == 0  # the server found every update within the clip norm
+    assert any(c["unclipped"] == 0 for r in records for c in r["clients"])  # clipping bit
+    assert summary["epsilon"] == pytest.approx(records[-1]["epsilon"])
+    assert summary["rounds_trained"] == 3 and "stopped_by" not in summary
+    assert cfg.federation.weighting == "uniform"
+
+
+def test_a_resumed_dp_run_equals_the_uninterrupted_one(dp_run: Path, tmp_path: Path) -> None:
+    crashed = crash_after(dp_run, tmp_path / "crashed", 1)
+    assert main(["run", "--resume", str(crashed)]) == 0
+    ours, ref = RunDir(crashed).read_metrics(), RunDir(dp_run).read_metrics()
+    assert [strip_timing(r) for r in ours] == [strip_timing(r) for r in ref]
+    a = load_file(str(dp_run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_adaptive_clipping_moves_c_and_resumes_exactly(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, privacy__clipping='"adaptive"',
+                    privacy__count_noise=1.0, privacy__clip_lr=0.5)  # fmt: skip
+    ref = tmp_path / "ref"
+    assert _run(ref, ov) == 0
+    records = RunDir(ref).read_metrics()
+    norms = [r["clip_norm"] for r in records]
+    for before, after, r in zip(norms, norms[1:], records, strict=False):
+        assert after == pytest.approx(before * math.exp(-0.5 * (r["unclipped_share"] - 0.5)),
+                                      rel=1e-6)  # fmt: skip
+    assert len(set(norms)) == 3
+    crashed = crash_after(ref, tmp_path / "crashed", 2)  # round 3 needs round 2's C
+    assert main(["run", "--resume", str(crashed)]) == 0
+    assert [strip_timing(r) for r in RunDir(crashed).read_metrics()] == [
+        strip_timing(r) for r in records
+    ]
+
+
+def test_the_budget_stops_the_run_after_its_last_round(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    target = (accountant.epsilon(2, 6, 3, 0.3, 1 / 6) + accountant.epsilon(3, 6, 3, 0.3, 1 / 6)) / 2
+    out = tmp_path / "run"
+    assert _run(out, _overrides(tiny_bert_dir, tiny_text_csv,
+                                privacy__target_epsilon=target)) == 0  # fmt: skip
+    run = RunDir(out)
+    assert [r["round"] for r in run.read_metrics()] == [1, 2]
+    summary = run.read_summary()
+    assert summary["stopped_by"] == "privacy.target_epsilon" and summary["rounds_trained"] == 2
+    assert summary["epsilon"] <= target
+
+
+def test_clipping_on_the_server_computes_what_clipping_on_the_clients_does(
+    dp_run: Path, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    out = tmp_path / "server"
+    assert _run(out, _overrides(tiny_bert_dir, tiny_text_csv, privacy__clip_on='"server"')) == 0
+    drop = {"dp_clip_norm", "unclipped"}  # the client's own report of its clipping
+
+    def view(path: Path) -> list:
+        recs = [strip_timing(r) for r in RunDir(path).read_metrics()]
+        for r in recs:
+            r["clients"] = [{k: v for k, v in c.items() if k not in drop} for c in r["clients"]]
+        return recs
+
+    a, b = view(dp_run), view(out)
+    assert [r["clip_norm"] for r in a] == [r["clip_norm"] for r in b]
+    for x, y in zip(a, b, strict=True):  # float32 vs float64 clipping: equal within rounding
+        assert x["test_accuracy"] == pytest.approx(y["test_accuracy"], abs=0.05)
+    ka = load_file(str(dp_run / "adapter" / "adapter_model.safetensors"))
+    kb = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    for k in ka:
+        np.testing.assert_allclose(ka[k], kb[k], rtol=1e-4, atol=1e-5)
+    assert all("unclipped" not in c for r in RunDir(out).read_metrics() for c in r["clients"])
+
+
+def test_without_noise_and_with_a_clip_nobody_reaches_dp_is_uniform_fedavg(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    dp, plain = tmp_path / "dp", tmp_path / "plain"
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, privacy__noise_multiplier=0,
+                    privacy__clip_norm=1e6)  # fmt: skip
+    assert _run(dp, ov) == 0
+    assert _run(plain, [o for o in ov if not o.startswith("privacy.")]
+                + ['federation.weighting="uniform"']) == 0  # fmt: skip
+    a = load_file(str(dp / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(plain / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert RunDir(dp).read_summary()["epsilon"] is None  # infinite: no noise, no privacy
+
+
+def test_an_unclipped_client_update_is_rejected_by_the_server() -> None:
+    cfg = load_config(None, ["privacy.noise_multiplier=1", "privacy.clip_norm=0.1",
+                             "clients.num_clients=4", "clients.per_round=2"])  # fmt: skip
+    from fedhello.core.aggregation import ClientUpdate
+
+    g = {"l0": np.zeros(4, np.float32), "head": np.zeros(2, np.float32)}
+    layer_of = {"l0": 0, "head": None}
+    ok = ClientUpdate(0, (0,), 10, {"l0": np.full(4, 0.01, np.float32),
+                                    "head": np.zeros(2, np.float32)})  # fmt: skip
+    big = ClientUpdate(1, (0,), 10, {"l0": np.full(4, 1.0, np.float32),
+                                     "head": np.zeros(2, np.float32)})  # fmt: skip
+    plan = AllocationPlan(1, 1, (ClientAllocation(0, 1, (0,)), ClientAllocation(1, 1, (0,))))
+    _, rejected, record = PrivateAggregator(cfg).aggregate(g, [ok, big], {0: 1, 1: 1}, plan,
+                                                           layer_of, 1)  # fmt: skip
+    assert list(rejected) == [1] and rejected[1].startswith("update norm 2 exceeds")
+    assert record["dp_contributors"] == [2, 2]  # the planned count still divides
+
+
+@pytest.mark.slow
+def test_flower_simulation_equals_embedded_under_dp_with_the_nodes_clipping(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    """The nodes clip before they reply and report their bit over the wire; the server's
+    noise and adaptive clip norm follow the same generators: the same run."""
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, privacy__clipping='"adaptive"',
+                    privacy__count_noise=1.0, federation__rounds=2)  # fmt: skip
+    emb, sim = tmp_path / "emb", tmp_path / "sim"
+    assert _run(emb, ov) == 0
+    assert _run(sim, ov, "--engine", "flower-sim") == 0
+    ours = [strip_timing(r) for r in RunDir(sim).read_metrics()]
+    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+    for r in ours:  # each node clipped to the round's norm (recorded to 8 digits)
+        assert all(c["dp_clip_norm"] == pytest.approx(r["clip_norm"]) for c in r["clients"])
+    assert len({r["clip_norm"] for r in ours}) == 2  # adaptive: round 2's norm moved
+    a = load_file(str(emb / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(sim / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
