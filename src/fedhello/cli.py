@@ -25,7 +25,7 @@ DESCRIPTION = (
     "classification, and instruction tuning of decoder LLMs (causal-lm). Runs in one process "
     "(--engine embedded) or on Flower (flower-sim, or flower with a "
     "SuperLink). Start with: fedhello run [CONFIG]; compare strategies with fedhello compare, "
-    "tabulate with fedhello report; plan, calibrate, export and env explain the rest."
+    "tabulate with fedhello report; plan, calibrate, export, eval and env explain the rest."
 )
 
 
@@ -88,6 +88,25 @@ def _parser() -> argparse.ArgumentParser:
         help="folder for a plain transformers model with the LoRA merged into its weights",
     )  # fmt: skip
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    ev = sub.add_parser(
+        "eval", help="score a finished causal-lm run with lm-eval (EleutherAI's harness)"
+    )
+    ev.add_argument("run_dir", help="a finished causal-lm run directory")
+    ev.add_argument(
+        "--lm-eval", required=True, metavar="TASKS", dest="lm_eval",
+        help="comma-separated lm-eval task names; fedhello_heldout (the run's test split) "
+        "is always available",
+    )  # fmt: skip
+    ev.add_argument(
+        "--include", action="append", default=[], metavar="DIR",
+        help="a folder of lm-eval task YAML files (repeatable)",
+    )  # fmt: skip
+    ev.add_argument("--limit", type=int, metavar="N", help="score at most N examples per task")
+    ev.add_argument(
+        "--batch-size", type=int, metavar="B",
+        help="examples per batch (default: the run's train.eval_batch_size)",
+    )  # fmt: skip
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
     cal = sub.add_parser(
         "calibrate", help="measure (or show the stored) cost of each layer depth on this device"
     )
@@ -262,6 +281,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedhello.lm_eval_run import check_eval, evaluate_run, score_rows
+
+    _, cfg, _ = check_eval(Path(args.run_dir), args.lm_eval, args.include)  # refusals first
+    _setup_output(args.verbose, cfg.model.allow_download)
+    if not args.verbose:  # lm-eval warns about every task default it fills in
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    import datasets
+
+    datasets.disable_progress_bars()  # lm-eval reads each task's data through datasets
+    with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints its progress notes
+        result = evaluate_run(
+            Path(args.run_dir), args.lm_eval, args.include, args.limit, args.batch_size
+        )
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return 0
+    table = Table(title=f"lm-eval {result['lm_eval_version']} on {result['model']}")
+    for column in ("task", "metric", "value", "stderr", "examples"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, metric, value, err, n in score_rows(result):
+        table.add_row(task, metric, f"{value:.4f}", "" if err is None else f"{err:.4f}",
+                      "" if n is None else str(n))  # fmt: skip
+    Console().print(table)
+    print(f"results in {Path(args.run_dir) / 'lm-eval' / 'results.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import json
 
@@ -329,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
             "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
-            "env": cmd_env, "calibrate": cmd_calibrate,
+            "env": cmd_env, "calibrate": cmd_calibrate, "eval": cmd_eval,
         }  # fmt: skip
         return commands[args.command](args)
     except UserError as err:
