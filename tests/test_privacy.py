@@ -340,3 +340,53 @@ def test_flower_simulation_equals_embedded_under_dp_with_the_nodes_clipping(
     b = load_file(str(sim / "adapter" / "adapter_model.safetensors"))
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_plan_shows_the_epsilon_a_configuration_would_spend(tiny_bert_dir: Path) -> None:
+    from fedhello.planner import make_plan
+
+    overrides = [
+        f'model.name="{tiny_bert_dir}"',
+        "clients.num_clients=12",
+        "clients.per_round=4",
+        "federation.rounds=6",
+        "privacy.noise_multiplier=2",
+        'allocation.strategy="fedra"',
+    ]
+    cfg = load_config(None, overrides)
+    plan = make_plan(cfg)
+    dp = plan["privacy"]
+    assert dp["epsilon"] == pytest.approx(accountant.epsilon(6, 12, 4, 2.0, 1 / 12))
+    assert [r["epsilon"] for r in plan["rounds"]] == pytest.approx(
+        [accountant.epsilon(t, 12, 4, 2.0, 1 / 12) for t in range(1, 7)]
+    )
+    # per layer, z over the round's contributors, averaged over the rounds that train it
+    for layer, value in enumerate(dp["noise_on_mean_per_layer"][:-1]):
+        counts = [r["coverage"][layer] for r in plan["rounds"] if r["coverage"][layer]]
+        assert value == pytest.approx(np.mean([2.0 / c for c in counts]), abs=1e-4)
+    assert dp["noise_on_mean_per_layer"][-1] == pytest.approx(2.0 / 4)  # the head: everyone
+
+
+def test_compare_under_dp_pairs_strategies_with_an_epsilon_column(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", "--strategies", "fedra,deepest-fit", "--seeds", "0,1",
+            "--partitions", "iid", "--out", str(out)]  # fmt: skip
+    for o in _overrides(tiny_bert_dir, tiny_text_csv, federation__rounds=2):
+        args += ["--set", o]
+    assert main(args) == 0
+    import csv
+
+    rows = {
+        r["strategy"]: r for r in csv.DictReader((out / "results.csv").read_text().splitlines())
+    }
+    eps = accountant.epsilon(2, 6, 3, 0.3, 1 / 6)
+    for name in ("fedra", "deepest-fit"):
+        assert float(rows[name]["epsilon"]) == pytest.approx(eps)
+    # the centralised reference is the ceiling without privacy
+    assert rows["centralized"]["epsilon"] == ""
+    assert "privacy" not in (out / "runs" / "centralized" / "seed0" / "config.toml").read_text()
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].endswith("epsilon (delta) |")
+    assert any(line.endswith(f"{eps:.2f} (0.17) |") for line in table)

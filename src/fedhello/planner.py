@@ -19,6 +19,7 @@ import numpy as np
 from fedhello.core.allocation import strategy_class
 from fedhello.core.budgets import strategy_for
 from fedhello.core.config import Config
+from fedhello.core.privacy.server import json_number
 from fedhello.core.schedule import sample_clients
 from fedhello.model.source import model_shape, resolve_model_source
 
@@ -62,6 +63,7 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
         entry["coverage"] = plan.coverage()
         out_rounds.append(entry)
     target = strategy.target()
+    privacy = privacy_plan(cfg, out_rounds, num_layers)
     return {
         "strategy": cfg.allocation.strategy,
         "shape": cfg.allocation.options.model_dump().get("shape"),
@@ -74,6 +76,43 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
         # trains every layer whatever the shape, so the shape is the target of the rest)
         "expected_coverage": None if expected is None else np.round(expected, 4).tolist(),
         "fisher_scores_from": scores_from,
+        **({"privacy": privacy} if privacy else {}),
+    }
+
+
+def privacy_plan(
+    cfg: Config, rounds: list[dict[str, Any]], num_layers: int
+) -> dict[str, Any] | None:
+    """What a DP configuration would spend (None without ``[privacy]``): epsilon at delta after
+    each planned round and at the end (a ``target-epsilon`` that round 1 exceeds is refused,
+    as ``fedhello run`` would), and per layer the noise on its mean in units of the clip norm,
+    ``z / contributors``, averaged over the rounds that train it (the head last). Each
+    round's entry gets its ``epsilon``."""
+    if not cfg.privacy.enabled:
+        return None
+    from fedhello.engine.privacy import start
+
+    private, last = start(cfg)
+    assert private is not None
+    z = private.update_multiplier
+    noise: list[list[float]] = [[] for _ in range(num_layers + 1)]
+    for entry in rounds:
+        trainers = [c for c in entry["clients"] if c["layers"]]
+        for layer, count in enumerate(entry["coverage"]):
+            if count:
+                noise[layer].append(z / count)
+        if trainers:
+            noise[num_layers].append(z / len(trainers))
+        entry["epsilon"] = json_number(private.accounting.epsilon(min(entry["round"], last)))
+    return {
+        "epsilon": json_number(private.accounting.epsilon(last)),
+        "delta": private.accounting.delta,
+        "rounds_trained": last,
+        "noise_multiplier": cfg.privacy.noise_multiplier,
+        "update_noise_multiplier": z,
+        "sampling": f"{cfg.clients.per_round} of {cfg.clients.num_clients} clients per round, "
+        "without replacement (replace-one adjacency)",
+        "noise_on_mean_per_layer": [round(float(np.mean(v)), 4) if v else None for v in noise],
     }
 
 
@@ -113,6 +152,22 @@ def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> Non
         cov = plan["coverage"][i]
         table.add_row(str(i), str(cov), e, f"{cov / total:.3f}", t)
     console.print(table)
+    dp = plan.get("privacy")
+    if dp:
+        eps = "infinite (no noise)" if dp["epsilon"] is None else f"{dp['epsilon']:.3f}"
+        console.print(
+            f"client-level DP: epsilon {eps} at delta {dp['delta']:.3g} after "
+            f"{dp['rounds_trained']} rounds"
+            + (
+                f" (privacy.target_epsilon stops the run there, of {len(plan['rounds'])})"
+                if dp["rounds_trained"] < len(plan["rounds"])
+                else ""
+            )
+            + f" (noise multiplier {dp['noise_multiplier']:g}; "
+            f"{dp['sampling']}). Noise on each layer's mean, in clip norms (z / contributors, "
+            "mean over rounds; the head last): "
+            + ", ".join("-" if x is None else f"{x:.2f}" for x in dp["noise_on_mean_per_layer"])
+        )
     if (plan.get("fisher_scores_from") or "").startswith("none"):
         console.print(
             "Fisher scores need the model's weights, which are not downloaded to plan: the "

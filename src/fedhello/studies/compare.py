@@ -145,6 +145,9 @@ def cell_config(base: Config, cell: Cell) -> Config:
         data["data"]["partition"] = "iid"
         data["train"]["local_steps"] = steps
         data["train"].pop("local_epochs", None)
+        # the reference is the ceiling without privacy: one "client" holding every example
+        # has no client-level privacy to give, and it trains as a federation never could
+        data.pop("privacy", None)
     else:
         name, _, shape = cell.strategy.partition(":")
         name, settings = ROWS.get(name, (name, {}))

@@ -71,9 +71,23 @@ def summarize(rows: list[Row], scoring: Scoring = ACCURACY) -> list[dict[str, An
                 "val_selected_acc_mean": statistics.fmean(s[1] for s in selected),
                 **cost_columns(row),
                 **collapse_columns(row),
+                **privacy_columns(row),
             }
         )
     return table
+
+
+def privacy_columns(row: Row) -> dict[str, Any]:
+    """Under client-level DP: the largest epsilon any seed spent (None: infinite, no noise)
+    and its delta; nothing for runs without DP (so their tables keep their columns)."""
+    private = [r.summary for r in row.runs if "delta" in r.summary and "epsilon" in r.summary]
+    if not private:
+        return {}
+    spent = [s["epsilon"] for s in private]
+    return {
+        "epsilon": None if None in spent else max(spent),
+        "delta": max(s["delta"] for s in private),
+    }
 
 
 def _selected(scoring: Scoring, run: RunData) -> tuple[int, float]:
@@ -174,16 +188,37 @@ BY_TIER = ("train_mb_by_tier", "train_mb_max_by_tier", "limit_mb_by_tier")
 
 
 def write_tables(table: list[dict[str, Any]], out: Path, scoring: Scoring = ACCURACY) -> None:
-    columns = [k for k in table[0] if k not in BY_TIER] + list(BY_TIER)
+    keys = list(dict.fromkeys(k for row in table for k in row))  # DP rows add epsilon, delta
+    columns = [k for k in keys if k not in BY_TIER] + list(BY_TIER)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in table:
             writer.writerow(row | {k: json.dumps(row[k]) for k in BY_TIER})
     lines = generative_lines(table) if scoring is ROUGE_L else accuracy_lines(table)
+    if any("delta" in r for r in table):  # client-level DP: what each row spent
+        lines = with_privacy_column(lines, table)
     if any(r["limit_mb_by_tier"] for r in table):
         lines += ["", *resource_lines(table)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def with_privacy_column(lines: list[str], table: list[dict[str, Any]]) -> list[str]:
+    """The table's lines with an ``epsilon (delta)`` column last (``-``: a row without DP;
+    ``inf``: DP without noise)."""
+    cells = []
+    for r in table:
+        if "delta" not in r:
+            cells.append("-")
+        else:
+            eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+            cells.append(f"{eps} ({r['delta']:.2g})")
+    head, rule, *rows = lines
+    return [
+        head + " epsilon (delta) |",
+        rule + "---|",
+        *(f"{x} {c} |" for x, c in zip(rows, cells, strict=True)),
+    ]
 
 
 def generative_lines(table: list[dict[str, Any]]) -> list[str]:
