@@ -120,3 +120,33 @@ def test_gradient_checkpointing_runs_no_backward_below_the_lowest_trained_block(
         for h in hooks:
             h.remove()
     assert needs_grad == {0: False, 1: False, 2: True, 3: True}
+
+
+def test_the_last_rounds_answers_are_the_summarys_not_generated_twice(
+    tmp_path: Path, tiny_llama_dir: Path, tiny_alpaca_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate-every = 2 of 2 rounds: round 2's answers are the final model's; the summary
+    reuses them (greedy generation twice on the same model and prompts gives the same)."""
+    from conftest import lm_overrides
+
+    import fedhello.engine.generative as gen
+    from fedhello.cli import main
+    from fedhello.store.runs import RunDir
+
+    calls = []
+    real = gen.generation_scores
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generation_scores", counted)
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out)]
+    for o in lm_overrides(tiny_llama_dir, tiny_alpaca_jsonl):
+        args += ["--set", o]
+    assert main(args) == 0
+    assert len(calls) == 2  # the zero-shot reference, round 2; not the summary again
+    run = RunDir(out)
+    assert run.read_summary()["test_rouge_l"] == run.read_metrics()[-1]["test_rouge_l"]
+    assert (out / "generations.jsonl").read_text().strip()  # the reused answers' samples

@@ -408,8 +408,12 @@ def finish(
     run log warns when the final model answers (nearly) one class."""
     cfg = exp.cfg
     set_state(exp.model, state)
+    records = run.read_metrics()
+    last_round = records[-1]["round"] if records else None
     scores = (
-        generative.final_scores(exp, run) if generative.is_generative(exp) else final_scores(exp)
+        generative.final_scores(exp, run, last_round)
+        if generative.is_generative(exp)
+        else final_scores(exp)
     )
     # a low-precision base is scored as trained (reloading it in fp32 would cost the memory it
     # saves); the export merges into fp32, so the log says which model the scores are of
@@ -425,7 +429,6 @@ def finish(
     (run.adapter_dir / "fedhello.json").write_text(json.dumps(note, indent=1) + "\n")
     if exp.pooling != "head":  # the pooled head's code, for a user with only the adapter
         shutil.copyfile(pooled_module_file(), run.adapter_dir / "modeling_fedhello_pooled.py")
-    records = run.read_metrics()
     clients = [c for r in records for c in r["clients"]]
     summary: dict[str, Any] = {
         "strategy": cfg.allocation.strategy,

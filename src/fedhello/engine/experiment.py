@@ -95,6 +95,9 @@ class Experiment:
     accelerator: Accelerator  # the device and precision everything of this process runs on
     resources: Resources  # the clients' limits, their cost profile and the fit policy
     pooling: str = "head"  # what the head reads: transformers' head, or a pooling (mean, ...)
+    # causal-lm: the last generating round and its scored answers, which the summary reuses
+    # when that round was the run's last (the same model, prompts and greedy decoding)
+    last_generation: tuple[int, dict[str, Any]] | None = None
 
     def allocate(self, round_: int, sampled: list[int]) -> AllocationPlan:
         """The strategy's plan of ``round_``, every set checked against its client's limit."""

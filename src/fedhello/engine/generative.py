@@ -75,7 +75,8 @@ def round_scores(exp: Experiment, round_: int) -> dict[str, Any]:
         out |= {"val_loss": val["loss"], "val_perplexity": val["perplexity"]}
     every = exp.cfg.federation.generate_every
     if every and round_ % every == 0:
-        gen = _generate(exp, keep=0)
+        gen = _generate(exp)
+        exp.last_generation = (round_, gen)
         out |= {"test_rouge_l": gen["rouge_l"], "test_exact_match": gen["exact_match"]}
     return out
 
@@ -98,14 +99,17 @@ def zero_shot(exp: Experiment, run: RunDir, state: State) -> dict[str, Any]:
     return gen
 
 
-def final_scores(exp: Experiment, run: RunDir) -> dict[str, Any]:
+def final_scores(exp: Experiment, run: RunDir, last_round: int | None = None) -> dict[str, Any]:
     """The summary's scores of the final model (already in ``exp.model``): whole test split
     loss and perplexity, the generation subset's ROUGE-L and exact match, the zero-shot ones;
-    its first answers written to ``generations.jsonl``."""
+    its first answers written to ``generations.jsonl``. Where this process generated in the
+    run's last round (``last_round``), that round's answers are the final model's: they are
+    reused rather than generated again."""
     cfg = exp.cfg
     test = response_loss(exp.model, exp.encoded, exp.raw.splits["test"],  # type: ignore[arg-type]
                          cfg.train.eval_batch_size, exp.accelerator)  # fmt: skip
-    gen = _generate(exp)
+    done = exp.last_generation
+    gen = done[1] if done is not None and done[0] == last_round else _generate(exp)
     base = json.loads((run.path / ZERO_SHOT_FILE).read_text(encoding="utf-8"))
     with open(run.path / GENERATIONS_FILE, "w", encoding="utf-8") as f:
         for sample in gen["samples"]:
