@@ -355,3 +355,21 @@ def test_report_warns_about_a_folder_that_mixes_numerics_versions(
     with caplog.at_level(logging.WARNING, logger="fedhello"):
         write_report(root, tmp_path / "mixed")
     assert "mixes numerics versions" in caplog.text and "1 run(s) of version 2" in caplog.text
+
+
+def test_memory_columns_read_the_measure_the_limits_bound() -> None:
+    """On an accelerator a limit bounds the allocator's peak (device_peak_memory_mb), on a CPU
+    the meter's train_memory_mb: the per-tier columns read the same one."""
+    from fedhello.studies.report import summarize
+    from fedhello.studies.results import Row, RunData
+
+    def client(tier: int, meter: float, device: float | None) -> dict:
+        return {"tier": tier, "train_memory_mb": meter, "device_peak_memory_mb": device,
+                "memory_limit_mb": 900.0, "layers": [0]}  # fmt: skip
+
+    summary = {"test_accuracy": 0.5, "test_macro_f1": 0.4, "client_seconds": 1.0,
+               "bytes_up": 0, "bytes_down": 0}  # fmt: skip
+    rec = {"round": 1, "test_accuracy": 0.5, "clients": [client(0, 100.0, 800.0),
+                                                          client(1, 300.0, None)]}  # fmt: skip
+    (row,) = summarize([Row("iid", "fedra", [RunData("iid", "fedra", 0, [rec], summary)])])
+    assert row["train_mb_max_by_tier"] == {0: 800.0, 1: 300.0}

@@ -7,7 +7,9 @@ the last five rounds; ``val-selected`` picks each run's round of best validation
 reports the test accuracy of that round: the test set never chooses anything. ``train MB by tier``
 is the largest per-client training memory in each tier: tensors autograd saved for the
 backward pass (peak step) plus gradients and AdamW state of the trained tensors; it excludes
-the frozen model every client holds anyway. With memory limits a second table sets, per tier,
+the frozen model every client holds anyway (on an accelerator: the allocator's peak,
+``device_peak_memory_mb``, everything on the device, the measure its memory limits bound:
+``fedhello.core.fit.recorded_memory_mb``). With memory limits a second table sets, per tier,
 the largest training memory of any client in any seed against the tier's limit, with the
 number of repaired layer sets per run (``allocation.fit = repair``).
 
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.core.errors import RunDirError
+from fedhello.core.fit import recorded_memory_mb
 from fedhello.core.numerics import NUMERICS_VERSION, recorded_version
 from fedhello.studies.paired import paired_differences, write_paired
 from fedhello.studies.plots import write_plots
@@ -137,7 +140,7 @@ def cost_columns(row: Row) -> dict[str, Any]:
         peak: dict[int, float] = {}
         for rec in r.records:
             for c in rec["clients"]:
-                peak[c["tier"]] = max(peak.get(c["tier"], 0.0), c["train_memory_mb"])
+                peak[c["tier"]] = max(peak.get(c["tier"], 0.0), recorded_memory_mb(c))
                 if c.get("memory_limit_mb") is not None:
                     limits[c["tier"]] = max(limits.get(c["tier"], 0.0), c["memory_limit_mb"])
         for tier, mb in peak.items():
