@@ -8,14 +8,10 @@ second merge, and ``lm_eval --model hf --model_args pretrained=RUN/lm-eval/model
 result with the harness's own command. The price is a copy of the model's weights (fp32) in
 the run folder.
 
-Every evaluation also gets a ready task, ``fedhello_heldout`` (``RUN/lm-eval/tasks/``): the
-run's test split, whose words no client trained on, as prompt/answer rows written with the chat
-template the run trained with, greedy answers of at most ``federation.max-new-tokens`` tokens
-scored by fedhello's own exact match and ROUGE-L (``fedhello.model.generation``). Its rows start
-with the generation subset that ``summary.json``'s ``test_exact_match`` and ``test_rouge_l``
-were measured on (``fedhello.engine.generative.generation_subset``), so ``--limit`` equal to
-``generated_examples`` scores those very prompts. The folder is written once (delete it to
-rewrite it) and is always on lm-eval's include path; ``--include`` adds the user's folders.
+Every evaluation also gets a ready task, ``fedhello_heldout`` (``RUN/lm-eval/tasks/``, written
+once by ``fedhello.lm_eval_tasks``): the run's test split, whose words no client trained on,
+scored by fedhello's own exact match and ROUGE-L. That folder is always on lm-eval's include
+path; ``--include`` adds the user's folders.
 
 The model runs on the run's ``train.device``, in fp32 weights under the autocast of the
 precision the run trained in (lm-eval's ``mixed_precision_dtype``), as fedhello scored it.
@@ -34,9 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from fedhello.core.errors import ConfigError, RunDirError, UserError
+from fedhello.lm_eval_tasks import write_heldout_task
 from fedhello.store.runs import RunDir
 
 if TYPE_CHECKING:
@@ -46,25 +43,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EVAL_DIR = "lm-eval"  # inside the run folder
-HELDOUT_TASK = "fedhello_heldout"
-METRICS_MODULE = "fedhello_heldout_metrics"
 INSTALL = "pip install 'fedhello[lm-eval]'"
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}  # the run's precision -> lm-eval's dtype
-
-# The heldout task's scorer, beside its YAML: fedhello's exact match and ROUGE-L, imported (one
-# definition), so lm-eval's numbers are fedhello's on the same answers.
-METRICS_SOURCE = '''"""fedhello's scores of a generated answer (fedhello.model.generation)."""
-
-from fedhello.model.generation import normalise, rouge_l
-
-
-def process_results(doc, results):
-    answer, reference = results[0].strip(), doc["answer"]
-    return {
-        "exact_match": float(normalise(answer) == normalise(reference)),
-        "rouge_l": rouge_l([answer], [reference])[0],
-    }
-'''
 
 
 def eval_paths(run: RunDir) -> SimpleNamespace:
@@ -154,86 +134,6 @@ def merged_model(run: RunDir) -> Path:
     return Path(paths.model)
 
 
-def write_heldout_task(run: RunDir, cfg: Config) -> Path:
-    """``RUN/lm-eval/tasks``: the YAML, its JSONL and its scorer (see the module's docstring),
-    from the run's data and its base model's tokenizer (the merged model's); kept when present
-    and pointing at this folder's JSONL (a user may edit it)."""
-    folder = Path(eval_paths(run).tasks).resolve()
-    data, yaml = folder / f"{HELDOUT_TASK}.jsonl", folder / f"{HELDOUT_TASK}.yaml"
-    if yaml.is_file() and data.is_file() and json.dumps(str(data)) in yaml.read_text():
-        return folder
-    from transformers import GenerationConfig
-
-    from fedhello.data.loading import load_raw
-    from fedhello.engine.generative import generation_subset
-    from fedhello.model.generation import stop_tokens
-    from fedhello.model.source import resolve_model_source
-
-    task, download = run_task(cfg), cfg.model.allow_download
-    raw = load_raw(cfg.data, task, download)
-    # the summary's generation subset first, in its order, then the rest of the test split
-    first = [int(i) for i in generation_subset(cast("Any", SimpleNamespace(cfg=cfg, raw=raw)))]
-    rows = first + sorted(set(int(i) for i in raw.splits["test"]) - set(first))
-    source = resolve_model_source(cfg.model.name, download)
-    tok = task.load_processor(source, not download)
-    chats = [[{"role": r, "content": c} for r, c in raw.inputs[i].prompt] for i in rows]
-    # the prompt as training wrote it (fedhello.tasks.causal_lm): its tokens are the training
-    # example's prefix, where fedhello's generation starts
-    prompts = tok.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
-    try:
-        gen_cfg = GenerationConfig.from_pretrained(source, local_files_only=not download)
-    except OSError:  # no generation_config.json: the tokenizer's EOS and the turn end
-        gen_cfg = None
-    stops = stop_tokens(SimpleNamespace(generation_config=gen_cfg), tok)
-    until = [u for u in (tok.decode([t], skip_special_tokens=False) for t in stops) if u]
-    tmp = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with open(tmp / data.name, "w", encoding="utf-8") as f:
-        for i, prompt in zip(rows, prompts, strict=True):
-            row = {"row": i, "prompt": prompt, "answer": raw.inputs[i].response}
-            f.write(json.dumps(row) + "\n")
-    (tmp / f"{METRICS_MODULE}.py").write_text(METRICS_SOURCE, encoding="utf-8")
-    yaml_text = heldout_yaml(run, data, until, cfg.federation.max_new_tokens)
-    (tmp / yaml.name).write_text(yaml_text, encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    logger.info("task %s: %d held-out prompts in %s", HELDOUT_TASK, len(rows), folder)
-    return folder
-
-
-def heldout_yaml(run: RunDir, data: Path, until: list[str], max_new_tokens: int) -> str:
-    q = json.dumps  # a JSON string is a YAML double-quoted scalar
-    return f"""\
-# The test split of fedhello run {run.path.resolve()} (no client trained on it), written by
-# `fedhello eval`. Prompts are in the run's chat template; answers are greedy; scored by
-# fedhello's exact match and ROUGE-L ({METRICS_MODULE}.py). Delete this folder to rewrite it.
-task: {HELDOUT_TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {q(str(data))}
-test_split: test
-output_type: generate_until
-doc_to_text: prompt
-doc_to_target: answer
-generation_kwargs:
-  until: [{", ".join(q(u) for u in until)}]
-  do_sample: false
-  max_gen_toks: {max_new_tokens}
-process_results: !function {METRICS_MODULE}.process_results
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-  - metric: rouge_l
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-
 def task_manager(tasks: list[str], includes: list[Path]) -> Any:
     """lm-eval's TaskManager that knows every name in ``tasks`` (the include folders alone,
     0.1 s; lm-eval's bundled tasks too, ~5 s to index, only when a name is not in them), its
@@ -286,7 +186,8 @@ def evaluate_run(
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: allowed: at least 1")
     device = resolve_device(cfg.train.device)[0]  # a missing GPU fails before any work
-    folders = [write_heldout_task(run, cfg), *(Path(p).resolve() for p in includes or [])]
+    heldout = write_heldout_task(run, eval_paths(run).tasks, cfg, run_task(cfg))
+    folders = [heldout, *(Path(p).resolve() for p in includes or [])]
     manager = task_manager(tasks, folders)  # unknown names fail before the merge
     model_dir = merged_model(run)
     precision = (run.recorded_precision() or {}).get("precision", "fp32")
