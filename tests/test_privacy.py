@@ -390,3 +390,26 @@ def test_compare_under_dp_pairs_strategies_with_an_epsilon_column(
     table = (out / "results.md").read_text().splitlines()
     assert table[0].endswith("epsilon (delta) |")
     assert any(line.endswith(f"{eps:.2f} (0.17) |") for line in table)
+
+
+@pytest.mark.slow
+def test_a_loopback_deployment_clips_on_the_nodes_and_equals_embedded(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real SuperLink and SuperNodes: each node clips its update before the reply leaves it
+    and records the norm it clipped to; the server's noise follows the run's seed."""
+    from flower_harness import deployment, flower_env
+
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, clients__num_clients=3, clients__per_round=2,
+                    federation__rounds=2)  # fmt: skip
+    emb, dep_out = tmp_path / "emb", tmp_path / "dep"
+    assert _run(emb, ov) == 0
+    with deployment(tmp_path, nodes=3) as dep:
+        for k, v in flower_env(dep.home).items():
+            monkeypatch.setenv(k, v)
+        assert _run(dep_out, ov, "--engine", "flower", "--superlink", dep.address) == 0
+    ours = [strip_timing(r) for r in RunDir(dep_out).read_metrics()]
+    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+    assert all(c["dp_clip_norm"] == 0.05 and c["unclipped"] in (0, 1)
+               for r in ours for c in r["clients"])  # fmt: skip
+    assert all(r["num_rejected"] == 0 for r in ours)
