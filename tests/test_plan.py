@@ -63,3 +63,22 @@ def test_plan_unknown_strategy_lists_the_valid_names() -> None:
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     for name in strategy_names():
         assert name in proc.stderr
+
+
+def test_a_deep_model_s_plan_shows_one_strip_per_client() -> None:
+    """30 blocks (a decoder): each client's layers in one column, one character a layer."""
+    from rich.console import Console
+
+    from fedhello.planner import render_plan
+
+    clients = [{"client": 0, "budget": 8, "layers": list(range(22, 30))},
+               {"client": 1, "budget": 30, "layers": list(range(30))}]  # fmt: skip
+    coverage = [1] * 22 + [2] * 8
+    plan = {"num_layers": 30, "strategy": "fedra", "rounds": [
+        {"round": 1, "clients": clients, "coverage": coverage}], "coverage": coverage,
+        "target": None, "expected_coverage": None}  # fmt: skip
+    console = Console(record=True, width=120)
+    render_plan(plan, console)
+    text = console.export_text()
+    assert "." * 22 + "x" * 8 in text and "x" * 30 in text
+    assert "1" * 22 + "2" * 8 in text  # the coverage row, one digit a layer

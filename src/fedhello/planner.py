@@ -116,6 +116,10 @@ def privacy_plan(
     }
 
 
+# more layers than this: each client's layers as one strip of characters, not a column each
+STRIP_ABOVE = 16
+
+
 def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> None:
     """Readable tables: the first rounds' layer sets, then coverage against the target."""
     from rich.table import Table
@@ -128,15 +132,23 @@ def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> Non
         table.add_column("budget", justify="right")
         if ranked:
             table.add_column("rank", justify="right")
-        for i in range(L):
-            table.add_column(str(i), justify="center")
+        # a deep model (a decoder's 30 blocks) gets one strip per client, one character a layer
+        strip = L > STRIP_ABOVE
+        if strip:
+            table.add_column(f"layers 0..{L - 1}", justify="left", no_wrap=True)
+        else:
+            for i in range(L):
+                table.add_column(str(i), justify="center")
         for c in entry["clients"]:
             # x: trains the layer (b: its B factor alone, FFA-LoRA), .: does not
             mark = "b" if c.get("factors") == "B" else "x"
             marks = [mark if i in c["layers"] else "." for i in range(L)]
             rank = [str(c.get("rank", "-"))] if ranked else []
-            table.add_row(str(c["client"]), str(c["budget"]), *rank, *marks)
-        table.add_row("", "cover", *([""] if ranked else []), *map(str, entry["coverage"]))
+            table.add_row(str(c["client"]), str(c["budget"]), *rank,
+                          *(["".join(marks)] if strip else marks))  # fmt: skip
+        cover = [str(n) if n < 10 else "+" for n in entry["coverage"]] if strip else None
+        table.add_row("", "cover", *([""] if ranked else []),
+                      *(["".join(cover)] if cover else map(str, entry["coverage"])))  # fmt: skip
         console.print(table)
     if len(plan["rounds"]) > show_rounds:
         console.print(f"... {len(plan['rounds']) - show_rounds} more rounds (--json for all)")
