@@ -20,9 +20,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from fedhello.core.errors import RunDirError, UserError
+from fedhello.core.errors import UserError
 from fedhello.model.pooling import HEAD, pooled_module_file
-from fedhello.store.runs import RunDir
+from fedhello.store.runs import RunDir, finished_run
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +31,7 @@ REMOTE_MODULE = "modeling_fedhello_pooled"  # the pooled head's code in an expor
 
 def check_export(run_path: Path, out: Path, overwrite: bool) -> RunDir:
     """Refuse an unfinished run or an occupied destination, before loading anything."""
-    run = RunDir(run_path)
-    if not run.path.is_dir():
-        raise RunDirError(f"run directory {str(run_path)!r} does not exist")
-    if not (run.adapter_dir / "adapter_config.json").is_file() or not run.config_path.is_file():
-        raise RunDirError(
-            f"run {str(run_path)!r} has no adapter: it has not finished; allowed: a finished run "
-            f"(continue this one with `fedhello run --resume {run_path}`)"
-        )
+    run = finished_run(run_path)
     if out.exists() and not out.is_dir():
         raise UserError(f"--merged {str(out)!r} is a file; allowed: a new or empty folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -32,9 +32,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from fedhello.core.errors import ConfigError, RunDirError, UserError
+from fedhello.core.errors import ConfigError, UserError
 from fedhello.lm_eval_tasks import write_heldout_task
-from fedhello.store.runs import RunDir
+from fedhello.store.runs import RunDir, finished_run
 
 if TYPE_CHECKING:
     from fedhello.core.config import Config
@@ -57,14 +57,7 @@ def check_eval(run_path: Path, names: str, includes: list[str]) -> tuple[RunDir,
     """(run, its config, task names): every refusal that needs no model, in one line each."""
     from fedhello.core.config import load_saved_config
 
-    run = RunDir(run_path)
-    if not run.path.is_dir():
-        raise RunDirError(f"run directory {str(run_path)!r} does not exist")
-    if not (run.adapter_dir / "adapter_config.json").is_file() or not run.config_path.is_file():
-        raise RunDirError(
-            f"run {str(run_path)!r} has no adapter: it has not finished; allowed: a finished run "
-            f"(continue this one with `fedhello run --resume {run_path}`)"
-        )
+    run = finished_run(run_path)
     cfg = load_saved_config(run.config_path)
     task = run_task(cfg)
     if not getattr(task, "generative", False):

@@ -134,6 +134,20 @@ class RunDir:
         return json.loads(self.summary_path.read_text(encoding="utf-8"))
 
 
+def finished_run(path: Path) -> RunDir:
+    """``path`` as a finished run (its adapter and config written), or one line saying why not:
+    what ``fedhello export`` and ``fedhello eval`` read."""
+    run = RunDir(path)
+    if not run.path.is_dir():
+        raise RunDirError(f"run directory {str(path)!r} does not exist")
+    if not (run.adapter_dir / "adapter_config.json").is_file() or not run.config_path.is_file():
+        raise RunDirError(
+            f"run {str(path)!r} has no adapter: it has not finished; allowed: a finished run "
+            f"(continue this one with `fedhello run --resume {path}`)"
+        )
+    return run
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
