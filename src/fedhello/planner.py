@@ -19,6 +19,7 @@ import numpy as np
 from fedhello.core.allocation import strategy_class
 from fedhello.core.budgets import strategy_for
 from fedhello.core.config import Config
+from fedhello.core.heads import head_mode
 from fedhello.core.privacy.server import json_number
 from fedhello.core.schedule import sample_clients
 from fedhello.model.source import model_shape, resolve_model_source
@@ -94,21 +95,24 @@ def privacy_plan(
 
     private, last = start(cfg)
     assert private is not None
-    z = private.update_multiplier
+    z, t = private.update_multiplier, cfg.train
     noise: list[list[float]] = [[] for _ in range(num_layers + 1)]
     for entry in rounds:
         trainers = [c for c in entry["clients"] if c["layers"]]
         for layer, count in enumerate(entry["coverage"]):
             if count:
                 noise[layer].append(z / count)
-        if trainers:
+        head = head_mode(t.head, entry["round"], last, min(t.head_finetune_rounds, last))
+        if trainers and head == "federated":  # a frozen or local head is neither sent nor noised
             noise[num_layers].append(z / len(trainers))
         entry["epsilon"] = json_number(private.accounting.epsilon(min(entry["round"], last)))
     return {
         "epsilon": json_number(private.accounting.epsilon(last)),
         "delta": private.accounting.delta,
         "rounds_trained": last,
+        "rounds_configured": cfg.federation.rounds,
         "noise_multiplier": cfg.privacy.noise_multiplier,
+        "noise": cfg.privacy.noise,
         "update_noise_multiplier": z,
         "sampling": f"{cfg.clients.per_round} of {cfg.clients.num_clients} clients per round, "
         "without replacement (replace-one adjacency)",
@@ -171,13 +175,19 @@ def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> Non
             f"client-level DP: epsilon {eps} at delta {dp['delta']:.3g} after "
             f"{dp['rounds_trained']} rounds"
             + (
-                f" (privacy.target_epsilon stops the run there, of {len(plan['rounds'])})"
-                if dp["rounds_trained"] < len(plan["rounds"])
+                f" (privacy.target_epsilon stops the run there, of {dp['rounds_configured']})"
+                if dp["rounds_trained"] < dp["rounds_configured"]
                 else ""
             )
             + f" (noise multiplier {dp['noise_multiplier']:g}; "
-            f"{dp['sampling']}). Noise on each layer's mean, in clip norms (z / contributors, "
-            "mean over rounds; the head last): "
+            f"{dp['sampling']}; {dp['noise']} noise"
+            + (
+                ": the run samples from its own key, so its sites differ from the plan's"
+                if dp["noise"] == "secret"
+                else ""
+            )
+            + "). Noise on each layer's mean, in clip norms (z / contributors, mean over "
+            "rounds; the head last): "
             + ", ".join("-" if x is None else f"{x:.2f}" for x in dp["noise_on_mean_per_layer"])
         )
     if (plan.get("fisher_scores_from") or "").startswith("none"):

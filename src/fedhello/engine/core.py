@@ -23,7 +23,7 @@ from fedhello.core.config import Config
 from fedhello.core.heads import ClassSums, class_means_head, head_mode
 from fedhello.core.layers import AllocationPlan
 from fedhello.core.numerics import NUMERICS_VERSION
-from fedhello.core.privacy.server import STATE_KEY as PRIVACY_STATE
+from fedhello.core.privacy.server import PREFIX as PRIVACY
 from fedhello.core.privacy.server import PrivateAggregator
 from fedhello.core.schedule import lr_at, sample_clients
 from fedhello.core.server_optimizers import ServerOptimizer, server_optimizer
@@ -190,14 +190,16 @@ def evaluate_global(exp: Experiment, state: State, round_: int = 0) -> dict[str,
 
 def open_round(
     exp: Experiment, round_: int, state: State, class_means: dict[str, Any] | None = None,
-    clip_norm: float | None = None,
+    private: PrivateAggregator | None = None,
 ) -> RoundPlan:  # fmt: skip
     """Sample, refresh Fisher scores, allocate, and set the round's learning rate and what the
     clients do with the head (``train.head``, ``fedhello.core.heads.head_mode``);
-    ``class_means``: FedNCM's round 0, for round 1's record; ``clip_norm``: DP's this round."""
+    ``class_means``: FedNCM's round 0, for round 1's record; ``private``: DP's server, whose
+    key samples the clients (``privacy.noise = "secret"``) and whose clip norm is the round's."""
     cfg = exp.cfg
     t0 = time.perf_counter()
-    sampled = sample_clients(cfg.run.seed, round_, cfg.clients.num_clients, cfg.clients.per_round)
+    seed = cfg.run.seed if private is None else private.sampling_seed
+    sampled = sample_clients(seed, round_, cfg.clients.num_clients, cfg.clients.per_round)
     fisher_info = exp.refresh_fisher(round_, state)
     plan = exp.allocate(round_, sampled)
     t = cfg.train
@@ -205,6 +207,7 @@ def open_round(
     head = head_mode(t.head, round_, cfg.federation.rounds, t.head_finetune_rounds)
     if head != "federated":
         plan = replace(plan, clients=tuple(replace(a, head=head) for a in plan.clients))
+    clip_norm = None if private is None else private.clip_norm
     return RoundPlan(round_, sampled, plan, lr, fisher_info, t0, head, class_means, clip_norm)
 
 
@@ -315,7 +318,12 @@ def run_federation(
     accelerator = accelerator_for(cfg, run.recorded_precision() if opts.resume else None)
     determinism.log_run(cfg.train.deterministic, accelerator.device)  # what repeats exactly
     saved = read_profile(run.profile_path) if opts.resume else None  # repair as before
-    exp = build_experiment(cfg, cache=opts.cache, accelerator=accelerator, saved_profile=saved)
+    # a privacy budget that stops the run early makes it that many rounds long (schedule,
+    # head fine-tuning, final evaluation); the run's config.toml keeps what was asked
+    exp = build_experiment(
+        privacy.shortened(cfg, last), cache=opts.cache, accelerator=accelerator,
+        saved_profile=saved,
+    )  # fmt: skip
     if cfg.train.head == "class-means":
         linear_head(exp.model)  # a head class means cannot build fails before anything is written
     engine.start(exp)
@@ -335,7 +343,7 @@ def run_federation(
         if ckpt is not None:
             state = ckpt.state
             server.load_state_dict(
-                {k: v for k, v in ckpt.optimizer_state.items() if k != PRIVACY_STATE}
+                {k: v for k, v in ckpt.optimizer_state.items() if not k.startswith(PRIVACY)}
             )
             if private is not None:
                 private.load_state_dict(ckpt.optimizer_state)
@@ -350,8 +358,7 @@ def run_federation(
     if start == 1 and cfg.train.head == "class-means":
         state, round0 = class_means_round(exp, engine, state)
     for round_ in range(start, last + 1):
-        clip = None if private is None else private.clip_norm
-        rp = open_round(exp, round_, state, round0 if round_ == 1 else None, clip)
+        rp = open_round(exp, round_, state, round0 if round_ == 1 else None, private)
         obs.on_round_start(round_, rp.plan)
         outcome = engine.train_round(exp, rp, state, obs)
         state, record = close_round(exp, rp, state, outcome, server, private)
@@ -365,7 +372,7 @@ def run_federation(
             )  # fmt: skip
     obs.on_final_eval()
     seconds = time.perf_counter() - wall0
-    extra = engine.final_scores(exp, state) | privacy.summary(private, last, cfg.federation.rounds)
+    extra = engine.final_scores(exp, state) | privacy.summary(private, last)
     return finish(exp, run, state, seconds, engine.name, start if opts.resume else None, extra)
 
 

@@ -51,11 +51,32 @@ def start(cfg: Config) -> tuple[PrivateAggregator | None, int]:
         )  # fmt: skip
     logger.info(
         "client-level DP: noise multiplier %g (updates %.4g), clip norm %g (%s, on the %s), "
-        "epsilon %.3f at delta %.3g after %d rounds", p.noise_multiplier,
+        "epsilon %.3f at delta %.3g after %d rounds, %s noise", p.noise_multiplier,
         private.update_multiplier, p.clip_norm, p.clipping, p.clip_on, a.epsilon(last),
-        a.delta, last,
+        a.delta, last, p.noise,
     )  # fmt: skip
+    if p.noise == "seeded":
+        logger.warning(
+            "privacy.noise = 'seeded': the noise and the client sampling derive from run.seed, "
+            "which the run's config holds; the accounted epsilon holds only against whoever "
+            "cannot learn the seed (a study's setting; a deployment wants 'secret')"
+        )
     return private, last
+
+
+def shortened(cfg: Config, last: int) -> Config:
+    """``cfg`` as the run it is: a budget that stops it after round ``last`` makes it ``last``
+    rounds long, so its learning-rate schedule, its head fine-tuning rounds and its final
+    evaluation follow the rounds it trains (the run's config.toml keeps what was asked)."""
+    fed, train = cfg.federation, cfg.train
+    if last >= fed.rounds:
+        return cfg
+    return cfg.model_copy(update={
+        "federation": fed.model_copy(update={"rounds": last}),
+        "train": train.model_copy(
+            update={"head_finetune_rounds": min(train.head_finetune_rounds, last)}
+        ),
+    })  # fmt: skip
 
 
 def private_round(
@@ -86,9 +107,10 @@ def private_round(
     return averaged, report, record, moved
 
 
-def summary(private: PrivateAggregator | None, last: int, rounds: int) -> dict[str, Any]:
-    """The summary's privacy keys: epsilon spent over the rounds trained, delta, the noise and
-    the clip norm the run ended with; ``stopped_by`` where the budget ended it early."""
+def summary(private: PrivateAggregator | None, last: int) -> dict[str, Any]:
+    """The summary's privacy keys: epsilon spent over the rounds trained, delta, the noise, where
+    it came from, and the clip norm the run ended with; ``stopped_by`` (and the rounds asked
+    for) where the budget shortened it."""
     if private is None:
         return {}
     p = private.cfg.privacy
@@ -96,9 +118,11 @@ def summary(private: PrivateAggregator | None, last: int, rounds: int) -> dict[s
         "epsilon": json_number(private.accounting.epsilon(last)),
         "delta": private.accounting.delta,
         "noise_multiplier": p.noise_multiplier,
+        "noise": p.noise,
         "clip_norm_final": round(private.clip_norm, 8),
         "rounds_trained": last,
     }
-    if last < rounds:
+    if last < private.cfg.federation.rounds:
         out["stopped_by"] = "privacy.target_epsilon"
+        out["rounds_configured"] = private.cfg.federation.rounds
     return out

@@ -17,20 +17,30 @@ Why these settings and defaults:
 - ``clip-on = "client"``: a client clips its own update before it leaves (the server never sees
   an unclipped update, and rejects one whose norm exceeds the round's clip norm); ``"server"``
   for a trusted server that clips on arrival.
-- ``delta`` (default ``1 / num-clients``) and ``target-epsilon``: a run whose accounted epsilon
-  would exceed the target stops after the last round within it, or is refused before round 1.
+- ``delta`` (default ``1 / num-clients``, a weak one for few clients: see the README) and
+  ``target-epsilon``: a run whose accounted epsilon would exceed the target stops after the last
+  round within it (the run is then that many rounds long: its schedule follows), or is refused
+  before round 1.
+- ``noise = "secret"``: the noise, the clip norm's noisy count and the client sampling come from
+  a key drawn afresh for every run and kept only in the server's checkpoints (resume is exact,
+  nothing released holds it). Amplification by sampling needs the sample secret, and noise
+  anyone can regenerate protects nothing: with ``"seeded"`` they derive from ``run.seed``, which
+  the config holds, so the accounted epsilon holds only against whoever cannot learn the seed.
+  ``"seeded"`` is for studies and tests (paired strategies, reruns that reproduce), never for a
+  deployment.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fedhello.core.config.sections import Section
 
 Clipping = Literal["fixed", "adaptive"]
 ClipOn = Literal["client", "server"]
+Noise = Literal["secret", "seeded"]
 
 
 class PrivacyConfig(Section):
@@ -80,6 +90,26 @@ class PrivacyConfig(Section):
         "within it, and is refused if round 1 already exceeds it",
     )
 
+    noise: Noise = Field(
+        "secret",
+        description="secret (noise and client sampling from a per-run key only the server's "
+        "checkpoints hold: the guarantee) or seeded (from run.seed: reproducible, for studies "
+        "and tests; no guarantee against whoever knows the seed)",
+    )
+
     @property
     def enabled(self) -> bool:
         return self.noise_multiplier is not None
+
+    @model_validator(mode="after")
+    def _nothing_without_noise(self) -> PrivacyConfig:
+        """A setting given while DP is off would be silently ignored: a user who wrote a budget
+        would get a run without privacy. Refused instead."""
+        given = sorted(self.model_fields_set - {"noise_multiplier"})
+        if not self.enabled and given:
+            raise ValueError(
+                f"privacy.{given[0]} without privacy.noise_multiplier: DP is off unless "
+                "noise_multiplier is set, so it would be ignored; allowed: set "
+                "noise_multiplier (0 for clipping alone), or leave [privacy] out"
+            )
+        return self

@@ -18,7 +18,7 @@ swapped for another's with its resources unchanged (``fedhello.core.privacy.acco
 With heterogeneous allocation a tensor trained by 2 of 6 sampled clients gets the same noise
 ``z C`` on its sum as one trained by all 6, over a count of 2 instead of 6: three times the noise
 on its mean. ``layer_noise`` reports that per layer (contributors, the noise's standard
-deviation on the mean, the mean's own RMS, their ratio).
+deviation on the mean, the mean's RMS as estimated from the noisy mean, their ratio).
 """
 
 from __future__ import annotations
@@ -81,7 +81,10 @@ class NoisyMean:
 
     state: State  # the global state moved by each planned tensor's noisy mean update
     contributors: dict[str, int]  # planned contributor count of each noised tensor
-    signal_rms: dict[str, float]  # RMS of the noiseless mean update of each noised tensor
+    # each noised tensor's mean update's RMS, estimated from the noisy mean alone (what is
+    # released): sqrt(max(0, mean(noisy^2) - (noise std on the mean)^2)); 0 where the noise
+    # accounts for all of it
+    signal_rms: dict[str, float]
     noise_std: float  # std of the noise on each sum (z C)
 
 
@@ -106,9 +109,12 @@ def noisy_mean(
     for key in sorted(planned):
         count = planned[key]
         mean = sums[key] / count
-        signal[key] = float(np.sqrt(np.mean(np.square(mean)))) if mean.size else 0.0
         if noise_std > 0:
             mean = mean + rng.normal(0.0, noise_std, size=mean.shape) / count
+        # the noiseless mean would tell a reader one client's update where it is the only
+        # contributor: the signal is estimated from the released (noisy) mean instead
+        power = float(np.mean(np.square(mean))) - (noise_std / count) ** 2 if mean.size else 0.0
+        signal[key] = math.sqrt(max(0.0, power))
         state[key] = (global_state[key].astype(np.float64) + mean).astype(global_state[key].dtype)
     return NoisyMean(state, dict(planned), signal, noise_std)
 
@@ -117,8 +123,10 @@ def layer_noise(
     result: NoisyMean, layer_of: Mapping[str, int | None], num_layers: int
 ) -> dict[str, Any]:
     """Per layer (the head last, as ``num_layers``): planned contributors, the noise's std on
-    the mean (``z C / count``), the RMS of the noiseless mean update and their ratio (None
-    for a layer nobody trained, or whose mean update is exactly 0)."""
+    the mean (``z C / count``), the mean update's RMS as estimated from the noisy mean, and
+    their ratio (None for a layer nobody trained, or whose estimated signal is 0: the noise
+    accounts for all of the mean). Computed from released values only: the record leaks
+    nothing the model does not."""
     slots = num_layers + 1
     count: list[int | None] = [None] * slots
     sq = [0.0] * slots

@@ -3,17 +3,24 @@ it carries to the next round (checkpointed), and the epsilon spent so far.
 
 Round by round (``PrivateAggregator.aggregate``): every accepted update is checked against the
 round's clip norm (``clip_on = "client"``: an update above it was not clipped and is rejected,
-never clipped silently) or clipped here (``"server"``); the clipped updates are summed per
-tensor with noise (``fedhello.core.privacy.mechanism.noisy_mean``) from the generator of
-(seed, ``Purpose.DP_NOISE``, round), so a resumed run and a Flower run draw the same noise; with
-adaptive clipping the noisy count of unclipped clients, from (seed, ``Purpose.DP_CLIP``,
-round), moves the clip norm for the next round.
+never clipped silently; one within float32's rounding of it is projected onto it) or clipped
+here (``"server"``); the clipped updates are summed per tensor with noise
+(``fedhello.core.privacy.mechanism.noisy_mean``); with adaptive clipping the noisy count of
+unclipped clients moves the clip norm for the next round.
+
+Where the randomness comes from (``privacy.noise``): with ``"secret"`` the noise, the count's
+noise and the client sampling come from a 128-bit key drawn from the operating system for each
+run, kept in the server's checkpoints (so a resumed run draws the same) and nowhere else: the
+released models, metrics, summary and config never hold it. With ``"seeded"`` they come from
+(``run.seed``, purpose, round): reproducible and paired across strategies, and void as a
+guarantee against anyone who knows the seed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +31,6 @@ from fedhello.core.layers import AllocationPlan, keys_for_spec
 from fedhello.core.privacy import accountant
 from fedhello.core.privacy.mechanism import (
     CLIP_TOLERANCE,
-    clip_upload,
     layer_noise,
     next_clip_norm,
     noisy_mean,
@@ -40,7 +46,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STATE_KEY = "privacy/clip_norm"  # the adaptive clip norm in a checkpoint's server tensors
+PREFIX = "privacy/"  # the DP server's tensors among a checkpoint's server tensors
+STATE_KEY = PREFIX + "clip_norm"  # the adaptive clip norm
+KEY_STATE = PREFIX + "noise_key"  # the secret noise key (four 32-bit words), noise = "secret"
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,10 @@ def private_rounds(cfg: Config) -> int:
     )
 
 
+def scaled(update: State, factor: float) -> State:
+    return {k: v * factor for k, v in update.items()} if factor != 1.0 else update
+
+
 def json_number(x: float) -> float | None:
     """A number JSON can hold: infinity (no noise) is recorded as null."""
     return None if math.isinf(x) else x
@@ -94,13 +106,29 @@ class PrivateAggregator:
             p.noise_multiplier or 0.0, self.count_noise
         )
         self.accounting = Accounting.of(cfg)
+        # the operating system's randomness, never the seed: see the module's docstring
+        self.key = secrets.randbits(128) if p.noise == "secret" else None
+
+    @property
+    def sampling_seed(self) -> int:
+        """What the round's client sample derives from: the secret key, or ``run.seed``."""
+        return self.cfg.run.seed if self.key is None else self.key
+
+    def stream(self, purpose: Purpose, round_: int) -> np.random.Generator:
+        return generator(self.sampling_seed, purpose, round_)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {STATE_KEY: np.array([self.clip_norm], dtype=np.float64)}
+        state = {STATE_KEY: np.array([self.clip_norm], dtype=np.float64)}
+        if self.key is not None:
+            words = [(self.key >> (32 * i)) & 0xFFFFFFFF for i in range(4)]
+            state[KEY_STATE] = np.array(words, dtype=np.uint32)
+        return state
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         if STATE_KEY in state:
             self.clip_norm = float(state[STATE_KEY][0])
+        if KEY_STATE in state and self.key is not None:
+            self.key = sum(int(w) << (32 * i) for i, w in enumerate(state[KEY_STATE]))
 
     def aggregate(
         self,
@@ -114,7 +142,7 @@ class PrivateAggregator:
         """(the new means, the clients rejected here with why, the round's privacy record)
         from the accepted ``updates``; ``unclipped``: each client's report that its update was
         within the clip norm (client-side clipping)."""
-        p, seed, clip = self.cfg.privacy, self.cfg.run.seed, self.clip_norm
+        p, clip = self.cfg.privacy, self.clip_norm
         trainers = [a for a in plan.clients if a.layers]
         planned: dict[str, int] = {}
         for alloc in trainers:
@@ -122,13 +150,12 @@ class PrivateAggregator:
                 planned[key] = planned.get(key, 0) + 1
         deltas, bits, rejected = [], 0, {}
         for u in updates:
-            if p.clip_on == "server":
-                clipped, norm, within = clip_upload(u.tensors, global_state, clip)
-                deltas.append(update_of(clipped, global_state))
-                bits += int(within)
-                continue
             delta = update_of(u.tensors, global_state)
             norm = norm_of(delta)
+            if p.clip_on == "server":  # clipped here, in float64: exactly within C
+                deltas.append(scaled(delta, min(1.0, clip / norm) if norm > 0 else 1.0))
+                bits += int(norm <= clip)
+                continue
             if norm > clip * (1 + CLIP_TOLERANCE):
                 rejected[u.client] = (
                     f"update norm {norm:.6g} exceeds the round's clip norm {clip:.6g} "
@@ -138,13 +165,14 @@ class PrivateAggregator:
             if self.adaptive and unclipped.get(u.client) is None:
                 rejected[u.client] = "no 'unclipped' report: adaptive clipping needs it"
                 continue
-            deltas.append(delta)
+            # a client-clipped upload arrives rounded to float32: projected onto C exactly
+            deltas.append(scaled(delta, min(1.0, clip / norm)) if norm > clip else delta)
             bits += int(unclipped.get(u.client) or 0)
         for client, reason in rejected.items():
             logger.warning("rejected the update of client %d: %s", client, reason)
         noise_std = self.update_multiplier * clip
         result = noisy_mean(
-            global_state, deltas, planned, noise_std, generator(seed, Purpose.DP_NOISE, round_)
+            global_state, deltas, planned, noise_std, self.stream(Purpose.DP_NOISE, round_)
         )
         record: dict[str, Any] = {
             "clip_norm": round(clip, 8),
@@ -155,7 +183,7 @@ class PrivateAggregator:
             assert self.count_noise is not None
             self.clip_norm, share = next_clip_norm(
                 clip, bits, len(trainers), p.target_quantile, p.clip_lr, self.count_noise,
-                generator(seed, Purpose.DP_CLIP, round_),
+                self.stream(Purpose.DP_CLIP, round_),
             )  # fmt: skip
             record["unclipped_share"] = round(share, 6)  # the noisy share that moved C
         epsilon = self.accounting.epsilon(round_)
