@@ -227,6 +227,13 @@ def run_compare(
     on_done: Callable[[Cell, str], None] | None = None,
 ) -> list[Cell]:
     """Run every cell (reusing finished ones) and write ``compare.json``."""
+    if base.privacy.enabled and base.privacy.noise == "secret":
+        logger.warning(
+            "privacy.noise = 'secret': every cell draws its own key, so strategies of one seed "
+            "see different sites and different noise, and the paired differences carry both; "
+            "a paired study sets privacy.noise = 'seeded' (no guarantee against whoever knows "
+            "the seed: a study's setting)"
+        )
     cells = plan_cells(strategies, seeds, partitions)
     configs = {cell: cell_config(base, cell) for cell in cells}  # all errors before any work
     root.mkdir(parents=True, exist_ok=True)
