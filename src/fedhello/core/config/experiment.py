@@ -12,17 +12,17 @@ from pydantic import Field, model_validator
 
 from fedhello.core.allocation import strategy_class
 from fedhello.core.config.clients import ClientsConfig
+from fedhello.core.config.federation import FederationConfig
 from fedhello.core.config.privacy import PrivacyConfig
 from fedhello.core.config.sections import (
     DataConfig,
-    FederationConfig,
     LoraSection,
     ModelConfig,
     RunConfig,
     Section,
-    TrainConfig,
 )
 from fedhello.core.config.strategy import AllocationConfig
+from fedhello.core.config.training import TrainConfig
 
 
 def outcome_differences(
