@@ -16,8 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from fedhello.core.aggregation import AggregationReport, State, accept
 from fedhello.core.errors import ConfigError
-from fedhello.core.layers import AllocationPlan, keys_for_spec
-from fedhello.core.privacy.server import PrivateAggregator, json_number, private_rounds
+from fedhello.core.layers import AllocationPlan
+from fedhello.core.privacy.server import (
+    PrivateAggregator,
+    json_number,
+    planned_counts,
+    private_rounds,
+)
 
 if TYPE_CHECKING:
     from fedhello.core.config import Config
@@ -103,8 +108,7 @@ def private_round(
             report.rejected[update.client] = dropped[update.client]
             for layer in update.layers:
                 report.coverage[layer] -= 1
-    moved = {key for a in plan.clients if a.layers for key in keys_for_spec(exp.layer_of, a.spec)}
-    return averaged, report, record, moved
+    return averaged, report, record, set(planned_counts(plan, exp.layer_of))
 
 
 def summary(private: PrivateAggregator | None, last: int) -> dict[str, Any]:

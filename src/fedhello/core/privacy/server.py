@@ -84,6 +84,17 @@ def private_rounds(cfg: Config) -> int:
     )
 
 
+def planned_counts(plan: AllocationPlan, layer_of: Mapping[str, int | None]) -> dict[str, int]:
+    """Per tensor, how many of the round's trainers the plan gave it (a client without layers
+    sits out): the denominator of its noisy mean, and the tensors the round's noise moves."""
+    planned: dict[str, int] = {}
+    for alloc in plan.clients:
+        if alloc.layers:
+            for key in keys_for_spec(layer_of, alloc.spec):
+                planned[key] = planned.get(key, 0) + 1
+    return planned
+
+
 def scaled(update: State, factor: float) -> State:
     return {k: v * factor for k, v in update.items()} if factor != 1.0 else update
 
@@ -144,10 +155,7 @@ class PrivateAggregator:
         within the clip norm (client-side clipping)."""
         p, clip = self.cfg.privacy, self.clip_norm
         trainers = [a for a in plan.clients if a.layers]
-        planned: dict[str, int] = {}
-        for alloc in trainers:
-            for key in keys_for_spec(layer_of, alloc.spec):
-                planned[key] = planned.get(key, 0) + 1
+        planned = planned_counts(plan, layer_of)
         deltas, bits, rejected = [], 0, {}
         for u in updates:
             delta = update_of(u.tensors, global_state)
