@@ -112,12 +112,16 @@ def test_config_refuses_finetune_rounds_without_a_frozen_head() -> None:
     cfg = load_config(None, ['train.head="class-means"', "train.head_finetune_rounds=3",
                              "federation.rounds=3"])  # fmt: skip
     assert cfg.train.head == "class-means" and cfg.train.head_finetune_rounds == 3
-    assert load_config(None).train.head == "federated"
-    for head in ("federated", "local"):
+    assert (load_config(None).train.head, load_config(None).train.loss) == ("auto", "auto")
+    every = load_config(None, ['train.head="class-means"', 'train.head_finetune_rounds="all"'])
+    assert [every.train.finetune_rounds(r) for r in (1, 15, 30)] == [1, 15, 30]
+    for head in ("federated", "local", "auto"):
         with pytest.raises(
             ConfigError, match=rf"head_finetune_rounds = 1 with train.head = '{head}'"
         ):
             load_config(None, [f'train.head="{head}"', "train.head_finetune_rounds=1"])
+    with pytest.raises(ConfigError, match=r"head_finetune_rounds = -1: allowed: 0..federation"):
+        load_config(None, ['train.head="frozen"', "train.head_finetune_rounds=-1"])
     with pytest.raises(ConfigError, match=r"head_finetune_rounds = 4 with federation.rounds = 3"):
         load_config(None, ['train.head="frozen"', "train.head_finetune_rounds=4",
                            "federation.rounds=3"])  # fmt: skip
@@ -129,8 +133,58 @@ def test_config_refuses_finetune_rounds_without_a_frozen_head() -> None:
         'data.question_column="q"',
     ]
     check_config(load_config(None, [*mc, 'train.head="frozen"']))
+    check_config(load_config(None, mc))  # auto: federated head, cross-entropy (see below)
     with pytest.raises(ConfigError, match=r"class-means' with model.task = 'multiple-choice'"):
         check_config(load_config(None, [*mc, 'train.head="class-means"']))
+
+
+def test_auto_is_the_skew_recipe_where_it_applies(tiny_bert_dir: Path) -> None:
+    """``train.head`` and ``train.loss`` ``auto``: FedNCM-FT with FedLC for a classifier with a
+    linear head; the averaged head under DP (round 0's class sums are not accounted) or with a
+    head class means cannot build; the plain head and loss for a task without class rows."""
+    from fedhello.engine.experiment import resolve_recipe
+    from fedhello.tasks import task_for
+
+    text, mc, lm = task_for("text"), task_for("multiple-choice"), task_for("causal-lm")
+    loaded = load_model(str(tiny_bert_dir), LABELS, pooling="mean")
+
+    def resolved(task: Any, model: Any, *overrides: str) -> tuple[str, int | str, str]:
+        t = resolve_recipe(load_config(None, list(overrides)), task, model).train
+        return t.head, t.head_finetune_rounds, t.loss
+
+    assert resolved(text, loaded.model) == ("class-means", "all", "logit-adjusted")
+    dp = ["privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0"]
+    assert resolved(text, loaded.model, *dp) == ("federated", 0, "logit-adjusted")
+
+    class TwoLayerHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+
+    assert resolved(text, TwoLayerHead()) == ("federated", 0, "logit-adjusted")
+    assert resolved(mc, loaded.model) == resolved(lm, loaded.model) == (
+        "federated", 0, "cross-entropy",
+    )  # fmt: skip
+    # what is set stays as set; a loss set alone keeps the head's auto
+    assert resolved(text, loaded.model, 'train.head="frozen"', 'train.loss="cross-entropy"') == (
+        "frozen", 0, "cross-entropy",
+    )  # fmt: skip
+    assert resolved(text, loaded.model, 'train.loss="cross-entropy"')[:2] == ("class-means", "all")
+
+
+def test_a_run_config_without_head_or_loss_reads_as_it_ran(tmp_path: Path) -> None:
+    """A run's config.toml written before ``train.head`` and ``train.loss`` existed ran with the
+    averaged head and cross-entropy: it reads so, not as today's auto."""
+    import tomli_w
+
+    from fedhello.core.config import load_saved_config
+
+    old = load_config(None, ['train.head="federated"', 'train.loss="cross-entropy"']).to_dict()
+    del old["train"]["head"], old["train"]["loss"]
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(old))
+    t = load_saved_config(path).train
+    assert (t.head, t.loss) == ("federated", "cross-entropy")
 
 
 # ---- FedNCM: the client's sums and the server's head against numpy ---------------------------
@@ -298,26 +352,42 @@ def _equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 def test_tiny_federations_of_each_head_policy(
     tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
 ) -> None:
-    """3 rounds x 3 clients on 2 classes each. federated spelled out is the default bit for
-    bit; frozen keeps the initial head, and with one fine-tuning round changes it only in
+    """3 rounds x 3 clients on 2 classes each. The default (auto) is FedNCM-FT with FedLC
+    spelled out, bit for bit, and the summary says so while config.toml keeps auto; frozen
+    keeps the initial head, and with one fine-tuning round changes it only in
     the last; local never changes the global head while its clients train it (their round-1
     loss is federated's, below frozen's); class-means builds the head before round 1, as the
     embedded engine's sums say, and records it."""
     base = _cfg(tiny_bert_dir, tiny_text_csv, federation__rounds=3)
     init = _initial_head(base)
     runs: dict[str, list[dict]] = {}
+    plain = {"train__head": '"federated"', "train__loss": '"cross-entropy"'}
     settings = {
-        "default": {}, "federated": {"train__head": '"federated"'},
+        "default": {},
+        "recipe": {"train__head": '"class-means"', "train__head_finetune_rounds": '"all"',
+                   "train__loss": '"logit-adjusted"'},
+        "federated": plain,
         "frozen": {"train__head": '"frozen"'},
         "finetune": {"train__head": '"frozen"', "train__head_finetune_rounds": 1},
         "local": {"train__head": '"local"'}, "class-means": {"train__head": '"class-means"'},
     }  # fmt: skip
+    for name in ("frozen", "finetune", "local", "class-means"):  # the loss of federated's
+        settings[name]["train__loss"] = '"cross-entropy"'
     for name, extra in settings.items():
         runs[name] = _run(tmp_path / name, _cfg(tiny_bert_dir, tiny_text_csv,
                                                 federation__rounds=3, **extra))  # fmt: skip
-    assert strip_timing(runs["federated"]) == strip_timing(runs["default"])
-    assert "head" not in runs["default"][0]
-    assert all(not _equal(h, init) for h in _heads(tmp_path / "default"))
+    assert strip_timing(runs["recipe"]) == strip_timing(runs["default"])
+    summary = RunDir(tmp_path / "default").read_summary()
+    assert (summary["head"], summary["head_finetune_rounds"], summary["loss"]) == (
+        "class-means", 3, "logit-adjusted",
+    )  # fmt: skip
+    saved = (tmp_path / "default" / "config.toml").read_text()
+    assert 'head = "auto"' in saved and 'loss = "auto"' in saved
+    assert [r["head"] for r in runs["default"]] == ["federated"] * 3
+    assert runs["default"][0]["class_means"]["classes_built"] == 4
+    assert runs["default"][0]["train_loss"] != runs["federated"][0]["train_loss"]
+    assert "head" not in runs["federated"][0]
+    assert all(not _equal(h, init) for h in _heads(tmp_path / "federated"))
     # frozen: the initial head, bit for bit, in every round and in the final adapter
     assert [r["head"] for r in runs["frozen"]] == ["frozen"] * 3
     assert all(_equal(h, init) for h in _heads(tmp_path / "frozen"))
@@ -329,12 +399,13 @@ def test_tiny_federations_of_each_head_policy(
     assert [_equal(h, init) for h in _heads(tmp_path / "finetune")] == [True, True, False]
     # local: the global head stays initial; clients train it (round 1 is federated's)
     assert all(_equal(h, init) for h in _heads(tmp_path / "local"))
-    assert runs["local"][0]["train_loss"] == runs["default"][0]["train_loss"]
+    assert runs["local"][0]["train_loss"] == runs["federated"][0]["train_loss"]
     assert all(
         loc["train_loss"] < fro["train_loss"]
         for loc, fro in zip(runs["local"], runs["frozen"], strict=True)
     )
-    assert runs["local"][1]["clients"][0]["bytes_up"] < runs["default"][1]["clients"][0]["bytes_up"]
+    up = runs["federated"][1]["clients"][0]["bytes_up"]
+    assert runs["local"][1]["clients"][0]["bytes_up"] < up
     # class-means: built at round 0 from every client's sums, then frozen
     first = runs["class-means"][0]
     assert first["head"] == "frozen" and first["class_means"]["clients"] == list(range(6))

@@ -19,7 +19,7 @@ import numpy as np
 from fedhello.core.allocation import strategy_class
 from fedhello.core.budgets import strategy_for
 from fedhello.core.config import Config
-from fedhello.core.heads import head_mode
+from fedhello.core.heads import AUTO, head_mode
 from fedhello.core.privacy.server import json_number
 from fedhello.core.schedule import sample_clients
 from fedhello.model.source import model_shape, resolve_model_source
@@ -102,7 +102,9 @@ def privacy_plan(
         for layer, count in enumerate(entry["coverage"]):
             if count:
                 noise[layer].append(z / count)
-        head = head_mode(t.head, entry["round"], last, min(t.head_finetune_rounds, last))
+        # auto under DP is the averaged head (fedhello.core.heads.auto_head)
+        policy = "federated" if t.head == AUTO else t.head
+        head = head_mode(policy, entry["round"], last, t.finetune_rounds(last))
         if trainers and head == "federated":  # a frozen or local head is neither sent nor noised
             noise[num_layers].append(z / len(trainers))
         entry["epsilon"] = json_number(private.accounting.epsilon(min(entry["round"], last)))

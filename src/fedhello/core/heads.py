@@ -11,12 +11,22 @@ round, and FedNCM's head built by the server from class means. Pure numpy: no to
   (``fedhello.model.class_means``); the server sets row c of the head's weight to
   ``mu_c / ||mu_c||``, ``mu_c = sum_k s_kc / sum_k n_kc``, and its bias to 0 (a class nobody
   holds keeps its initial row and bias). Then it is ``frozen`` as above (FedNCM-FT:
-  ``head_finetune_rounds = rounds``). The logits are ``||x|| cos(w_c, x)``: unit-norm rows
+  ``head_finetune_rounds = "all"``). The logits are ``||x|| cos(w_c, x)``: unit-norm rows
   times the raw features, as FedNCM uses them, so their scale is the features' norm (small
   logits are fine: the fine-tuning or the LoRA training adapts).
 - ``local`` (the Fed-HeLLo authors' code): each client trains the head from the global one
   every round but never uploads it; the server never averages it, so the global head stays
   at its initialisation, and the global model is evaluated with that initial head.
+- ``auto`` (the default): ``class-means`` trained every round (FedNCM-FT) where it applies,
+  else ``federated``; with ``train.loss = "auto"`` (logit-adjusted, FedLC, for a classifier)
+  it is the label skew recipe that reached 0.93 of the centralised reference on the
+  pathological split where the averaged head alone reached 0.82 (docs/RESULTS.md section 6).
+  It applies to a task whose head has a row per class and is one linear layer, without
+  client-level DP (whose accountant does not cover round 0's class sums); a multiple-choice
+  or language-model task, a non-linear head (``model.pooling = "head"`` on RoBERTa) or a
+  private run gets ``federated``. The engine resolves it once the model is built
+  (``auto_head``) and records what it chose in ``summary.json``; the run's config.toml keeps
+  ``auto``, as it does for the pooling and the precision.
 """
 
 from __future__ import annotations
@@ -28,11 +38,30 @@ from typing import Any
 import numpy as np
 
 HEAD_POLICIES = ("federated", "frozen", "class-means", "local")
+AUTO = "auto"  # train.head and train.loss: the label skew recipe where it applies
+
+
+def auto_head(class_rows: bool, private: bool) -> tuple[str, int | str]:
+    """``(train.head, train.head_finetune_rounds)`` that ``train.head = "auto"`` stands for:
+    FedNCM-FT (class means, then the head trained every round) for a head with a linear row
+    per class in a run without DP, else the averaged head.
+
+    >>> auto_head(class_rows=True, private=False), auto_head(class_rows=True, private=True)
+    (('class-means', 'all'), ('federated', 0))
+    """
+    return ("class-means", "all") if class_rows and not private else ("federated", 0)
+
+
+def auto_loss(class_rows: bool) -> str:
+    """The loss ``train.loss = "auto"`` stands for: FedLC's logit adjustment for a task whose
+    labels are classes a client may lack, else cross-entropy."""
+    return "logit-adjusted" if class_rows else "cross-entropy"
 
 
 def head_mode(policy: str, round_: int, rounds: int, finetune_rounds: int = 0) -> str:
-    """What the clients of ``round_`` (1..``rounds``) do with the head under ``policy``: one of
-    ``fedhello.core.layers.HEAD_MODES`` (``federated``, ``frozen``, ``local``).
+    """What the clients of ``round_`` (1..``rounds``) do with the head under ``policy`` (one
+    resolved from ``auto``), its last ``finetune_rounds`` trained (``TrainConfig.finetune_rounds``):
+    one of ``fedhello.core.layers.HEAD_MODES`` (``federated``, ``frozen``, ``local``).
 
     >>> [head_mode("frozen", r, 5, 2) for r in range(1, 6)]
     ['frozen', 'frozen', 'frozen', 'federated', 'federated']

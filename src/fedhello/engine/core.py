@@ -202,7 +202,8 @@ def open_round(
     plan = exp.allocate(round_, sampled)
     t = cfg.train
     lr = lr_at(round_, cfg.federation.rounds, t.lr, t.lr_schedule, t.lr_min_factor, t.lr_decay)
-    head = head_mode(t.head, round_, cfg.federation.rounds, t.head_finetune_rounds)
+    rounds = cfg.federation.rounds
+    head = head_mode(t.head, round_, rounds, t.finetune_rounds(rounds))
     if head != "federated":
         plan = replace(plan, clients=tuple(replace(a, head=head) for a in plan.clients))
     clip_norm = None if private is None else private.clip_norm
@@ -322,7 +323,7 @@ def run_federation(
         privacy.shortened(cfg, last), cache=opts.cache, accelerator=accelerator,
         saved_profile=saved,
     )  # fmt: skip
-    if cfg.train.head == "class-means":
+    if exp.cfg.train.head == "class-means":
         linear_head(exp.model)  # a head class means cannot build fails before anything is written
     engine.start(exp)
     if not opts.resume:
@@ -353,7 +354,7 @@ def run_federation(
         generative.zero_shot(exp, run, exp.init_state)
     obs.on_start(exp)
     round0 = None  # FedNCM's head, built before round 1 (a resumed run has it in its state)
-    if start == 1 and cfg.train.head == "class-means":
+    if start == 1 and exp.cfg.train.head == "class-means":  # resolved from auto by the build
         state, round0 = class_means_round(exp, engine, state)
     for round_ in range(start, last + 1):
         rp = open_round(exp, round_, state, round0 if round_ == 1 else None, private)

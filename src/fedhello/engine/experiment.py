@@ -23,6 +23,7 @@ from fedhello.core.aggregation import State
 from fedhello.core.allocation import AllocationStrategy
 from fedhello.core.budgets import client_tiers, strategy_for
 from fedhello.core.config import Config
+from fedhello.core.heads import AUTO, auto_head, auto_loss
 from fedhello.core.layers import AllocationPlan, layer_of_keys
 from fedhello.core.profile import CostProfile
 from fedhello.core.seeds import Purpose, derived_int, generator
@@ -31,6 +32,7 @@ from fedhello.data.loading import RawData, load_raw
 from fedhello.data.partition import hold_out_proxy, partition_indices
 from fedhello.engine.resources import ModelUnderTest, Resources, setup_resources
 from fedhello.model.accelerator import Accelerator, accelerator_for
+from fedhello.model.class_means import has_linear_head
 from fedhello.model.fisher import fisher_scores
 from fedhello.model.loading import LoadedModel, load_model
 from fedhello.model.lora import (
@@ -167,6 +169,28 @@ def build_lora_classifier(
     return loaded, model, keys, layer_of_keys(keys, num_layers)
 
 
+def resolve_recipe(cfg: Config, task: Task, model: torch.nn.Module) -> Config:
+    """``cfg`` with ``train.head`` and ``train.loss`` ``auto`` replaced by what they stand for
+    with this task and model (``fedhello.core.heads.auto_head``, ``auto_loss``): the run
+    trains, records and sends its nodes the resolved settings, and its config.toml keeps
+    ``auto``."""
+    t = cfg.train
+    update: dict[str, Any] = {}
+    if t.head == AUTO:
+        rows = task.class_rows and has_linear_head(model)
+        update["head"], update["head_finetune_rounds"] = auto_head(rows, cfg.privacy.enabled)
+    if t.loss == AUTO:
+        update["loss"] = auto_loss(task.class_rows)
+    if not update:
+        return cfg
+    logger.info(
+        "train.head / train.loss auto: %s (head fine-tuned in the last %s rounds), %s",
+        update.get("head", t.head), update.get("head_finetune_rounds", t.head_finetune_rounds),
+        update.get("loss", t.loss),
+    )  # fmt: skip
+    return cfg.model_copy(update={"train": t.model_copy(update=update)})
+
+
 def split_data(
     cfg: Config, task: Task, raw: RawData | None = None
 ) -> tuple[RawData, np.ndarray, list[np.ndarray]]:
@@ -225,6 +249,7 @@ def build_experiment(
     loaded, model, keys, layer_of = build_lora_classifier(
         cfg, raw.label_names, task.name, num_layers, accelerator
     )
+    cfg = resolve_recipe(cfg, task, model)
     data = cached[1] if cached else None
     if data is None and encode_data:
         data = encode(raw, loaded.processor, cfg.model.max_length, cfg.data.augment)
@@ -294,5 +319,6 @@ def build_node_model(cfg: Config, label_names: list[str], accelerator: Accelerat
     loaded, model, _, layer_of = build_lora_classifier(
         cfg, label_names, task.name, num_layers, accelerator
     )
+    cfg = resolve_recipe(cfg, task, model)  # a server's config arrives resolved already
     return NodeModel(cfg, model, loaded.processor, task, layer_of, list(label_names), accelerator,
                      loaded.source, num_layers)  # fmt: skip

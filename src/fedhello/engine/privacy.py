@@ -79,7 +79,7 @@ def shortened(cfg: Config, last: int) -> Config:
     return cfg.model_copy(update={
         "federation": fed.model_copy(update={"rounds": last}),
         "train": train.model_copy(
-            update={"head_finetune_rounds": min(train.head_finetune_rounds, last)}
+            update={"head_finetune_rounds": train.finetune_rounds(last)}
         ),
     })  # fmt: skip
 

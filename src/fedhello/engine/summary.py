@@ -99,6 +99,10 @@ def finish(
         "target": exp.strategy.target(),
         "model_source": exp.source,
         "pooling": exp.pooling,
+        # what train.head and train.loss ran as (auto resolved: fedhello.core.heads.auto_head)
+        "head": cfg.train.head,
+        "head_finetune_rounds": cfg.train.finetune_rounds(cfg.federation.rounds),
+        "loss": cfg.train.loss,
         **exp.accelerator.describe(),
         # the code's arithmetic: a comparison reuses this run only under the same version
         "numerics_version": NUMERICS_VERSION,

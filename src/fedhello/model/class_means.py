@@ -44,6 +44,15 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
     return module, linear
 
 
+def has_linear_head(model: torch.nn.Module) -> bool:
+    """Whether class means can build the model's head (``linear_head`` would accept it)."""
+    try:
+        linear_head(model)
+    except ModelError:
+        return False
+    return True
+
+
 def summed_rows(rows: np.ndarray, batch_size: int, seed: int, client: int,
                 max_batches: int = CLASS_MEANS_BATCHES) -> np.ndarray:  # fmt: skip
     """The rows a client sums: all of them, or a seeded subset of ``max_batches`` batches (in

@@ -54,6 +54,9 @@ class Task(ABC):
     # scored by its outputs' text (loss, perplexity, generation: fedhello.engine.generative),
     # not by predicted classes; such a kind has no trained head
     generative: bool = False
+    # its head has one row per class, and its labels are classes a client may lack: what
+    # train.head = "auto" (class means) and train.loss = "auto" (logit adjustment) need
+    class_rows: bool = True
 
     # -- the config ---------------------------------------------------------------------------
 

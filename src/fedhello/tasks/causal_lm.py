@@ -73,6 +73,7 @@ class CausalLMTask(Task):
     head = "CausalLM"
     uses_max_length = True
     generative = True  # scored by loss, perplexity and generation (fedhello.engine.generative)
+    class_rows = False  # no new head: train.head and train.loss "auto" are federated, cross-entropy
     unlabelled_class = UNLABELLED_CLASS  # fedhello.data.loading: a dataset may have no classes
 
     # -- the config ---------------------------------------------------------------------------
@@ -90,16 +91,17 @@ class CausalLMTask(Task):
                 "data.prompt_column and data.response_column; allowed: leave text_column "
                 "unset"
             )
-        if cfg.train.loss != "cross-entropy":
+        if cfg.train.loss not in ("cross-entropy", "auto"):
             raise ConfigError(
                 f"config: train.loss = {cfg.train.loss!r} {where}: that loss reweights class "
-                "logits, and a language model predicts tokens; allowed: loss = 'cross-entropy'"
+                "logits, and a language model predicts tokens; allowed: loss = 'cross-entropy' "
+                "or 'auto'"
             )
-        if cfg.train.head != "federated":
+        if cfg.train.head not in ("federated", "auto"):
             raise ConfigError(
                 f"config: train.head = {cfg.train.head!r} {where}: a language model gets no "
                 "new head (its own LM head stays frozen and only LoRA is trained); allowed: "
-                "head = 'federated'"
+                "head = 'federated' or 'auto'"
             )
         if cfg.model.pooling not in ("auto", "head"):
             raise ConfigError(

@@ -31,6 +31,7 @@ class MultipleChoiceTask(TextTask):
 
     name = "multiple-choice"
     head = "MultipleChoice"
+    class_rows = False  # one score per choice: train.head and train.loss "auto" are plain
 
     def check_config(self, cfg: Config) -> None:
         """At least two choices, something to read them with, no sentence pair, the plain
@@ -53,17 +54,17 @@ class MultipleChoiceTask(TextTask):
                 "'multiple-choice': its inputs are data.context_column, data.question_column "
                 "and data.choice_columns; allowed: leave text_column as one column"
             )
-        if cfg.train.loss != "cross-entropy":
+        if cfg.train.loss not in ("cross-entropy", "auto"):
             raise ConfigError(
                 f"config: train.loss = {cfg.train.loss!r} with model.task = 'multiple-choice': "
                 "its labels are answer positions, not classes a client lacks; allowed: "
-                "loss = 'cross-entropy'"
+                "loss = 'cross-entropy' or 'auto'"
             )
         if cfg.train.head == "class-means":
             raise ConfigError(
                 "config: train.head = 'class-means' with model.task = 'multiple-choice': its "
                 "head scores each choice, it has no class rows to build from class means; "
-                "allowed: head = 'federated', 'frozen' or 'local'"
+                "allowed: head = 'auto', 'federated', 'frozen' or 'local'"
             )
 
     def input_columns(self, cfg: DataConfig) -> list[tuple[str, str]]:

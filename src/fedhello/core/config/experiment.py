@@ -180,11 +180,12 @@ class Config(Section):
                 f"{self.clients.budget_kind!r}: cost profiles are measured on the full model; "
                 "allowed: budget_kind = layers"
             )
-        if self.train.head_finetune_rounds > fed.rounds:
+        finetune = self.train.head_finetune_rounds
+        if isinstance(finetune, int) and finetune > fed.rounds:
             raise ValueError(
                 f"train.head_finetune_rounds = {self.train.head_finetune_rounds} with "
                 f"federation.rounds = {fed.rounds}: it counts the last rounds; allowed: 0.."
-                f"{fed.rounds}"
+                f"{fed.rounds}, or 'all'"
             )
         return self
 

@@ -105,9 +105,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # Settings added after runs were first written, with the value in effect for a run whose saved
 # config lacks them (every run before ``train.precision`` existed trained in fp32 on a CPU;
-# every run before ``model.pooling`` read the encoder through transformers' head as built).
+# every run before ``model.pooling`` read the encoder through transformers' head as built; every
+# run before ``train.head`` and ``train.loss`` averaged the head and trained with cross-entropy).
 LEGACY: dict[str, dict[str, Any]] = {
-    "train": {"precision": "fp32", "base_precision": "fp32"},
+    "train": {
+        "precision": "fp32",
+        "base_precision": "fp32",
+        "head": "federated",
+        "loss": "cross-entropy",
+    },
     "model": {"pooling": "head"},
 }
 

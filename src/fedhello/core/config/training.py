@@ -48,32 +48,36 @@ class TrainConfig(Section):
         description="FedProx: mu/2 ||w - w_global||^2 over the tensors a client trains (head "
         "included) added to its local loss (0: off)",
     )
-    loss: Literal["cross-entropy", "restricted-softmax", "logit-adjusted"] = Field(
-        "cross-entropy",
-        description="local training loss (evaluation always uses cross-entropy): "
-        "restricted-softmax (FedRS: the logits of classes absent from the client's shard "
-        "times restricted_alpha) or logit-adjusted (FedLC: calibration_tau * n_c^(-1/4) "
-        "subtracted from class c's logit, n_c the shard's count, 1e-8 for an absent class); "
+    loss: Literal["auto", "cross-entropy", "restricted-softmax", "logit-adjusted"] = Field(
+        "auto",
+        description="local training loss (evaluation always uses cross-entropy): auto "
+        "(logit-adjusted for a classifier with a row per class, else cross-entropy: the label "
+        "skew recipe of docs/RESULTS.md section 6), cross-entropy, restricted-softmax (FedRS: "
+        "the logits of classes absent from the client's shard times restricted_alpha) or "
+        "logit-adjusted (FedLC: calibration_tau * n_c^(-1/4) subtracted from class c's logit, "
+        "n_c the shard's count, 1e-8 for an absent class); the skew-aware ones for "
         "classification tasks only",
     )
     restricted_alpha: float = Field(
         0.5, ge=0, le=1, description="restricted-softmax: factor on absent classes' logits"
     )
     calibration_tau: float = Field(1.0, gt=0, description="logit-adjusted: the margin's scale tau")
-    head: Literal["federated", "frozen", "class-means", "local"] = Field(
-        "federated",
-        description="the classification head: federated (every client trains and uploads it, "
-        "the server averages it), frozen (FedBABU: kept at its initialisation while LoRA "
-        "trains), class-means (FedNCM: built before round 1 from the clients' per-class mean "
-        "features, w_c = mu_c / ||mu_c||, bias 0, then frozen) or local (the Fed-HeLLo "
-        "authors' code: clients train it but never upload it, so the global model is "
-        "evaluated with its initial head)",
+    head: Literal["auto", "federated", "frozen", "class-means", "local"] = Field(
+        "auto",
+        description="the classification head: auto (class-means then trained every round, "
+        "FedNCM-FT, for a classifier whose head is one linear layer with a row per class and "
+        "no privacy section; else federated: the label skew recipe of docs/RESULTS.md section "
+        "6), federated (every client trains and uploads it, the server averages it), frozen "
+        "(FedBABU: kept at its initialisation while LoRA trains), class-means (FedNCM: built "
+        "before round 1 from the clients' per-class mean features, w_c = mu_c / ||mu_c||, "
+        "bias 0, then frozen) or local (the Fed-HeLLo authors' code: clients train it but "
+        "never upload it, so the global model is evaluated with its initial head)",
     )
-    head_finetune_rounds: int = Field(
+    head_finetune_rounds: int | Literal["all"] = Field(
         0,
-        ge=0,
         description="frozen and class-means: the last rounds in which the head is trained and "
-        "averaged as federated (FedBABU's fine-tuning; class-means with all rounds is FedNCM-FT)",
+        "averaged as federated (FedBABU's fine-tuning), 0..federation.rounds, or all "
+        "(class-means with all is FedNCM-FT, whatever the rounds)",
     )
     lr_schedule: Literal["constant", "linear", "cosine", "exponential"] = Field(
         "cosine",
@@ -165,25 +169,37 @@ class TrainConfig(Section):
                 "train.nesterov = true with train.momentum = 0: Nesterov needs momentum; "
                 "allowed: momentum > 0, or nesterov = false"
             )
-        if self.loss != "restricted-softmax" and self.restricted_alpha != 0.5:
+        if self.loss not in ("restricted-softmax", "auto") and self.restricted_alpha != 0.5:
             raise ValueError(
                 f"train.restricted_alpha = {self.restricted_alpha} with train.loss = "
                 f"{self.loss!r}: it is restricted-softmax's; allowed: loss = "
                 "'restricted-softmax', or its default 0.5"
             )
-        if self.loss != "logit-adjusted" and self.calibration_tau != 1.0:
+        if self.loss not in ("logit-adjusted", "auto") and self.calibration_tau != 1.0:
             raise ValueError(
                 f"train.calibration_tau = {self.calibration_tau} with train.loss = "
                 f"{self.loss!r}: it is logit-adjusted's; allowed: loss = 'logit-adjusted', or "
                 "its default 1.0"
             )
-        if self.head_finetune_rounds and self.head in ("federated", "local"):
+        if isinstance(self.head_finetune_rounds, int) and self.head_finetune_rounds < 0:
             raise ValueError(
-                f"train.head_finetune_rounds = {self.head_finetune_rounds} with train.head = "
-                f"{self.head!r}: it fine-tunes a frozen head; allowed: head = 'frozen' or "
-                "'class-means', or 0"
+                f"train.head_finetune_rounds = {self.head_finetune_rounds}: allowed: "
+                "0..federation.rounds, or 'all'"
+            )
+        if self.head_finetune_rounds and self.head in ("federated", "local", "auto"):
+            raise ValueError(
+                f"train.head_finetune_rounds = {self.head_finetune_rounds!r} with train.head = "
+                f"{self.head!r}: it fine-tunes a frozen head (auto chooses its own); allowed: "
+                "head = 'frozen' or 'class-means', or 0"
             )
         return self
+
+    def finetune_rounds(self, rounds: int) -> int:
+        """How many of a run's last ``rounds`` train the head under ``frozen`` or
+        ``class-means``: ``head_finetune_rounds``, with ``all`` every one of them."""
+        if self.head_finetune_rounds == "all":
+            return rounds
+        return min(self.head_finetune_rounds, rounds)
 
     @property
     def optimizer_moments(self) -> int:
