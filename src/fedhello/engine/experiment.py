@@ -183,11 +183,11 @@ def resolve_recipe(cfg: Config, task: Task, model: torch.nn.Module) -> Config:
         update["loss"] = auto_loss(task.class_rows)
     if not update:
         return cfg
-    logger.info(
-        "train.head / train.loss auto: %s (head fine-tuned in the last %s rounds), %s",
-        update.get("head", t.head), update.get("head_finetune_rounds", t.head_finetune_rounds),
-        update.get("loss", t.loss),
-    )  # fmt: skip
+    if "head" in update:
+        every = ", trained every round" if update["head_finetune_rounds"] == "all" else ""
+        logger.info("train.head = auto: %s%s", update["head"], every)
+    if "loss" in update:
+        logger.info("train.loss = auto: %s", update["loss"])
     return cfg.model_copy(update={"train": t.model_copy(update=update)})
 
 
