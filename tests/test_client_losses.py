@@ -188,13 +188,15 @@ def _run(out: Path, model: Path, data: Path, **extra: object) -> list[dict]:
 def test_tiny_federations_with_each_choice(
     tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
 ) -> None:
-    """2 rounds x 3 clients on 2 classes each: the explicit AdamW defaults train exactly as the
-    default config; SGD (momentum, Nesterov) with FedProx and FedRS, and plain SGD with FedLC,
-    run end to end and train differently, recording the memory their state takes."""
+    """2 rounds x 3 clients on 2 classes each: the defaults spelled out (AdamW's, and the skew
+    recipe's head and loss) train exactly as the default config; SGD (momentum, Nesterov)
+    with FedProx and FedRS, and plain SGD with FedLC, run end to end and train differently,
+    recording the memory their state takes."""
     default = _run(tmp_path / "default", tiny_bert_dir, tiny_text_csv)
     explicit = _run(tmp_path / "adamw", tiny_bert_dir, tiny_text_csv, train__optimizer='"adamw"',
                     train__betas="[0.9, 0.999]", train__eps=1e-8, train__momentum=0.0,
-                    train__loss='"cross-entropy"', train__proximal_mu=0.0)  # fmt: skip
+                    train__loss='"logit-adjusted"', train__head='"class-means"',
+                    train__head_finetune_rounds='"all"', train__proximal_mu=0.0)  # fmt: skip
     assert strip_timing(explicit) == strip_timing(default)
     fedrs = _run(tmp_path / "fedrs", tiny_bert_dir, tiny_text_csv, train__optimizer='"sgd"',
                  train__momentum=0.9, train__nesterov="true", train__lr=0.1,

@@ -187,6 +187,35 @@ def test_a_run_config_without_head_or_loss_reads_as_it_ran(tmp_path: Path) -> No
     assert (t.head, t.loss) == ("federated", "cross-entropy")
 
 
+def test_a_comparison_reuses_a_cell_from_before_auto_where_auto_changes_nothing(
+    tmp_path: Path, tiny_llama_dir: Path, tiny_alpaca_jsonl: Path, tiny_bert_dir: Path,
+    tiny_text_csv: Path,
+) -> None:  # fmt: skip
+    """A finished cell written with the averaged head and cross-entropy spelled out (every run
+    before auto) is reused by a comparison whose config leaves them auto where the task
+    settles auto so (a language model); for a classifier auto is the skew recipe: refused."""
+    from conftest import lm_overrides
+
+    from fedhello.core.errors import RunDirError
+    from fedhello.studies.compare import Cell, run_cell
+
+    plain = ['train.head="federated"', 'train.loss="cross-entropy"']
+    cases = [("lm", lm_overrides(tiny_llama_dir, tiny_alpaca_jsonl)),
+             ("text", _cfg(tiny_bert_dir, tiny_text_csv))]  # fmt: skip
+    for name, ov in cases:
+        root, cell = tmp_path / name, Cell("iid", "fedra", 0)
+        run = RunDir(cell.path(root))
+        run.path.mkdir(parents=True)
+        run.write_config(load_config(None, [*ov, *plain]))
+        run.write_summary({"precision": "fp32", "base_precision": "fp32"})
+        wanted = load_config(None, ov)
+        if name == "lm":
+            assert run_cell(cell, wanted, root) == "reused"
+        else:
+            with pytest.raises(RunDirError, match=r"train.head \('federated' -> 'auto'\)"):
+                run_cell(cell, wanted, root)
+
+
 # ---- FedNCM: the client's sums and the server's head against numpy ---------------------------
 
 

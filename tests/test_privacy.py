@@ -331,7 +331,7 @@ def test_without_noise_and_with_a_clip_nobody_reaches_dp_is_uniform_fedavg(
                     privacy__clip_norm=1e6)  # fmt: skip
     assert _run(dp, ov) == 0
     assert _run(plain, [o for o in ov if not o.startswith("privacy.")]
-                + ['federation.weighting="uniform"']) == 0  # fmt: skip
+                + ['federation.weighting="uniform"', 'train.head="federated"']) == 0  # fmt: skip
     a = load_file(str(dp / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(plain / "adapter" / "adapter_model.safetensors"))
     for k in a:

@@ -191,6 +191,22 @@ def resolve_recipe(cfg: Config, task: Task, model: torch.nn.Module) -> Config:
     return cfg.model_copy(update={"train": t.model_copy(update=update)})
 
 
+def settled_by_task(cfg: Config) -> Config:
+    """``cfg`` with ``train.head`` and ``train.loss`` ``auto`` replaced where its task alone
+    settles them: a task without class rows (multiple choice, a language model) gets the
+    averaged head and cross-entropy whatever the model. A comparison compares configs so, and
+    reuses a cell written before ``auto`` existed where ``auto`` changes nothing."""
+    t = cfg.train
+    if AUTO not in (t.head, t.loss) or model_task(cfg)[1].class_rows:
+        return cfg
+    update: dict[str, Any] = {}
+    if t.head == AUTO:
+        update["head"], update["head_finetune_rounds"] = auto_head(False, cfg.privacy.enabled)
+    if t.loss == AUTO:
+        update["loss"] = auto_loss(False)
+    return cfg.model_copy(update={"train": t.model_copy(update=update)})
+
+
 def split_data(
     cfg: Config, task: Task, raw: RawData | None = None
 ) -> tuple[RawData, np.ndarray, list[np.ndarray]]:

@@ -38,7 +38,7 @@ from fedhello.core.errors import ConfigError, RunDirError
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
-from fedhello.engine.experiment import DataCache
+from fedhello.engine.experiment import DataCache, settled_by_task
 from fedhello.model.accelerator import differs_from_recorded
 from fedhello.store.runs import PRECISION_KEYS, RunDir
 from fedhello.studies.results import CENTRALIZED
@@ -183,7 +183,8 @@ def run_cell(
     options = RunOptions(observer=observer or Observer(), cache=cache)
     if run.config_path.is_file():
         # precisions compare as resolved (``auto`` resolves per machine), the rest as written
-        diff = outcome_differences(load_saved_config(run.config_path), cfg, PRECISION_KEYS)
+        saved = settled_by_task(load_saved_config(run.config_path))
+        diff = outcome_differences(saved, settled_by_task(cfg), PRECISION_KEYS)
         diff += differs_from_recorded(cfg, run.recorded_precision())
         if diff:
             raise RunDirError(
@@ -246,8 +247,8 @@ def run_compare(
     spec_path = root / "compare.json"
     if spec_path.is_file():
         old = json.loads(spec_path.read_text())
-        saved = build_saved_config(old.get("base_config", {}))
-        diff = outcome_differences(saved, base, PRECISION_KEYS)  # each cell checks them
+        saved = settled_by_task(build_saved_config(old.get("base_config", {})))
+        diff = outcome_differences(saved, settled_by_task(base), PRECISION_KEYS)  # and each cell
         if diff:
             raise RunDirError(
                 f"{root} holds a comparison of another base config ({', '.join(diff)}): "

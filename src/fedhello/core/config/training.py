@@ -169,7 +169,8 @@ class TrainConfig(Section):
                 "train.nesterov = true with train.momentum = 0: Nesterov needs momentum; "
                 "allowed: momentum > 0, or nesterov = false"
             )
-        if self.loss not in ("restricted-softmax", "auto") and self.restricted_alpha != 0.5:
+        # auto is logit-adjusted or cross-entropy, never restricted-softmax
+        if self.loss != "restricted-softmax" and self.restricted_alpha != 0.5:
             raise ValueError(
                 f"train.restricted_alpha = {self.restricted_alpha} with train.loss = "
                 f"{self.loss!r}: it is restricted-softmax's; allowed: loss = "
