@@ -23,7 +23,6 @@ from fedhello.core.aggregation import State
 from fedhello.core.allocation import AllocationStrategy
 from fedhello.core.budgets import client_tiers, strategy_for
 from fedhello.core.config import Config
-from fedhello.core.heads import AUTO, auto_head, auto_loss
 from fedhello.core.layers import AllocationPlan, layer_of_keys
 from fedhello.core.profile import CostProfile
 from fedhello.core.seeds import Purpose, derived_int, generator
@@ -32,7 +31,6 @@ from fedhello.data.loading import RawData, load_raw
 from fedhello.data.partition import hold_out_proxy, partition_indices
 from fedhello.engine.resources import ModelUnderTest, Resources, setup_resources
 from fedhello.model.accelerator import Accelerator, accelerator_for
-from fedhello.model.class_means import has_linear_head
 from fedhello.model.fisher import fisher_scores
 from fedhello.model.loading import LoadedModel, load_model
 from fedhello.model.lora import (
@@ -44,6 +42,7 @@ from fedhello.model.lora import (
 )
 from fedhello.model.source import model_shape, resolve_model_source
 from fedhello.tasks import Task, check_config, task_for
+from fedhello.tasks.recipe import resolve_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -167,44 +166,6 @@ def build_lora_classifier(
     keys = adapter_keys(model)
     accelerator.place(model, set(keys))
     return loaded, model, keys, layer_of_keys(keys, num_layers)
-
-
-def resolve_recipe(cfg: Config, task: Task, model: torch.nn.Module) -> Config:
-    """``cfg`` with ``train.head`` and ``train.loss`` ``auto`` replaced by what they stand for
-    with this task and model (``fedhello.core.heads.auto_head``, ``auto_loss``): the run
-    trains, records and sends its nodes the resolved settings, and its config.toml keeps
-    ``auto``."""
-    t = cfg.train
-    update: dict[str, Any] = {}
-    if t.head == AUTO:
-        rows = task.class_rows and has_linear_head(model)
-        update["head"], update["head_finetune_rounds"] = auto_head(rows, cfg.privacy.enabled)
-    if t.loss == AUTO:
-        update["loss"] = auto_loss(task.class_rows)
-    if not update:
-        return cfg
-    if "head" in update:
-        every = ", trained every round" if update["head_finetune_rounds"] == "all" else ""
-        logger.info("train.head = auto: %s%s", update["head"], every)
-    if "loss" in update:
-        logger.info("train.loss = auto: %s", update["loss"])
-    return cfg.model_copy(update={"train": t.model_copy(update=update)})
-
-
-def settled_by_task(cfg: Config) -> Config:
-    """``cfg`` with ``train.head`` and ``train.loss`` ``auto`` replaced where its task alone
-    settles them: a task without class rows (multiple choice, a language model) gets the
-    averaged head and cross-entropy whatever the model. A comparison compares configs so, and
-    reuses a cell written before ``auto`` existed where ``auto`` changes nothing."""
-    t = cfg.train
-    if AUTO not in (t.head, t.loss) or model_task(cfg)[1].class_rows:
-        return cfg
-    update: dict[str, Any] = {}
-    if t.head == AUTO:
-        update["head"], update["head_finetune_rounds"] = auto_head(False, cfg.privacy.enabled)
-    if t.loss == AUTO:
-        update["loss"] = auto_loss(False)
-    return cfg.model_copy(update={"train": t.model_copy(update=update)})
 
 
 def split_data(

@@ -35,13 +35,15 @@ from fedhello.core.config import (
     outcome_differences,
 )
 from fedhello.core.errors import ConfigError, RunDirError
+from fedhello.core.heads import AUTO
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
-from fedhello.engine.experiment import DataCache, settled_by_task
+from fedhello.engine.experiment import DataCache, model_task
 from fedhello.model.accelerator import differs_from_recorded
 from fedhello.store.runs import PRECISION_KEYS, RunDir
 from fedhello.studies.results import CENTRALIZED
+from fedhello.tasks.recipe import settled_by_task
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +175,14 @@ def plan_cells(
     return cells + [Cell(CENTRALIZED, CENTRALIZED, seed) for seed in seeds]
 
 
+def comparable(cfg: Config) -> Config:
+    """``cfg`` as a comparison compares it with a saved one: ``train.head`` and ``train.loss``
+    ``auto`` settled where the task alone settles them (``settled_by_task``)."""
+    if AUTO not in (cfg.train.head, cfg.train.loss):
+        return cfg
+    return settled_by_task(cfg, model_task(cfg)[1])
+
+
 def run_cell(
     cell: Cell, cfg: Config, root: Path, observer: Observer | None = None,
     cache: DataCache | None = None,
@@ -183,8 +193,8 @@ def run_cell(
     options = RunOptions(observer=observer or Observer(), cache=cache)
     if run.config_path.is_file():
         # precisions compare as resolved (``auto`` resolves per machine), the rest as written
-        saved = settled_by_task(load_saved_config(run.config_path))
-        diff = outcome_differences(saved, settled_by_task(cfg), PRECISION_KEYS)
+        saved = comparable(load_saved_config(run.config_path))
+        diff = outcome_differences(saved, comparable(cfg), PRECISION_KEYS)
         diff += differs_from_recorded(cfg, run.recorded_precision())
         if diff:
             raise RunDirError(
@@ -247,8 +257,8 @@ def run_compare(
     spec_path = root / "compare.json"
     if spec_path.is_file():
         old = json.loads(spec_path.read_text())
-        saved = settled_by_task(build_saved_config(old.get("base_config", {})))
-        diff = outcome_differences(saved, settled_by_task(base), PRECISION_KEYS)  # and each cell
+        saved = comparable(build_saved_config(old.get("base_config", {})))
+        diff = outcome_differences(saved, comparable(base), PRECISION_KEYS)  # and each cell
         if diff:
             raise RunDirError(
                 f"{root} holds a comparison of another base config ({', '.join(diff)}): "
