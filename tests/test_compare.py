@@ -166,8 +166,10 @@ def test_reuse_ignores_operational_settings_and_names_real_differences(
     compare_dir: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """A changed Flower timeout or checkpoint period must not invalidate finished runs; a
-    changed learning rate must, with an error naming the setting and both values."""
+    """A changed Flower timeout or checkpoint period must not invalidate finished runs, nor a
+    partition setting no compared split reads (the pathological classes per client, for
+    Dirichlet and IID splits and the centralised reference); a changed learning rate must,
+    with an error naming the setting and both values, and so must the Dirichlet alpha."""
     import fedhello.studies.compare as sim
 
     def refuse(*args, **kwargs):
@@ -177,10 +179,35 @@ def test_reuse_ignores_operational_settings_and_names_real_differences(
     base = _args(compare_dir, tiny_bert_dir, tiny_text_csv)
     ops = ["--set", "federation.node_wait=7", "--set", "run.checkpoint_every=2"]
     assert main(base + ops) == 0
+    assert main([*base, "--set", "data.classes_per_client=3"]) == 0
     capsys.readouterr()
     assert main([*base, "--set", "train.lr=0.123"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.lr" in err[0] and "0.123" in err[0]
+    assert main([*base, "--set", "data.dirichlet_alpha=0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.dirichlet_alpha (0.5 -> 0.1)" in err[0]
+
+
+def test_the_centralised_reference_is_one_run_whatever_the_skew() -> None:
+    """The reference (one client, IID) reads no partition setting: a comparison of another
+    Dirichlet alpha or classes per client shares it; a federated cell of another one does
+    not."""
+    from fedhello.core.config import load_config, outcome_differences
+    from fedhello.studies.compare import Cell, cell_config
+    from fedhello.studies.results import CENTRALIZED
+
+    a = load_config(None, ["data.dirichlet_alpha=0.1", "data.classes_per_client=3"])
+    b = load_config(None)
+    ref = Cell(CENTRALIZED, CENTRALIZED, 0)
+    assert outcome_differences(cell_config(a, ref), cell_config(b, ref)) == []
+    diri, path = Cell("dirichlet", "fedra", 0), Cell("pathological", "fedra", 0)
+    assert outcome_differences(cell_config(a, diri), cell_config(b, diri)) == [
+        "data.dirichlet_alpha (0.1 -> 0.5)"
+    ]
+    assert outcome_differences(cell_config(a, path), cell_config(b, path)) == [
+        "data.classes_per_client (3 -> 5)"
+    ]
 
 
 def test_the_paired_interval_is_students_t() -> None:

@@ -50,6 +50,14 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
 }
 
 
+# The partition settings a partition does not read (fedhello.data.partition).
+UNUSED_BY_PARTITION: dict[str, tuple[str, ...]] = {
+    "iid": ("dirichlet_alpha", "classes_per_client"),
+    "pathological": ("dirichlet_alpha",),
+    "dirichlet": ("classes_per_client",),
+}
+
+
 class Config(Section):
     """A whole experiment.
 
@@ -215,6 +223,10 @@ class Config(Section):
         for section, keys in OPERATIONAL.items():
             for key in keys:
                 data[section].pop(key, None)
+        # another partition's setting splits nothing: a comparison's centralised reference
+        # (one client, iid) is the same run whatever the skew of the splits compared with it
+        for key in UNUSED_BY_PARTITION[self.data.partition]:
+            data["data"].pop(key, None)
         return data
 
 
