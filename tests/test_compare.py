@@ -192,7 +192,7 @@ def test_reuse_ignores_operational_settings_and_names_real_differences(
 def test_the_centralised_reference_is_one_run_whatever_the_skew() -> None:
     """The reference (one client, IID) reads no partition setting: a comparison of another
     Dirichlet alpha or classes per client shares it; a federated cell of another one does
-    not."""
+    not. Nor does a fit policy matter without limits."""
     from fedhello.core.config import load_config, outcome_differences
     from fedhello.studies.compare import Cell, cell_config
     from fedhello.studies.results import CENTRALIZED
@@ -208,6 +208,13 @@ def test_the_centralised_reference_is_one_run_whatever_the_skew() -> None:
     assert outcome_differences(cell_config(a, path), cell_config(b, path)) == [
         "data.classes_per_client (3 -> 5)"
     ]
+    # the fit policy acts on limits only: without any, a comparison of another one shares cells
+    strict = load_config(None, ['allocation.fit="strict"'])
+    assert outcome_differences(strict, b) == []
+    limited = ['clients.budget_kind="memory-mb"', "clients.tiers=[100.0, 145.0, 200.0]"]
+    assert outcome_differences(
+        load_config(None, [*limited, 'allocation.fit="strict"']), load_config(None, limited)
+    ) == ["allocation.fit ('strict' -> 'auto')"]
 
 
 def test_the_paired_interval_is_students_t() -> None:

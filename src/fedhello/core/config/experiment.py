@@ -227,6 +227,8 @@ class Config(Section):
         # (one client, iid) is the same run whatever the skew of the splits compared with it
         for key in UNUSED_BY_PARTITION[self.data.partition]:
             data["data"].pop(key, None)
+        if not self.clients.real_limits and self.clients.upload_mb is None:
+            data["allocation"].pop("fit", None)  # no limit to fit: every policy trains alike
         return data
 
 
