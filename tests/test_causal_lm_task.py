@@ -349,6 +349,8 @@ def test_the_synthetic_batch_is_full_size_with_a_prompt_mask_and_fixed() -> None
          "'causal-lm': a language model gets no new head"),
         (['model.pooling="mean"'], "config: model.pooling = 'mean' with model.task = "
          "'causal-lm'"),
+        (["train.calibration_tau=2"], "config: train.calibration_tau = 2.0 with train.loss = "
+         "'auto' with model.task = 'causal-lm': auto is cross-entropy here"),
         (['data.text_column="body"'], "config: data.text_column = 'body' with model.task = "
          "'causal-lm'"),
     ],

@@ -45,9 +45,12 @@ def calibrate(cfg: Config, steps: int = MIN_STEPS, remeasure: bool = False) -> d
     """The profile of ``cfg``'s setting (stored or measured) as plain data."""
     from fedhello.engine.resources import obtain_profile
     from fedhello.store.profiles import profile_dir, profile_path
+    from fedhello.tasks.recipe import resolve_recipe
 
     m = model_under_test(cfg)
-    profile, how = obtain_profile(cfg, m, steps, remeasure)
+    # the probe trains as a client does: with train.head / train.loss auto resolved (its hooks)
+    probed = resolve_recipe(cfg, m.task, m.model)
+    profile, how = obtain_profile(probed, m, steps, remeasure)
     out: dict[str, Any] = {
         "profile": profile.to_json(),
         "source": how,

@@ -97,6 +97,12 @@ class CausalLMTask(Task):
                 "logits, and a language model predicts tokens; allowed: loss = 'cross-entropy' "
                 "or 'auto'"
             )
+        if cfg.train.loss == "auto" and cfg.train.calibration_tau != 1.0:
+            raise ConfigError(
+                f"config: train.calibration_tau = {cfg.train.calibration_tau} with train.loss "
+                f"= 'auto' {where}: auto is cross-entropy here, which has no tau; allowed: "
+                "its default 1.0"
+            )
         if cfg.train.head not in ("federated", "auto"):
             raise ConfigError(
                 f"config: train.head = {cfg.train.head!r} {where}: a language model gets no "

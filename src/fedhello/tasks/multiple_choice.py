@@ -60,6 +60,12 @@ class MultipleChoiceTask(TextTask):
                 "its labels are answer positions, not classes a client lacks; allowed: "
                 "loss = 'cross-entropy' or 'auto'"
             )
+        if cfg.train.loss == "auto" and cfg.train.calibration_tau != 1.0:
+            raise ConfigError(
+                f"config: train.calibration_tau = {cfg.train.calibration_tau} with train.loss "
+                "= 'auto' and model.task = 'multiple-choice': auto is cross-entropy here, "
+                "which has no tau; allowed: its default 1.0"
+            )
         if cfg.train.head == "class-means":
             raise ConfigError(
                 "config: train.head = 'class-means' with model.task = 'multiple-choice': its "

@@ -108,7 +108,8 @@ class Config(Section):
             raise ValueError(
                 "privacy.noise_multiplier with train.head = 'class-means': round 0 uploads "
                 "every client's class feature sums, a release the accountant does not cover; "
-                "allowed: train.head = federated, frozen or local"
+                "allowed: train.head = auto (the averaged head under DP), federated, frozen or "
+                "local"
             )
         if self.federation.weighting != "uniform":
             raise ValueError(

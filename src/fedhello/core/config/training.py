@@ -140,6 +140,17 @@ class TrainConfig(Section):
             )
         return self
 
+    @field_validator("head_finetune_rounds", mode="before")
+    @classmethod
+    def _finetune_rounds_form(cls, value: object) -> object:
+        """One line for a value that is neither a round count nor ``all`` (pydantic would name
+        the branch of the union it tried first)."""
+        if value == "all" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ):
+            return value
+        raise ValueError("allowed: a round count 0..federation.rounds, or 'all'")
+
     @field_validator("betas")
     @classmethod
     def _betas_range(cls, value: tuple[float, float]) -> tuple[float, float]:
@@ -181,11 +192,6 @@ class TrainConfig(Section):
                 f"train.calibration_tau = {self.calibration_tau} with train.loss = "
                 f"{self.loss!r}: it is logit-adjusted's; allowed: loss = 'logit-adjusted', or "
                 "its default 1.0"
-            )
-        if isinstance(self.head_finetune_rounds, int) and self.head_finetune_rounds < 0:
-            raise ValueError(
-                f"train.head_finetune_rounds = {self.head_finetune_rounds}: allowed: "
-                "0..federation.rounds, or 'all'"
             )
         if self.head_finetune_rounds and self.head in ("federated", "local", "auto"):
             raise ValueError(
