@@ -146,8 +146,8 @@ def test_auto_is_the_skew_recipe_where_it_applies(tiny_bert_dir: Path) -> None:
     """``train.head`` and ``train.loss`` ``auto``: FedNCM-FT with FedLC for a classifier with a
     linear head; the averaged head under DP (round 0's class sums are not accounted) or with a
     head class means cannot build; the plain head and loss for a task without class rows."""
+    from fedhello.model.recipe import resolve_recipe
     from fedhello.tasks import task_for
-    from fedhello.tasks.recipe import resolve_recipe
 
     text, mc, lm = task_for("text"), task_for("multiple-choice"), task_for("causal-lm")
     loaded = load_model(str(tiny_bert_dir), LABELS, pooling="mean")

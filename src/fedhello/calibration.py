@@ -44,8 +44,8 @@ def model_under_test(cfg: Config) -> ModelUnderTest:
 def calibrate(cfg: Config, steps: int = MIN_STEPS, remeasure: bool = False) -> dict[str, Any]:
     """The profile of ``cfg``'s setting (stored or measured) as plain data."""
     from fedhello.engine.resources import obtain_profile
+    from fedhello.model.recipe import resolve_recipe
     from fedhello.store.profiles import profile_dir, profile_path
-    from fedhello.tasks.recipe import resolve_recipe
 
     m = model_under_test(cfg)
     # the probe trains as a client does: with train.head / train.loss auto resolved (its hooks)

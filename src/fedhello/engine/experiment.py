@@ -40,9 +40,9 @@ from fedhello.model.lora import (
     get_state,
     set_state,
 )
+from fedhello.model.recipe import resolve_recipe
 from fedhello.model.source import model_shape, resolve_model_source
 from fedhello.tasks import Task, check_config, task_for
-from fedhello.tasks.recipe import resolve_recipe
 
 logger = logging.getLogger(__name__)
 

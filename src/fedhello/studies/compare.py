@@ -41,9 +41,9 @@ from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
 from fedhello.engine.experiment import DataCache, model_task
 from fedhello.model.accelerator import differs_from_recorded
+from fedhello.model.recipe import settled_by_task
 from fedhello.store.runs import PRECISION_KEYS, RunDir
 from fedhello.studies.results import CENTRALIZED
-from fedhello.tasks.recipe import settled_by_task
 
 logger = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def hooks_for(cfg: Config) -> tuple[HookSpec, ...]:
 def train_hooks(t: TrainConfig) -> tuple[HookSpec, ...]:
     """The hooks local training asks for with any method: FedProx's proximal term
     (``proximal_mu > 0``) and a skew-aware loss (``loss``, resolved from ``auto`` by then:
-    ``fedhello.tasks.recipe``; logit-adjusted by default for a classifier). The cost probe runs
+    ``fedhello.model.recipe``; logit-adjusted by default for a classifier). The cost probe runs
     them too (``fedhello.model.probe``)."""
     hooks: list[HookSpec] = []
     if t.proximal_mu > 0:

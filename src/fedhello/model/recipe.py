@@ -6,14 +6,14 @@ and no model, so ``auto`` is resolved here, once the task is known (and the mode
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from fedhello.core.config import Config
 from fedhello.core.heads import AUTO, auto_head, auto_loss
+from fedhello.model.class_means import has_linear_head
 from fedhello.tasks.base import Task
-
-if TYPE_CHECKING:  # no torch at import, as every module of fedhello.tasks
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +23,6 @@ def resolve_recipe(cfg: Config, task: Task, model: torch.nn.Module) -> Config:
     with this task and model (``fedhello.core.heads.auto_head``, ``auto_loss``): the run
     trains, records and sends its nodes the resolved settings, and its config.toml keeps
     ``auto``."""
-    from fedhello.model.class_means import has_linear_head
-
     rows = cfg.train.head == AUTO and task.class_rows and has_linear_head(model)
     resolved, update = _with_auto(cfg, rows, task.class_rows)
     if "head" in update:
