@@ -1,8 +1,8 @@
 """Head policies (``train.head``): what the clients do with the classification head each
 round, and FedNCM's head built by the server from class means. Pure numpy: no torch.
 
-- ``federated`` (the default): every client trains and uploads the head; the server averages
-  it like any tensor.
+- ``federated`` (``auto``'s fallback, and every run's before ``auto``): every client trains
+  and uploads the head; the server averages it like any tensor.
 - ``frozen`` (FedBABU, Oh et al. 2022): the head stays at its initialisation while the body
   (LoRA) trains; clients neither train nor upload it. For the last ``head_finetune_rounds``
   rounds it is ``federated`` (FedBABU's fine-tuning at the end).
