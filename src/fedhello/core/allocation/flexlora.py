@@ -48,7 +48,7 @@ def svd(dw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     except np.linalg.LinAlgError:
         import scipy.linalg
 
-        logger.warning("FlexLoRA: gesdd's SVD of a %s sum did not converge; gesvd's", dw.shape)
+        logger.warning("FlexLoRA: gesdd's SVD of a %s sum did not converge; using gesvd", dw.shape)
         u, s, vt = scipy.linalg.svd(dw, full_matrices=False, lapack_driver="gesvd")
         return u, s, vt
 
