@@ -1,6 +1,7 @@
 """What ``train.head`` and ``train.loss`` ``auto`` stand for in a run: the label skew recipe
-(``fedhello.core.heads.auto_head``, ``auto_loss``) where the task has class rows and the model
-a linear head, else the averaged head and cross-entropy. The core's config knows no task kinds
+(``fedhello.core.heads.auto_head``, ``auto_loss``) where the task has class rows (for the head
+also: the model's head is one linear layer and DP is off, else the averaged head), and the
+averaged head and cross-entropy for a task without class rows. The core's config knows no task kinds
 and no model, so ``auto`` is resolved here, once the task is known (and the model built)."""
 
 from __future__ import annotations
