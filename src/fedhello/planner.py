@@ -19,7 +19,7 @@ import numpy as np
 from fedhello.core.allocation import strategy_class
 from fedhello.core.budgets import strategy_for
 from fedhello.core.config import Config
-from fedhello.core.heads import AUTO, head_mode
+from fedhello.core.heads import AUTO, auto_head, head_mode
 from fedhello.core.privacy.server import json_number
 from fedhello.core.schedule import sample_clients
 from fedhello.model.source import model_shape, resolve_model_source
@@ -97,13 +97,13 @@ def privacy_plan(
     assert private is not None
     z, t = private.update_multiplier, cfg.train
     noise: list[list[float]] = [[] for _ in range(num_layers + 1)]
+    # auto under DP: the averaged head whatever the task (the one rule, auto_head)
+    policy = auto_head(True, private=True)[0] if t.head == AUTO else t.head
     for entry in rounds:
         trainers = [c for c in entry["clients"] if c["layers"]]
         for layer, count in enumerate(entry["coverage"]):
             if count:
                 noise[layer].append(z / count)
-        # auto under DP is the averaged head (fedhello.core.heads.auto_head)
-        policy = "federated" if t.head == AUTO else t.head
         head = head_mode(policy, entry["round"], last, t.finetune_rounds(last))
         if trainers and head == "federated":  # a frozen or local head is neither sent nor noised
             noise[num_layers].append(z / len(trainers))
