@@ -94,9 +94,10 @@ def run(
     else:
         config = _config(cfg)
         run_dir = run_dir_for(config, out)
-        run_dir.check_free(overwrite)  # before any long work
     options = RunOptions(observer or Observer(), overwrite=overwrite, resume=resume is not None)
-    with torch_threads(config.run.threads):
+    with run_dir.writing(), torch_threads(config.run.threads):
+        if resume is None:
+            run_dir.check_free(overwrite)  # before any long work
         if engine == "flower-sim":
             from fedhello.engine.flower.runner import run_flower_sim
 

@@ -5,20 +5,29 @@ runs/<name>/metrics.jsonl   one JSON object per round
 runs/<name>/summary.json    final full-test metrics, wall time, totals, numerics version
 runs/<name>/adapter/        PEFT adapter (LoRA + head): PeftModel.from_pretrained(base, here)
 runs/<name>/profile.json    the cost profile its limits were checked with (real-unit limits)
+runs/.<name>.lock           held by the one process writing the run (beside it: a fresh run
+                            replaces its directory while holding the lock)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from fedhello.core.config import Config
 from fedhello.core.errors import RunDirError
 from fedhello.core.numerics import recorded_version
 from fedhello.store.checkpoint import checkpoint_numerics
+
+logger = logging.getLogger(__name__)
 
 # What a run records of its resolved precision (summary.json and every round's record).
 PRECISION_KEYS = ("precision", "base_precision")
@@ -54,6 +63,43 @@ class RunDir:
         """Where a deployed ServerApp leaves the one-line reason it stopped on bad input, for
         ``fedhello run`` to show (the ServerApp runs in another process, beside the SuperLink)."""
         return self.path.parent / f".{self.path.name}.error"
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock of the one process writing this run. Beside the run, not in it: a fresh
+        run replaces its directory while holding the lock."""
+        return self.path.parent / f".{self.path.name}.lock"
+
+    @contextmanager
+    def writing(self, wait: bool = False) -> Iterator[None]:
+        """Hold this run for writing: two processes writing one run would interleave their
+        rounds in one metrics.jsonl and overwrite each other's checkpoints (two comparisons
+        sharing a folder, a resume beside the run it resumes). Without ``wait`` a held run is
+        one line of error at once; with it (a comparison's cell) this process waits for the
+        other to finish, then decides again what the cell needs (usually: nothing, reused).
+        An OS file lock (``filelock``): a process that dies releases it."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run directory {str(self.path)!r} is a file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                raise RunDirError(
+                    f"run directory {str(self.path)!r} is being written by another fedhello "
+                    f"process (it holds {self.lock_path.name}): wait for it to finish, or "
+                    "choose another --out"
+                ) from None
+            logger.warning(
+                "%s is being written by another fedhello process: waiting for it to finish",
+                self.path,
+            )
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def check_free(self, overwrite: bool = False) -> None:
         """Raise unless this directory may be (re)created: call before any long work."""

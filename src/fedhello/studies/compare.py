@@ -190,7 +190,11 @@ def run_cell(
     """Run one cell unless it is finished; returns "reused", "resumed", "ran" or "rerun" (a
     cell of an older numerics version, ``fedhello.core.numerics``, computed again in place)."""
     run = RunDir(cell.path(root))
-    options = RunOptions(observer=observer or Observer(), cache=cache)
+    with run.writing(wait=True):  # another comparison running it: wait, then reuse it
+        return _run_cell(cfg, run, RunOptions(observer=observer or Observer(), cache=cache))
+
+
+def _run_cell(cfg: Config, run: RunDir, options: RunOptions) -> str:
     if run.config_path.is_file():
         # precisions compare as resolved (``auto`` resolves per machine), the rest as written
         saved = comparable(load_saved_config(run.config_path))
