@@ -319,6 +319,16 @@ def test_server_head_from_class_sums_against_numpy() -> None:
     assert info["classes_kept"] == [1] and "expected [4, 5]" in info["rejected"]["7"]
     with pytest.raises(ValueError, match="needs a linear head"):
         class_means_head(state | {"extra": np.ones((4, 5))}, layer_of | {"extra": None}, [])
+    # a node that sends sums for a class it counted 0 times (class 3, which others hold) would
+    # move that class's mean without adding to its count: left out, the head as without it
+    lie = np.zeros((4, 5))
+    lie[3] = 100.0
+    liar = ClassSums(9, lie, np.zeros(4, dtype=np.int64))
+    again, info = class_means_head(
+        state, layer_of, [ClassSums(2, s2, n2), liar, ClassSums(0, s1, n1)]
+    )
+    np.testing.assert_array_equal(again[w], new[w])
+    assert "counted 0 times" in info["rejected"]["9"]
 
 
 # ---- round 0 on both engines, and the training of each mode ----------------------------------

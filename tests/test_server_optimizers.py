@@ -254,6 +254,13 @@ def test_optimizer_defaults() -> None:
         (["federation.server_momentum=0.5", "federation.server_optimizer=fedavg"],
          ["federation.server_momentum = 0.5", "'fedavg'", "fedavgm"]),
         (["federation.server_optimizer=sgd"], ["federation.server_optimizer", "'sgd'", "fedyogi"]),
+        (["federation.server_beta1=0.5"],  # FedOpt's settings under fedavg: refused, not ignored
+         ["federation.server_beta1 = 0.5", "'fedavg'", "fedadam or fedyogi or fedadagrad"]),
+        (["federation.server_optimizer=fedadagrad", "federation.server_beta2=0.5"],
+         ["federation.server_beta2 = 0.5", "'fedadagrad'", "fedadam or fedyogi", "its default"]),
+        (["federation.server_optimizer=fedavgm", "federation.server_momentum=0.5",
+          "federation.server_tau=0.01", "federation.server_beta2=0.5"],
+         ["server_beta2 = 0.5, federation.server_tau = 0.01", "'fedavgm'", "their defaults"]),
         (["allocation.strategy=flexlora", "federation.server_optimizer=fedadam"],
          ["federation.server_optimizer = 'fedadam'", "flexlora", "allowed", "fedavg"]),
         (["allocation.strategy=flexlora", "federation.server_momentum=0.5"],
@@ -269,6 +276,19 @@ def test_meaningless_combinations_are_one_line_errors(overrides: list[str], word
     assert "\n" not in message
     for word in words:
         assert word in message, (word, message)
+
+
+def test_fedopt_settings_load_where_read_and_as_saved_defaults(tmp_path: Path) -> None:
+    read = ["federation.server_optimizer=fedadagrad", "federation.server_tau=0.01",
+            "federation.server_beta1=0.5"]  # fmt: skip
+    cfg = load_config(None, read)
+    assert (cfg.federation.server_tau, cfg.federation.server_beta1) == (0.01, 0.5)
+    yogi = load_config(None, ["federation.server_optimizer=fedyogi", "federation.server_beta2=0.9"])
+    assert yogi.federation.server_beta2 == 0.9
+    saved = tmp_path / "config.toml"  # a run's config.toml writes every default out
+    saved.write_text(load_config(None, []).to_toml())
+    assert "server_beta2" in saved.read_text().replace("-", "_")
+    assert load_saved_config(saved).federation.server_optimizer == "fedavg"
 
 
 def test_flexlora_with_plain_fedavg_is_fine() -> None:

@@ -115,6 +115,8 @@ def sums_problem(s: ClassSums, shape: tuple[int, ...]) -> str | None:
         return "counts must be non-negative integers"
     if not np.isfinite(sums).all():
         return "sums have non-finite values"
+    if ((counts == 0) & (sums != 0).any(axis=1)).any():  # they would skew the class's mean
+        return "non-zero sums for a class counted 0 times"
     return None
 
 

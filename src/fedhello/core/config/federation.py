@@ -15,6 +15,14 @@ from fedhello.core.aggregation import Weighting
 from fedhello.core.config.sections import Section
 from fedhello.core.server_optimizers import OPTIMIZERS, OptimizerName, default_server_lr
 
+# FedOpt's settings and the server optimizers that read each (Reddi et al. 2021: Adagrad
+# keeps no second-moment decay)
+FEDOPT_SETTINGS = {
+    "server_beta1": ("fedadam", "fedyogi", "fedadagrad"),
+    "server_beta2": ("fedadam", "fedyogi"),
+    "server_tau": ("fedadam", "fedyogi", "fedadagrad"),
+}
+
 
 class FederationConfig(Section):
     """The rounds, how the server weighs the uploads (``weighting``) and moves the global
@@ -148,6 +156,25 @@ class FederationConfig(Section):
                 f"federation.server_momentum = {self.server_momentum:g} with "
                 f"federation.server_optimizer = {self.server_optimizer!r}: momentum is "
                 "FedAvgM's; allowed: server_optimizer = 'fedavgm', or server_momentum = 0"
+            )
+        # FedOpt's settings are refused, not ignored, where the optimizer does not read them
+        # (compared with the defaults, so a saved config that spells every default out loads)
+        fields = type(self).model_fields
+        unread = [
+            name
+            for name, readers in FEDOPT_SETTINGS.items()
+            if self.server_optimizer not in readers and getattr(self, name) != fields[name].default
+        ]
+        if unread:
+            readers = [o for o in OPTIMIZERS if all(o in FEDOPT_SETTINGS[n] for n in unread)]
+            given = ", ".join(f"federation.{n} = {getattr(self, n):g}" for n in unread)
+            them, defaults = (
+                ("them", "their defaults") if len(unread) > 1 else ("it", "its default")
+            )
+            raise ValueError(
+                f"{given} with federation.server_optimizer = {self.server_optimizer!r}, which "
+                f"does not read {them}; allowed: server_optimizer = {' or '.join(readers)}, or "
+                f"{defaults}"
             )
         return self
 
