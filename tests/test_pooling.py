@@ -138,6 +138,37 @@ def test_the_rule(
         load_model(str(tiny_vit_dir), LABELS, pooling="mean")
 
 
+def test_a_hub_model_is_read_with_the_pooling_it_declares(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id (downloads on) is read as its local copy would be: its two small files are
+    fetched from the hub (here a stand-in serving a folder: the tests never touch the network)."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from fedhello.model.pooling import declared_pooling
+
+    served = tmp_path / "hub"
+    served.mkdir()
+    _declare(served, "mean_tokens")
+    asked: list[tuple[str, str]] = []
+
+    def download(repo_id: str, filename: str, **kwargs: object) -> str:
+        asked.append((repo_id, filename))
+        if not (served / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(served / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.chdir(tmp_path)  # no folder named like the hub id
+    assert declared_pooling("org/encoder", hub=True) == "mean"
+    assert [f for _, f in asked] == ["modules.json", "1_Pooling/config.json"]
+    assert {r for r, _ in asked} == {"org/encoder"}
+    assert declared_pooling("org/encoder") is None  # downloads off: only a folder is read
+    (served / "modules.json").unlink()
+    assert declared_pooling("org/encoder", hub=True) is None  # declares none: the rule goes on
+
+
 def test_minilm_declares_mean_pooling() -> None:
     """The default model, all-MiniLM-L6-v2, is read as it was trained: the mean of its tokens
     (its checkpoint's pooler.dense, bias exactly 0, is never read)."""

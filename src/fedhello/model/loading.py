@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedhello.core.errors import ModelError
@@ -56,7 +57,8 @@ def load_model(
     check_pooling(pooling, pooled_class is not None, kind.name)
     mode, why = pooling, "model.pooling"
     if pooling == AUTO:
-        declared = declared_pooling(source) if pooled_class is not None else None
+        hub = allow_download and not Path(source).exists()  # a hub id (resolve_model_source)
+        declared = declared_pooling(source, hub) if pooled_class is not None else None
         mode, why = (declared, "declared by the model") if declared else (HEAD, "")
     try:
         if mode != HEAD:

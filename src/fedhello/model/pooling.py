@@ -43,18 +43,37 @@ DECLARED_MODES = {
 }
 
 
-def declared_pooling(source: str) -> str | None:
-    """The pooling a sentence-transformers model folder declares, or None (no folder, no
-    ``modules.json``, no Pooling module, or a mode fedhello does not implement: that is logged
-    and the rule goes on)."""
-    modules_file = Path(source) / "modules.json"
-    if not modules_file.is_file():
+def model_file(source: str, name: str, hub: bool = False) -> Path | None:
+    """``name`` of the model at ``source``: in its folder, or (``hub``: a hub id, downloads on)
+    from the hub's cache or the hub; None where it has none."""
+    local = Path(source) / name
+    if local.is_file() or not hub or Path(source).exists():
+        return local if local.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    try:
+        return Path(hf_hub_download(source, name))
+    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        return None  # no such file there (or no answer): the rule goes on, as without one
+
+
+def declared_pooling(source: str, hub: bool = False) -> str | None:
+    """The pooling a sentence-transformers model declares, or None (no ``modules.json``, no
+    Pooling module, or a mode fedhello does not implement: that is logged and the rule goes
+    on). ``source``: a folder; with ``hub``, a hub id (its two small files are fetched as
+    transformers fetches the weights: a hub model is read as the one saved locally)."""
+    modules_file = model_file(source, "modules.json", hub)
+    if modules_file is None:
         return None
     try:
         modules = json.loads(modules_file.read_text(encoding="utf-8"))
         entry = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
-        config = json.loads((Path(source) / entry["path"] / "config.json").read_text("utf-8"))
-    except (StopIteration, OSError, KeyError, TypeError, json.JSONDecodeError):
+        pooling_file = model_file(source, f"{entry['path']}/config.json", hub)
+        if pooling_file is None:
+            return None
+        config = json.loads(pooling_file.read_text("utf-8"))
+    except (StopIteration, OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
         return None
     modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
     if len(modes) == 1 and modes[0] in DECLARED_MODES:
