@@ -1,7 +1,8 @@
-"""Client-level DP for partial updates: clipping, the noise, per-tensor sums over planned
-contributors, adaptive clipping, the accountant, the config's refusals, and whole runs (the
-record, resume, the budget stopping a run, client- and server-side clipping agreeing, DP
-without noise equal to plain FedAvg), each against an independent computation."""
+"""Client-level DP for partial updates: clipping, the noise, per-tensor sums over expected
+contributors (public, whoever was sampled), adaptive clipping, the accountant, the config's
+refusals, and whole runs (the record, resume, the budget stopping a run, client- and
+server-side clipping agreeing, DP without noise equal to FedAvg over the expected counts),
+each against an independent computation."""
 
 from __future__ import annotations
 
@@ -52,27 +53,28 @@ def test_clipping_leaves_norm_min_of_norm_and_c_in_the_same_direction(scale: flo
 
 def test_the_noise_on_a_mean_has_std_noise_over_count() -> None:
     g = {"w": np.zeros((400, 500), np.float32), "untouched": np.ones(3, np.float32)}
-    out = noisy_mean(g, [], {"w": 4}, noise_std=2.0, rng=np.random.default_rng(0))
+    out = noisy_mean(g, [], {"w": 4}, noise_std=2.0, rng_for=lambda k: np.random.default_rng(0))
     assert np.std(out.state["w"]) == pytest.approx(2.0 / 4, rel=0.01)  # 200,000 draws
     assert abs(np.mean(out.state["w"])) < 0.005
     np.testing.assert_array_equal(out.state["untouched"], g["untouched"])  # nobody planned: kept
 
 
-def test_per_tensor_sums_over_planned_contributors_for_a_heterogeneous_allocation() -> None:
+def test_per_tensor_sums_over_expected_contributors_for_a_heterogeneous_allocation() -> None:
     rng = np.random.default_rng(3)
     keys = ["l0", "l1", "l2", "head"]
     g = {k: rng.normal(size=(3, 2)).astype(np.float32) for k in keys}
-    # three clients trained {0,1}, {1,2}, {2}, all the head; a fourth was planned {0} and failed
+    # three clients trained {0,1}, {1,2}, {2}, all the head; the denominators are expected
+    # counts (fractions: per_round x a share of all clients), not who came
     holds = [("l0", "l1", "head"), ("l1", "l2", "head"), ("l2", "head")]
     deltas = [{k: rng.normal(size=(3, 2)) for k in h} for h in holds]
-    planned = {"l0": 2, "l1": 2, "l2": 2, "head": 4}
-    out = noisy_mean(g, deltas, planned, noise_std=0.0, rng=np.random.default_rng(0))
+    planned = {"l0": 2.0, "l1": 2.0, "l2": 2.0, "head": 4.0}
+    out = noisy_mean(g, deltas, planned, 0.0, lambda k: np.random.default_rng(0))
     for key in keys:
         total = sum((d[key] for d in deltas if key in d), np.zeros((3, 2)))
         want = (g[key].astype(np.float64) + total / planned[key]).astype(np.float32)
         np.testing.assert_array_equal(out.state[key], want)
     # per layer: contributors, the noise on the mean, the mean's RMS and their ratio
-    noisy = noisy_mean(g, deltas, planned, noise_std=0.3, rng=np.random.default_rng(0))
+    noisy = noisy_mean(g, deltas, planned, 0.3, lambda k: np.random.default_rng(keys.index(k)))
     layer_of = {"l0": 0, "l1": 1, "l2": 2, "head": None}
     info = layer_noise(noisy, layer_of, 3)
     assert info["dp_contributors"] == [2, 2, 2, 4]
@@ -86,9 +88,74 @@ def test_per_tensor_sums_over_planned_contributors_for_a_heterogeneous_allocatio
     # and it is an estimate of the true mean's RMS: 200,000 entries, within 1%
     big_g = {"w": np.zeros(200_000, np.float32)}
     true = [{"w": np.random.default_rng(k).normal(0, 0.5, 200_000)} for k in range(2)]
-    big = noisy_mean(big_g, true, {"w": 2}, noise_std=0.4, rng=np.random.default_rng(9))
+    big = noisy_mean(big_g, true, {"w": 2}, 0.4, lambda k: np.random.default_rng(9))
     want = np.sqrt(np.mean(np.square((true[0]["w"] + true[1]["w"]) / 2)))
     assert big.signal_rms["w"] == pytest.approx(want, rel=0.01)
+
+
+def _population(round_: int, layers: list[tuple[int, ...]]) -> AllocationPlan:
+    return AllocationPlan(
+        round_, 3, tuple(ClientAllocation(c, len(ls), ls) for c, ls in enumerate(layers))
+    )
+
+
+def test_expected_counts_are_per_round_times_the_share_of_all_clients() -> None:
+    """Ten clients: four can train layer 0 (the top tier), all can train layer 2 and the head,
+    one trains nothing this round; 5 are sampled a round."""
+    from fedhello.core.privacy.server import expected_counts, expected_trainers
+
+    layer_of = {"l0.A": 0, "l0.B": 0, "l1.A": 1, "l2.A": 2, "head": None}
+    layers = [(0, 1, 2)] * 4 + [(1, 2)] * 3 + [(2,)] * 2 + [()]
+    counts = expected_counts(_population(1, layers), layer_of, per_round=5)
+    assert counts == {"l0.A": 2.0, "l0.B": 2.0, "l1.A": 3.5, "l2.A": 4.5, "head": 4.5}
+    assert expected_trainers(_population(1, layers), 5) == 4.5
+
+
+def _private(tmp_path: Path, **extra: object) -> PrivateAggregator:
+    sets = ["privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0", "privacy.noise=seeded",
+            "clients.num_clients=10", "clients.per_round=5",
+            *[f"{k.replace('__', '.')}={v}" for k, v in extra.items()]]  # fmt: skip
+    return PrivateAggregator(load_config(None, sets))
+
+
+def test_the_released_model_does_not_depend_on_who_was_sampled(tmp_path: Path) -> None:
+    """Two samples of 5 out of the same 10 clients, one with the top tier (layers 0-2), one
+    without, every sampled update zero: the same released model bit for bit. The noise lands
+    on every tensor some client can train, over public counts, so neither which tensors moved
+    nor their spread tells which tier was sampled (with planned counts layer 0 would move only
+    when a top-tier client came, by a noise std that counts them)."""
+    from fedhello.core.aggregation import ClientUpdate
+
+    layer_of = {"l0": 0, "l1": 1, "l2": 2, "head": None}
+    g = {k: np.zeros(2000, np.float32) for k in layer_of}
+    layers = [(0, 1, 2)] * 4 + [(1, 2)] * 3 + [(2,)] * 3
+    population = _population(1, layers)
+    released = []
+    for sample in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]):
+        holds = {c: [k for k in layer_of if layer_of[k] in (*layers[c], None)] for c in sample}
+        updates = [ClientUpdate(c, layers[c], 10, {k: g[k] for k in holds[c]}) for c in sample]
+        state, rejected, _ = _private(tmp_path).aggregate(g, updates, {}, population, layer_of, 1)
+        assert not rejected and all(np.any(state[k] != 0) for k in layer_of)
+        released.append(state)
+    for k in layer_of:
+        np.testing.assert_array_equal(released[0][k], released[1][k])
+    # each tensor's noise: std z C / expected count (layer 0: 5 x 4/10 = 2 expected)
+    assert np.std(released[0]["l0"]) == pytest.approx(1.0 / 2.0, rel=0.05)
+    assert np.std(released[0]["head"]) == pytest.approx(1.0 / 5.0, rel=0.05)
+
+
+def test_a_tensors_noise_is_the_same_whichever_others_a_strategy_noises(tmp_path: Path) -> None:
+    """Paired strategies of one seed see the same noise on the tensors both noise: one
+    generator per tensor, not one stream through whichever tensors a plan holds."""
+    layer_of = {"l0": 0, "l1": 1, "l2": 2, "head": None}
+    g = {k: np.zeros(50, np.float32) for k in layer_of}
+    deep = _population(1, [(1, 2)] * 10)  # deepest layers only: l0 never noised
+    full = _population(1, [(0, 1, 2)] * 10)
+    a = _private(tmp_path).aggregate(g, [], {}, deep, layer_of, 1)[0]
+    b = _private(tmp_path).aggregate(g, [], {}, full, layer_of, 1)[0]
+    np.testing.assert_array_equal(a["l0"], g["l0"])  # nobody can train it: no noise
+    for k in ("l1", "l2", "head"):
+        np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_adaptive_clipping_steps_geometrically_towards_the_quantile() -> None:
@@ -227,18 +294,21 @@ def test_each_round_records_its_privacy(dp_run: Path) -> None:
     run = RunDir(dp_run)
     records, summary = run.read_metrics(), run.read_summary()
     cfg = load_config(run.config_path)
+    from fedhello.core.allocation import build_strategy
+
+    assert cfg.allocation.strategy == "fedra" and summary["num_layers"] == 4
+    strategy = build_strategy("fedra", 4, [2, 2, 3, 3, 4, 4], seed=cfg.run.seed)
     for r in records:
         eps = accountant.epsilon(r["round"], 6, 3, 0.3, 1 / 6)
         assert r["epsilon"] == pytest.approx(eps) and r["delta"] == pytest.approx(1 / 6)
         assert r["clip_norm"] == 0.05 and r["noise_multiplier"] == 0.3
-        # contributors per layer: the clients the plan gave it (every sampled client the head)
-        planned = [0] * len(r["coverage"])
-        for alloc in r["allocation"]:
-            for layer in alloc["layers"]:
-                planned[layer] += 1
-        want = [c or None for c in planned] + [len(r["allocation"])]
-        assert r["dp_contributors"] == want
-        assert r["dp_noise_std"][-1] == pytest.approx(0.3 * 0.05 / len(r["allocation"]))
+        # contributors per layer: expected, per_round x the share of all 6 clients whose
+        # allocation this round holds it (FedRA's, as the strategy draws it for each client;
+        # every client sends the head), whoever was sampled
+        everyone = strategy.allocate(r["round"], range(6)).coverage()
+        want = [3 * c / 6 or None for c in everyone] + [3.0]
+        assert r["dp_contributors"] == pytest.approx(want)
+        assert r["dp_noise_std"][-1] == pytest.approx(0.3 * 0.05 / 3)
         for c in r["clients"]:  # each client clipped on its own side and said whether it had to
             assert c["dp_clip_norm"] == 0.05 and c["unclipped"] in (0, 1)
         assert r["num_rejected"] == 0  # the server found every update within the clip norm
@@ -326,9 +396,12 @@ def test_clipping_on_the_server_computes_what_clipping_on_the_clients_does(
 def test_without_noise_and_with_a_clip_nobody_reaches_dp_is_uniform_fedavg(
     tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
 ) -> None:
+    """Where every client trains every layer the expected count is the sampled count: DP
+    without noise or clipping is then plain uniform FedAvg (heterogeneous allocations divide
+    by expected counts instead: the unit tests above)."""
     dp, plain = tmp_path / "dp", tmp_path / "plain"
     ov = _overrides(tiny_bert_dir, tiny_text_csv, privacy__noise_multiplier=0,
-                    privacy__clip_norm=1e6)  # fmt: skip
+                    privacy__clip_norm=1e6, allocation__strategy='"full"')  # fmt: skip
     assert _run(dp, ov) == 0
     assert _run(plain, [o for o in ov if not o.startswith("privacy.")]
                 + ['federation.weighting="uniform"', 'train.head="federated"']) == 0  # fmt: skip
@@ -397,9 +470,14 @@ def test_plan_shows_the_epsilon_a_configuration_would_spend(tiny_bert_dir: Path)
     assert [r["epsilon"] for r in plan["rounds"]] == pytest.approx(
         [accountant.epsilon(t, 12, 4, 2.0, 1 / 12) for t in range(1, 7)]
     )
-    # per layer, z over the round's contributors, averaged over the rounds that train it
+    # per layer, z over its expected contributors (4 x the share of all 12 clients FedRA's
+    # draw gives it that round), averaged over the rounds
+    from fedhello.core.allocation import build_strategy
+
+    strategy = build_strategy("fedra", 4, plan["budgets"], seed=cfg.run.seed)
+    everyone = [strategy.allocate(r, range(12)).coverage() for r in range(1, 7)]
     for layer, value in enumerate(dp["noise_on_mean_per_layer"][:-1]):
-        counts = [r["coverage"][layer] for r in plan["rounds"] if r["coverage"][layer]]
+        counts = [4 * c[layer] / 12 for c in everyone if c[layer]]
         assert value == pytest.approx(np.mean([2.0 / c for c in counts]), abs=1e-4)
     assert dp["noise_on_mean_per_layer"][-1] == pytest.approx(2.0 / 4)  # the head: everyone
 
@@ -475,7 +553,8 @@ def test_the_noise_is_fresh_every_round_and_secret_unless_seeded() -> None:
     t1, other = noise([], 1)
     assert not np.array_equal(s1, t1) and not np.array_equal(s1, a1)  # a key per run
     assert agg.sampling_seed != other.sampling_seed != 0
-    restored = PrivateAggregator(load_config(None, ["privacy.noise_multiplier=1"]))
+    same = ["privacy.noise_multiplier=1", "clients.num_clients=4", "clients.per_round=2"]
+    restored = PrivateAggregator(load_config(None, same))
     restored.load_state_dict(agg.state_dict())  # what a checkpoint holds
     assert np.array_equal(noise([], 1, restored)[0], s1)
     assert "noise_key" not in load_config(None, ["privacy.noise_multiplier=1"]).to_toml()
@@ -522,3 +601,95 @@ def test_a_frozen_head_and_ffa_lora_under_dp_noise_only_what_is_sent(
     assert a_keys and head
     assert all(np.array_equal(first[k], last[k]) for k in a_keys + head)
     assert any(not np.array_equal(first[k], last[k]) for k in first if "lora_B" in k)
+
+
+# -- settings only adaptive clipping reads; the plan under a budget ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        (["privacy.target_quantile=0.9"], "config: privacy.target_quantile = 0.9 with "
+         "privacy.clipping = 'fixed': only adaptive clipping reads it, so it would be ignored; "
+         "allowed: clipping = 'adaptive', or the default (target_quantile = 0.5)"),
+        (['privacy.clipping="fixed"', "privacy.clip_lr=0.5"],
+         "config: privacy.clip_lr = 0.5 with privacy.clipping = 'fixed'"),
+        (["privacy.count_noise=1"], "config: privacy.count_noise = 1 with privacy.clipping = "
+         "'fixed': only adaptive clipping reads it, so it would be ignored; allowed: clipping = "
+         "'adaptive', or the default (count_noise = unset)"),
+        (["privacy.target_quantile=0.9", "privacy.clip_lr=0.5"],
+         "config: privacy.target_quantile = 0.9, privacy.clip_lr = 0.5 with privacy.clipping "
+         "= 'fixed': only adaptive clipping reads them, so they would be ignored; allowed: "
+         "clipping = 'adaptive', or the defaults (target_quantile = 0.5, clip_lr = 0.2)"),
+    ],
+)  # fmt: skip
+def test_adaptive_settings_with_fixed_clipping_are_one_line(
+    overrides: list[str], start: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["privacy.noise_multiplier=1", *overrides])
+    assert str(err.value).startswith(start)
+    assert "\n" not in str(err.value)
+
+
+def test_adaptive_settings_load_with_adaptive_clipping_or_at_their_defaults(tmp_path: Path) -> None:
+    adaptive = ['privacy.clipping="adaptive"', "privacy.target_quantile=0.9",
+                "privacy.clip_lr=0.5", "privacy.count_noise=1"]  # fmt: skip
+    p = load_config(None, ["privacy.noise_multiplier=1", *adaptive]).privacy
+    assert (p.target_quantile, p.clip_lr, p.count_noise) == (0.9, 0.5, 1.0)
+    # the defaults written out, as a run's saved config.toml writes them, load under fixed
+    spelled = ["privacy.target_quantile=0.5", "privacy.clip_lr=0.2"]
+    assert load_config(None, ["privacy.noise_multiplier=1", *spelled]).privacy.clipping == "fixed"
+    for extra in ([], adaptive):
+        cfg = load_config(None, ["privacy.noise_multiplier=1", "privacy.target_epsilon=5", *extra])
+        text = cfg.to_toml()
+        assert "target-quantile = " in text and "clip-lr = " in text  # every default spelled out
+        path = tmp_path / "config.toml"
+        path.write_text(text, encoding="utf-8")
+        assert load_config(path) == cfg
+
+
+def test_the_plan_stops_where_the_budget_stops_the_run(tiny_bert_dir: Path) -> None:
+    """A target epsilon between rounds 3 and 4 of 6: the run trains 3 rounds (its loop runs
+    ``range(1, last + 1)`` over ``shortened``'s rounds), and the plan shows those 3, with
+    their epsilons and the noise of a plain 3-round configuration."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedhello.engine.privacy import shortened
+    from fedhello.engine.privacy import start as privacy_start
+    from fedhello.planner import make_plan, render_plan
+
+    eps = [accountant.epsilon(t, 12, 4, 2.0, 1 / 12) for t in range(0, 7)]
+    target = (eps[3] + eps[4]) / 2
+    within = max(t for t in range(7) if eps[t] <= target)  # a plain scan: 3
+    assert within == 3
+    base = [f'model.name="{tiny_bert_dir}"', "clients.num_clients=12", "clients.per_round=4",
+            "privacy.noise_multiplier=2", 'allocation.strategy="fedra"']  # fmt: skip
+    cfg = load_config(None, [*base, "federation.rounds=6", f"privacy.target_epsilon={target}"])
+    _, last = privacy_start(cfg)  # what the run would run
+    assert last == within and shortened(cfg, last).federation.rounds == within
+    plan = make_plan(cfg)
+    assert [r["round"] for r in plan["rounds"]] == list(range(1, within + 1))
+    assert [r["round"] for r in make_plan(cfg, rounds=6)["rounds"]] == list(range(1, within + 1))
+    assert [r["epsilon"] for r in plan["rounds"]] == pytest.approx(eps[1 : within + 1])
+    dp = plan["privacy"]
+    assert (dp["rounds_trained"], dp["rounds_configured"]) == (within, 6)
+    assert dp["epsilon"] == pytest.approx(eps[within]) and dp["epsilon"] <= target
+    # the run the budget makes: a 3-round configuration without a target plans alike
+    plain = make_plan(load_config(None, [*base, f"federation.rounds={within}"]))
+    assert [r["clients"] for r in plan["rounds"]] == [r["clients"] for r in plain["rounds"]]
+    assert plan["coverage"] == plain["coverage"]
+    assert dp["noise_on_mean_per_layer"] == plain["privacy"]["noise_on_mean_per_layer"]
+    # rounds 4-6 change the averages, so the plan above left them out
+    longer = make_plan(load_config(None, [*base, "federation.rounds=6"]))
+    assert longer["privacy"]["noise_on_mean_per_layer"] != dp["noise_on_mean_per_layer"]
+    shown = StringIO()
+    render_plan(plan, Console(file=shown, width=400))
+    text = shown.getvalue()
+    assert (
+        f"after {within} rounds (privacy.target_epsilon stops the run and this plan there, of 6)"
+        in text
+    )
+    assert f"coverage over {within} rounds" in text

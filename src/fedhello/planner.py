@@ -20,14 +20,28 @@ from fedhello.core.allocation import strategy_class
 from fedhello.core.budgets import strategy_for
 from fedhello.core.config import Config
 from fedhello.core.heads import AUTO, auto_head, head_mode
-from fedhello.core.privacy.server import json_number
+from fedhello.core.layers import AllocationPlan
+from fedhello.core.privacy.server import PrivateAggregator, json_number
 from fedhello.core.schedule import sample_clients
 from fedhello.model.source import model_shape, resolve_model_source
 
 
 def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
-    """Every round's allocation as plain data (the ``--json`` output)."""
+    """Every round's allocation as plain data (the ``--json`` output). A ``target-epsilon``
+    that stops the run early stops the plan at the same round (``fedhello.engine.privacy``:
+    the run is then that many rounds long), so that its rounds and its per-layer noise are
+    those of the run."""
+    configured = cfg.federation.rounds
+    private: PrivateAggregator | None = None
+    last = configured
+    if cfg.privacy.enabled:  # refused here, as by ``fedhello run``, if round 1 exceeds it
+        from fedhello.engine.privacy import shortened, start
+
+        private, last = start(cfg)
+        cfg = shortened(cfg, last)
     rounds = rounds or cfg.federation.rounds
+    if last < configured:
+        rounds = min(rounds, last)  # the budget's last round: the run trains none after it
     uses_fisher = strategy_class(cfg.allocation.strategy).uses_fisher
     limited = cfg.clients.real_limits or cfg.clients.upload_mb is not None
     exp = None
@@ -62,9 +76,13 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
         expected = None if expected is None or step is None else expected + np.asarray(step)
         entry["clients"] = [a.as_dict() for a in plan.clients]
         entry["coverage"] = plan.coverage()
+        if private is not None:  # DP's public denominators: every client's allocation
+            everyone = list(range(cfg.clients.num_clients))
+            population = exp.allocate(r, everyone) if exp else strategy.allocate(r, everyone)
+            entry["dp_contributors"] = expected_contributors(population, cfg.clients.per_round)
         out_rounds.append(entry)
     target = strategy.target()
-    privacy = privacy_plan(cfg, out_rounds, num_layers)
+    privacy = privacy_plan(cfg, private, last, configured, out_rounds, num_layers)
     return {
         "strategy": cfg.allocation.strategy,
         "shape": cfg.allocation.options.model_dump().get("shape"),
@@ -81,38 +99,49 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
     }
 
 
+def expected_contributors(population: AllocationPlan, per_round: int) -> list[float]:
+    """Per layer, then the head, the expected number of a round's sampled clients that train
+    it (``fedhello.core.privacy.server.expected_counts``): what divides its noisy sum."""
+    n = len(population.clients)
+    trainers = sum(1 for a in population.clients if a.layers)
+    return [per_round * c / n for c in population.coverage()] + [per_round * trainers / n]
+
+
 def privacy_plan(
-    cfg: Config, rounds: list[dict[str, Any]], num_layers: int
+    cfg: Config,
+    private: PrivateAggregator | None,
+    last: int,
+    configured: int,
+    rounds: list[dict[str, Any]],
+    num_layers: int,
 ) -> dict[str, Any] | None:
     """What a DP configuration would spend (None without ``[privacy]``): epsilon at delta after
-    each planned round and at the end (a ``target-epsilon`` that round 1 exceeds is refused,
-    as ``fedhello run`` would), and per layer the noise on its mean in units of the clip norm,
-    ``z / contributors``, averaged over the rounds that train it (the head last). Each
-    round's entry gets its ``epsilon``."""
-    if not cfg.privacy.enabled:
+    each planned round and at the end, and per layer the noise on its mean in units of the
+    clip norm, ``z / expected contributors`` (every client's allocation, whoever is sampled:
+    ``expected_contributors``), averaged over the rounds that train it (the head last).
+    Each round's entry gets its ``epsilon``. ``cfg`` is the run as ``start`` and ``shortened``
+    make it (``last`` rounds long, ``rounds`` none after it); ``configured``: the rounds the
+    config asked for."""
+    if private is None:
         return None
-    from fedhello.engine.privacy import start
-
-    private, last = start(cfg)
-    assert private is not None
     z, t = private.update_multiplier, cfg.train
     noise: list[list[float]] = [[] for _ in range(num_layers + 1)]
     # auto under DP: the averaged head whatever the task (the one rule, auto_head)
     policy = auto_head(True, private=True)[0] if t.head == AUTO else t.head
     for entry in rounds:
-        trainers = [c for c in entry["clients"] if c["layers"]]
-        for layer, count in enumerate(entry["coverage"]):
+        *layers, trainers = entry["dp_contributors"]
+        for layer, count in enumerate(layers):
             if count:
                 noise[layer].append(z / count)
         head = head_mode(policy, entry["round"], last, t.finetune_rounds(last))
         if trainers and head == "federated":  # a frozen or local head is neither sent nor noised
-            noise[num_layers].append(z / len(trainers))
+            noise[num_layers].append(z / trainers)
         entry["epsilon"] = json_number(private.accounting.epsilon(min(entry["round"], last)))
     return {
         "epsilon": json_number(private.accounting.epsilon(last)),
         "delta": private.accounting.delta,
         "rounds_trained": last,
-        "rounds_configured": cfg.federation.rounds,
+        "rounds_configured": configured,
         "noise_multiplier": cfg.privacy.noise_multiplier,
         "noise": cfg.privacy.noise,
         "update_noise_multiplier": z,
@@ -177,7 +206,8 @@ def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> Non
             f"client-level DP: epsilon {eps} at delta {dp['delta']:.3g} after "
             f"{dp['rounds_trained']} rounds"
             + (
-                f" (privacy.target_epsilon stops the run there, of {dp['rounds_configured']})"
+                f" (privacy.target_epsilon stops the run and this plan there, of "
+                f"{dp['rounds_configured']})"
                 if dp["rounds_trained"] < dp["rounds_configured"]
                 else ""
             )

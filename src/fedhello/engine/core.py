@@ -64,6 +64,9 @@ class RoundPlan:
     head: str = "federated"  # what the clients do with the head (``train.head``'s this round)
     class_means: dict[str, Any] | None = None  # FedNCM's round 0, recorded with round 1
     clip_norm: float | None = None  # client-level DP: the norm each update is clipped to
+    # client-level DP: the round's allocation of every client, whose expected counts divide
+    # the noisy sums (``fedhello.core.privacy.server.expected_counts``)
+    population: AllocationPlan | None = None
 
 
 @dataclass
@@ -204,10 +207,20 @@ def open_round(
     lr = lr_at(round_, cfg.federation.rounds, t.lr, t.lr_schedule, t.lr_min_factor, t.lr_decay)
     rounds = cfg.federation.rounds
     head = head_mode(t.head, round_, rounds, t.finetune_rounds(rounds))
-    if head != "federated":
-        plan = replace(plan, clients=tuple(replace(a, head=head) for a in plan.clients))
+
+    def with_head(p: AllocationPlan) -> AllocationPlan:
+        if head == "federated":
+            return p
+        return replace(p, clients=tuple(replace(a, head=head) for a in p.clients))
+
+    plan = with_head(plan)
+    # under DP, what every client would train this round: the noisy means' public denominators
+    everyone = list(range(cfg.clients.num_clients))
+    population = None if private is None else with_head(exp.allocate(round_, everyone))
     clip_norm = None if private is None else private.clip_norm
-    return RoundPlan(round_, sampled, plan, lr, fisher_info, t0, head, class_means, clip_norm)
+    return RoundPlan(
+        round_, sampled, plan, lr, fisher_info, t0, head, class_means, clip_norm, population
+    )
 
 
 def head_field(exp: Experiment, rp: RoundPlan) -> dict[str, Any]:
@@ -247,8 +260,9 @@ def close_round(
     cfg = exp.cfg
     results = outcome.results
     if private is not None:
+        assert rp.population is not None
         averaged, report, method_record, updated = privacy.private_round(
-            exp, rp.plan, state, results, private
+            exp, rp.plan, rp.population, state, results, private
         )
     else:
         averaged, report, method_record = exp.strategy.aggregate(
@@ -258,7 +272,10 @@ def close_round(
             k for r in results if r.update.client in report.accepted for k in r.update.tensors
         }
     # the server optimizer moves only the tensors an accepted client trained (their moments)
-    new_state = server.step(state, averaged, updated) if report.accepted else state
+    # (under DP the noise moves the model whoever was accepted: a round left unmoved would
+    # tell that nobody was)
+    moved = report.accepted or private is not None
+    new_state = server.step(state, averaged, updated) if moved else state
     accepted = [r for r in results if r.update.client in report.accepted]
     weights = [r.update.num_examples for r in accepted]
     expected = exp.strategy.expected_coverage(rp.round, [a.client for a in rp.plan.clients])

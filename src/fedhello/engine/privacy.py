@@ -19,8 +19,8 @@ from fedhello.core.errors import ConfigError
 from fedhello.core.layers import AllocationPlan
 from fedhello.core.privacy.server import (
     PrivateAggregator,
+    expected_counts,
     json_number,
-    planned_counts,
     private_rounds,
 )
 
@@ -87,20 +87,21 @@ def shortened(cfg: Config, last: int) -> Config:
 def private_round(
     exp: Experiment,
     plan: AllocationPlan,
+    population: AllocationPlan,
     state: State,
     results: Sequence[ClientResult],
     private: PrivateAggregator,
 ) -> tuple[State, AggregationReport, dict[str, Any], set[str]]:
     """The round's private aggregate: (the noisy means, who was accepted or rejected, the
-    round's privacy record, the tensors it moved: every tensor the plan gave a trainer, since
-    each got noise)."""
+    round's privacy record, the tensors it moved: every tensor some client's allocation holds
+    this round (``population``), since each got noise)."""
     updates = [r.update for r in results]
     good, report = accept(
         state, updates, exp.layer_of, exp.num_layers, exp.cfg.federation.weighting
     )
     unclipped = {r.update.client: r.unclipped for r in results}
     averaged, dropped, record = private.aggregate(
-        state, good, unclipped, plan, exp.layer_of, plan.round
+        state, good, unclipped, population, exp.layer_of, plan.round
     )
     for update in good:
         if update.client in dropped:
@@ -108,7 +109,8 @@ def private_round(
             report.rejected[update.client] = dropped[update.client]
             for layer in update.layers:
                 report.coverage[layer] -= 1
-    return averaged, report, record, set(planned_counts(plan, exp.layer_of))
+    per_round = exp.cfg.clients.per_round
+    return averaged, report, record, set(expected_counts(population, exp.layer_of, per_round))
 
 
 def summary(private: PrivateAggregator | None, last: int) -> dict[str, Any]:

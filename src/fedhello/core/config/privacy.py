@@ -41,6 +41,8 @@ from fedhello.core.config.sections import Section
 Clipping = Literal["fixed", "adaptive"]
 ClipOn = Literal["client", "server"]
 Noise = Literal["secret", "seeded"]
+# the settings only adaptive clipping reads (``fedhello.core.privacy.server``)
+ADAPTIVE_ONLY = ("target_quantile", "clip_lr", "count_noise")
 
 
 class PrivacyConfig(Section):
@@ -113,3 +115,29 @@ class PrivacyConfig(Section):
                 "noise_multiplier (0 for clipping alone), or leave [privacy] out"
             )
         return self
+
+    @model_validator(mode="after")
+    def _adaptive_settings_need_adaptive_clipping(self) -> PrivacyConfig:
+        """A setting only adaptive clipping reads, given with fixed clipping, would be silently
+        ignored: a user who tuned the quantile would get a fixed clip norm. Refused instead.
+        Compared with the defaults rather than with what was given, because a run's saved
+        config.toml spells every default out (``Config.to_toml``) and must load again."""
+        if not self.enabled or self.clipping == "adaptive":
+            return self  # DP off: the check above names what was given
+        fields = type(self).model_fields
+        changed = [k for k in ADAPTIVE_ONLY if getattr(self, k) != fields[k].default]
+        if changed:
+            settings = ", ".join(f"privacy.{k} = {getattr(self, k):g}" for k in changed)
+            defaults = ", ".join(f"{k} = {_shown(fields[k].default)}" for k in changed)
+            one = len(changed) == 1
+            raise ValueError(
+                f"{settings} with privacy.clipping = 'fixed': only adaptive clipping reads "
+                f"{'it, so it' if one else 'them, so they'} would be ignored; allowed: "
+                f"clipping = 'adaptive', or the default{'' if one else 's'} ({defaults})"
+            )
+        return self
+
+
+def _shown(default: object) -> str:
+    """A default as a config would write it: unset (None) leaves the key out."""
+    return "unset" if default is None else f"{default:g}"

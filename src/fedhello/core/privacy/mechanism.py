@@ -7,24 +7,33 @@ allocated layers' LoRA factors and the head), clipped *as a whole* to L2 norm ``
 that trains 2 layers and one that trains 6 each move the model by at most ``C``, so the
 sensitivity is the same whatever the allocation. The server sums the clipped updates per
 tensor, adds Gaussian noise of standard deviation ``z C`` to each sum, and divides by the
-tensor's *planned* contributor count: the number of this round's sampled clients the
-allocation gave the tensor, fixed before anyone trained. That count depends on who was sampled
-and on their budgets (public: a site's hardware, not its data) and on the allocation (computed
-from budgets, the seed and the server's own proxy data), never on a client's data, and a client
-that fails or is rejected still counts, so neither a dropout nor a rejection shows in the
-scale. The guarantee is then client-level DP under replace-one adjacency, one client's data
-swapped for another's with its resources unchanged (``fedhello.core.privacy.accountant``).
+tensor's *expected* contributor count: ``per_round`` times the share of *all* clients whose
+allocation this round holds the tensor (the strategy's plan for every client, as if each were
+sampled: a client's layers depend on its budget, the round, the seed and the server's own
+proxy data, never on who else was sampled). Every tensor some client's allocation holds gets
+noise, trained this round or not. So the released model depends on the sample only through
+the noisy sums: neither which tensors moved nor by how much they were divided tells who was
+sampled. Swapping one sampled client for another (any budget) moves the sums by at most
+``2 C`` in total, which is the replace-one sensitivity the accountant amplifies by sampling
+(``fedhello.core.privacy.accountant``). The planned count, the number of this round's sampled
+clients given the tensor, would not do: it differs with the sampled clients' budgets, so the
+spread of a tensor's update gives away how many of each tier were sampled, and a top-tier
+client would be "sampled" at its tier's rate, not ``per_round / num_clients``.
 
-With heterogeneous allocation a tensor trained by 2 of 6 sampled clients gets the same noise
-``z C`` on its sum as one trained by all 6, over a count of 2 instead of 6: three times the noise
-on its mean. ``layer_noise`` reports that per layer (contributors, the noise's standard
-deviation on the mean, the mean's RMS as estimated from the noisy mean, their ratio).
+The price of a public denominator is the fixed-denominator estimator's (McMahan et al. 2018):
+a tensor trained by fewer clients than expected moves less than their mean, one trained by
+more moves more (unbiased over the sampling), and a failed or rejected client counts as a zero
+update. With heterogeneous allocation a tensor that one client in three can train gets the
+same noise ``z C`` on its sum as one every client trains, over a third of the count: three times
+the noise on its mean. ``layer_noise`` reports that per layer (expected contributors, the
+noise's standard deviation on the mean, the mean's RMS as estimated from the noisy mean, their
+ratio).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +88,8 @@ class NoisyMean:
     """The server's private aggregate of one round: the new per-tensor means and what each
     tensor's sum held."""
 
-    state: State  # the global state moved by each planned tensor's noisy mean update
-    contributors: dict[str, int]  # planned contributor count of each noised tensor
+    state: State  # the global state moved by each noised tensor's noisy mean update
+    contributors: dict[str, float]  # expected contributor count of each noised tensor
     # each noised tensor's mean update's RMS, estimated from the noisy mean alone (what is
     # released): sqrt(max(0, mean(noisy^2) - (noise std on the mean)^2)); 0 where the noise
     # accounts for all of it
@@ -91,44 +100,44 @@ class NoisyMean:
 def noisy_mean(
     global_state: Mapping[str, np.ndarray],
     updates: Iterable[Mapping[str, np.ndarray]],
-    planned: Mapping[str, int],
+    expected: Mapping[str, float],
     noise_std: float,
-    rng: np.random.Generator,
+    rng_for: Callable[[str], np.random.Generator],
 ) -> NoisyMean:
-    """Per tensor of ``planned`` (key -> planned contributor count, at least 1): the global
-    tensor plus (the sum of the clipped ``updates`` holding it + N(0, noise_std^2) per entry)
-    over its count. Noise is drawn tensor by tensor in sorted key order, so the same generator
-    gives the same noise on any engine; a tensor nobody was planned to train keeps its value
-    and gets no noise."""
-    sums = {k: np.zeros(global_state[k].shape, np.float64) for k in planned}
+    """Per tensor of ``expected`` (key -> expected contributor count, > 0): the global tensor
+    plus (the sum of the clipped ``updates`` holding it + N(0, noise_std^2) per entry) over its
+    count. Each tensor's noise comes from its own generator (``rng_for(key)``), so a tensor's
+    noise is the same whichever other tensors a strategy noises (paired strategies see the same
+    noise) and on any engine; a tensor no client's allocation holds keeps its value."""
+    sums = {k: np.zeros(global_state[k].shape, np.float64) for k in expected}
     for update in updates:
         for key, delta in update.items():
             sums[key] += delta
     state: State = {k: v.copy() for k, v in global_state.items()}
     signal: dict[str, float] = {}
-    for key in sorted(planned):
-        count = planned[key]
+    for key in sorted(expected):
+        count = expected[key]
         mean = sums[key] / count
         if noise_std > 0:
-            mean = mean + rng.normal(0.0, noise_std, size=mean.shape) / count
+            mean = mean + rng_for(key).normal(0.0, noise_std, size=mean.shape) / count
         # the noiseless mean would tell a reader one client's update where it is the only
         # contributor: the signal is estimated from the released (noisy) mean instead
         power = float(np.mean(np.square(mean))) - (noise_std / count) ** 2 if mean.size else 0.0
         signal[key] = math.sqrt(max(0.0, power))
         state[key] = (global_state[key].astype(np.float64) + mean).astype(global_state[key].dtype)
-    return NoisyMean(state, dict(planned), signal, noise_std)
+    return NoisyMean(state, dict(expected), signal, noise_std)
 
 
 def layer_noise(
     result: NoisyMean, layer_of: Mapping[str, int | None], num_layers: int
 ) -> dict[str, Any]:
-    """Per layer (the head last, as ``num_layers``): planned contributors, the noise's std on
+    """Per layer (the head last, as ``num_layers``): expected contributors, the noise's std on
     the mean (``z C / count``), the mean update's RMS as estimated from the noisy mean, and
     their ratio (None for a layer nobody trained, or whose estimated signal is 0: the noise
     accounts for all of the mean). Computed from released values only: the record leaks
     nothing the model does not."""
     slots = num_layers + 1
-    count: list[int | None] = [None] * slots
+    count: list[float | None] = [None] * slots
     sq = [0.0] * slots
     size = [0] * slots
     for key, n in result.contributors.items():
@@ -145,7 +154,7 @@ def layer_noise(
         None if n is None or r is None or r == 0 else n / r for n, r in zip(noise, rms, strict=True)
     ]
     return {
-        "dp_contributors": count,
+        "dp_contributors": [None if c is None else round(c, 6) for c in count],
         "dp_noise_std": [None if n is None else round(n, 8) for n in noise],
         "dp_signal_rms": [None if r is None else round(r, 8) for r in rms],
         "dp_noise_to_signal": [None if x is None else round(x, 4) for x in ratio],
@@ -155,7 +164,7 @@ def layer_noise(
 def next_clip_norm(
     clip_norm: float,
     unclipped: int,
-    expected: int,
+    expected: float,
     quantile: float,
     clip_lr: float,
     count_noise: float,

@@ -85,14 +85,34 @@ def private_rounds(cfg: Config) -> int:
 
 
 def planned_counts(plan: AllocationPlan, layer_of: Mapping[str, int | None]) -> dict[str, int]:
-    """Per tensor, how many of the round's trainers the plan gave it (a client without layers
-    sits out): the denominator of its noisy mean, and the tensors the round's noise moves."""
+    """Per tensor, how many of ``plan``'s clients it gives the tensor (a client without layers
+    sits out)."""
     planned: dict[str, int] = {}
     for alloc in plan.clients:
         if alloc.layers:
             for key in keys_for_spec(layer_of, alloc.spec):
                 planned[key] = planned.get(key, 0) + 1
     return planned
+
+
+def expected_counts(
+    population: AllocationPlan, layer_of: Mapping[str, int | None], per_round: int
+) -> dict[str, float]:
+    """Per tensor, the expected number of a round's ``per_round`` sampled clients that train
+    it: ``per_round`` x the share of all clients whose allocation (``population``: the plan of
+    the round for every client) holds it. The denominator of its noisy mean and the tensors
+    the round's noise moves: public, whoever was sampled (``fedhello.core.privacy.mechanism``).
+    Every strategy allocates a client from its budget, the round and the seed alone, so this
+    is the planned count's expectation over the sampling."""
+    n = len(population.clients)
+    return {k: per_round * c / n for k, c in planned_counts(population, layer_of).items()}
+
+
+def expected_trainers(population: AllocationPlan, per_round: int) -> float:
+    """The expected number of a round's sampled clients with layers to train: adaptive
+    clipping's public denominator for its count of unclipped updates."""
+    training = sum(1 for a in population.clients if a.layers)
+    return per_round * training / len(population.clients)
 
 
 def scaled(update: State, factor: float) -> State:
@@ -146,16 +166,17 @@ class PrivateAggregator:
         global_state: State,
         updates: Sequence[ClientUpdate],
         unclipped: Mapping[int, int | None],
-        plan: AllocationPlan,
+        population: AllocationPlan,
         layer_of: Mapping[str, int | None],
         round_: int,
     ) -> tuple[State, dict[int, str], dict[str, Any]]:
         """(the new means, the clients rejected here with why, the round's privacy record)
         from the accepted ``updates``; ``unclipped``: each client's report that its update was
-        within the clip norm (client-side clipping)."""
+        within the clip norm (client-side clipping); ``population``: the round's allocation
+        of every client, whose expected counts divide the sums (``expected_counts``)."""
         p, clip = self.cfg.privacy, self.clip_norm
-        trainers = [a for a in plan.clients if a.layers]
-        planned = planned_counts(plan, layer_of)
+        per_round = self.cfg.clients.per_round
+        expected = expected_counts(population, layer_of, per_round)
         deltas, bits, rejected = [], 0, {}
         for u in updates:
             delta = update_of(u.tensors, global_state)
@@ -179,18 +200,24 @@ class PrivateAggregator:
         for client, reason in rejected.items():
             logger.warning("rejected the update of client %d: %s", client, reason)
         noise_std = self.update_multiplier * clip
-        result = noisy_mean(
-            global_state, deltas, planned, noise_std, self.stream(Purpose.DP_NOISE, round_)
-        )
+        # one generator per tensor, by its place among all the state's tensors: a tensor's
+        # noise does not depend on which others a strategy noises
+        index = {k: i for i, k in enumerate(sorted(global_state))}
+
+        def rng_for(key: str) -> np.random.Generator:
+            return generator(self.sampling_seed, Purpose.DP_NOISE, round_, index[key])
+
+        result = noisy_mean(global_state, deltas, expected, noise_std, rng_for)
         record: dict[str, Any] = {
             "clip_norm": round(clip, 8),
             "noise_multiplier": round(self.update_multiplier, 8),
-            **layer_noise(result, layer_of, plan.num_layers),
+            **layer_noise(result, layer_of, population.num_layers),
         }
-        if self.adaptive and trainers:
+        trainers = expected_trainers(population, per_round)
+        if self.adaptive and trainers > 0:
             assert self.count_noise is not None
             self.clip_norm, share = next_clip_norm(
-                clip, bits, len(trainers), p.target_quantile, p.clip_lr, self.count_noise,
+                clip, bits, trainers, p.target_quantile, p.clip_lr, self.count_noise,
                 self.stream(Purpose.DP_CLIP, round_),
             )  # fmt: skip
             record["unclipped_share"] = round(share, 6)  # the noisy share that moved C
