@@ -566,3 +566,38 @@ def test_class_means_on_the_flower_simulation_equals_embedded(
     assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
     assert [r["head"] for r in ours] == ["frozen", "federated"]
     assert ours[0]["class_means"]["clients"] == [0, 1, 2]
+
+
+def test_a_comparisons_strategies_of_one_seed_share_round_zero_bit_for_bit(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedNCM's round 0 depends on the data, shards, model and initial state, not on the
+    strategy: a comparison computes it once per seed and reuses it, and the reusing run's
+    metrics equal the same run made alone (timing aside)."""
+    import fedhello.engine.embedded as embedded
+    from fedhello.cli import main
+    from fedhello.store.runs import RunDir
+
+    computed: list[int] = []
+    real = embedded.class_feature_sums
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        computed.append(kwargs["client"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedded, "class_feature_sums", counting)
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', train__head='"class-means"')  # fmt: skip
+    root = tmp_path / "c"
+    args = ["compare", "--strategies", "fedra,full", "--seeds", "0", "--partitions", "iid",
+            "--out", str(root)]  # fmt: skip
+    for o in ov:
+        args += ["--set", o]
+    assert main(args) == 0
+    # fedra's six clients, then the centralised reference's one; full reused fedra's
+    assert computed == [0, 1, 2, 3, 4, 5, 0]
+    cell = RunDir(root / "runs" / "iid" / "full" / "seed0")
+    alone = tmp_path / "alone"
+    assert main(["run", str(cell.config_path), "--out", str(alone)]) == 0
+    assert computed[-6:] == [0, 1, 2, 3, 4, 5]  # computed again, without a shared cache
+    assert strip_timing(RunDir(alone).read_metrics()) == strip_timing(cell.read_metrics())

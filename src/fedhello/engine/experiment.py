@@ -61,6 +61,10 @@ class DataCache:
     def __init__(self) -> None:
         self._key: str | None = None
         self._value: tuple[RawData, ModelInputs | None] | None = None
+        # FedNCM's round 0 of the last run that computed one: its fingerprint and every
+        # client's class sums (``fedhello.engine.embedded.round_zero_key``). A comparison's
+        # strategies of one seed share it: same data, shards, model and initial state.
+        self.round_zero: tuple[str, list[Any]] | None = None
 
     @staticmethod
     def key(cfg: Config, source: str, task: str) -> str:
@@ -99,6 +103,7 @@ class Experiment:
     # causal-lm: the last generating round and its scored answers, which the summary reuses
     # when that round was the run's last (the same model, prompts and greedy decoding)
     last_generation: tuple[int, dict[str, Any]] | None = None
+    cache: DataCache | None = None  # the caller's, when it shares one between runs
 
     def allocate(self, round_: int, sampled: list[int]) -> AllocationPlan:
         """The strategy's plan of ``round_``, every set checked against its client's limit."""
@@ -270,6 +275,7 @@ def build_experiment(
         proxy=proxy,
         accelerator=accelerator,
         resources=res,
+        cache=cache,
     )
 
 
