@@ -144,7 +144,7 @@ def test_a_hub_model_is_read_with_the_pooling_it_declares(
     """A hub id (downloads on) is read as its local copy would be: its two small files are
     fetched from the hub (here a stand-in serving a folder: the tests never touch the network)."""
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     from fedhello.model.pooling import declared_pooling
 
@@ -167,6 +167,14 @@ def test_a_hub_model_is_read_with_the_pooling_it_declares(
     assert declared_pooling("org/encoder") is None  # downloads off: only a folder is read
     (served / "modules.json").unlink()
     assert declared_pooling("org/encoder", hub=True) is None  # declares none: the rule goes on
+
+    def offline(repo_id: str, filename: str, **kwargs: object) -> str:
+        raise LocalEntryNotFoundError("not cached")
+
+    # no answer is not "no declaration": the same config must not load another pooling
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(ModelError, match=r"model.name = 'org/encoder': cannot read modules"):
+        declared_pooling("org/encoder", hub=True)
 
 
 def test_minilm_declares_mean_pooling() -> None:

@@ -144,6 +144,23 @@ def test_the_released_model_does_not_depend_on_who_was_sampled(tmp_path: Path) -
     assert np.std(released[0]["head"]) == pytest.approx(1.0 / 5.0, rel=0.05)
 
 
+def test_an_expected_count_below_one_is_warned_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Layer 0 only 1 client of 10 can train, 5 sampled: expected 0.5, so a lone contributor's
+    update (and the noise) is doubled: said once, not every round."""
+    import logging
+
+    layer_of = {"l0": 0, "l1": 1, "l2": 2, "head": None}
+    g = {k: np.zeros(4, np.float32) for k in layer_of}
+    agg = _private(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fedhello"):
+        for r in (1, 2):
+            agg.aggregate(g, [], {}, _population(r, [(0, 1, 2)] + [(1, 2)] * 9), layer_of, r)
+    warned = [m for m in caplog.messages if "fewer than 1" in m]
+    assert len(warned) == 1 and "layers 0 are expected" in warned[0] and "up to 2" in warned[0]
+
+
 def test_a_tensors_noise_is_the_same_whichever_others_a_strategy_noises(tmp_path: Path) -> None:
     """Paired strategies of one seed see the same noise on the tensors both noise: one
     generator per tensor, not one stream through whichever tensors a plan holds."""

@@ -136,3 +136,43 @@ def test_a_comparison_waits_for_the_process_running_its_cell_then_reuses_it(
     assert holder.wait(timeout=30) == 0
     assert outcome == "reused" and time.monotonic() - t0 > 1.0
     assert any("waiting for it to finish" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_reached_through_a_symlink_or_as_dot_has_one_lock_outside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tmp_path / "a" / "runs" / "seed0"
+    real.mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "runs").symlink_to(tmp_path / "a" / "runs")  # a shared cell folder
+    assert RunDir(tmp_path / "b" / "runs" / "seed0").lock_path == RunDir(real).lock_path
+    monkeypatch.chdir(real)
+    assert RunDir(".").lock_path == real.parent / ".seed0.lock"  # not ./..lock inside it
+    holder = _hold(tmp_path / "b" / "runs" / "seed0", 60)
+    try:
+        from fedhello.core.errors import RunDirError
+
+        with pytest.raises(RunDirError, match="being written by another"), RunDir(real).writing():
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_deployment_into_a_held_run_is_refused_before_anything_is_submitted(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The deployed ServerApp writes the run and holds the lock; the submitting process checks
+    it first, so a held run is one line here, not a failure on the SuperLink's side."""
+    out = tmp_path / "run"
+    holder = _hold(out, 60)
+    try:
+        args = ["run", "--out", str(out), "--engine", "flower", "--superlink", "127.0.0.1:9"]
+        for o in _tiny(tiny_bert_dir, tiny_text_csv):
+            args += ["--set", o]
+        assert main(args) != 0
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert "being written by another fedhello process" in err and err.count("\n") == 1

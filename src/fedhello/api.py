@@ -95,6 +95,17 @@ def run(
         config = _config(cfg)
         run_dir = run_dir_for(config, out)
     options = RunOptions(observer or Observer(), overwrite=overwrite, resume=resume is not None)
+    if engine == "flower":  # the deployed ServerApp writes the run and holds its lock
+        from fedhello.engine.flower.runner import run_flower_deployment
+
+        if not superlink:
+            raise UserError("engine 'flower' needs superlink='HOST:PORT' (the Control API)")
+        with run_dir.writing():  # refused now, in one line, if another process writes it
+            if resume is None:
+                run_dir.check_free(overwrite)
+        certs = None if root_certificates is None else str(root_certificates)
+        with torch_threads(config.run.threads):
+            return run_flower_deployment(config, run_dir, superlink, certs, options)
     with run_dir.writing(), torch_threads(config.run.threads):
         if resume is None:
             run_dir.check_free(overwrite)  # before any long work
@@ -102,13 +113,6 @@ def run(
             from fedhello.engine.flower.runner import run_flower_sim
 
             return run_flower_sim(config, run_dir, options)
-        if engine == "flower":
-            from fedhello.engine.flower.runner import run_flower_deployment
-
-            if not superlink:
-                raise UserError("engine 'flower' needs superlink='HOST:PORT' (the Control API)")
-            certs = None if root_certificates is None else str(root_certificates)
-            return run_flower_deployment(config, run_dir, superlink, certs, options)
         from fedhello.engine.embedded import run_embedded
 
         return run_embedded(config, run_dir, options)

@@ -50,12 +50,21 @@ def model_file(source: str, name: str, hub: bool = False) -> Path | None:
     if local.is_file() or not hub or Path(source).exists():
         return local if local.is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(source, name))
-    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError):
-        return None  # no such file there (or no answer): the rule goes on, as without one
+    except LocalEntryNotFoundError as err:  # offline and not cached: unknown, not absent
+        reason = f"it is not in the hub cache and the hub cannot be reached ({err})"
+    except EntryNotFoundError:  # the hub answered: the model has no such file
+        return None
+    except (OSError, ValueError) as err:  # no answer (network, 5xx, 429): unknown, not absent
+        reason = f"the hub did not answer ({type(err).__name__}: {err})"
+    raise ModelError(
+        f"model.name = {source!r}: cannot read {name} (its pooling declaration): "
+        f"{' '.join(reason.split())[:300]}; allowed: retry, or set model.pooling (mean, cls, "
+        "max or head) to skip the declaration"
+    )
 
 
 def declared_pooling(source: str, hub: bool = False) -> str | None:

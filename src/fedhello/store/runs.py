@@ -67,8 +67,10 @@ class RunDir:
     @property
     def lock_path(self) -> Path:
         """The lock of the one process writing this run. Beside the run, not in it: a fresh
-        run replaces its directory while holding the lock."""
-        return self.path.parent / f".{self.path.name}.lock"
+        run replaces its directory while holding the lock. From the resolved path, so a run
+        reached through a symlink (two comparisons sharing cells) or as ``.`` has one lock."""
+        real = self.path.resolve()
+        return real.parent / f".{real.name}.lock"
 
     @contextmanager
     def writing(self, wait: bool = False) -> Iterator[None]:
@@ -80,7 +82,7 @@ class RunDir:
         An OS file lock (``filelock``): a process that dies releases it."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"run directory {str(self.path)!r} is a file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.lock_path)
         try:
             lock.acquire(timeout=0)

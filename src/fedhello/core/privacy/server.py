@@ -139,6 +139,7 @@ class PrivateAggregator:
         self.accounting = Accounting.of(cfg)
         # the operating system's randomness, never the seed: see the module's docstring
         self.key = secrets.randbits(128) if p.noise == "secret" else None
+        self.warned_low_count = False  # an expected count below 1, said once per run
 
     @property
     def sampling_seed(self) -> int:
@@ -177,6 +178,18 @@ class PrivateAggregator:
         p, clip = self.cfg.privacy, self.clip_norm
         per_round = self.cfg.clients.per_round
         expected = expected_counts(population, layer_of, per_round)
+        layers = {layer_of[k] for k, c in expected.items() if c < 1}
+        low = [str(x) for x in sorted(x for x in layers if x is not None)]
+        low += ["the head"] if None in layers else []
+        if low and not self.warned_low_count:
+            self.warned_low_count = True
+            logger.warning(
+                "round %d: layers %s are expected to be trained by fewer than 1 of the %d "
+                "sampled clients: a lone contributor's update is multiplied by up to %.3g, and "
+                "so is the noise on them (more per-round, or an allocation that spreads them)",
+                round_, ", ".join(low), per_round,
+                1 / min(expected.values()),
+            )  # fmt: skip
         deltas, bits, rejected = [], 0, {}
         for u in updates:
             delta = update_of(u.tensors, global_state)

@@ -56,7 +56,8 @@ def main(grid: Grid, context: Context) -> None:
         options = RunOptions(
             overwrite=bool(rc.get("overwrite", False)), resume=bool(rc.get("resume", False))
         )
-        run_federation(cfg, run, FlowerEngine(grid), options)
+        with run.writing():  # this process writes the run: one at a time, on this host
+            run_federation(cfg, run, FlowerEngine(grid), options)
     except UserError as err:  # bad input: hand the reason to `fedhello run`, then fail
         run.error_note.parent.mkdir(parents=True, exist_ok=True)
         run.error_note.write_text(str(err))
