@@ -94,6 +94,30 @@ def test_fit_policies() -> None:
         apply_fit(plan, limits, [p, p], "strict")
 
 
+def test_every_clients_plan_is_repaired_quietly_even_under_strict(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DP's expected counts read what every client would train if sampled: a client outside
+    the round's sample is not refused (strict refuses it when it is sampled), and a hundred
+    clients' repairs a round are not logged at info."""
+    import logging
+
+    from fedhello.engine.resources import Resources
+
+    p = synthetic_profile()
+    plan = AllocationPlan(
+        3, L, (ClientAllocation(0, 4, (0, 1, 2, 3)), ClientAllocation(1, 1, (0,)))
+    )
+    limits = [None, ResourceLimit(memory_mb=21)]
+    for policy in ("strict", "repair"):
+        res = Resources(limits, [p, p], policy)
+        with caplog.at_level(logging.INFO, logger="fedhello"):
+            everyone = res.fit_everyone(plan)
+        assert everyone == apply_fit(plan, limits, [p, p], "repair")
+        assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert Resources(limits, [p, p], "off").fit_everyone(plan) is plan
+
+
 @pytest.mark.parametrize("name", LAYER_STRATEGIES)
 def test_cost_aware_strategies_choose_within_each_clients_floor(name: str) -> None:
     s = build_strategy(name, 6, [6, 6, 6], seed=1)

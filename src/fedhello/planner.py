@@ -77,8 +77,8 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
         entry["clients"] = [a.as_dict() for a in plan.clients]
         entry["coverage"] = plan.coverage()
         if private is not None:  # DP's public denominators: every client's allocation
-            everyone = list(range(cfg.clients.num_clients))
-            population = exp.allocate(r, everyone) if exp else strategy.allocate(r, everyone)
+            everyone = range(cfg.clients.num_clients)
+            population = exp.allocate_everyone(r) if exp else strategy.allocate(r, everyone)
             entry["dp_contributors"] = expected_contributors(population, cfg.clients.per_round)
         out_rounds.append(entry)
     target = strategy.target()

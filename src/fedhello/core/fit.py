@@ -184,8 +184,10 @@ def apply_fit(
     limits: Sequence[ResourceLimit | None],
     profiles: Sequence[CostProfile | None],
     policy: str,
+    quiet: bool = False,
 ) -> AllocationPlan:
-    """The plan with every set checked against its client's limit under ``policy``."""
+    """The plan with every set checked against its client's limit under ``policy``;
+    ``quiet``: repairs not logged (a plan of every client, not of the round's)."""
     if policy == "off":
         return plan
     allocs = []
@@ -201,7 +203,8 @@ def apply_fit(
                 "allowed: a set within the limit, or allocation.fit = repair"
             )
         fixed = repair(a.layers, limit, profile)
-        logger.info(
+        log = logger.debug if quiet else logger.info
+        log(
             "round %d client %d: layers %s exceed %s; repaired to %s",
             plan.round, a.client, list(a.layers), limit, list(fixed),
         )  # fmt: skip

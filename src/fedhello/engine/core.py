@@ -215,8 +215,7 @@ def open_round(
 
     plan = with_head(plan)
     # under DP, what every client would train this round: the noisy means' public denominators
-    everyone = list(range(cfg.clients.num_clients))
-    population = None if private is None else with_head(exp.allocate(round_, everyone))
+    population = None if private is None else with_head(exp.allocate_everyone(round_))
     clip_norm = None if private is None else private.clip_norm
     return RoundPlan(
         round_, sampled, plan, lr, fisher_info, t0, head, class_means, clip_norm, population

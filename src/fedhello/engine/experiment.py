@@ -109,6 +109,11 @@ class Experiment:
         """The strategy's plan of ``round_``, every set checked against its client's limit."""
         return self.resources.fit(self.strategy.allocate(round_, sampled))
 
+    def allocate_everyone(self, round_: int) -> AllocationPlan:
+        """What every client would train in ``round_`` if sampled (DP's expected counts)."""
+        everyone = range(len(self.strategy.budgets))
+        return self.resources.fit_everyone(self.strategy.allocate(round_, everyone))
+
     @property
     def budgets(self) -> list[int]:
         """Layers each client can afford: the strategy's (the one owner)."""

@@ -124,6 +124,13 @@ class Resources:
     def fit(self, plan: AllocationPlan) -> AllocationPlan:
         return apply_fit(plan, self.limits, self.profiles, self.policy)
 
+    def fit_everyone(self, plan: AllocationPlan) -> AllocationPlan:
+        """``plan`` of every client (DP's expected counts) as each would train if sampled:
+        repaired quietly, and under ``strict`` repaired too rather than refused (a client is
+        refused when it is sampled, by ``fit``)."""
+        policy = "repair" if self.policy == "strict" else self.policy
+        return apply_fit(plan, self.limits, self.profiles, policy, quiet=True)
+
     def record(self, client: int) -> dict[str, Any]:
         """The limit fields of a client's record (none for a client without a limit)."""
         limit = self.limits[client]
