@@ -109,12 +109,14 @@ def test_every_clients_plan_is_repaired_quietly_even_under_strict(
         3, L, (ClientAllocation(0, 4, (0, 1, 2, 3)), ClientAllocation(1, 1, (0,)))
     )
     limits = [None, ResourceLimit(memory_mb=21)]
+    want = apply_fit(plan, limits, [p, p], "repair")
     for policy in ("strict", "repair"):
         res = Resources(limits, [p, p], policy)
+        caplog.clear()
         with caplog.at_level(logging.INFO, logger="fedhello"):
             everyone = res.fit_everyone(plan)
-        assert everyone == apply_fit(plan, limits, [p, p], "repair")
         assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert everyone == want
     assert Resources(limits, [p, p], "off").fit_everyone(plan) is plan
 
 
