@@ -14,8 +14,8 @@ import pytest
 from fedhello.core.aggregation import ClientUpdate
 from fedhello.core.allocation import build_strategy
 from fedhello.core.layers import AdapterSpec, AllocationPlan
-from fedhello.engine.core import client_record
 from fedhello.engine.flower import messages as wire
+from fedhello.engine.records import client_record
 from fedhello.model.report import REPORT, ClientResult
 
 # a 2-block adapter: LoRA factors of blocks 0 and 1, and the head

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedhello.core.aggregation import ClientUpdate, State
+from fedhello.core.aggregation import State
 from fedhello.core.config import Config
 from fedhello.core.heads import ClassSums, class_means_head, head_mode
 from fedhello.core.layers import AllocationPlan
@@ -27,13 +27,12 @@ from fedhello.core.schedule import lr_at, sample_clients
 from fedhello.core.server_optimizers import ServerOptimizer, server_optimizer
 from fedhello.engine import generative, privacy
 from fedhello.engine.experiment import DataCache, Experiment, build_experiment
+from fedhello.engine.records import client_record, evaluate_global, repairs_field
 from fedhello.engine.summary import finish
 from fedhello.model import determinism
 from fedhello.model.accelerator import accelerator_for
 from fedhello.model.class_means import linear_head
-from fedhello.model.evaluation import evaluate
-from fedhello.model.lora import set_state
-from fedhello.model.report import ClientResult, record_fields
+from fedhello.model.report import ClientResult
 from fedhello.store.checkpoint import config_hash, load_latest, save_checkpoint
 from fedhello.store.profiles import read_profile, write_profile
 from fedhello.store.runs import RunDir
@@ -111,82 +110,6 @@ class RunOptions:
     overwrite: bool = False
     resume: bool = False
     cache: DataCache | None = None
-
-
-def client_record(
-    exp: Experiment, result: ClientResult, rejected: dict[int, str], plan: AllocationPlan
-) -> dict[str, Any]:
-    """A client's entry in the round's record: who it is and what it was allocated (the
-    server's), its report (``fedhello.model.report.REPORT``, in its declared order and
-    rounding) with its limits after what they limit, and the verdict on its update."""
-    u = result.update
-    rec: dict[str, Any] = {
-        "client": u.client,
-        "tier": exp.tiers[u.client],
-        "budget": exp.budgets[u.client],
-        "layers": list(u.layers),
-        **rank_field(u),
-        **record_fields(result, "training"),
-        **exp.resources.record(u.client),
-        **record_fields(result, "device"),
-        **record_fields(result, "traffic"),
-        "accepted": u.client not in rejected,
-    }
-    repaired = next((a.repaired_from for a in plan.clients if a.client == u.client), None)
-    if repaired is not None:
-        rec["repaired_from"] = list(repaired)
-    if u.client in rejected:
-        rec["rejected_reason"] = rejected[u.client]
-    return rec
-
-
-def rank_field(u: ClientUpdate) -> dict[str, Any]:
-    """``rank`` of a rank method's upload (absent for layer strategies: always full)."""
-    if u.rank is None:
-        return {}
-    try:
-        return {"rank": u.upload_rank}
-    except ValueError:  # a malformed upload (rejected, with its reason)
-        return {"rank": None}
-
-
-def repairs_field(exp: Experiment, plan: AllocationPlan) -> dict[str, Any]:
-    """``num_repairs`` of a round, where clients have limits (absent without limits)."""
-    if all(limit is None for limit in exp.resources.limits):
-        return {}
-    return {"num_repairs": sum(a.repaired_from is not None for a in plan.clients)}
-
-
-def evaluate_global(exp: Experiment, state: State, round_: int = 0) -> dict[str, Any]:
-    """The global model on the fixed per-round evaluation subsets; after the historical keys,
-    ``predicted_classes`` and ``prediction_entropy`` on the test subset (where the task scores
-    them, ``fedhello.tasks.base.prediction_spread``), and a warning in the run log when the
-    model answers (nearly) one class there (``fedhello.model.evaluation.warn_if_collapsed``).
-    A generative task records its own scores (``fedhello.engine.generative.round_scores``)."""
-    set_state(exp.model, state)
-    if generative.is_generative(exp):
-        return generative.round_scores(exp, round_)
-    bs, accelerator = exp.cfg.train.eval_batch_size, exp.accelerator
-    test = evaluate(
-        exp.model, exp.encoded, exp.eval_test, bs, accelerator, exp.task,
-        label_names=exp.raw.label_names, collapse_check="the round's evaluation subset",
-    )  # fmt: skip
-    val = (
-        evaluate(exp.model, exp.encoded, exp.eval_val, bs, accelerator, exp.task)
-        if len(exp.eval_val)
-        else None
-    )
-    out: dict[str, Any] = {
-        "test_accuracy": test["accuracy"],
-        "test_macro_f1": test["macro_f1"],
-        "test_loss": test["loss"],
-        "eval_examples": test["examples"],
-        "eval_subset": test["examples"] < len(exp.raw.splits["test"]),
-    }
-    if val:
-        out |= {"val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"]}
-    out |= {k: test[k] for k in ("predicted_classes", "prediction_entropy") if k in test}
-    return out
 
 
 def open_round(

@@ -4,7 +4,7 @@
 run's record rounds it). The training loop fills a ``ClientResult``; the Flower wire encodes
 and decodes it from this declaration (``fedhello.engine.flower.messages``); the client entry
 of ``metrics.jsonl`` is derived from it (``record_fields``, used by
-``fedhello.engine.core.client_record``). A field added here travels and is recorded with no
+``fedhello.engine.records.client_record``). A field added here travels and is recorded with no
 other change.
 
 ``num_examples``, ``examples_seen`` and ``train_loss`` are the update's (``ClientUpdate``:
