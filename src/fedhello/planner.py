@@ -20,8 +20,7 @@ from fedhello.core.allocation import strategy_class
 from fedhello.core.budgets import strategy_for
 from fedhello.core.config import Config
 from fedhello.core.heads import AUTO, auto_head, head_mode
-from fedhello.core.layers import AllocationPlan
-from fedhello.core.privacy.server import PrivateAggregator, json_number
+from fedhello.core.privacy.server import PrivateAggregator, expected_layer_counts, json_number
 from fedhello.core.schedule import sample_clients
 from fedhello.model.source import model_shape, resolve_model_source
 
@@ -79,7 +78,7 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
         if private is not None:  # DP's public denominators: every client's allocation
             everyone = range(cfg.clients.num_clients)
             population = exp.allocate_everyone(r) if exp else strategy.allocate(r, everyone)
-            entry["dp_contributors"] = expected_contributors(population, cfg.clients.per_round)
+            entry["dp_contributors"] = expected_layer_counts(population, cfg.clients.per_round)
         out_rounds.append(entry)
     target = strategy.target()
     privacy = privacy_plan(cfg, private, last, configured, out_rounds, num_layers)
@@ -99,14 +98,6 @@ def make_plan(cfg: Config, rounds: int | None = None) -> dict[str, Any]:
     }
 
 
-def expected_contributors(population: AllocationPlan, per_round: int) -> list[float]:
-    """Per layer, then the head, the expected number of a round's sampled clients that train
-    it (``fedhello.core.privacy.server.expected_counts``): what divides its noisy sum."""
-    n = len(population.clients)
-    trainers = sum(1 for a in population.clients if a.layers)
-    return [per_round * c / n for c in population.coverage()] + [per_round * trainers / n]
-
-
 def privacy_plan(
     cfg: Config,
     private: PrivateAggregator | None,
@@ -118,7 +109,7 @@ def privacy_plan(
     """What a DP configuration would spend (None without ``[privacy]``): epsilon at delta after
     each planned round and at the end, and per layer the noise on its mean in units of the
     clip norm, ``z / expected contributors`` (every client's allocation, whoever is sampled:
-    ``expected_contributors``), averaged over the rounds that train it (the head last).
+    ``expected_layer_counts``), averaged over the rounds that train it (the head last).
     Each round's entry gets its ``epsilon``. ``cfg`` is the run as ``start`` and ``shortened``
     make it (``last`` rounds long, ``rounds`` none after it); ``configured``: the rounds the
     config asked for."""

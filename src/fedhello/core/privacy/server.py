@@ -110,9 +110,18 @@ def expected_counts(
 
 def expected_trainers(population: AllocationPlan, per_round: int) -> float:
     """The expected number of a round's sampled clients with layers to train: adaptive
-    clipping's public denominator for its count of unclipped updates."""
+    clipping's public denominator for its count of unclipped updates, and the head's
+    expected count where the head is averaged."""
     training = sum(1 for a in population.clients if a.layers)
     return per_round * training / len(population.clients)
+
+
+def expected_layer_counts(population: AllocationPlan, per_round: int) -> list[float]:
+    """``expected_counts`` per layer, then the head (a layer's tensors share its count): what
+    ``fedhello plan`` shows and divides the noise by, without the model's tensor names."""
+    n = len(population.clients)
+    layers = [per_round * c / n for c in population.coverage()]
+    return [*layers, expected_trainers(population, per_round)]
 
 
 def scaled(update: State, factor: float) -> State:
@@ -162,6 +171,25 @@ class PrivateAggregator:
         if KEY_STATE in state and self.key is not None:
             self.key = sum(int(w) << (32 * i) for i, w in enumerate(state[KEY_STATE]))
 
+    def warn_low_counts(
+        self, expected: Mapping[str, float], layer_of: Mapping[str, int | None], per_round: int,
+        round_: int,
+    ) -> None:  # fmt: skip
+        """Say once per run that a layer's expected count is below 1: a lone contributor's
+        update, and the noise, are then multiplied by up to 1 / count."""
+        layers = {layer_of[k] for k, c in expected.items() if c < 1}
+        low = [str(x) for x in sorted(x for x in layers if x is not None)]
+        low += ["the head"] if None in layers else []
+        if low:
+            self.warned_low_count = True
+            logger.warning(
+                "round %d: layers %s are expected to be trained by fewer than 1 of the %d "
+                "sampled clients: a lone contributor's update is multiplied by up to %.3g, and "
+                "so is the noise on them (more per-round, or an allocation that spreads them)",
+                round_, ", ".join(low), per_round,
+                1 / min(expected.values()),
+            )  # fmt: skip
+
     def aggregate(
         self,
         global_state: State,
@@ -178,18 +206,9 @@ class PrivateAggregator:
         p, clip = self.cfg.privacy, self.clip_norm
         per_round = self.cfg.clients.per_round
         expected = expected_counts(population, layer_of, per_round)
-        layers = {layer_of[k] for k, c in expected.items() if c < 1}
-        low = [str(x) for x in sorted(x for x in layers if x is not None)]
-        low += ["the head"] if None in layers else []
-        if low and not self.warned_low_count:
-            self.warned_low_count = True
-            logger.warning(
-                "round %d: layers %s are expected to be trained by fewer than 1 of the %d "
-                "sampled clients: a lone contributor's update is multiplied by up to %.3g, and "
-                "so is the noise on them (more per-round, or an allocation that spreads them)",
-                round_, ", ".join(low), per_round,
-                1 / min(expected.values()),
-            )  # fmt: skip
+        if not self.warned_low_count:
+            self.warn_low_counts(expected, layer_of, per_round, round_)
+
         deltas, bits, rejected = [], 0, {}
         for u in updates:
             delta = update_of(u.tensors, global_state)
