@@ -158,7 +158,7 @@ def test_every_strategy_runs_on_the_default_data(
             assert all(c["budget"] == 4 for c in r["clients"])
 
 
-@pytest.mark.parametrize("kind", ["nan", "outside", "loss"])
+@pytest.mark.parametrize("kind", ["nan", "outside", "loss", "work"])
 def test_bad_client_update_is_rejected_counted_and_the_round_goes_on(
     kind: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -181,6 +181,8 @@ def test_bad_client_update_is_rejected_counted_and_the_round_goes_on(
                 missing = next(i for i in range(4) if i not in u.layers)
                 extra = next(k for k in global_state if f"layer.{missing}." in k)
                 u.tensors = {**u.tensors, extra: global_state[extra]}
+            elif kind == "work":  # claims ten times the work it was asked (and did)
+                u.examples_seen *= 10
             else:
                 u.train_loss = float("inf")
         return result
@@ -195,7 +197,9 @@ def test_bad_client_update_is_rejected_counted_and_the_round_goes_on(
         rejected = [c for c in r["clients"] if not c["accepted"]]
         assert len(rejected) == 1 and rejected[0]["rejected_reason"]
         reason = {"nan": "non-finite values", "outside": "outside the allocation",
-                  "loss": "training loss is inf"}[kind]  # fmt: skip
+                  "loss": "training loss is inf",
+                  "work": "examples_seen = 160: the round asked 2 steps of 8 examples = 16",
+                  }[kind]  # fmt: skip
         assert reason in rejected[0]["rejected_reason"], rejected[0]["rejected_reason"]
         good = [c for c in r["clients"] if c["accepted"]]
         # its layers did not count: coverage is that of the accepted clients alone

@@ -27,6 +27,7 @@ import numpy as np
 
 from fedhello.core.layers import AdapterSpec, keys_for_spec
 from fedhello.core.ranks import expected_shape, pad, rank_of
+from fedhello.core.schedule import num_local_steps
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,31 @@ def validate_update(
         if not np.isfinite(value).all():
             return f"tensor {key!r} has non-finite values"
     return None
+
+
+def flag_misreported_work(
+    updates: Sequence[ClientUpdate], batch_size: int, local_steps: int, local_epochs: float | None
+) -> None:
+    """Mark each update whose ``examples_seen`` is not the work the server asked of it.
+
+    A client trains ``num_local_steps`` full batches (``local_steps``, or with
+    ``local_epochs`` as many as its reported shard needs), so the count it reports can be
+    checked rather than trusted: under ``weighting = "examples-seen"`` it is the client's
+    weight, and a node that claimed 10x the work would outweigh the rest. An update with a
+    wrong count is marked malformed (rejected with that reason before anything else); one
+    whose counts are not integers is left for ``validate_update`` to reject."""
+    for u in updates:
+        if u.malformed is not None or not (_count(u.num_examples) and _count(u.examples_seen)):
+            continue
+        if u.num_examples <= 0:
+            continue
+        steps = num_local_steps(u.num_examples, batch_size, local_steps, local_epochs)
+        want = steps * batch_size
+        if u.examples_seen != want:
+            u.malformed = (
+                f"examples_seen = {u.examples_seen}: the round asked {steps} steps of "
+                f"{batch_size} examples = {want}"
+            )
 
 
 def _count(value: object) -> bool:

@@ -37,3 +37,12 @@ def lr_at(
     else:  # cosine
         factor = min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     return lr * factor
+
+
+def num_local_steps(num_examples: int, batch_size: int, steps: int, epochs: float | None) -> int:
+    """The optimizer steps the server asks of a client holding ``num_examples`` examples:
+    ``train.local-steps``, or with ``train.local-epochs`` that many passes in full batches,
+    rounded up (2.5 epochs of 100 examples in batches of 32: ceil(250 / 32) = 8 steps)."""
+    if epochs is None:
+        return steps
+    return max(1, math.ceil(epochs * num_examples / batch_size))

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedhello.core.aggregation import State
+from fedhello.core.aggregation import State, flag_misreported_work
 from fedhello.core.config import Config
 from fedhello.core.heads import ClassSums, class_means_head, head_mode
 from fedhello.core.layers import AllocationPlan
@@ -181,6 +181,8 @@ def close_round(
     build the round's metrics record."""
     cfg = exp.cfg
     results = outcome.results
+    t = cfg.train
+    flag_misreported_work([r.update for r in results], t.batch_size, t.local_steps, t.local_epochs)
     if private is not None:
         assert rp.population is not None
         averaged, report, method_record, updated = privacy.private_round(

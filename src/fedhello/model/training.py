@@ -26,6 +26,7 @@ from fedhello.core.config import Config, TrainConfig
 from fedhello.core.hooks import HookSpec
 from fedhello.core.layers import AdapterSpec, keys_for_spec
 from fedhello.core.ranks import truncate
+from fedhello.core.schedule import num_local_steps
 from fedhello.core.seeds import Purpose, derived_int, generator
 from fedhello.data.encoding import ModelInputs
 from fedhello.model.accelerator import CPU_FP32, Accelerator
@@ -82,12 +83,6 @@ def label_counts(shard: Shard, model: torch.nn.Module) -> np.ndarray | None:
         return None
     num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
     return np.bincount(ids, minlength=num_labels)
-
-
-def num_local_steps(num_examples: int, batch_size: int, steps: int, epochs: float | None) -> int:
-    if epochs is None:
-        return steps
-    return max(1, math.ceil(epochs * num_examples / batch_size))
 
 
 def batch_order(rng: np.random.Generator, n: int, batch_size: int, steps: int) -> list[np.ndarray]:
