@@ -193,3 +193,27 @@ def test_the_report_shows_collapse_and_renders_older_runs(tmp_path: Path) -> Non
     assert rows["full"].endswith("| - / - |")
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert {"pred_classes_min", "pred_entropy_mean"} <= set(header)
+
+
+def test_a_comparison_reads_the_cells_it_links_from_another(tmp_path: Path) -> None:
+    """Comparisons share cells by symlink (a reference, a baseline's runs): the report reads
+    them like its own. (A recursive glob skipped linked folders, and a published table lost
+    its centralised row without a word.)"""
+    from fedhello.studies.results import REFERENCE_PARTITION, collect
+
+    other, root = tmp_path / "other", tmp_path / "cmp"
+    _fake_run(other, "dirichlet", "fedra", 0)
+    (other / "runs" / "centralized").mkdir(parents=True)
+    (other / "runs" / "dirichlet" / "fedra" / "seed0").rename(
+        other / "runs" / "centralized" / "seed0"
+    )
+    _fake_run(other, "dirichlet", "fedra", 1)
+    _fake_run(root, "dirichlet", "fed-hello", 0)
+    (root / "runs" / "centralized").symlink_to(Path("../../other/runs/centralized"))
+    (root / "runs" / "dirichlet" / "fedra").symlink_to(other / "runs" / "dirichlet" / "fedra")
+    got = sorted((r.partition, r.strategy, r.seed) for r in collect(root))
+    assert got == [
+        (REFERENCE_PARTITION, "centralized", 0),
+        ("dirichlet", "fed-hello", 0),
+        ("dirichlet", "fedra", 1),
+    ]

@@ -53,7 +53,10 @@ def collect(root: Path) -> list[RunData]:
     if (root / "summary.json").is_file():
         paths = [root]
     else:
-        paths = sorted(p.parent for p in root.glob("runs/**/summary.json"))
+        # At fixed depths: ``**`` does not follow a symlinked folder (Python < 3.13), and a
+        # comparison may link cells it shares with another, its reference most often
+        found = [*root.glob("runs/*/seed*/summary.json"), *root.glob("runs/*/*/seed*/summary.json")]
+        paths = sorted(p.parent for p in found)
     if not paths:
         raise RunDirError(f"{str(root)!r} holds no finished run (no summary.json)")
     runs = []
