@@ -173,8 +173,9 @@ def _fake_run(root: Path, partition: str, strategy: str, seed: int, **extra: Any
 
 
 def test_the_report_shows_collapse_and_renders_older_runs(tmp_path: Path) -> None:
-    from fedhello.studies.report import summarize, write_tables
+    from fedhello.studies.report import summarize
     from fedhello.studies.results import collect, group
+    from fedhello.studies.tables import write_tables
 
     root = tmp_path / "cmp"
     _fake_run(root, "dirichlet", "fedra", 0, predicted_classes=1, prediction_entropy=0.0)

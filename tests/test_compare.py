@@ -217,6 +217,32 @@ def test_the_centralised_reference_is_one_run_whatever_the_skew() -> None:
     ) == ["allocation.fit ('strict' -> 'auto')"]
 
 
+def test_the_centralised_reference_does_the_federations_work_by_plain_local_training() -> None:
+    """Its steps per round are the federation's (m clients x local steps; under local epochs
+    e, the e m / K of the pool the sampled clients are expected to train), with no server
+    optimizer and no proximal term: a server step over one client's delta, or a pull to the
+    round's start, is not centralised fine-tuning."""
+    from fedhello.core.config import load_config, outcome_differences
+    from fedhello.studies.compare import Cell, cell_config
+    from fedhello.studies.results import CENTRALIZED
+
+    ref = Cell(CENTRALIZED, CENTRALIZED, 0)
+    plain = cell_config(load_config(None), ref)
+    assert plain.train.local_steps == 6 * 10 and plain.train.local_epochs is None
+    moved = load_config(None, [
+        'federation.server_optimizer="fedadam"', "federation.server_lr=0.01",
+        "federation.server_tau=0.01", "train.proximal_mu=0.1",
+    ])  # fmt: skip
+    assert moved.federation.server_optimizer == "fedadam"
+    assert outcome_differences(cell_config(moved, ref), plain) == []
+    momentum = load_config(None, ["federation.server_momentum=0.9"])
+    assert outcome_differences(cell_config(momentum, ref), plain) == []
+    epochs = cell_config(load_config(None, ["train.local_epochs=2"]), ref)
+    # 12 clients, 6 a round, 2 epochs each: the pool's half, twice, is one epoch of it
+    assert epochs.train.local_epochs == pytest.approx(2 * 6 / 12)
+    assert epochs.clients.num_clients == 1 and epochs.federation.server_optimizer == "fedavg"
+
+
 def test_the_paired_interval_is_students_t() -> None:
     from fedhello.studies.paired import t_interval
 
@@ -407,3 +433,63 @@ def test_memory_columns_read_the_measure_the_limits_bound() -> None:
                                                           client(1, 300.0, None)]}  # fmt: skip
     (row,) = summarize([Row("iid", "fedra", [RunData("iid", "fedra", 0, [rec], summary)])])
     assert row["train_mb_max_by_tier"] == {0: 800.0, 1: 300.0}
+
+
+def _with_summary(root: Path, partition: str, seed: int, **changes: object) -> None:
+    run = _run(root, partition, "fedra", seed)
+    run.write_summary(run.read_summary() | changes)
+
+
+def test_a_cell_from_another_device_or_thread_count_is_refused(
+    compare_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell computed on a GPU, or with another torch thread count (``run.threads = 0``
+    resolves to the machine's cores), holds other numbers: refused, never mixed in."""
+    import torch
+
+    import fedhello.studies.compare as sim
+    from fedhello.core.errors import RunDirError
+    from fedhello.studies.compare import Cell, cell_config, run_cell
+
+    root, base = _cells_with_versions(compare_dir, tmp_path, {})
+    here = base.run.threads or torch.get_num_threads()
+    summary = _run(root, "iid", "fedra", 0).read_summary()
+    assert summary["device"] == "cpu" and summary["torch_threads"] == here
+    monkeypatch.setattr(sim, "run_embedded", lambda *a: pytest.fail("a cell was recomputed"))
+    _with_summary(root, "iid", 0, device="cuda:0")
+    _with_summary(root, "iid", 1, torch_threads=here + 3)
+    cell = Cell("iid", "fedra", 0)
+    with pytest.raises(RunDirError, match=r"device \('cuda' -> 'cpu'\)"):
+        run_cell(cell, cell_config(base, cell), root)
+    cell = Cell("iid", "fedra", 1)
+    want = rf"torch_threads \({here + 3} -> {here}, run.threads = {base.run.threads}\)"
+    with pytest.raises(RunDirError, match=want):
+        run_cell(cell, cell_config(base, cell), root)
+    # a run from before the thread count was recorded is judged by what it did record
+    _with_summary(root, "iid", 1, torch_threads=None)
+    assert run_cell(cell, cell_config(base, cell), root) == "reused"
+
+
+def test_the_report_names_the_code_that_computed_its_runs(
+    compare_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from fedhello.store.provenance import code_provenance
+    from fedhello.studies.report import write_report
+
+    code = _run(compare_dir, "iid", "fedra", 0).read_summary()["code"]
+    assert code == code_provenance() and code["torch"].startswith("2.13.0")
+    write_report(compare_dir, tmp_path / "same")
+    md = (tmp_path / "same" / "results.md").read_text()
+    label = code["commit"][:7] + ("+modified" if code["modified"] else "") if code["commit"] else ""
+    assert f"Computed by fedhello at: {label or 'fedhello'}" in md
+    root, _ = _cells_with_versions(compare_dir, tmp_path, {})
+    _with_summary(root, "iid", 0, code=code | {"commit": "f" * 40, "modified": False})
+    _with_summary(root, "iid", 1, code=None)
+    with caplog.at_level(logging.WARNING, logger="fedhello"):
+        write_report(root, tmp_path / "mixed")
+    md = (tmp_path / "mixed" / "results.md").read_text()
+    assert "fffffff (1 run)" in md and "unrecorded (1 run)" in md
+    if code["commit"]:  # two commits side by side: said in the log
+        assert "computed by different code" in caplog.text

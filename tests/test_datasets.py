@@ -306,7 +306,7 @@ def test_cifar_shaped_images_train_with_augmentation_the_same_twice(
 
 
 def test_augmented_pixels_are_seeded_by_round_client_and_step(
-    tmp_path: Path, vit32_dir: Path
+    tmp_path: Path, vit32_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
     from transformers import AutoImageProcessor
@@ -320,8 +320,11 @@ def test_augmented_pixels_are_seeded_by_round_client_and_step(
     data = encode(raw, processor, 16)
     rows = [0, 5, 7]
     state = torch.random.get_rng_state()
+    reseeded: list[int] = []  # a GPU's generator, which fork_rng(devices=[]) would not restore
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
     first = data.batch(rows, (0, 1, 2, 3))["pixel_values"]
     assert torch.equal(torch.random.get_rng_state(), state)  # the process's generator untouched
+    assert reseeded == []  # nor the accelerators': the step's dropout keeps its own seed
     assert first.shape == (3, 3, 32, 32)  # cropped and resized to the model's input
     assert torch.equal(first, encode(raw, processor, 16).batch(rows, (0, 1, 2, 3))["pixel_values"])
     for other in [(1, 1, 2, 3), (0, 2, 2, 3), (0, 1, 3, 3), (0, 1, 2, 4)]:

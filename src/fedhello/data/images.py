@@ -161,8 +161,11 @@ class ImageData:
         flip = RandomHorizontalFlip()
         seed, *rest = key
         out = []
+        # the CPU generator alone (the images are augmented on the CPU): ``torch.manual_seed``
+        # would also reseed CUDA, which ``fork_rng(devices=[])`` does not restore, and the
+        # step's dropout on a GPU would draw from the augmentation's seed
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_int(seed, Purpose.AUGMENT, *rest))
+            torch.random.default_generator.manual_seed(derived_int(seed, Purpose.AUGMENT, *rest))
             for image in images:  # one at a time: a dataset's images may differ in size
                 x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
                 x = x.permute(2, 0, 1)[None].float() / 255.0

@@ -37,17 +37,17 @@ logger = logging.getLogger(__name__)
 
 def round_zero_key(exp: Experiment, state: State) -> str:
     """A fingerprint of everything FedNCM's round 0 computes from: the data and its encoding,
-    the model and how it is read (source, pooling, device, precision, this process's thread
-    count, which the CPU's arithmetic depends on), the batches (batch size, the seed that picks
-    a large shard's subset, every shard's rows) and the state the features are computed under.
-    Equal fingerprints compute bit-identical class sums."""
+    the model and how it is read (source, pooling, device, precision, deterministic kernels,
+    this process's thread count, which the CPU's arithmetic depends on), the batches (batch
+    size, the seed that picks a large shard's subset, every shard's rows) and the state the
+    features are computed under. Equal fingerprints compute bit-identical class sums."""
     cfg = exp.cfg
     acc = exp.accelerator
     h = hashlib.sha256()
     parts = [
         DataCache.key(cfg, exp.source, exp.task.name), exp.pooling, str(acc.device),
-        acc.precision, acc.base_precision, cfg.train.eval_batch_size, cfg.run.seed,
-        torch.get_num_threads(),
+        acc.precision, acc.base_precision, cfg.train.deterministic, cfg.train.eval_batch_size,
+        cfg.run.seed, torch.get_num_threads(),
     ]  # fmt: skip
     h.update(json.dumps(parts, sort_keys=True).encode())
     for rows in exp.shards:

@@ -11,6 +11,8 @@ import logging
 import shutil
 from typing import Any
 
+import torch
+
 from fedhello.core.aggregation import State
 from fedhello.core.config import Config
 from fedhello.core.numerics import NUMERICS_VERSION
@@ -19,6 +21,7 @@ from fedhello.engine.experiment import Experiment
 from fedhello.model.evaluation import evaluate
 from fedhello.model.lora import set_state
 from fedhello.model.pooling import pooled_module_file
+from fedhello.store.provenance import code_provenance
 from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -106,6 +109,11 @@ def finish(
         **exp.accelerator.describe(),
         # the code's arithmetic: a comparison reuses this run only under the same version
         "numerics_version": NUMERICS_VERSION,
+        # which code and libraries computed it (a report names them), and the server's torch
+        # threads as resolved (``run.threads = 0`` is torch's default, the machine's cores):
+        # a comparison reuses it only with the same count
+        "code": code_provenance(),
+        "torch_threads": torch.get_num_threads(),
         "wall_seconds": round(seconds, 2),
         "resumed_at_round": resumed_at,
         "client_seconds": round(sum(c["seconds"] for c in clients), 2),

@@ -167,6 +167,28 @@ class RunDir:
         source = self.read_summary() if self.summary_path.is_file() else records[0]
         return {k: str(source.get(k, "fp32")) for k in PRECISION_KEYS}
 
+    def recorded_machine(self) -> dict[str, Any]:
+        """What this run was computed on, as far as it recorded it: ``device`` (its type:
+        cpu, cuda, mps) and ``torch_threads`` (the server's, resolved). A finished run's
+        summary holds both (threads since 2026-12-07); an unfinished one's first round holds
+        its clients' device. Numbers differ between devices and thread counts, so a
+        comparison reuses a cell only on the same."""
+        out: dict[str, Any] = {}
+        if self.summary_path.is_file():
+            summary = self.read_summary()
+            if summary.get("device"):
+                out["device"] = str(summary["device"]).split(":")[0]
+            if summary.get("torch_threads"):
+                out["torch_threads"] = int(summary["torch_threads"])
+            return out
+        first = self.read_metrics()[:1]
+        devices = {
+            str(c["device"]).split(":")[0] for r in first for c in r["clients"] if c.get("device")
+        }
+        if len(devices) == 1:
+            out["device"] = devices.pop()
+        return out
+
     def recorded_numerics(self) -> int | None:
         """The numerics version this run's numbers come from (``fedhello.core.numerics``): its
         summary's; for a run that has not finished, its newest checkpoint's (what a resume

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fedhello.core.allocation import SHAPES, strategy_class, strategy_names
 from fedhello.core.config import (
@@ -34,13 +36,14 @@ from fedhello.core.config import (
     load_saved_config,
     outcome_differences,
 )
+from fedhello.core.config.federation import FEDOPT_SETTINGS
 from fedhello.core.errors import ConfigError, RunDirError
 from fedhello.core.heads import AUTO
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
 from fedhello.engine.experiment import DataCache, model_task
-from fedhello.model.accelerator import differs_from_recorded
+from fedhello.model.accelerator import accelerator_for, differs_from_recorded
 from fedhello.model.recipe import settled_by_task
 from fedhello.store.runs import PRECISION_KEYS, RunDir
 from fedhello.studies.results import CENTRALIZED
@@ -140,13 +143,23 @@ def cell_config(base: Config, cell: Cell) -> Config:
     data["run"]["seed"] = cell.seed
     data["run"].pop("name", None)
     if cell.strategy == CENTRALIZED:
-        # One client holding the whole pool, every layer, the federation's total step count.
-        steps = base.clients.per_round * base.train.local_steps
+        # One client holding the whole pool, every layer, the federation's work per round:
+        # m clients of local_steps each (6 x 8 = 48 steps), or under local epochs e the
+        # examples the m sampled of K clients are expected to train, e m / K of the pool
+        # (each client's ceil(e n_k / B) aside: less than one step per client and round)
+        t, c = base.train, base.clients
         data["clients"] = {"num_clients": 1, "per_round": 1, "tiers": [1.0]}
         data["allocation"]["strategy"] = "full"
         data["data"]["partition"] = "iid"
-        data["train"]["local_steps"] = steps
-        data["train"].pop("local_epochs", None)
+        if t.local_epochs is None:
+            data["train"]["local_steps"] = c.per_round * t.local_steps
+        else:
+            data["train"]["local_epochs"] = t.local_epochs * c.per_round / c.num_clients
+        # plain local training, as centralised fine-tuning is: no server optimizer moving
+        # one client's round deltas, no proximal pull towards the round's start
+        for key in ("server_optimizer", "server_lr", "server_momentum", *FEDOPT_SETTINGS):
+            data["federation"].pop(key, None)
+        data["train"].pop("proximal_mu", None)
         # the reference is the ceiling without privacy: one "client" holding every example
         # has no client-level privacy to give, and it trains as a federation never could
         data.pop("privacy", None)
@@ -183,6 +196,21 @@ def comparable(cfg: Config) -> Config:
     return settled_by_task(cfg, model_task(cfg)[1])
 
 
+def machine_differences(cfg: Config, recorded: Mapping[str, Any]) -> list[str]:
+    """``what (recorded -> here)`` for the device type and torch thread count a run recorded
+    and this process would compute it with (``run.threads = 0``: torch's default here)."""
+    here = {
+        "device": accelerator_for(cfg).device.type,
+        "torch_threads": cfg.run.threads or torch.get_num_threads(),
+    }
+    return [
+        f"{key} ({recorded[key]!r} -> {here[key]!r}"
+        + (f", run.threads = {cfg.run.threads})" if key == "torch_threads" else ")")
+        for key in here
+        if key in recorded and recorded[key] != here[key]
+    ]
+
+
 def run_cell(
     cell: Cell, cfg: Config, root: Path, observer: Observer | None = None,
     cache: DataCache | None = None,
@@ -200,6 +228,7 @@ def _run_cell(cfg: Config, run: RunDir, options: RunOptions) -> str:
         saved = comparable(load_saved_config(run.config_path))
         diff = outcome_differences(saved, comparable(cfg), PRECISION_KEYS)
         diff += differs_from_recorded(cfg, run.recorded_precision())
+        diff += machine_differences(cfg, run.recorded_machine())
         if diff:
             raise RunDirError(
                 f"{run.path} holds a run with another config ({', '.join(diff)}): "

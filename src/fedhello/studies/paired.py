@@ -17,12 +17,15 @@ comparison pairs ROUGE-L the same way (``fedhello.studies.scores``).
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
 from fedhello.core.errors import ConfigError
 from fedhello.studies.results import RunData, mean_std
 from fedhello.studies.scores import ACCURACY, Scoring
+
+logger = logging.getLogger(__name__)
 
 # Preferred baselines, in order: the paper's main competitor, then the budget-ignoring bound.
 DEFAULT_BASELINES = ("fedra", "full")
@@ -73,7 +76,16 @@ def paired_differences(
             runs_s = by_cell[(partition, name)]
             seeds = sorted(runs_s.keys() & base.keys())
             if not seeds:
+                logger.warning(
+                    "%s on %s has no seed in common with %s (%s against %s): not paired",
+                    name, partition, base_name, sorted(runs_s), sorted(base),
+                )  # fmt: skip
                 continue
+            if set(runs_s) != set(base):
+                logger.warning(
+                    "%s on %s is paired with %s on their %d common seed(s) of %s and %s",
+                    name, partition, base_name, len(seeds), sorted(runs_s), sorted(base),
+                )  # fmt: skip
             key = scoring.final
             final = [100 * (runs_s[k].summary[key] - base[k].summary[key]) for k in seeds]
             chosen = _selected_differences(scoring, [(runs_s[k], base[k]) for k in seeds])
@@ -114,6 +126,17 @@ def _interval(low: float, high: float) -> str:
     return "-" if low != low else f"[{low:+.1f}, {high:+.1f}]"  # nan: fewer than 2 seeds
 
 
+PAIRED_LEGEND = (
+    "Per seed, the strategy's score minus the baseline's on the same seed (the same shards, "
+    "sampled clients and batches), in points; mean ± sample standard deviation over the common "
+    "seeds. 95% CI: Student's t over the per-seed differences (n - 1 degrees of freedom); a "
+    "gap is established when it excludes 0. A win or a loss is any difference (one test "
+    "example is enough), a tie the same score. Final: the final model on the whole test "
+    "split; val-selected: the test score, on the fixed evaluation subset, of the round with "
+    "the best validation score.",
+)
+
+
 def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCURACY) -> None:
     """``paired.csv`` (every column) and ``paired.md`` (points, signed, one decimal)."""
     label = scoring.label
@@ -135,6 +158,7 @@ def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCUR
             f"{r['wins']} / {r['ties']} / {r['losses']} | "
             f"{chosen} |"
         )
+    lines += ["", *PAIRED_LEGEND]
     (out / "paired.md").write_text("\n".join(lines) + "\n")
     with open(out / "paired.csv", "w", newline="") as f:
         columns = list(rows[0]) if rows else ["partition", "strategy", "baseline", "seeds"]

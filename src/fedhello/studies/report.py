@@ -28,8 +28,6 @@ differences are ROUGE-L points.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import statistics
 from collections import defaultdict
@@ -39,10 +37,12 @@ from typing import Any
 from fedhello.core.errors import RunDirError
 from fedhello.core.fit import recorded_memory_mb
 from fedhello.core.numerics import NUMERICS_VERSION, recorded_version
+from fedhello.store.provenance import code_label
 from fedhello.studies.paired import paired_differences, write_paired
 from fedhello.studies.plots import write_plots
 from fedhello.studies.results import Row, RunData, collect, group, mean_std
 from fedhello.studies.scores import ACCURACY, ROUGE_L, Scoring, scoring_of
+from fedhello.studies.tables import TABLE_LEGEND, write_tables
 
 logger = logging.getLogger(__name__)
 
@@ -175,121 +175,6 @@ def collapse_columns(row: Row) -> dict[str, Any]:
     }
 
 
-def collapse_cell(r: dict[str, Any]) -> str:
-    """``min of K / entropy``, e.g. ``1 of 4 / 0.00``; ``-`` for what was not recorded."""
-    if r.get("pred_classes_min") is None:
-        classes = "-"
-    elif r.get("num_classes") is None:
-        classes = str(r["pred_classes_min"])
-    else:
-        classes = f"{r['pred_classes_min']} of {r['num_classes']}"
-    entropy = r.get("pred_entropy_mean")
-    return f"{classes} / {'-' if entropy is None else f'{entropy:.2f}'}"
-
-
-BY_TIER = ("train_mb_by_tier", "train_mb_max_by_tier", "limit_mb_by_tier")
-
-
-def write_tables(table: list[dict[str, Any]], out: Path, scoring: Scoring = ACCURACY) -> None:
-    keys = list(dict.fromkeys(k for row in table for k in row))  # DP rows add epsilon, delta
-    columns = [k for k in keys if k not in BY_TIER] + list(BY_TIER)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in table:
-            writer.writerow(row | {k: json.dumps(row[k]) for k in BY_TIER})
-    lines = generative_lines(table) if scoring is ROUGE_L else accuracy_lines(table)
-    if any("delta" in r for r in table):  # client-level DP: what each row spent
-        lines = with_privacy_column(lines, table)
-    if any(r["limit_mb_by_tier"] for r in table):
-        lines += ["", *resource_lines(table)]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-
-
-def with_privacy_column(lines: list[str], table: list[dict[str, Any]]) -> list[str]:
-    """The table's lines with an ``epsilon (delta)`` column last (``-``: a row without DP;
-    ``inf``: DP without noise)."""
-    cells = []
-    for r in table:
-        if "delta" not in r:
-            cells.append("-")
-        else:
-            eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
-            cells.append(f"{eps} ({r['delta']:.2g})")
-    head, rule, *rows = lines
-    return [
-        head + " epsilon (delta) |",
-        rule + "---|",
-        *(f"{x} {c} |" for x, c in zip(rows, cells, strict=True)),
-    ]
-
-
-def generative_lines(table: list[dict[str, Any]]) -> list[str]:
-    """ROUGE-L and exact match in points (0-100), perplexity as is."""
-    lines = [
-        "| partition | strategy | seeds | final ROUGE-L | exact match | test perplexity | "
-        "zero-shot ROUGE-L | val-selected ROUGE-L (round) | client s | train MB by tier | "
-        "MB up / down |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in table:
-        tiers = " / ".join(f"{v:.1f}" for v in r["train_mb_by_tier"].values())
-        selected = (
-            "-"
-            if r["val_selected_rouge_l_mean"] is None
-            else f"{100 * r['val_selected_rouge_l_mean']:.1f} ({r['val_round_mean']:.1f})"
-        )
-        lines.append(
-            f"| {r['partition']} | {r['strategy']} | {r['seeds']} | "
-            f"{100 * r['rouge_l_mean']:.1f} ± {100 * r['rouge_l_std']:.1f} | "
-            f"{100 * r['exact_match_mean']:.1f} ± {100 * r['exact_match_std']:.1f} | "
-            f"{r['perplexity_mean']:.2f} ± {r['perplexity_std']:.2f} | "
-            f"{100 * r['zero_shot_rouge_l_mean']:.1f} | {selected} | "
-            f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} |"
-        )
-    return lines
-
-
-def accuracy_lines(table: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| partition | strategy | seeds | final acc | final macro-F1 | last-5 acc | val-selected "
-        "acc (round) | client s | train MB by tier | MB up / down | predicted classes (min) / "
-        "entropy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in table:
-        tiers = " / ".join(f"{v:.1f}" for v in r["train_mb_by_tier"].values())
-        lines.append(
-            f"| {r['partition']} | {r['strategy']} | {r['seeds']} | "
-            f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f} | "
-            f"{100 * r['f1_mean']:.1f} ± {100 * r['f1_std']:.1f} | {100 * r['last5_mean']:.1f} | "
-            f"{100 * r['val_selected_acc_mean']:.1f} ({r['val_round_mean']:.1f}) | "
-            f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} | "
-            f"{collapse_cell(r)} |"
-        )
-    return lines
-
-
-def resource_lines(table: list[dict[str, Any]]) -> list[str]:
-    """Memory limits against what was measured: per tier, the largest training memory any
-    client of the tier used in any seed, over the tier's limit; and the repairs per run."""
-    lines = [
-        "| partition | strategy | largest train MB / limit, by tier | repairs per run | client s |",
-        "|---|---|---|---|---|",
-    ]
-    for r in table:
-        limits = r["limit_mb_by_tier"]
-        cells = " / ".join(
-            f"{mb:.1f} of {limits[t]:g}" if t in limits else f"{mb:.1f}"
-            for t, mb in r["train_mb_max_by_tier"].items()
-        )
-        lines.append(
-            f"| {r['partition']} | {r['strategy']} | {cells} | {r['repairs']:.1f} | "
-            f"{r['client_seconds']:.1f} |"
-        )
-    return lines
-
-
 def write_report(
     root: Path, out: Path | None = None, baseline: str | None = None
 ) -> dict[str, Any]:
@@ -302,10 +187,27 @@ def write_report(
     scoring = scoring_of(runs)
     table = summarize(group(runs), scoring)
     paired = paired_differences(runs, baseline, scoring)  # a bad --baseline fails before writes
-    write_tables(table, out, scoring)
+    notes = [TABLE_LEGEND[scoring.kind], code_line(runs, root)]
+    write_tables(table, out, scoring, notes)
     write_paired(paired, out, scoring)
     plots = write_plots(runs, out / "plots", scoring)
     return {"table": table, "paired": paired, "plots": [str(p) for p in plots]}
+
+
+def code_line(runs: list[RunData], root: Path) -> str:
+    """Which code computed the runs (``summary.json``'s ``code``: a commit, or ``unrecorded``
+    for runs from before it was kept), with a warning in the log when it is more than one."""
+    labels: dict[str, int] = defaultdict(int)
+    for run in runs:
+        labels[code_label(run.summary.get("code"))] += 1
+    if len([k for k in labels if k != "unrecorded"]) > 1:
+        logger.warning(
+            "%s holds runs computed by different code (%s): a behaviour change between them "
+            "may sit in its tables",
+            root, ", ".join(sorted(labels)),
+        )  # fmt: skip
+    made = ", ".join(f"{label} ({n} run{'s' * (n > 1)})" for label, n in sorted(labels.items()))
+    return f"Computed by fedhello at: {made}."
 
 
 def warn_mixed_numerics(runs: list[RunData], root: Path) -> None:
