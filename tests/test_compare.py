@@ -419,7 +419,7 @@ def test_report_warns_about_a_folder_that_mixes_numerics_versions(
 
 def test_memory_columns_read_the_measure_the_limits_bound() -> None:
     """On an accelerator a limit bounds the allocator's peak (device_peak_memory_mb), on a CPU
-    the meter's train_memory_mb: the per-tier columns read the same one."""
+    the meter's train_memory_mb: the per-tier columns and the resource plots read the same."""
     from fedhello.studies.report import summarize
     from fedhello.studies.results import Row, RunData
 
@@ -431,8 +431,12 @@ def test_memory_columns_read_the_measure_the_limits_bound() -> None:
                "bytes_up": 0, "bytes_down": 0}  # fmt: skip
     rec = {"round": 1, "test_accuracy": 0.5, "clients": [client(0, 100.0, 800.0),
                                                           client(1, 300.0, None)]}  # fmt: skip
-    (row,) = summarize([Row("iid", "fedra", [RunData("iid", "fedra", 0, [rec], summary)])])
+    run = RunData("iid", "fedra", 0, [rec], summary)
+    (row,) = summarize([Row("iid", "fedra", [run])])
     assert row["train_mb_max_by_tier"] == {0: 800.0, 1: 300.0}
+    from fedhello.studies.plots import mean_train_mb, peak_train_mb
+
+    assert (peak_train_mb(run), mean_train_mb(run)) == (800.0, 550.0)  # the plots read it too
 
 
 def _with_summary(root: Path, partition: str, seed: int, **changes: object) -> None:

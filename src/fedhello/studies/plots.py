@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fedhello.core.fit import recorded_memory_mb
 from fedhello.studies.results import CENTRALIZED, REFERENCE_PARTITION, RunData
 from fedhello.studies.scores import ACCURACY, Scoring
 
@@ -153,13 +154,14 @@ def cost_plot(partition: str, groups: dict[str, list[RunData]], path: Path) -> P
 
 
 def peak_train_mb(run: RunData) -> float:
-    """The largest training memory any client of the run used."""
-    return max((c["train_memory_mb"] for x in run.records for c in x["clients"]), default=0.0)
+    """The largest training memory any client of the run used, in the measure the table and
+    the limits read (``recorded_memory_mb``: an accelerator's allocator peak where recorded)."""
+    return max((recorded_memory_mb(c) for x in run.records for c in x["clients"]), default=0.0)
 
 
 def mean_train_mb(run: RunData) -> float:
-    """The mean training memory of a client that trained, over all its rounds."""
-    used = [c["train_memory_mb"] for x in run.records for c in x["clients"] if c["layers"]]
+    """The mean training memory of a client that trained, over all its rounds (same measure)."""
+    used = [recorded_memory_mb(c) for x in run.records for c in x["clients"] if c["layers"]]
     return float(np.mean(used)) if used else 0.0
 
 
