@@ -19,14 +19,9 @@ import torch
 from fedhello.core.aggregation import State
 from fedhello.core.config import Config
 from fedhello.core.heads import ClassSums
-from fedhello.engine.core import (
-    Observer,
-    RoundPlan,
-    RoundResults,
-    RunOptions,
-    run_federation,
-)
+from fedhello.engine.core import Observer, RunOptions, run_federation
 from fedhello.engine.experiment import DataCache, Experiment
+from fedhello.engine.rounds import RoundPlan, RoundResults
 from fedhello.model.class_means import class_feature_sums
 from fedhello.model.step import LossScale
 from fedhello.model.training import LocalTask, Shard, train_client

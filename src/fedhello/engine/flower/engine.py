@@ -29,11 +29,12 @@ from flwr.serverapp import Grid
 from fedhello.core.aggregation import State
 from fedhello.core.heads import ClassSums
 from fedhello.core.ranks import truncate
-from fedhello.engine.core import Observer, RoundPlan, RoundResults
+from fedhello.engine.core import Observer
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.flower import messages as wire
 from fedhello.engine.flower.discovery import discover_nodes
 from fedhello.engine.flower.sites import evaluate_sites
+from fedhello.engine.rounds import RoundPlan, RoundResults
 from fedhello.model.lora import state_nbytes
 from fedhello.model.report import ClientResult
 
