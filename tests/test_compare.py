@@ -497,3 +497,50 @@ def test_the_report_names_the_code_that_computed_its_runs(
     assert "fffffff (1 run)" in md and "unrecorded (1 run)" in md
     if code["commit"]:  # two commits side by side: said in the log
         assert "computed by different code" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--seeds", "0,1,0"], "seeds '0,1,0': 0 repeated"),
+        (["--baseline", "bogus"], "--baseline 'bogus': not a compared strategy"),
+    ],
+)
+def test_compare_flags_are_checked_before_any_cell_runs(
+    extra: list[str], words: str, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    import fedhello.studies.compare as sim
+
+    monkeypatch.setattr(sim, "run_embedded", lambda *a: pytest.fail("a cell ran"))
+    args = _args(tmp_path / "c", tiny_bert_dir, tiny_text_csv)
+    i = args.index("--seeds")
+    args = [*args[:i], *args[i + 2 :], *(extra if "--seeds" in extra else ["--seeds", "0"]),
+            *([] if "--seeds" in extra else extra)]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_refuses_a_folder_that_is_not_a_comparisons(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    import fedhello.studies.compare as sim
+
+    monkeypatch.setattr(sim, "run_embedded", lambda *a: pytest.fail("a cell ran"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("mine")
+    (tmp_path / "afile").write_text("x")
+    for out, words in ((tmp_path / "notes", "holds what is not a comparison's (e.g. 'thesis.tex')"),
+                       (tmp_path / "afile", "is a file")):  # fmt: skip
+        assert main(_args(out, tiny_bert_dir, tiny_text_csv)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["thesis.tex"]
+    # a folder holding only cells linked in from another comparison is a comparison's
+    (tmp_path / "linked" / "runs").mkdir(parents=True)
+    from fedhello.studies.compare import check_folder
+
+    check_folder(tmp_path / "linked")

@@ -74,6 +74,14 @@ def test_resolved_toml_round_trips(tmp_path: Path) -> None:
         ("clients.budgets=[1, 2]", ["clients.budgets", "one per client"]),
         ("nosection.x=1", ["unknown key", "nosection"]),
         ("noequals", ["KEY=VALUE"]),
+        # a boolean where a number is meant (pydantic would read true as 1)
+        ("federation.rounds=true", ["federation.rounds = True", "a boolean; allowed: a number"]),
+        ("train.lr=true", ["train.lr = True", "a boolean"]),
+        ("clients.tiers=[true, 1.0]", ["clients.tiers = [True, 1.0]", "a boolean"]),
+        ("federation.min_replies=7", ["federation.min_replies = 7", "per_round = 6", "1 to 6"]),
+        ('run.name="../../etc"', ["run.name = '../../etc'", "one folder name"]),
+        ('run.name=".."', ["run.name = '..'", "one folder name"]),
+        ('model="minilm-l6"', ["model = 'minilm-l6'", "a section, not a value", "[model]"]),
     ],
 )
 def test_bad_values_give_one_line_naming_key_value_and_allowed(
@@ -85,6 +93,11 @@ def test_bad_values_give_one_line_naming_key_value_and_allowed(
     assert "\n" not in message
     for word in words:
         assert word in message, message
+
+
+def test_a_config_path_that_is_a_folder_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"is a directory; allowed: a TOML file"):
+        load_config(tmp_path)
 
 
 def test_budget_larger_than_the_model() -> None:

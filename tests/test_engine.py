@@ -271,3 +271,39 @@ def test_the_front_door_runs_without_touching_process_state(
         fedhello.run(fedhello.load_config(None, ov), out=tmp_path / "x", engine="gpu")
     with pytest.raises(fedhello.UserError, match="already exists"):
         fedhello.run(fedhello.load_config(None, ov), out=tmp_path / "lib")
+
+
+def test_a_round_with_fewer_valid_updates_than_min_replies_leaves_the_model(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``federation.min_replies`` counts valid updates: 3 replies of which 1 is rejected are
+    2, below 3, and the model does not move (its LoRA B factors stay at their zeros)."""
+    from safetensors.numpy import load_file
+
+    import fedhello.engine.embedded as sim
+
+    real = sim.train_client
+    seen: set[int] = set()
+
+    def one_bad(model, layer_of, shard, task, global_state, *rest):
+        result = real(model, layer_of, shard, task, global_state, *rest)
+        if task.round not in seen:
+            seen.add(task.round)
+            result.update.train_loss = float("nan")
+        return result
+
+    monkeypatch.setattr(sim, "train_client", one_bad)
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', federation__min_replies=3)  # fmt: skip
+    assert run(tmp_path / "short", ov) == 0
+    records = RunDir(tmp_path / "short").read_metrics()
+    assert all(r["below_min_replies"] and r["num_rejected"] == 1 for r in records)
+    adapter = load_file(str(tmp_path / "short" / "adapter" / "adapter_model.safetensors"))
+    b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert b and all(not v.any() for v in b)
+    # with 2 required, the same rounds move it
+    ov[-1] = "federation.min_replies=2"
+    assert run(tmp_path / "enough", ov) == 0
+    assert not any("below_min_replies" in r for r in RunDir(tmp_path / "enough").read_metrics())
+    adapter = load_file(str(tmp_path / "enough" / "adapter" / "adapter_model.safetensors"))
+    assert any(v.any() for k, v in adapter.items() if "lora_B" in k)

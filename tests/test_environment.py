@@ -120,3 +120,106 @@ def test_a_missing_flwr_is_one_line_naming_where_it_was_looked_for(
     with pytest.raises(UserError, match=r"neither beside this Python \(.*venv/bin/python\) nor"):
         run_flower_deployment(load_config(), RunDir(tmp_path / "run"), "127.0.0.1:9")
     assert not (tmp_path / "run").exists()
+
+
+# flwr 1.41's error box as it prints it, its message wrapped over several lines
+FLWR_BOX = """\
+╭─ Error ──────────────────────────────────────────────╮
+│ Connection to the SuperLink is unavailable. Please    │
+│ check your network connection and 'address' in the    │
+│ SuperLink connection configuration.                   │
+╰──────────────────────────────────────────────────────╯
+"""
+
+
+def test_flwrs_error_box_is_read_whole_as_one_line() -> None:
+    from fedhello.engine.flower.runner import flwr_failure
+
+    assert flwr_failure("Loading project...\n" + FLWR_BOX) == (
+        "Connection to the SuperLink is unavailable. Please check your network connection "
+        "and 'address' in the SuperLink connection configuration."
+    )
+    tb = "Traceback (most recent call last):\n  File x\nValueError: bad thing\n"
+    assert flwr_failure(tb) == "ValueError: bad thing"  # no box: the exception's line
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="shell-script stand-ins")
+def test_a_deployment_that_writes_no_new_summary_fails_and_leaves_no_config_behind(
+    venv_bin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flwr run --stream`` exits 0 even when the ServerApp failed: a summary left by an
+    earlier run (``--overwrite``) must not be returned as this launch's."""
+    import json
+
+    from fedhello.core.config import load_config
+    from fedhello.engine.flower.runner import run_flower_deployment
+    from fedhello.store.runs import RunDir
+
+    _program(venv_bin, "flwr", 'echo "streaming logs"; exit 0')
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_summary({"test_accuracy": 0.5, "old": True})
+    (run.path / "config.toml").write_text("")
+    with pytest.raises(UserError, match=r"flwr run failed \(exit 0.*streaming logs"):
+        run_flower_deployment(load_config(), run, "127.0.0.1:9", options=_overwrite())
+    assert json.loads(run.summary_path.read_text())["old"] is True  # untouched
+    assert not (tmp_path / ".run.config.toml").exists()  # the ServerApp's copy: gone
+
+
+def _overwrite() -> object:
+    from fedhello.engine.core import RunOptions
+
+    return RunOptions(overwrite=True)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="shell-script stand-ins")
+def test_a_deployment_that_outlives_its_timeout_is_stopped_in_one_line(
+    venv_bin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from fedhello.core.config import load_config
+    from fedhello.engine.flower.runner import deployment_timeout, run_flower_deployment
+    from fedhello.store.runs import RunDir
+
+    _program(venv_bin, "flwr", "sleep 30")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"did not finish within 1 s .*flwr ls"):
+        run_flower_deployment(load_config(), RunDir(tmp_path / "run"), "127.0.0.1:9", timeout=1)
+    assert time.perf_counter() - t0 < 20  # stopped, not waited for
+    cfg = load_config()  # by default: bounded by the config's own timeouts, never forever
+    f = cfg.federation
+    assert deployment_timeout(cfg) == f.node_wait + (f.rounds + 2) * (f.round_timeout + 600)
+
+
+def test_a_superlink_entry_is_never_reused_for_another_tls_setting(tmp_path: Path) -> None:
+    from fedhello.engine.flower.runner import flwr_home_entry
+
+    plain = flwr_home_entry(tmp_path, None, "10.0.0.1:9093", None)
+    tls = flwr_home_entry(tmp_path, None, "10.0.0.1:9093", "/etc/ca.pem")
+    other_ca = flwr_home_entry(tmp_path, None, "10.0.0.1:9093", "/etc/ca2.pem")
+    assert len({plain, tls, other_ca}) == 3
+    assert flwr_home_entry(tmp_path, None, "10.0.0.1:9093", None) == plain  # reused as is
+    text = (tmp_path / "config.toml").read_text()
+    assert text.count("[superlink.") == 3 and text.count("insecure = true") == 1
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--superlink", "127.0.0.1:9093"], "--superlink with --engine embedded"),
+        (["--engine", "flower-sim", "--root-certificates", "ca.pem"],
+         "--root-certificates with --engine flower-sim"),
+        (["--engine", "flower", "--superlink", "not-an-address"],
+         "--superlink 'not-an-address': allowed: HOST:PORT"),
+    ],
+)  # fmt: skip
+def test_deployment_flags_are_checked_before_anything_runs(
+    args: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "r").exists()

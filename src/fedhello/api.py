@@ -88,6 +88,12 @@ def run(
                 "overwrite with it"
             )
         run_dir = RunDir(resume)
+        if not run_dir.path.exists():
+            raise RunDirError(
+                f"resume {str(resume)!r} does not exist; allowed: a fedhello run folder"
+            )
+        if not run_dir.path.is_dir():
+            raise RunDirError(f"resume {str(resume)!r} is a file; allowed: a fedhello run folder")
         if not run_dir.config_path.is_file():
             raise RunDirError(f"resume {str(resume)!r}: no config.toml there, not a fedhello run")
         config = load_saved_config(run_dir.config_path)
@@ -157,6 +163,7 @@ def compare(
     Strategies are names, ``name:shape`` or "all"; lists may be given as comma-separated text.
     """
     from fedhello.studies.compare import (
+        check_baseline,
         parse_ints,
         parse_partitions,
         parse_strategies,
@@ -174,6 +181,8 @@ def compare(
         if out is not None
         else Path(config.run.out_dir) / (f"compare-{config.run.name or 'default'}")
     )
+    check_baseline(baseline, names, root)
+    baseline = None if baseline is None else baseline.replace(":", "-")  # its runs' folder name
     with torch_threads(config.run.threads):
         run_compare(config, root, names, seed_list, parts, on_cell=on_cell, on_done=on_done)
     return write_report(root, baseline=baseline) | {"out": str(root)}

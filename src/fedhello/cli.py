@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -156,6 +157,10 @@ def _setup_output(verbose: bool, allow_download: bool = False, deterministic: bo
         configure_process(True)
 
 
+# HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 one
+SUPERLINK_FORM = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):\d{1,5}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -165,6 +170,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedhello.progress import RichObserver, summary_table
     from fedhello.store.runs import RunDir
 
+    if args.engine != "flower" and (args.superlink or args.root_certificates):
+        given = "--superlink" if args.superlink else "--root-certificates"
+        raise UserError(
+            f"{given} with --engine {args.engine}: only a deployment reads it; allowed: "
+            f"--engine flower with it, or leave it out"
+        )
+    if args.engine == "flower" and args.superlink and not SUPERLINK_FORM.fullmatch(args.superlink):
+        raise UserError(
+            f"--superlink {args.superlink!r}: allowed: HOST:PORT, the SuperLink's Control API "
+            "address (e.g. 127.0.0.1:9093)"
+        )
     if args.resume:
         if args.config or args.overrides or args.out or args.overwrite:
             raise UserError(

@@ -113,6 +113,8 @@ def sums_problem(s: ClassSums, shape: tuple[int, ...]) -> str | None:
         return f"sums {list(sums.shape)} and counts {list(counts.shape)}; expected {list(shape)}"
     if not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
         return "counts must be non-negative integers"
+    if not np.issubdtype(sums.dtype, np.floating):  # np.isfinite refuses e.g. strings
+        return f"sums have dtype {sums.dtype}; allowed: floating point"
     if not np.isfinite(sums).all():
         return "sums have non-finite values"
     if ((counts == 0) & (sums != 0).any(axis=1)).any():  # they would skew the class's mean

@@ -120,7 +120,14 @@ def close_round(
     # the server optimizer moves only the tensors an accepted client trained (their moments)
     # (under DP the noise moves the model whoever was accepted: a round left unmoved would
     # tell that nobody was)
-    moved = report.accepted or private is not None
+    # a round needs federation.min_replies *valid* updates (replies rejected above do not count)
+    short = 0 < len(report.accepted) < cfg.federation.min_replies
+    if short:
+        logger.warning(
+            "round %d: %d valid updates, fewer than federation.min_replies = %d: model unchanged",
+            rp.round, len(report.accepted), cfg.federation.min_replies,
+        )  # fmt: skip
+    moved = (report.accepted and not short) or private is not None
     new_state = server.step(state, averaged, updated) if moved else state
     accepted = [r for r in results if r.update.client in report.accepted]
     weights = [r.update.num_examples for r in accepted]
@@ -138,6 +145,7 @@ def close_round(
         "clients": [client_record(exp, r, report.rejected, rp.plan) for r in results],
         "rejected": {str(c): reason for c, reason in report.rejected.items()},
         "num_rejected": len(report.rejected),
+        **({"below_min_replies": True} if short else {}),
         "failed": {str(c): reason for c, reason in outcome.failed.items()},
         **repairs_field(exp, rp.plan),
         **head_field(exp, rp),

@@ -80,8 +80,7 @@ class RunDir:
         one line of error at once; with it (a comparison's cell) this process waits for the
         other to finish, then decides again what the cell needs (usually: nothing, reused).
         An OS file lock (``filelock``): a process that dies releases it."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"run directory {str(self.path)!r} is a file")
+        check_folder(self.path, "run directory")  # before the lock's folder is made
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.lock_path)
         try:
@@ -105,8 +104,7 @@ class RunDir:
 
     def check_free(self, overwrite: bool = False) -> None:
         """Raise unless this directory may be (re)created: call before any long work."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"run directory {str(self.path)!r} is a file")
+        check_folder(self.path, "run directory")
         if self.path.exists() and any(self.path.iterdir()):
             if not overwrite:
                 raise RunDirError(
@@ -147,14 +145,32 @@ class RunDir:
         )
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The rounds recorded so far. A last line that does not parse was cut short by a crash
+        (its round is redone on resume) and ends the reading; a bad line with records after it
+        is no crash's doing: the file was damaged, and its rounds cannot be trusted."""
         if not self.metrics_path.is_file():
             return []
-        records = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        path = self.metrics_path
+        # undecodable bytes become a line that does not parse, judged like any other
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        records: list[dict[str, Any]] = []
+        for number, line in enumerate(lines, 1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash: the round is redone
-                break
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if any(later.strip() for later in lines[number:]):
+                    raise RunDirError(
+                        f"{str(path)!r} line {number} is not valid JSON ({err.msg}) and lines "
+                        "follow it: the file is damaged; allowed: one JSON object per line "
+                        "(only the last may be cut short by a crash)"
+                    ) from None
+                break  # a line cut short by a crash: the round is redone
+            if not isinstance(record, dict):
+                raise RunDirError(
+                    f"{str(path)!r} line {number} is {type(record).__name__} JSON, not a "
+                    "round's record; allowed: one JSON object per line"
+                )
+            records.append(record)
         return records
 
     def recorded_precision(self) -> dict[str, str] | None:
@@ -201,21 +217,59 @@ class RunDir:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
     def read_summary(self) -> dict[str, Any]:
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        """The finished run's summary, or one line naming the file when it is damaged (it is
+        written atomically, so no crash leaves it half written)."""
+        path = self.summary_path
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise RunDirError(
+                f"{str(path)!r} is not valid JSON (line {err.lineno}, column {err.colno}): "
+                f"{err.msg}; allowed: the JSON object a finished run writes"
+            ) from None
+        except UnicodeDecodeError as err:
+            raise RunDirError(
+                f"{str(path)!r} is not UTF-8 text (byte {err.start}); allowed: the JSON object "
+                "a finished run writes"
+            ) from None
+        if not isinstance(summary, dict):
+            raise RunDirError(
+                f"{str(path)!r} holds {type(summary).__name__} JSON; allowed: the JSON object "
+                "a finished run writes"
+            )
+        return summary
 
 
 def finished_run(path: Path) -> RunDir:
     """``path`` as a finished run (its adapter and config written), or one line saying why not:
     what ``fedhello export`` and ``fedhello eval`` read."""
     run = RunDir(path)
+    allowed = "allowed: a finished fedhello run directory"
+    if not run.path.exists():
+        raise RunDirError(f"run directory {str(path)!r} does not exist; {allowed}")
     if not run.path.is_dir():
-        raise RunDirError(f"run directory {str(path)!r} does not exist")
-    if not (run.adapter_dir / "adapter_config.json").is_file() or not run.config_path.is_file():
+        raise RunDirError(f"run directory {str(path)!r} is a file; {allowed}")
+    if not run.config_path.is_file():  # resuming it would not help: say what it is
+        raise RunDirError(f"{str(path)!r} is not a fedhello run (no config.toml); {allowed}")
+    if not (run.adapter_dir / "adapter_config.json").is_file():
         raise RunDirError(
             f"run {str(path)!r} has no adapter: it has not finished; allowed: a finished run "
             f"(continue this one with `fedhello run --resume {path}`)"
         )
     return run
+
+
+def check_folder(path: Path, what: str) -> None:
+    """Raise unless ``path`` is a folder or can be made one: neither it nor a folder above it
+    may be a file (``mkdir`` would fail there with a traceback, after other work)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{what} {str(path)!r} is a file; allowed: a folder")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise RunDirError(
+                f"{what} {str(path)!r}: its parent {str(parent)!r} is a file; allowed: a folder"
+            )
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -126,6 +126,11 @@ def parse_ints(text: str, flag: str) -> list[int]:
         ) from None
     if not values or any(v < 0 for v in values):
         raise ConfigError(f"{flag} {text!r}: expected non-negative integers, e.g. 0,1,2")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:  # a seed twice would count its pair twice in the paired statistics
+        raise ConfigError(
+            f"{flag} {text!r}: {', '.join(map(str, repeated))} repeated; allowed: distinct values"
+        )
     return values
 
 
@@ -261,6 +266,45 @@ def _run_cell(cfg: Config, run: RunDir, options: RunOptions) -> str:
     return "ran"
 
 
+# what a comparison folder holds (``fedhello.studies.report`` writes the tables and plots)
+FOLDER_ENTRIES = frozenset(
+    {"compare.json", "runs", "plots", "results.md", "results.csv", "paired.md", "paired.csv"}
+)
+
+
+def check_folder(root: Path) -> None:
+    """``root`` as a comparison's folder: new, empty, or holding a comparison (a ``runs/``
+    with cells linked in from another comparison included); never a file or a folder of
+    something else, which the comparison would fill with its runs."""
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"--out {str(root)!r} is a file; allowed: a new or empty folder, or "
+                          "a comparison folder")  # fmt: skip
+    if not root.is_dir():
+        return
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in FOLDER_ENTRIES)
+    if foreign:
+        raise RunDirError(
+            f"--out {str(root)!r} holds what is not a comparison's (e.g. {foreign[0]!r}); "
+            "allowed: a new or empty folder, or a comparison folder"
+        )
+
+
+def check_baseline(baseline: str | None, strategies: Sequence[str], root: Path) -> None:
+    """``--baseline`` as one of the compared strategies (as given, or as its folder name,
+    ``geometric-triangle``), or of those a grown comparison already holds: checked before
+    any cell runs, not after hours of them."""
+    if baseline is None:
+        return
+    spec = root / "compare.json"
+    older = json.loads(spec.read_text()).get("strategies", []) if spec.is_file() else []
+    known = {n for s in [*strategies, *older] for n in (s, s.replace(":", "-"))}
+    if baseline not in known:
+        raise ConfigError(
+            f"--baseline {baseline!r}: not a compared strategy; choose from: "
+            f"{', '.join(sorted(dict.fromkeys([*strategies, *older])))}"
+        )
+
+
 def run_compare(
     base: Config,
     root: Path,
@@ -280,6 +324,7 @@ def run_compare(
         )
     cells = plan_cells(strategies, seeds, partitions)
     configs = {cell: cell_config(base, cell) for cell in cells}  # all errors before any work
+    check_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     spec: dict[str, Any] = {
         "strategies": list(strategies),

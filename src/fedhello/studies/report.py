@@ -38,6 +38,7 @@ from fedhello.core.errors import RunDirError
 from fedhello.core.fit import recorded_memory_mb
 from fedhello.core.numerics import NUMERICS_VERSION, recorded_version
 from fedhello.store.provenance import code_label
+from fedhello.store.runs import check_folder
 from fedhello.studies.paired import paired_differences, write_paired
 from fedhello.studies.plots import write_plots
 from fedhello.studies.results import Row, RunData, collect, group, mean_std
@@ -178,15 +179,20 @@ def collapse_columns(row: Row) -> dict[str, Any]:
 def write_report(
     root: Path, out: Path | None = None, baseline: str | None = None
 ) -> dict[str, Any]:
-    """Tables (results.*, paired.*) and plots (plots/*.png) into ``out`` (default: root)."""
+    """Tables (results.*, paired.*) and plots (plots/*.png) into ``out`` (default: root).
+
+    Everything that can refuse (the runs, ``out``, ``baseline``) is checked before ``out`` is
+    made: a refused report leaves no folder behind."""
     root = Path(root)
     out = Path(out) if out else root
-    out.mkdir(parents=True, exist_ok=True)
     runs = collect(root)
+    check_folder(out, "--out")
+    check_folder(out / "plots", "--out")
     warn_mixed_numerics(runs, root)
     scoring = scoring_of(runs)
     table = summarize(group(runs), scoring)
     paired = paired_differences(runs, baseline, scoring)  # a bad --baseline fails before writes
+    out.mkdir(parents=True, exist_ok=True)
     notes = [TABLE_LEGEND[scoring.kind], code_line(runs, root)]
     write_tables(table, out, scoring, notes)
     write_paired(paired, out, scoring)

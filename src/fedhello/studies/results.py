@@ -50,6 +50,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def collect(root: Path) -> list[RunData]:
     """Every finished run under ``root`` (a comparison folder or one run directory)."""
     root = Path(root)
+    allowed = "allowed: a finished run directory or a comparison folder"
+    if not root.exists():
+        raise RunDirError(f"{str(root)!r} does not exist; {allowed}")
+    if not root.is_dir():
+        raise RunDirError(f"{str(root)!r} is a file; {allowed}")
     if (root / "summary.json").is_file():
         paths = [root]
     else:

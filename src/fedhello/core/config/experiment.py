@@ -140,6 +140,17 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _reachable_min_replies(self) -> Config:
+        f, c = self.federation, self.clients
+        if f.min_replies > c.per_round:
+            raise ValueError(
+                f"federation.min_replies = {f.min_replies} with clients.per_round = "
+                f"{c.per_round}: no round could reach it and the model would never move; "
+                f"allowed: 1 to {c.per_round}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _method_settings(self) -> Config:
         name = self.allocation.strategy
         cls = strategy_class(name)

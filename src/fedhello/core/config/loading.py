@@ -52,6 +52,11 @@ def format_error(err: ValidationError) -> str:
         section = _section_of(e["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else ""
         return f"config: unknown key {loc!r}; allowed here: {allowed}"
+    if e["type"] in ("model_type", "dict_type") and not isinstance(e.get("input"), dict):
+        return (
+            f"config: {loc} = {e['input']!r}: {loc} is a section, not a value; allowed: a "
+            f"table [{loc}] with its keys (fedhello validate lists them)"
+        )
     msg = e["msg"].removeprefix("Value error, ")
     if "input" in e and not isinstance(e["input"], dict) and loc:
         return f"config: {loc} = {e['input']!r}: {msg}"
@@ -78,6 +83,8 @@ def build_config(data: dict[str, Any]) -> Config:
 
 def _read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory; allowed: a TOML file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:

@@ -10,15 +10,47 @@ them). Pure python + pydantic: no torch.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DEVICE_FORM = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A boolean where a number is meant is refused: pydantic would read ``rounds = true``
+        as 1 and ``lr = true`` as 1.0 (a boolean setting refuses a number the same way)."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _numeric(field.annotation) and _holds_bool(value):
+            raise ValueError("a boolean; allowed: a number")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether ``annotation`` reads numbers (int, float, or lists/options of them), not bools."""
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    return any(_numeric(arg) for arg in get_args(annotation))
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value)
 
 
 class ModelConfig(Section):
@@ -179,6 +211,7 @@ class DataConfig(Section):
 class RunConfig(Section):
     name: str | None = Field(None, description="run directory name (default: derived)")
     out_dir: str = Field("runs", description="parent folder of run directories")
+
     seed: int = Field(0, ge=0, description="the seed every random choice derives from")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
     checkpoint_every: int = Field(
@@ -190,3 +223,13 @@ class RunConfig(Section):
         description="where measured cost profiles are kept and reused (default: "
         "<out_dir>/profiles)",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str | None) -> str | None:
+        """The run's folder inside ``out_dir``: one name, never a path out of it."""
+        if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
+            raise ValueError(
+                "allowed: one folder name (no '/', '\\', '.' or '..'); out_dir sets where"
+            )
+        return name

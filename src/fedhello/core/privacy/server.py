@@ -223,12 +223,18 @@ class PrivateAggregator:
                     "(privacy.clip_on = client: the client must clip before it uploads)"
                 )
                 continue
-            if self.adaptive and unclipped.get(u.client) is None:
+            bit = unclipped.get(u.client)
+            if bit is not None and bit not in (0, 1):  # a count of bits: any other would
+                rejected[u.client] = (  # overflow the next clip norm or drive it to 0
+                    f"unclipped = {bit!r}; allowed: 0 or 1 (clipped, or within the clip norm)"
+                )
+                continue
+            if self.adaptive and bit is None:
                 rejected[u.client] = "no 'unclipped' report: adaptive clipping needs it"
                 continue
             # a client-clipped upload arrives rounded to float32: projected onto C exactly
             deltas.append(scaled(delta, min(1.0, clip / norm)) if norm > clip else delta)
-            bits += int(unclipped.get(u.client) or 0)
+            bits += int(bit or 0)
         for client, reason in rejected.items():
             logger.warning("rejected the update of client %d: %s", client, reason)
         noise_std = self.update_multiplier * clip

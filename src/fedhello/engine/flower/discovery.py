@@ -30,9 +30,13 @@ from fedhello.engine.resources import upload_only_profile
 logger = logging.getLogger(__name__)
 
 
-def discover_nodes(grid: Grid, exp: Experiment) -> tuple[dict[int, int], dict[int, str]]:
-    """Ask every node what it declares; returns client id -> Flower node id, and client id ->
-    data path for the nodes that train on their own file (the sites).
+def discover_nodes(
+    grid: Grid, exp: Experiment
+) -> tuple[dict[int, int], dict[int, str], dict[int, dict[str, Any]]]:
+    """Ask every node what it declares; returns client id -> Flower node id, client id ->
+    data path for the nodes that train on their own file (the sites), and client id -> what
+    its node declared (its query reply: a site's ``site-examples`` and ``site-validation``
+    are the counts the server holds its train and evaluate replies to).
 
     Waits up to ``federation.node_wait`` seconds for ``clients.num_clients`` nodes to connect
     and answer (a node's ClientApp may take a while to start). A node whose own data file is
@@ -67,7 +71,8 @@ def discover_nodes(grid: Grid, exp: Experiment) -> tuple[dict[int, int], dict[in
     logger.info("nodes by client id: %s; budgets %s", sorted(node_of), exp.budgets)
     client_of = {node: client for client, node in node_of.items()}
     sites = {client_of[n]: str(i["data"]) for n, i in infos.items() if "data" in i}
-    return node_of, sites
+    declared = {client_of[n]: info for n, info in infos.items() if n in client_of}
+    return node_of, sites, declared
 
 
 def who(info: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ class FlowerEngine:
         self.config_toml = ""
         self.label_names: list[str] = []
         self.shards: list[np.ndarray] = []  # client id -> its rows of the configured dataset
+        self.declared: dict[int, dict[str, Any]] = {}  # client id -> its node's query reply
 
     @property
     def client_of(self) -> dict[int, int]:
@@ -61,10 +62,18 @@ class FlowerEngine:
     def start(self, exp: Experiment) -> None:
         self.config_toml = exp.cfg.to_toml()
         self.label_names = list(exp.raw.label_names)  # a site has no other way to know them
-        self.node_of, self.sites = discover_nodes(self.grid, exp)
+        self.node_of, self.sites, self.declared = discover_nodes(self.grid, exp)
         # a partition node is sent its rows with each train message: it reads the dataset but
         # never partitions it (a light node); a site trains on its own file
         self.shards = list(exp.shards)
+
+    def known_examples(self, client: int) -> int | None:
+        """The size of ``client``'s shard as the server knows it: the rows it sent a
+        partition node, or the train count a site declared at discovery (None: unknown)."""
+        if client in self.sites:
+            count = self.declared.get(client, {}).get("site-examples")
+            return count if isinstance(count, int) and not isinstance(count, bool) else None
+        return len(self.shards[client]) if 0 <= client < len(self.shards) else None
 
     def train_round(
         self, exp: Experiment, rp: RoundPlan, state: State, observer: Observer
@@ -74,15 +83,7 @@ class FlowerEngine:
         replies = self.grid.send_and_receive(messages, timeout=timeout) if messages else []
         outcome = self.collect(rp, replies, state)
         outcome.failed = failed | outcome.failed
-        min_replies = exp.cfg.federation.min_replies
-        if len(outcome.results) < min_replies:
-            logger.warning(
-                "round %d: %d replies, fewer than federation.min_replies = %d: model unchanged",
-                rp.round, len(outcome.results), min_replies,
-            )  # fmt: skip
-            below = "round below federation.min_replies"
-            outcome.failed |= {r.update.client: below for r in outcome.results}
-            outcome.results = []
+        # federation.min_replies is judged on the valid updates, after validation (rounds.py)
         for r in outcome.results:
             observer.on_client_end(rp.round, r)
         return outcome
@@ -90,7 +91,7 @@ class FlowerEngine:
     def final_scores(self, exp: Experiment, state: State) -> dict[str, Any]:
         if not self.sites:
             return {}
-        return evaluate_sites(self.grid, exp, state, self.node_of, self.sites)
+        return evaluate_sites(self.grid, exp, state, self.node_of, self.sites, self.declared)
 
     def class_sums(self, exp: Experiment, state: State) -> tuple[list[ClassSums], dict[int, str]]:
         """FedNCM's round 0: every node's class sums (``query.class_means``), in client order;
@@ -112,7 +113,7 @@ class FlowerEngine:
         for sender, msg in self.answers(replies, failed):
             try:
                 out.append(ClassSums(sender, *wire.read_class_means_reply(msg)))
-            except ValueError as err:
+            except (TypeError, ValueError) as err:  # an unreadable reply fails its client
                 failed[sender] = str(err)
         answered = {s.client for s in out} | set(failed)
         for client in range(exp.cfg.clients.num_clients):
@@ -159,7 +160,9 @@ class FlowerEngine:
         return messages, missing
 
     def collect(self, rp: RoundPlan, replies: Iterable[Message], state: State) -> RoundResults:
-        """Replies -> client results; error replies and silent nodes -> failures."""
+        """Replies -> client results; error replies and silent nodes -> failures. A result
+        whose report claims what the server knows otherwise (``misreported``) is marked
+        malformed: aggregation rejects it with that reason."""
         replies = list(replies)
         logger.debug(
             "round %d: %d replies from nodes %s",
@@ -171,7 +174,12 @@ class FlowerEngine:
         for client, msg in self.answers(replies, failed):
             spec = spec_of[client]
             bytes_down = state_nbytes(truncate(state, spec.rank))
-            results.append(wire.read_train_reply(msg, client, spec, bytes_down))
+            result = wire.read_train_reply(msg, client, spec, bytes_down)
+            if result.update.malformed is None:
+                result.update.malformed = misreported(
+                    result, self.known_examples(client), rp.clip_norm
+                )
+            results.append(result)
         answered = {r.update.client for r in results} | set(failed)
         for alloc in rp.plan.clients:
             if alloc.layers and alloc.client not in answered:
@@ -180,3 +188,23 @@ class FlowerEngine:
             logger.warning("round %d: client %d failed: %s", rp.round, client, reason)
         results.sort(key=lambda r: r.update.client)  # replies arrive in any order
         return RoundResults(results, failed)
+
+
+def misreported(result: ClientResult, examples: int | None, clip_norm: float | None) -> str | None:
+    """Why a node's report is not to be believed, or None. A node's claims that steer the
+    aggregate are checked against what the server knows: ``num_examples`` is the update's
+    weight (``federation.weighting = "shard"``, FlexLoRA's), and the server knows the shard
+    (``examples``: None where it does not); client-side DP's ``unclipped`` is one bit that
+    moves the next round's clip norm (any other value would overflow it or drive it to 0), and
+    ``dp_clip_norm`` must be the norm the round asked for (``clip_norm``)."""
+    n = result.num_examples
+    if examples is not None and n != examples:
+        return f"num_examples = {n!r}: the server knows {examples} for this client"
+    if result.unclipped is not None and result.unclipped not in (0, 1):
+        return f"unclipped = {result.unclipped!r}; allowed: 0 or 1 (clipped, or within the norm)"
+    reported = result.dp_clip_norm
+    if reported is not None and clip_norm is None:
+        return f"dp_clip_norm = {reported!r}, but this round asked for no clipping"
+    if reported is not None and reported != clip_norm:
+        return f"dp_clip_norm = {reported!r}; allowed: the round's clip norm {clip_norm!r}"
+    return None

@@ -52,6 +52,7 @@ Client contract (keys are kebab-case):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -66,6 +67,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import SType
 
 from fedhello.core.aggregation import State
 from fedhello.core.layers import AdapterSpec
@@ -91,6 +93,51 @@ def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> State:
     return {k: v.numpy() for k, v in record.items()}
+
+
+def read_array(array: Array) -> np.ndarray:
+    """One array of a node's reply, decoded only if it is what it claims: a numpy
+    serialisation (``stype``) that decodes to an ndarray of its declared dtype and shape.
+    Raises ``TypeError`` or ``ValueError`` naming what is wrong."""
+    if array.stype != SType.NUMPY:
+        raise TypeError(f"stype {array.stype!r}; allowed: {SType.NUMPY!r}")
+    try:
+        dtype = np.dtype(array.dtype)
+        shape = [int(n) for n in array.shape]
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"declares dtype {array.dtype!r} and shape {array.shape!r}") from err
+    if min(shape, default=0) < 0:
+        raise ValueError(f"declares shape {shape}; allowed: non-negative sizes")
+    if math.prod(shape) * dtype.itemsize > len(array.data):  # before np.load allocates it
+        raise ValueError(f"declares {dtype} {shape}, more than its {len(array.data)} bytes hold")
+    try:
+        value: Any = array.numpy()
+    except Exception as err:  # untrusted bytes: np.load raises ValueError, EOFError, OSError...
+        raise ValueError(f"its bytes do not decode as a numpy array ({err})") from err
+    if not isinstance(value, np.ndarray):  # e.g. an .npz archive: np.load's other result
+        if hasattr(value, "close"):
+            value.close()
+        raise TypeError(f"decodes to a {type(value).__name__}, not an array")
+    if str(value.dtype) != array.dtype or list(value.shape) != list(array.shape):
+        raise ValueError(
+            f"decodes to {value.dtype} {list(value.shape)}, but declares {array.dtype} "
+            f"{list(array.shape)}"
+        )
+    return value
+
+
+def read_arrays(record: ArrayRecord) -> tuple[State, list[str]]:
+    """The arrays of a node's reply that decode (``read_array``), and a problem per array that
+    does not, naming its key and why: a reply is untrusted, and an unreadable array marks it
+    malformed rather than stop the ServerApp."""
+    state: State = {}
+    problems: list[str] = []
+    for key, array in record.items():
+        try:
+            state[key] = read_array(array)
+        except (TypeError, ValueError) as err:
+            problems.append(f"array {key!r} is unreadable: {err}")
+    return state, problems
 
 
 def _task(config_toml: str, label_names: Sequence[str]) -> dict[str, Any]:
@@ -136,12 +183,15 @@ def read_train_reply(
     reply: Message, client: int, spec: AdapterSpec, bytes_down: int
 ) -> ClientResult:
     """A ClientResult from a train reply (for the ``spec`` the client was handed). A report
-    field missing or of the wrong type marks the update malformed (rejected in aggregation,
-    with the reason naming the field); the rest is validated there too."""
+    field missing or of the wrong type, or an array that does not decode (``read_arrays``),
+    marks the update malformed (rejected in aggregation, with the reason naming the field or
+    the array's key); the rest is validated there too (what the server knows better than the
+    node, e.g. its example count, by ``FlowerEngine.collect``)."""
     metrics = reply.content.metric_records.get("metrics", MetricRecord())
     info = reply.content.config_records.get("config", ConfigRecord())
-    tensors = from_record(reply.content.array_records.get("arrays", ArrayRecord()))
+    tensors, unreadable = read_arrays(reply.content.array_records.get("arrays", ArrayRecord()))
     values, problems = decode_report(metrics, info)
+    problems += unreadable
     values |= {"bytes_up": state_nbytes(tensors), "bytes_down": bytes_down}  # the server's count
     malformed = "malformed reply: " + "; ".join(problems) if problems else None
     update = {"client": client, "layers": spec.layers, "tensors": tensors, "rank": spec.rank,
@@ -228,7 +278,13 @@ def read_class_means_reply(reply: Message) -> tuple[np.ndarray, np.ndarray]:
     record = reply.content.array_records.get("arrays", ArrayRecord())
     if "sums" not in record or "counts" not in record:
         raise ValueError("malformed class-means reply: arrays 'sums' and 'counts' are required")
-    return record["sums"].numpy(), record["counts"].numpy()
+    arrays = []
+    for key in ("sums", "counts"):
+        try:
+            arrays.append(read_array(record[key]))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"malformed class-means reply: array {key!r}: {err}") from err
+    return arrays[0], arrays[1]
 
 
 def class_means_reply(msg: Message, sums: np.ndarray, counts: np.ndarray) -> Message:

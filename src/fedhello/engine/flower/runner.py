@@ -11,12 +11,13 @@ submitted app folder is generated: a ``pyproject.toml`` naming the components.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from fedhello.environment import find_program, program_env
 from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
+
+# the server's own work in a round beyond waiting for replies (evaluation, Fisher scores)
+SERVER_WORK_S = 600.0
 
 APP_PYPROJECT = """\
 [build-system]
@@ -95,8 +99,18 @@ def write_app(folder: Path) -> Path:
     return folder
 
 
-def flwr_home_entry(home: Path, name: str, address: str, root_certificates: str | None) -> None:
-    """A connection entry in ``$FLWR_HOME/config.toml`` (how flwr 1.41 finds a SuperLink)."""
+def flwr_home_entry(
+    home: Path, name: str | None, address: str, root_certificates: str | None
+) -> str:
+    """The name of a connection entry in ``$FLWR_HOME/config.toml`` (how flwr 1.41 finds a
+    SuperLink) for ``address`` with this TLS setting, written if missing. Unless ``name`` is
+    given, the name carries the setting (insecure, or a hash of the CA path): an entry written
+    for another one is never reused, which would connect in plain text to a TLS SuperLink or
+    with an old CA."""
+    if name is None:
+        tls = root_certificates or "insecure"
+        tag = hashlib.sha256(f"{address}|{tls}".encode()).hexdigest()[:8]
+        name = "fedhello-" + address.replace(":", "-").replace(".", "-") + "-" + tag
     home.mkdir(parents=True, exist_ok=True)
     lines = [f"[superlink.{name}]", f'address = "{address}"']
     if root_certificates:
@@ -107,6 +121,44 @@ def flwr_home_entry(home: Path, name: str, address: str, root_certificates: str 
     text = config.read_text() if config.is_file() else ""
     if f"[superlink.{name}]" not in text:
         config.write_text(text + ("\n" if text else "") + "\n".join(lines) + "\n")
+    return name
+
+
+def deployment_timeout(cfg: Config) -> float:
+    """How long ``flwr run`` may take before fedhello stops waiting: the nodes' wait, then
+    round 0 and every round each bounded by the round timeout for the replies plus up to
+    ``SERVER_WORK_S`` for the server's own work (evaluation, Fisher scores), and the final
+    evaluation (15 rounds at the defaults: 300 + 17 x (600 + 600) = 20,700 s)."""
+    f = cfg.federation
+    return f.node_wait + (f.rounds + 2) * (f.round_timeout + SERVER_WORK_S)
+
+
+def stream(cmd: list[str], timeout: float) -> tuple[int | None, str]:
+    """Run ``cmd``, logging its output line by line as it comes (a deployment's progress is
+    flwr's stream); its exit code (None: still running after ``timeout`` s, then stopped)
+    and everything it printed."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=program_env()
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip():
+                logger.info("flwr: %s", line.rstrip())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code: int | None = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        code = None
+    reader.join(timeout=5)
+    return code, "".join(lines)
 
 
 def run_flower_deployment(
@@ -132,17 +184,17 @@ def run_flower_deployment(
     certificates = None if root_certificates is None else ca_certificate(root_certificates)
     if not resume:
         run.check_free(overwrite)
+    timeout = deployment_timeout(cfg) if timeout is None else timeout
     run.path.parent.mkdir(parents=True, exist_ok=True)
     run.error_note.unlink(missing_ok=True)
+    # a summary already there (an --overwrite, a finished run resumed) is not this launch's
+    before = run.summary_path.stat().st_mtime_ns if run.summary_path.is_file() else None
+    stored = run.path.parent / f".{run.path.name}.config.toml"
     with tempfile.TemporaryDirectory(prefix="fedhello-app-") as tmp:
         app_dir = write_app(Path(tmp) / "app")
-        config_path = Path(tmp) / "config.toml"
-        config_path.write_text(cfg.to_toml())
-        stored = run.path.parent / f".{run.path.name}.config.toml"
-        shutil.copy(config_path, stored)  # the ServerApp reads it after this folder is gone
+        stored.write_text(cfg.to_toml())  # the ServerApp reads it after this folder is gone
         home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-        name = "fedhello-" + superlink.replace(":", "-").replace(".", "-")
-        flwr_home_entry(home, name, superlink, certificates)
+        name = flwr_home_entry(home, None, superlink, certificates)
         run_config = (
             f'config="{stored.resolve()}" run-dir="{run.path.resolve()}" '
             f"overwrite={'true' if overwrite else 'false'} "
@@ -150,23 +202,22 @@ def run_flower_deployment(
         )
         cmd = [flwr, "run", str(app_dir), name, "--run-config", run_config, "--stream"]
         logger.info("submitting: %s", " ".join(cmd))
-        try:
-            # PATH starts with this Python's directory: what flwr starts comes from here too
-            proc = subprocess.run(
-                cmd, timeout=timeout, capture_output=True, text=True, env=program_env()
-            )
-        except subprocess.TimeoutExpired:
-            raise UserError(
-                f"flwr run did not finish within {timeout:g} s (SuperLink {superlink})"
-            ) from None
+        # PATH starts with this Python's directory: what flwr starts comes from here too
+        code, output = stream(cmd, timeout)
+    if code is None:
+        raise UserError(
+            f"flwr run did not finish within {timeout:g} s (SuperLink {superlink}); the run may "
+            "still be going on the SuperLink: `flwr ls` lists it, `flwr stop` ends it"
+        )
+    stored.unlink(missing_ok=True)  # read at the ServerApp's start: the run has ended
     if run.error_note.is_file():  # the ServerApp stopped on bad input (a node's data, ...)
         reason = run.error_note.read_text().strip()
         run.error_note.unlink()
         raise UserError(reason)
-    if proc.returncode != 0 or not run.summary_path.is_file():
-        reason = flwr_failure(proc.stdout + "\n" + proc.stderr)
+    written = run.summary_path.is_file() and run.summary_path.stat().st_mtime_ns != before
+    if code != 0 or not written:
         raise UserError(
-            f"flwr run failed (exit {proc.returncode}, SuperLink {superlink}): {reason}"
+            f"flwr run failed (exit {code}, SuperLink {superlink}): {flwr_failure(output)}"
         )
     return run.read_summary()
 
@@ -183,12 +234,24 @@ def ca_certificate(path: str) -> str:
 
 
 def flwr_failure(output: str) -> str:
-    """The line of ``flwr``'s output that says what went wrong, as one line.
+    """What ``flwr``'s output says went wrong, as one line.
 
-    flwr prints its own errors after a cross mark, and a Python traceback ends with the
-    exception's line; the last such line is the reason. Box-drawing and spacing are dropped.
+    flwr prints its errors in a box (``╭─ Error ─╮``, lines ``│ ... │``, ``╰─╯``), wrapping a
+    message over several lines: the last box's lines are joined. Without a box, the last line
+    after a cross mark or naming an error (a Python traceback ends with the exception's line).
     """
-    lines = [" ".join(line.strip(" │┃|").split()) for line in output.splitlines()]
+    raw = output.splitlines()
+    starts = [i for i, line in enumerate(raw) if line.strip().startswith("╭")]
+    if starts:
+        body = []
+        for line in raw[starts[-1] + 1 :]:
+            if line.strip().startswith("╰"):
+                break
+            body.append(line.strip().strip("│┃").strip())
+        text = " ".join(" ".join(body).split())
+        if text:
+            return text[:500]
+    lines = [" ".join(line.strip(" │┃|").split()) for line in raw]
     lines = [line for line in lines if line and not set(line) <= set("─━═-+╭╮╰╯┏┓┗┛")]
     marked = [ln for ln in lines if ln.startswith(("❌", "Error", "error")) or "Error:" in ln]
     chosen = marked[-1] if marked else (lines[-1] if lines else "no output")
