@@ -341,3 +341,15 @@ def test_plan_shows_the_sets_within_the_limits(
         for c in entry["clients"]:
             tier = c["client"] * 3 // 6
             assert c["layers"] == [[3], [2, 3], [0, 1, 2, 3]][tier], c
+
+
+def test_a_limit_is_named_by_the_keys_that_set_it() -> None:
+    """An upload limit under layer budgets is ``clients.upload_mb``'s, not the tier's budget."""
+    from fedhello.core.budgets import limit_source
+    from fedhello.core.config import load_config
+
+    upload = load_config(None, ["clients.upload_mb=[0.1, 0.2, 0.3]"])
+    assert limit_source(upload, 0) == "clients.upload_mb[0] (client 0)"
+    both = load_config(None, ['clients.budget_kind="memory-mb"', "clients.tiers=[100.0, 200.0]",
+                              "clients.upload_mb=[0.1, 0.2]"])  # fmt: skip
+    assert limit_source(both, 11) == "clients.tiers[1] and clients.upload_mb[1] (client 11)"

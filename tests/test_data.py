@@ -58,6 +58,14 @@ def test_missing_column_names_the_column_and_lists_the_others(tmp_path: Path) ->
         load_raw(_cfg(name=str(path), text_column="body"), task_for("text"), False)
 
 
+def test_a_table_without_rows_says_so(tmp_path: Path) -> None:
+    """A header alone: the problem is the data, not a setting that later runs out of it."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n")
+    with pytest.raises(DataError, match=r"d.csv': no rows; allowed: a table with examples"):
+        load_raw(_cfg(name=str(path)), task_for("text"), False)
+
+
 def test_missing_file_and_offline_hub_name(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_raw(_cfg(name=str(tmp_path / "nope.csv")), task_for("text"), False)

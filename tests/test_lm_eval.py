@@ -206,6 +206,8 @@ def test_refusals_are_one_line(
     assert "cannot read a task's data" in err and str(lost) in err
 
     assert "--limit 0" in _refused(capsys, ["eval", str(lm_run), *held, "--limit", "0"])
+    err = _refused(capsys, ["eval", str(lm_run), *held, "--batch-size", "-1"])
+    assert "--batch-size -1: allowed: a positive number" in err
 
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # as if not installed
     err = _refused(capsys, ["eval", str(lm_run), *held])

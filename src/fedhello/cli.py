@@ -306,6 +306,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from fedhello.lm_eval_run import check_eval, evaluate_run, score_rows
 
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: allowed: a positive number of examples")
     _, cfg, _ = check_eval(Path(args.run_dir), args.lm_eval, args.include)  # refusals first
     _setup_output(args.verbose, cfg.model.allow_download)
     if not args.verbose:  # lm-eval warns about every task default it fills in

@@ -124,10 +124,15 @@ def client_limits(cfg: Config) -> list[ResourceLimit | None]:
 def limit_source(cfg: Config, client: int) -> str:
     """Where a client's limit comes from, for error messages."""
     c = cfg.clients
-    if c.budgets is not None:
-        return f"clients.budgets[{client}] (client {client})"
     tier = tier_of(client, c.num_clients, len(c.tiers))
-    return f"clients.tiers[{tier}] (client {client})"
+    keys = []
+    if c.real_limits:  # memory or step time: the client's budget, or its tier's
+        keys.append(
+            f"clients.budgets[{client}]" if c.budgets is not None else f"clients.tiers[{tier}]"
+        )
+    if c.upload_mb is not None:
+        keys.append(f"clients.upload_mb[{tier}]")
+    return f"{' and '.join(keys)} (client {client})"
 
 
 def apply_limit(

@@ -139,6 +139,8 @@ def load_raw(cfg: DataConfig, task: InputKind, allow_download: bool) -> RawData:
     tables = load_tables(cfg.name, allow_download, cfg.subset, cfg)
     notes: dict[str, str] = {}
     split_labels: dict[str, list[Any]] = {}
+    if all(len(table) == 0 for table in tables.values()):  # a header alone, say
+        raise DataError(f"data.name = {cfg.name!r}: no rows; allowed: a table with examples")
     for table in tables.values():
         task.check_inputs(table, cfg)
     one_class = _one_class(tables, cfg, task)
