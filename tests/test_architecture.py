@@ -163,7 +163,7 @@ def test_library_modules_log_through_their_own_logger() -> None:
     """No library module configures logging or prints; the CLI alone owns output."""
     offenders = []
     for path in SRC.rglob("*.py"):
-        if path.name in ("cli.py",):
+        if path.relative_to(SRC).parts[0] == "cli":  # the command: it owns the process
             continue
         text = path.read_text()
         if "logging.basicConfig" in text or "os.environ[" in text or "set_num_threads" in text:

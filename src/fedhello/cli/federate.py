@@ -1,0 +1,108 @@
+"""``fedhello run``, ``compare`` and ``report``: a federation, paired federations, and their
+tables and plots again from saved metrics."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedhello.cli.output import setup_output
+from fedhello.core.errors import UserError
+
+# HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 one
+SUPERLINK_FORM = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):\d{1,5}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import fedhello
+    from fedhello.api import run_dir_for
+    from fedhello.core.config import load_config, load_saved_config
+    from fedhello.progress import RichObserver, summary_table
+    from fedhello.store.runs import RunDir
+
+    if args.engine != "flower" and (args.superlink or args.root_certificates):
+        given = "--superlink" if args.superlink else "--root-certificates"
+        raise UserError(
+            f"{given} with --engine {args.engine}: only a deployment reads it; allowed: "
+            f"--engine flower with it, or leave it out"
+        )
+    if args.engine == "flower" and args.superlink and not SUPERLINK_FORM.fullmatch(args.superlink):
+        raise UserError(
+            f"--superlink {args.superlink!r}: allowed: HOST:PORT, the SuperLink's Control API "
+            "address (e.g. 127.0.0.1:9093)"
+        )
+    if args.resume:
+        if args.config or args.overrides or args.out or args.overwrite:
+            raise UserError(
+                "--resume RUN_DIR continues that run with its own config.toml: "
+                "give no CONFIG, --set, --out or --overwrite with it"
+            )
+        run_dir = RunDir(args.resume)
+        cfg = load_saved_config(run_dir.config_path) if run_dir.config_path.is_file() else None
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = run_dir_for(cfg, args.out)  # fedhello.run checks it before any long work
+    setup_output(
+        args.verbose,
+        cfg is not None and cfg.model.allow_download,
+        cfg is not None and cfg.train.deterministic,
+    )
+    console = Console(stderr=True)
+    done = len(run_dir.read_metrics()) if args.resume else 0
+    rounds = cfg.federation.rounds if cfg is not None else 0
+    summary = fedhello.run(
+        None if args.resume else cfg,
+        None if args.resume else run_dir.path,
+        engine=args.engine,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        observer=RichObserver(console, rounds, done),
+        superlink=args.superlink,
+        root_certificates=args.root_certificates,
+    )
+    Console().print(summary_table(summary, str(run_dir.path)))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import fedhello
+    from fedhello.core.config import load_config
+    from fedhello.progress import RichObserver
+
+    cfg = load_config(args.config, args.overrides)
+    setup_output(args.verbose, cfg.model.allow_download, cfg.train.deterministic)
+    logging.getLogger("fedhello").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    console = Console(stderr=True)
+
+    def on_cell(cell: Any, i: int, n: int) -> RichObserver:
+        console.rule(f"[{i + 1}/{n}] {cell.partition} / {cell.strategy} / seed {cell.seed}")
+        return RichObserver(console, cfg.federation.rounds, quiet=True)
+
+    result = fedhello.compare(
+        cfg, args.strategies, args.seeds, args.partitions, args.out, baseline=args.baseline,
+        on_cell=on_cell, on_done=lambda cell, outcome: console.print(f"  {outcome}"),
+    )  # fmt: skip
+    out = Path(result["out"])
+    Console().print((out / "results.md").read_text())
+    Console().print((out / "paired.md").read_text())
+    console.print(f"tables and {len(result['plots'])} plots in {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedhello.studies.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.path)
+    result = write_report(Path(args.path), out, baseline=args.baseline)
+    print((out / "results.md").read_text(), end="")
+    print((out / "paired.md").read_text(), end="")
+    print(f"{len(result['plots'])} plots in {out / 'plots'}", file=sys.stderr)
+    return 0
