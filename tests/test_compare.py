@@ -14,7 +14,7 @@ from fedhello.cli import main
 from fedhello.core.config import Config
 from fedhello.core.errors import ConfigError
 from fedhello.store.runs import RunDir
-from fedhello.studies.compare import ALL_STRATEGIES, parse_strategies
+from fedhello.studies.request import ALL_STRATEGIES, parse_strategies
 
 STRATEGIES = ["fedra", "geometric:triangle"]
 
@@ -541,6 +541,6 @@ def test_compare_refuses_a_folder_that_is_not_a_comparisons(
     assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["thesis.tex"]
     # a folder holding only cells linked in from another comparison is a comparison's
     (tmp_path / "linked" / "runs").mkdir(parents=True)
-    from fedhello.studies.compare import check_folder
+    from fedhello.studies.request import check_folder
 
     check_folder(tmp_path / "linked")

@@ -162,14 +162,14 @@ def compare(
 
     Strategies are names, ``name:shape`` or "all"; lists may be given as comma-separated text.
     """
-    from fedhello.studies.compare import (
+    from fedhello.studies.compare import run_compare
+    from fedhello.studies.report import write_report
+    from fedhello.studies.request import (
         check_baseline,
         parse_ints,
         parse_partitions,
         parse_strategies,
-        run_compare,
     )
-    from fedhello.studies.report import write_report
 
     config = _config(cfg)
     names = parse_strategies(strategies if isinstance(strategies, str) else ",".join(strategies))

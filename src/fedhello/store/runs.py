@@ -5,6 +5,7 @@ runs/<name>/metrics.jsonl   one JSON object per round
 runs/<name>/summary.json    final full-test metrics, wall time, totals, numerics version
 runs/<name>/adapter/        PEFT adapter (LoRA + head): PeftModel.from_pretrained(base, here)
 runs/<name>/profile.json    the cost profile its limits were checked with (real-unit limits)
+runs/<name>/sites.json      a Flower run's client id of each site that gave only data= (resume)
 runs/.<name>.lock           held by the one process writing the run (beside it: a fresh run
                             replaces its directory while holding the lock)
 """
@@ -53,6 +54,12 @@ class RunDir:
     def profile_path(self) -> Path:
         """The cost profile the run checked its clients' limits with (real-unit limits only)."""
         return self.path / "profile.json"
+
+    @property
+    def sites_path(self) -> Path:
+        """A Flower run's client id of each site that declared only its data path, fixed on
+        the first start so that a resume gives every site the same id (its seeds, budget)."""
+        return self.path / "sites.json"
 
     @property
     def adapter_dir(self) -> Path:

@@ -32,11 +32,17 @@ from fedhello.core.ranks import truncate
 from fedhello.engine.core import Observer
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.flower import messages as wire
-from fedhello.engine.flower.discovery import discover_nodes
+from fedhello.engine.flower.discovery import (
+    assigned_sites,
+    discover_nodes,
+    read_site_ids,
+    write_site_ids,
+)
 from fedhello.engine.flower.sites import evaluate_sites
 from fedhello.engine.rounds import RoundPlan, RoundResults
 from fedhello.model.lora import state_nbytes
 from fedhello.model.report import ClientResult
+from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +52,13 @@ class FlowerEngine:
 
     name = "flower"
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, run: RunDir | None = None, resume: bool = False) -> None:
+        """``run``: the run directory, where the sites' client ids are kept between starts
+        (``sites.json``; None: not kept); ``resume``: this start continues ``run``."""
         self.grid = grid
+        self.run, self.resume = run, resume
+        # the sites' ids this start handed out, for the run's sites.json (None: nothing to write)
+        self.unrecorded: dict[int, str] | None = None
         self.node_of: dict[int, int] = {}  # client id -> Flower node id
         self.sites: dict[int, str] = {}  # client id -> its own data file
         self.config_toml = ""
@@ -62,10 +73,28 @@ class FlowerEngine:
     def start(self, exp: Experiment) -> None:
         self.config_toml = exp.cfg.to_toml()
         self.label_names = list(exp.raw.label_names)  # a site has no other way to know them
-        self.node_of, self.sites, self.declared = discover_nodes(self.grid, exp)
+        # a resume gives every site the client id the first start gave it (its seeds, budget)
+        known = read_site_ids(self.run.sites_path) if self.run and self.resume else None
+        self.node_of, self.sites, self.declared = discover_nodes(self.grid, exp, known)
+        if self.run is not None and known is None:
+            self.unrecorded = assigned_sites(self.declared)
+            if self.resume and self.unrecorded and any(self.run.checkpoint_dir.glob("round-*")):
+                logger.warning(
+                    "%s has no sites.json (started before fedhello kept the sites' client ids): "
+                    "the sites got ids in the order of the data paths of those answering now, "
+                    "%s; they match the first start only if the same sites answered then",
+                    self.run.path, self.unrecorded,
+                )  # fmt: skip
         # a partition node is sent its rows with each train message: it reads the dataset but
         # never partitions it (a light node); a site trains on its own file
         self.shards = list(exp.shards)
+
+    def record_sites(self) -> None:
+        """Write the sites' ids into the run before its first round (``start`` runs before
+        the run loop creates a new run's directory, so it cannot write them there)."""
+        if self.run is not None and self.unrecorded is not None:
+            write_site_ids(self.run.sites_path, self.unrecorded)
+            self.unrecorded = None
 
     def known_examples(self, client: int) -> int | None:
         """The size of ``client``'s shard as the server knows it: the rows it sent a
@@ -78,6 +107,7 @@ class FlowerEngine:
     def train_round(
         self, exp: Experiment, rp: RoundPlan, state: State, observer: Observer
     ) -> RoundResults:
+        self.record_sites()
         messages, failed = self.messages_for(rp, state)
         timeout = exp.cfg.federation.round_timeout
         replies = self.grid.send_and_receive(messages, timeout=timeout) if messages else []
@@ -96,6 +126,7 @@ class FlowerEngine:
     def class_sums(self, exp: Experiment, state: State) -> tuple[list[ClassSums], dict[int, str]]:
         """FedNCM's round 0: every node's class sums (``query.class_means``), in client order;
         a client without a node, with an error reply or silent past the round timeout fails."""
+        self.record_sites()
         arrays = wire.to_record(state)
         messages, failed = [], {}
         for client in range(exp.cfg.clients.num_clients):

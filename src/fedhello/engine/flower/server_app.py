@@ -34,7 +34,7 @@ def make_server_app(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_federation(cfg, run, FlowerEngine(grid), options)
+            run_federation(cfg, run, FlowerEngine(grid, run, options.resume), options)
         except Exception as err:
             if outcome is None:
                 raise
@@ -57,7 +57,7 @@ def main(grid: Grid, context: Context) -> None:
             overwrite=bool(rc.get("overwrite", False)), resume=bool(rc.get("resume", False))
         )
         with run.writing():  # this process writes the run: one at a time, on this host
-            run_federation(cfg, run, FlowerEngine(grid), options)
+            run_federation(cfg, run, FlowerEngine(grid, run, options.resume), options)
     except UserError as err:  # bad input: hand the reason to `fedhello run`, then fail
         run.error_note.parent.mkdir(parents=True, exist_ok=True)
         run.error_note.write_text(str(err))
