@@ -234,6 +234,14 @@ def test_fed_hello_uses_prior_until_scores_then_fisher_weights() -> None:
     assert other.allocate(4, range(4)) == s.allocate(4, range(4))
 
 
+@pytest.mark.parametrize("name", ["fisher", "fed-hello"])
+def test_a_checkpoint_without_strategy_state_loads_as_no_scores_yet(name: str) -> None:
+    s = make(name, 6, [3] * 4, 0)
+    s.load_state_dict({})
+    assert s.layer_scores() is None
+    assert s.allocate(1, range(4)) == make(name, 6, [3] * 4, 0).allocate(1, range(4))
+
+
 def test_pure_fisher_gives_top_scoring_layers() -> None:
     s = make("fisher", 6, [2, 4], 0)
     s.observe_scores(3, [0.5, 0.1, 0.9, 0.3, 0.8, 0.2])

@@ -129,7 +129,11 @@ def test_a_decoder_federation_records_a_language_models_scores(
     assert zero_shot["rouge_l"] == summary["zero_shot_rouge_l"]
     assert zero_shot["generated"] == TEST_ROWS
     samples = [json.loads(x) for x in (run.path / "generations.jsonl").read_text().splitlines()]
-    assert 1 <= len(samples) <= 8
+    assert len(samples) == summary["generated_examples"]  # every answer, to score again
+    from fedhello.model.generation import normalise
+
+    exact = [normalise(s["answer"]) == normalise(s["reference"]) for s in samples]
+    assert sum(exact) / len(exact) == pytest.approx(summary["test_exact_match"])
     assert all(set(s) == {"row", "prompt", "reference", "answer", "rouge_l"} for s in samples)
     assert [s["row"] for s in samples] == sorted(s["row"] for s in samples)
 
@@ -346,6 +350,8 @@ def test_the_merged_export_serves_a_text_generation_pipeline(
     assert AutoTokenizer.from_pretrained(out).chat_template == CHATML
 
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    # served with the base's config: the cache on, no label names of the training data
+    assert merged.config.use_cache is True and merged.config.num_labels == 2
     assert type(merged).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]
     base = AutoModelForCausalLM.from_pretrained(model_dirs[kind], dtype=torch.float32)
     peft = PeftModel.from_pretrained(base, str(run / "adapter")).eval()

@@ -307,3 +307,18 @@ def test_a_round_with_fewer_valid_updates_than_min_replies_leaves_the_model(
     assert not any("below_min_replies" in r for r in RunDir(tmp_path / "enough").read_metrics())
     adapter = load_file(str(tmp_path / "enough" / "adapter" / "adapter_model.safetensors"))
     assert any(v.any() for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_a_fisher_strategy_that_never_scores_says_so(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', allocation__strategy='"fed-hello"',
+                        allocation__fisher_warmup=2)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fedhello"):
+        assert run(tmp_path / "r", ov) == 0  # 2 rounds, warm-up 2: no refresh
+    assert "fed-hello never scores its layers: federation.rounds = 2" in caplog.text
+    records = RunDir(tmp_path / "r").read_metrics()
+    assert all(r["layer_scores"] is None for r in records)

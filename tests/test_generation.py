@@ -183,6 +183,8 @@ class EchoModel:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kw: Any
     ) -> torch.Tensor:
         assert kw["do_sample"] is False and self.eos in kw["eos_token_id"]
+        # plain greedy whatever the model's generation_config asks
+        assert kw["repetition_penalty"] == 1.0 and kw["no_repeat_ngram_size"] == 0
         self.calls.append((int(input_ids.shape[0]), int(input_ids.shape[1])))
         outs = []
         for ids, mask in zip(input_ids, attention_mask, strict=True):

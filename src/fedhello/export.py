@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from fedhello.core.errors import UserError
 from fedhello.model.pooling import HEAD, pooled_module_file
@@ -63,6 +64,8 @@ def export_merged(run_path: Path, out: Path, overwrite: bool = False) -> str:
     # W + B A scaling on the run's device, in fp32 whatever the run's precision: the adapter
     # is fp32 and a served model should not inherit the training's rounding
     merged = model.merge_and_unload().to("cpu")
+    if getattr(loaded.task, "generative", False):
+        restore_generative_config(merged, loaded.source)
     # write beside, then swap: a crash mid-write leaves neither a half model under the asked-for
     # name nor a lost previous export
     tmp = out.with_name(f".{out.name}.partial")
@@ -95,3 +98,14 @@ def save_pooling_code(folder: Path, class_name: str, auto_class: str) -> None:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["auto_map"] = {auto_class: f"{REMOTE_MODULE}.{class_name}"}
     config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def restore_generative_config(model: Any, source: str) -> None:
+    """A language model's config as its base ships it: training turned the key/value cache
+    off (``use_cache``: a plain forward loop would run without it) and gave it the data's
+    label names, which a causal LM never reads; a served model gets the base's back."""
+    from transformers import AutoConfig
+
+    base = AutoConfig.from_pretrained(source)
+    model.config.use_cache = getattr(base, "use_cache", True)
+    model.config.id2label, model.config.label2id = base.id2label, base.label2id

@@ -229,6 +229,13 @@ def build_experiment(
     accelerator = accelerator or accelerator_for(cfg)
     source, task, num_layers = model_task(cfg)
     strategy = strategy_for(cfg, num_layers)
+    warmup = getattr(strategy.options, "fisher_warmup", None)
+    if strategy.uses_fisher and warmup is not None and cfg.federation.rounds <= warmup:
+        logger.warning(
+            "%s never scores its layers: federation.rounds = %d <= allocation.fisher_warmup "
+            "= %d, so every round draws from the prior shape (RGD-HLA)",
+            cfg.allocation.strategy, cfg.federation.rounds, warmup,
+        )  # fmt: skip
     key = DataCache.key(cfg, source, task.name)
     cached = cache.get(key) if cache is not None else None
     raw, proxy, shards = split_data(cfg, task, cached[0] if cached else None)

@@ -52,7 +52,7 @@ def generation_subset(exp: Experiment) -> np.ndarray:
     return np.sort(rng.choice(test, n, replace=False))
 
 
-def _generate(exp: Experiment, keep: int = 8) -> dict[str, Any]:
+def _generate(exp: Experiment, keep: int | None = None) -> dict[str, Any]:
     cfg = exp.cfg
     return generation_scores(
         exp.model, exp.processor, exp.encoded, generation_subset(exp),  # type: ignore[arg-type]
@@ -102,9 +102,9 @@ def zero_shot(exp: Experiment, run: RunDir, state: State) -> dict[str, Any]:
 def final_scores(exp: Experiment, run: RunDir, last_round: int | None = None) -> dict[str, Any]:
     """The summary's scores of the final model (already in ``exp.model``): whole test split
     loss and perplexity, the generation subset's ROUGE-L and exact match, the zero-shot ones;
-    its first answers written to ``generations.jsonl``. Where this process generated in the
-    run's last round (``last_round``), that round's answers are the final model's: they are
-    reused rather than generated again."""
+    every answer written to ``generations.jsonl`` beside its reference (to score again).
+    Where this process generated in the run's last round (``last_round``), that round's
+    answers are the final model's: they are reused rather than generated again."""
     cfg = exp.cfg
     test = response_loss(exp.model, exp.encoded, exp.raw.splits["test"],  # type: ignore[arg-type]
                          cfg.train.eval_batch_size, exp.accelerator)  # fmt: skip
@@ -128,4 +128,6 @@ def final_scores(exp: Experiment, run: RunDir, last_round: int | None = None) ->
         "generated_examples": gen["generated"],
         "zero_shot_rouge_l": base["rouge_l"],
         "zero_shot_exact_match": base["exact_match"],
+        # answers cut at model.max_length (their first tokens trained, the rest not)
+        "truncated_answers": int(getattr(exp.encoded, "truncated", 0)),
     }

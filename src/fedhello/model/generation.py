@@ -85,7 +85,9 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def normalise(text: str) -> str:
-    """Lower case, punctuation dropped, spaces collapsed: what exact match compares."""
+    """Lower case, punctuation dropped, spaces collapsed: what exact match compares. Every
+    ASCII punctuation mark becomes a space, not only a trailing one (METHOD.md's minimum), as
+    SQuAD's exact match does: a model's quotes and hyphens ("kind-of") are not its meaning."""
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
@@ -130,8 +132,11 @@ def generate_answers(
             mask[row, width - len(p) :] = 1
         inputs = accelerator.to_device({"input_ids": ids, "attention_mask": mask})
         with accelerator.autocast():
+            # plain greedy: a model's generation_config may ask for a repetition penalty or
+            # an n-gram block (Qwen2.5-Instruct's 1.05), which greedy decoding must not apply
             out = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                repetition_penalty=1.0, no_repeat_ngram_size=0,
                 pad_token_id=pad, eos_token_id=stops, use_cache=True,
             )  # fmt: skip
         for row, p in enumerate(pos):
@@ -185,11 +190,11 @@ def generation_scores(
     batch_size: int,
     max_new_tokens: int,
     accelerator: Accelerator = CPU_FP32,
-    keep: int = 8,
+    keep: int | None = None,
 ) -> dict[str, Any]:
     """``rouge_l`` (mean F-measure), ``exact_match`` (share of answers equal to their
-    reference after ``normalise``), ``generated`` (how many) and ``samples``: the first
-    ``keep`` prompts with their reference and answer, for the run folder."""
+    reference after ``normalise``), ``generated`` (how many) and ``samples``: the prompts
+    with their reference and answer (the first ``keep``; None: all), for the run folder."""
     answers = generate_answers(model, tokenizer, data, indices, batch_size, max_new_tokens,
                                accelerator)  # fmt: skip
     refs = [data.references[int(i)] for i in indices]
@@ -198,7 +203,7 @@ def generation_scores(
     samples = [
         {"row": int(i), "prompt": tokenizer.decode(data.prompt_ids(int(i))), "reference": r,
          "answer": a, "rouge_l": round(s, 4)}
-        for i, r, a, s in list(zip(indices, refs, answers, scores, strict=True))[:keep]
+        for i, r, a, s in list(zip(indices, refs, answers, scores, strict=True))[slice(keep)]
     ]  # fmt: skip
     return {
         "rouge_l": float(np.mean(scores)) if scores else math.nan,

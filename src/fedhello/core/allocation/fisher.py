@@ -55,8 +55,9 @@ class FisherScheduled(RandomizedGeometricAllocation):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scores = None if state["scores"] is None else np.asarray(state["scores"])
-        self.scored_round = state["scored_round"]
+        scores = state.get("scores")  # a checkpoint without strategy state: none yet
+        self.scores = None if scores is None else np.asarray(scores)
+        self.scored_round = state.get("scored_round")
 
 
 @register

@@ -91,6 +91,7 @@ def discover_nodes(
                 continue
             info = read_reply(node, reply)
             check_reply(info)
+            check_values(exp, info)
             if known is not None:
                 check_known_site(info, known)
             infos[node] = info
@@ -190,7 +191,7 @@ def refuse_error_reply(node: int, reply: Message) -> None:
     what = FATAL_REPLY_ERRORS.get(reply.error.code)
     if what is None:
         return
-    reason = reply.error.reason
+    reason = reply.error.reason or "no reason given"
     # Flower's format: "<class 'ValueError'>:<'invalid literal for int() ...'>"
     m = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", reason, re.DOTALL)
     text = " ".join((f"{m[1]}: {m[2]}" if m else reason).split())
@@ -320,37 +321,28 @@ RETIRED_DECLARATIONS = {
 }
 
 
-def register_node(
-    exp: Experiment, node_of: dict[int, int], node: int, info: Any, name: str | None = None
-) -> None:
-    """Record ``node`` as client ``info["partition-id"]`` with the budget, tier or limit it
-    declares; ``name``: the node in messages (default ``partition N``, as it declared)."""
+LIMIT_KEYS = ("budget-memory-mb", "budget-step-seconds", "budget-upload-mb")
+
+
+def check_values(exp: Experiment, info: Any, name: str | None = None) -> CostProfile | None:
+    """Every value of a node's reply that the server reads, checked as the reply arrives (not
+    once every node has answered or ``federation.node_wait`` has run out): one line naming
+    the node (``name``, else ``who``), the key, the value and what is allowed. Returns the
+    cost profile the node measured, if it sent one."""
     k = exp.cfg.clients.num_clients
-    pid = info["partition-id"]
-    if not is_int(pid) or not 0 <= pid < k:
+    pid = info.get("partition-id")
+    if pid is not None and (not is_int(pid) or not 0 <= pid < k):
         node_name = who({key: v for key, v in info.items() if key != "partition-id"})
         raise ConfigError(
             f"{node_name} declared partition-id={short(pid)}; allowed: an integer 0..{k - 1} "
             f"(clients.num_clients = {k})"
         )
-    name = name or f"partition {pid}"
-    if pid in node_of and node_of[pid] != node:
-        raise UserError(f"two SuperNodes declared partition-id={pid}")
-    node_of[pid] = node
-    if "data-error" in info:  # the node's own data file is unusable: stop before round 1
-        raise UserError(f"{name}: {info['data-error']}")
-    if "site-examples" in info:
-        examples = declared_int(info, "site-examples", name, 0, None)
-        logger.info("client %d trains on its own data %s: %d examples",
-                    pid, info.get("data", ""), examples)  # fmt: skip
-    if "site-validation" in info:
-        declared_int(info, "site-validation", name, 0, None)
+    name = name or who(info)
+    for key in ("site-examples", "site-validation"):
+        if key in info:
+            declared_int(info, key, name, 0, None)
     if "budget-tier" in info:  # a tier of clients.tiers, as in the embedded engine
-        tiers = exp.cfg.clients.tiers
-        tier = declared_int(info, "budget-tier", name, 0, len(tiers) - 1)
-        budget = tier_layers(tiers[tier], exp.num_layers)
-        exp.strategy.set_budget(pid, budget)
-        exp.tiers[pid] = tier
+        declared_int(info, "budget-tier", name, 0, len(exp.cfg.clients.tiers) - 1)
     for retired, replacement in RETIRED_DECLARATIONS.items():
         if retired in info:
             raise UserError(
@@ -359,8 +351,44 @@ def register_node(
                 "node measures on its own device"
             )
     if "budget-layers" in info:
-        exp.strategy.set_budget(pid, declared_int(info, "budget-layers", name, 1, exp.num_layers))
-    register_limit(exp, pid, info, name)
+        declared_int(info, "budget-layers", name, 1, exp.num_layers)
+    for key in LIMIT_KEYS:
+        if key in info:
+            declared_limit(info, key, name)
+    if "cost-profile" not in info:
+        return None
+    profile = read_cost_profile(info["cost-profile"], name)
+    if profile.num_layers != exp.num_layers:
+        raise UserError(
+            f"{name}: its cost profile has {profile.num_layers} blocks, the "
+            f"model {exp.num_layers}; allowed: a profile of the run's model"
+        )
+    return profile
+
+
+def register_node(
+    exp: Experiment, node_of: dict[int, int], node: int, info: Any, name: str | None = None
+) -> None:
+    """Record ``node`` as client ``info["partition-id"]`` with the budget, tier or limit it
+    declares; ``name``: the node in messages (default ``partition N``, as it declared)."""
+    profile = check_values(exp, info, name)
+    pid = int(info["partition-id"])
+    name = name or f"partition {pid}"
+    if pid in node_of and node_of[pid] != node:
+        raise UserError(f"two SuperNodes declared partition-id={pid}")
+    node_of[pid] = node
+    if "data-error" in info:  # the node's own data file is unusable: stop before round 1
+        raise UserError(f"{name}: {info['data-error']}")
+    if "site-examples" in info:
+        logger.info("client %d trains on its own data %s: %d examples",
+                    pid, info.get("data", ""), info["site-examples"])  # fmt: skip
+    if "budget-tier" in info:  # a tier of clients.tiers, as in the embedded engine
+        tier = int(info["budget-tier"])
+        exp.strategy.set_budget(pid, tier_layers(exp.cfg.clients.tiers[tier], exp.num_layers))
+        exp.tiers[pid] = tier
+    if "budget-layers" in info:
+        exp.strategy.set_budget(pid, int(info["budget-layers"]))
+    register_limit(exp, pid, info, name, profile)
 
 
 def declared_int(info: Any, key: str, name: str, low: int, high: int | None) -> int:
@@ -381,26 +409,17 @@ def declared_limit(info: Any, key: str, name: str) -> float:
     raise ConfigError(f"{name}: {key}={short(value)}; allowed: a positive limit (a number)")
 
 
-def register_limit(exp: Experiment, pid: int, info: Any, name: str | None = None) -> None:
-    """A node's limits in real units, checked with the cost profile it measured itself."""
-    name = name or f"partition {pid}"
-    values = {}
-    for key in ("budget-memory-mb", "budget-step-seconds", "budget-upload-mb"):
-        if key in info:
-            values[key] = declared_limit(info, key, name)
+def register_limit(
+    exp: Experiment, pid: int, info: Any, name: str, profile: CostProfile | None
+) -> None:
+    """A node's limits in real units (checked: ``check_values``), checked with the cost
+    profile it measured itself (``profile``)."""
+    values = {key: float(info[key]) for key in LIMIT_KEYS if key in info}
     if not values:
         return
     limit = ResourceLimit(values.get("budget-memory-mb"), values.get("budget-step-seconds"),
                           values.get("budget-upload-mb"))  # fmt: skip
-    profile = None
-    if "cost-profile" in info:
-        profile = read_cost_profile(info["cost-profile"], name)
-        if profile.num_layers != exp.num_layers:
-            raise UserError(
-                f"{name}: its cost profile has {profile.num_layers} blocks, the "
-                f"model {exp.num_layers}; allowed: a profile of the run's model"
-            )
-    elif exp.resources.profile is None:  # an upload limit alone: tensor sizes suffice
+    if profile is None and exp.resources.profile is None:  # an upload limit alone
         profile = upload_only_profile(exp.init_state, exp.layer_of, exp.num_layers)
     exp.resources.set_client(exp.strategy, pid, limit, profile, name)
     logger.info("client %d: %s -> %d layers from block %d", pid, limit,
