@@ -26,8 +26,9 @@ from fedhello.engine.core import Observer
 from fedhello.engine.experiment import Experiment, build_experiment
 from fedhello.engine.flower import client_app
 from fedhello.engine.flower import messages as wire
-from fedhello.engine.flower.discovery import discover_nodes, read_site_ids
+from fedhello.engine.flower.discovery import discover_nodes
 from fedhello.engine.flower.engine import FlowerEngine
+from fedhello.engine.flower.site_ids import read_site_ids
 from fedhello.engine.rounds import RoundPlan
 from fedhello.store.runs import RunDir
 

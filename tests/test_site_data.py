@@ -26,8 +26,9 @@ from fedhello.core.errors import DataError, UserError
 from fedhello.data.site import site_label_ids
 from fedhello.engine.experiment import Experiment, build_experiment
 from fedhello.engine.flower import client_app
-from fedhello.engine.flower.discovery import assign_clients, check_reply, register_node
+from fedhello.engine.flower.declarations import check_reply, register_node
 from fedhello.engine.flower.messages import to_record
+from fedhello.engine.flower.site_ids import assign_clients
 from fedhello.model.accelerator import resolve
 
 

@@ -32,12 +32,8 @@ from fedhello.core.ranks import truncate
 from fedhello.engine.core import Observer
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.flower import messages as wire
-from fedhello.engine.flower.discovery import (
-    assigned_sites,
-    discover_nodes,
-    read_site_ids,
-    write_site_ids,
-)
+from fedhello.engine.flower.discovery import discover_nodes
+from fedhello.engine.flower.site_ids import assigned_sites, read_site_ids, write_site_ids
 from fedhello.engine.flower.sites import evaluate_sites
 from fedhello.engine.rounds import RoundPlan, RoundResults
 from fedhello.model.lora import state_nbytes
