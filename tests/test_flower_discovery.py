@@ -198,9 +198,10 @@ def test_a_damaged_sites_json_is_one_line(tmp_path: Path) -> None:
 def test_a_node_whose_client_app_raises_on_the_query_stops_the_run_at_once(
     make_exp: Callable[[float], Experiment],
 ) -> None:
-    """``budget-layers="three"`` makes the node's ClientApp raise: the run stops with the
-    reason after one query, not after federation.node_wait with the node left out; a node
-    whose query was lost (a transient error) is asked again."""
+    """A node whose ClientApp raises on the query stops the run with the reason after one
+    query, not after federation.node_wait with the node left out, and fedhello's ClientApp
+    answers ``budget-layers="three"`` with the key named; a node whose query was lost (a
+    transient error) is asked again."""
     lost: list[int] = []
 
     def flaky(msg: Message) -> Message:  # lost once, then answers
@@ -214,8 +215,11 @@ def test_a_node_whose_client_app_raises_on_the_query_stops_the_run_at_once(
     node_of, _, _ = discover_nodes(grid, make_exp(5.0))  # type: ignore[arg-type]
     assert node_of == {0: 7, 2: 8} and grid.queries[7] == 2
 
-    bad = runs_client_app(**{"partition-id": 1, "budget-layers": "three"})
-    grid, exp = FakeGrid({7: answers({"partition-id": 0}), 9: bad}), make_exp(5.0)
+    def raises(msg: Message) -> Message:  # Flower's error reply for a ClientApp that raised
+        reason = "<class 'ValueError'>:<'invalid literal for int() with base 10: 'three''>"
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+
+    grid, exp = FakeGrid({7: answers({"partition-id": 0}), 9: raises}), make_exp(5.0)
     t0 = time.monotonic()
     with pytest.raises(ConfigError) as err:
         discover_nodes(grid, exp)  # type: ignore[arg-type]
@@ -227,6 +231,13 @@ def test_a_node_whose_client_app_raises_on_the_query_stops_the_run_at_once(
         "ValueError: invalid literal for int() with base 10: 'three'; check the values of its "
         "--node-config (allowed: integers partition-id, budget-layers, budget-tier;"
     )
+    # fedhello's own ClientApp names the key: the line says which node and which value
+    bad = runs_client_app(**{"partition-id": 1, "budget-layers": "three"})
+    grid = FakeGrid({7: answers({"partition-id": 0}), 9: bad})
+    with pytest.raises(UserError) as err:
+        discover_nodes(grid, make_exp(5.0))  # type: ignore[arg-type]
+    assert str(err.value) == "partition 1: --node-config budget-layers='three'; allowed: an integer"
+    assert grid.queries[9] == 1
 
 
 def no_config_record(msg: Message) -> Message:

@@ -183,6 +183,8 @@ def query(msg: Message, context: Context) -> Message:
     (so that a bad site file stops the run at the start with its reason, not mid-round)."""
     nc = context.node_config
     info = wire.declared(nc)
+    if "config-error" in info:  # a value of the wrong type: nothing else is worth checking
+        return wire.query_reply(msg, info)
     req = wire.read_request(msg)
     if req.config_toml is not None:
         try:

@@ -9,7 +9,8 @@ Client contract (keys are kebab-case):
   budget (``budget-layers``, ``budget-tier``, or limits in real units: ``budget-memory-mb``,
   ``budget-step-seconds``, ``budget-upload-mb``; the retired ``budget-cost`` and
   ``budget-memory`` are passed on for the server to refuse, naming what replaces them) and its
-  own ``device``, ``precision`` and ``base-precision`` (else the run's); the reply adds the
+  own ``device``, ``precision`` and ``base-precision`` (else the run's), or ``config-error``
+  (a value not of its key's type, named with the key); the reply adds the
   resolved ``device`` and ``precision``, or ``device-error`` (e.g. ``cuda`` on a node without
   one); a node with its own file adds ``site-examples`` and ``site-validation`` (its train /
   held-out sizes) or ``data-error`` (why the file is unusable); a node with a memory or time
@@ -307,14 +308,24 @@ def read_request(msg: Message) -> Request:
 
 
 def declared(node_config: Mapping[str, Any]) -> dict[str, int | float | str]:
-    """What a node's ``--node-config`` declares, typed, for its query reply."""
+    """What a node's ``--node-config`` declares, typed, for its query reply. A value that
+    is not of its key's type becomes ``config-error`` naming the key, the value and the type
+    (the server stops the run on it, naming the node), not an exception in the ClientApp,
+    which would reach the server without the key."""
     info: dict[str, int | float | str] = {}
-    for key in DECLARED_INT:
-        if key in node_config:
-            info[key] = int(node_config[key])
-    for key in DECLARED_FLOAT:
-        if key in node_config:
-            info[key] = float(node_config[key])
+    kinds = [(DECLARED_INT, int, "an integer"), (DECLARED_FLOAT, float, "a number")]
+    for keys, cast, kind in kinds:
+        for key in keys:
+            if key not in node_config:
+                continue
+            value = node_config[key]
+            try:
+                if isinstance(value, bool) or (cast is int and isinstance(value, float)):
+                    raise ValueError(value)
+                info[key] = cast(value)
+            except (TypeError, ValueError):
+                info["config-error"] = f"--node-config {key}={value!r}; allowed: {kind}"
+                return info
     for key in DECLARED_STR:
         if key in node_config:
             info[key] = str(node_config[key])
