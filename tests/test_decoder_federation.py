@@ -407,6 +407,13 @@ def test_a_decoder_run_resumed_after_round_1_equals_the_uninterrupted_one(
     assert b["resumed_at_round"] == 2
     gen = (crashed / "generations.jsonl").read_text()
     assert gen == (ref / "generations.jsonl").read_text()
+    # a zero_shot.json cut short by a crash is measured again, to the same answers
+    again = crash_after(ref, tmp_path / "cut", 1)
+    (again / "zero_shot.json").write_text('{"rouge_l": 0.1')
+    assert main(["run", "--resume", str(again)]) == 0
+    assert json.loads((again / "zero_shot.json").read_text()) == json.loads(
+        (ref / "zero_shot.json").read_text()
+    )
 
 
 @pytest.mark.slow

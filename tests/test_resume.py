@@ -132,3 +132,51 @@ def test_resume_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "not a fedhello run" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path), "--set", "federation.rounds=3"]) == 2
     assert "own config.toml" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_record_falls_back_too(tmp_path: Path) -> None:
+    """JSON that reads but is not a checkpoint's record (a list; no tensor checksum; no
+    round) is damaged like unreadable JSON: the previous checkpoint is used, no traceback."""
+    folder = tmp_path / "ck"
+    save_checkpoint(folder, 1, _state(), {}, {}, "h")
+    save_checkpoint(folder, 2, _state(), {}, {}, "h")
+    meta = folder / "round-000002.json"
+    good = meta.read_text()
+    for damaged in ("[]", good.replace('"tensors_sha256"', '"other"'),
+                    good.replace('"round": 2', '"round": "two"')):  # fmt: skip
+        meta.write_text(damaged)
+        ck = load_latest(folder, "h", {"a", "b"})
+        assert ck is not None and ck.round == 1
+
+
+def test_a_resume_on_other_threads_is_said_and_kept(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint records the device type and torch threads its rounds ran with; a resume
+    with others warns, keeps ``machine_changed`` in the summary, and ``compare`` will not
+    take the run for one computed on a single machine."""
+    import json
+    import logging
+
+    from conftest import crash_after
+
+    import fedhello.cli as cli
+
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', federation__rounds=3)  # fmt: skip
+    ref = tmp_path / "ref"
+    assert cli.main(["run", "--out", str(ref), *[x for o in ov for x in ("--set", o)]]) == 0
+    meta = json.loads((ref / "checkpoints" / "round-000003.json").read_text())
+    assert meta["machine"] == {"device": "cpu", "torch_threads": 1}  # run.threads = 1
+    assert "machine_changed" not in RunDir(ref).read_summary()
+    crashed = crash_after(ref, tmp_path / "crashed", 2)
+    path = crashed / "checkpoints" / "round-000002.json"
+    first = json.loads(path.read_text())
+    path.write_text(json.dumps(first | {"machine": {"device": "cpu", "torch_threads": 7}}))
+    assert RunDir(crashed).recorded_machine()["torch_threads"] == 7  # what compare checks
+    with caplog.at_level(logging.WARNING, logger="fedhello"):
+        assert cli.main(["run", "--resume", str(crashed)]) == 0
+    assert "resuming at round 3 with {'torch_threads': 1}" in caplog.text
+    summary = RunDir(crashed).read_summary()
+    assert summary["machine_changed"]["what"] == ["torch_threads"]
+    assert RunDir(crashed).recorded_machine()["torch_threads"] == "mixed"

@@ -26,6 +26,7 @@ refused in one line rather than set on noise.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -100,8 +101,14 @@ def excesses(layers: Sequence[int], limit: ResourceLimit, profile: CostProfile) 
     if limit.needs_profile:
         cost = profile.cost(layers)
         memory = profile.memory_mb(layers) if limit.memory_mb is not None else 0.0
-        if limit.memory_mb is not None and memory > limit.memory_mb:
-            out.append(f"{memory:.1f} MB of {profile.memory_phrase} > {limit.memory_mb:g} MB")
+        # the allocator's peak may exceed the profile's by MEMORY_TOLERANCE (the meter's is
+        # what it measured): a set fits where even that much more stays within the limit
+        room = 1 + MEMORY_TOLERANCE if profile.memory_measure == "allocator" else 1.0
+        if limit.memory_mb is not None and memory * room > limit.memory_mb:
+            margin = f" (+{MEMORY_TOLERANCE:.0%} for the allocator)" if room > 1 else ""
+            out.append(
+                f"{memory:.1f} MB of {profile.memory_phrase}{margin} > {limit.memory_mb:g} MB"
+            )
         if limit.step_seconds is not None and cost.step_seconds > limit.step_seconds:
             out.append(f"{cost.step_seconds:.3f} s per step > {limit.step_seconds:g} s")
     if limit.upload_mb is not None:
@@ -119,11 +126,18 @@ def smallest_fitting(limit: ResourceLimit, profile: CostProfile) -> ResourceLimi
     """The smallest limits of ``limit``'s kinds under which the top layer alone fits."""
     top = [profile.num_layers - 1]
     cost = profile.cost(top) if limit.needs_profile else None
-    return ResourceLimit(
-        None if limit.memory_mb is None else round(profile.memory_mb(top), 1),
-        None if limit.step_seconds is None or cost is None else round(cost.step_seconds, 3),
-        None if limit.upload_mb is None else round(profile.upload_bytes(top) / MB, 3),
+    room = 1 + MEMORY_TOLERANCE if profile.memory_measure == "allocator" else 1.0
+    return ResourceLimit(  # rounded up: the limit shown is one that fits
+        None if limit.memory_mb is None else _up(profile.memory_mb(top) * room, 1),
+        None if limit.step_seconds is None or cost is None else _up(cost.step_seconds, 3),
+        None if limit.upload_mb is None else _up(profile.upload_bytes(top) / MB, 3),
     )
+
+
+def _up(value: float, digits: int) -> float:
+    """``value`` rounded up to ``digits`` decimals (20.04 MB -> 20.1: 20.0 would not fit)."""
+    scale = 10**digits
+    return math.ceil(value * scale - 1e-9) / scale
 
 
 def allowance(limit: ResourceLimit, profile: CostProfile, who: str) -> Allowance:

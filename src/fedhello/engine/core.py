@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from fedhello.core.aggregation import State
 from fedhello.core.config import Config
 from fedhello.core.heads import ClassSums, class_means_head
@@ -102,6 +104,22 @@ def class_means_round(
     return new_state, info
 
 
+def machine_change(before: dict[str, Any], now: dict[str, Any], round_: int) -> dict[str, Any]:
+    """``{}`` when a resume computes with what the checkpoint's rounds did; else what changed
+    (``what``: the keys; a value ``mixed``: an earlier resume already changed it), logged
+    as a warning: the run no longer equals an uninterrupted one."""
+    what = [k for k in ("device", "torch_threads") if k in before and before[k] != now[k]]
+    if not what:
+        return {}
+    logger.warning(
+        "resuming at round %d with %s where the rounds so far ran with %s: from here the "
+        "arithmetic differs, so the run no longer equals an uninterrupted one (summary.json "
+        "keeps machine_changed; fedhello compare will not reuse it)",
+        round_, {k: now[k] for k in what}, {k: before[k] for k in what},
+    )  # fmt: skip
+    return {"at_round": round_, "what": what, "before": before, "after": now}
+
+
 def run_federation(
     cfg: Config, run: RunDir, engine: Engine, options: RunOptions | None = None
 ) -> dict[str, Any]:
@@ -147,8 +165,13 @@ def run_federation(
     state = exp.init_state
     server = server_optimizer(cfg.federation)
     start = 1
+    # what this process computes with: a resume elsewhere is said, and kept in the summary
+    machine = {"device": accelerator.device.type, "torch_threads": torch.get_num_threads()}
+    changed: dict[str, Any] = {}
     if opts.resume:
         ckpt = load_latest(run.checkpoint_dir, cfg_hash, set(exp.keys))
+        if ckpt is not None and ckpt.machine:
+            changed = machine_change(ckpt.machine, machine, ckpt.round + 1)
         if ckpt is not None:
             state = ckpt.state
             server.load_state_dict(
@@ -178,8 +201,11 @@ def run_federation(
             save_checkpoint(
                 run.checkpoint_dir, round_, state, server_state,
                 exp.strategy.state_dict(), cfg_hash, cfg.run.keep_checkpoints,
+                machine if not changed else {**machine, **dict.fromkeys(changed["what"], "mixed")},
             )  # fmt: skip
     obs.on_final_eval()
     seconds = time.perf_counter() - wall0
     extra = engine.final_scores(exp, state) | privacy.summary(private, last)
+    if changed:
+        extra["machine_changed"] = changed
     return finish(exp, run, state, seconds, engine.name, start if opts.resume else None, extra)

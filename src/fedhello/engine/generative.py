@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -88,14 +89,19 @@ def zero_shot(exp: Experiment, run: RunDir, state: State) -> dict[str, Any]:
 
     path = run.path / ZERO_SHOT_FILE
     if path.is_file():
-        return dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            return dict(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+            logger.warning("%s is damaged: measuring the zero-shot answers again", path)
     set_state(exp.model, state)
     gen = _generate(exp)
     logger.info(
         "zero-shot (the base model, before round 1): ROUGE-L %.4f, exact match %.4f on %d "
         "test prompts", gen["rouge_l"], gen["exact_match"], gen["generated"],
     )  # fmt: skip
-    path.write_text(json.dumps(gen, indent=1) + "\n", encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")  # atomic: a crash leaves it whole or absent
+    tmp.write_text(json.dumps(gen, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
     return gen
 
 

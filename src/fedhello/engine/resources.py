@@ -25,6 +25,7 @@ from fedhello.core.allocation import AllocationStrategy
 from fedhello.core.budgets import apply_limit, client_limits, limit_source
 from fedhello.core.coherence import MIN_STEPS
 from fedhello.core.config import Config
+from fedhello.core.errors import ConfigError
 from fedhello.core.fit import ResourceLimit, apply_fit, fit_policy
 from fedhello.core.layers import AllocationPlan
 from fedhello.core.profile import CostProfile
@@ -120,6 +121,7 @@ class Resources:
     configured: str = "auto"  # allocation.fit as configured
     profile: CostProfile | None = None  # the config's limits are checked with this one
     profile_source: str | None = None  # measured, reused (the store) or run (its own copy)
+    checkpointing: bool = False  # train.gradient_checkpointing: the CPU meter cannot see it
 
     def fit(self, plan: AllocationPlan) -> AllocationPlan:
         return apply_fit(plan, self.limits, self.profiles, self.policy)
@@ -145,12 +147,30 @@ class Resources:
         profile = profile or self.profile
         if profile is None:
             raise ValueError(f"{who}: a limit of {limit} needs a cost profile")
+        check_measure(self.checkpointing, limit, profile, who)
         if limit.needs_profile and self.configured == "auto":
             self.policy = "repair"  # a limit in real units is enforced unless told otherwise
         if self.policy == "off" and limit.needs_profile:
             logger.warning("%s: allocation.fit = off: its limit of %s is not enforced", who, limit)
         apply_limit(strategy, client, limit, profile, who, floors=self.policy != "off")
         self.limits[client], self.profiles[client] = limit, profile
+
+
+def check_measure(
+    checkpointing: bool, limit: ResourceLimit, profile: CostProfile, who: str
+) -> None:
+    """Refuse a memory limit the measure cannot see: with gradient checkpointing the CPU's
+    training-memory meter counts the block inputs kept, not the block recomputed in the
+    backward pass (a tiny BERT, every block trained: 12 MB metered with it, less than the 36
+    MB its top block alone meters without it, which the backward pass still rebuilds), so a
+    limit would afford layer sets that exceed it. An accelerator's allocator peak sees it."""
+    if limit.memory_mb is not None and checkpointing and profile.memory_measure == "meter":
+        raise ConfigError(
+            f"{who}: a memory limit with train.gradient_checkpointing = true on a CPU: its "
+            "training-memory meter does not see the blocks checkpointing recomputes, so the "
+            "limit would not hold; allowed: gradient_checkpointing = false with memory limits "
+            "on a CPU, or an accelerator (its allocator's peak is measured)"
+        )
 
 
 def setup_resources(
@@ -171,6 +191,10 @@ def setup_resources(
         profile, source = saved, "run"
     else:
         profile, source = obtain_profile(cfg, m)
+    checkpointing = cfg.train.gradient_checkpointing
+    for client, limit in enumerate(limits):
+        if limit is not None:
+            check_measure(checkpointing, limit, profile, limit_source(cfg, client))
     if policy == "off" and cfg.clients.real_limits:
         logger.warning(
             "allocation.fit = off: the clients' limits (%s) only set their layer counts and "
@@ -182,4 +206,6 @@ def setup_resources(
             layer_count = None if cfg.clients.real_limits else counts[client]
             apply_limit(strategy, client, limit, profile, limit_source(cfg, client),
                         layer_count, floors=policy != "off")  # fmt: skip
-    return Resources(limits, [profile] * len(limits), policy, cfg.allocation.fit, profile, source)
+    return Resources(
+        limits, [profile] * len(limits), policy, cfg.allocation.fit, profile, source, checkpointing
+    )

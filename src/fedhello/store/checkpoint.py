@@ -46,6 +46,9 @@ class Checkpoint:
     state: dict[str, np.ndarray]
     optimizer_state: dict[str, np.ndarray]  # the server optimizer's ``state_dict``
     strategy_state: dict[str, Any]
+    # what the rounds so far were computed on (``device``: its type; ``torch_threads``): a
+    # resume elsewhere computes the next rounds with other arithmetic (empty: not recorded)
+    machine: dict[str, Any] | None = None
 
 
 def config_hash(config_toml: str) -> str:
@@ -68,9 +71,11 @@ def save_checkpoint(
     strategy_state: dict[str, Any],
     cfg_hash: str,
     keep: int = 2,
+    machine: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of ``round_`` atomically (``optimizer_state``: the server
-    optimizer's ``state_dict``); keep the newest ``keep`` checkpoints."""
+    optimizer's ``state_dict``; ``machine``: the device type and torch threads the rounds ran
+    with); keep the newest ``keep`` checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"round-{round_:06d}"
     tensors = dict(state) | {SERVER_PREFIX + k: v for k, v in optimizer_state.items()}
@@ -86,6 +91,7 @@ def save_checkpoint(
         "keys": sorted(state),
         "strategy_state": strategy_state,
         "numerics_version": NUMERICS_VERSION,
+        **({"machine": machine} if machine else {}),
     }
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, sort_keys=True))
@@ -110,6 +116,8 @@ def _load_one(meta_path: Path, cfg_hash: str, keys: set[str]) -> Checkpoint:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"unreadable metadata ({err})") from None
+    if not isinstance(meta, dict):  # damaged: the previous checkpoint is used instead
+        raise ValueError(f"metadata is a {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise RunDirError(f"checkpoint {str(meta_path)!r} is not a fedhello checkpoint")
     if meta.get("config_sha256") != cfg_hash or set(meta.get("keys", [])) != keys:
@@ -125,7 +133,7 @@ def _load_one(meta_path: Path, cfg_hash: str, keys: set[str]) -> Checkpoint:
             "run again with --overwrite"
         )
     tensors_path = meta_path.with_suffix(".safetensors")
-    if not tensors_path.is_file() or _sha256(tensors_path) != meta["tensors_sha256"]:
+    if not tensors_path.is_file() or _sha256(tensors_path) != meta.get("tensors_sha256"):
         raise ValueError("tensor file missing or its checksum differs (truncated?)")
     try:
         tensors = load_file(str(tensors_path))
@@ -140,7 +148,12 @@ def _load_one(meta_path: Path, cfg_hash: str, keys: set[str]) -> Checkpoint:
         for k, v in tensors.items()
         if k.startswith(MOMENTUM_PREFIX)
     }
-    return Checkpoint(int(meta["round"]), state, server, meta.get("strategy_state", {}))
+    round_ = meta.get("round")
+    if not isinstance(round_, int) or isinstance(round_, bool):
+        raise ValueError(f"metadata names no round ({round_!r})")
+    return Checkpoint(
+        round_, state, server, meta.get("strategy_state", {}), meta.get("machine") or None
+    )
 
 
 def load_latest(folder: Path, cfg_hash: str, keys: set[str]) -> Checkpoint | None:
@@ -162,13 +175,29 @@ def load_latest(folder: Path, cfg_hash: str, keys: set[str]) -> Checkpoint | Non
     return None
 
 
-def checkpoint_numerics(folder: Path) -> int | None:
-    """The numerics version of the newest readable checkpoint in ``folder`` (what a resumed
-    run would continue from); None if there is none (a resume starts from round 1)."""
+def _newest_meta(folder: Path) -> dict[str, Any] | None:
+    """The metadata of the newest readable checkpoint in ``folder`` (what a resumed run would
+    continue from); None if there is none (a resume starts from round 1)."""
     metas = sorted(folder.glob("round-*.json"), reverse=True) if folder.is_dir() else []
     for meta_path in metas:
         try:
-            return recorded_version(json.loads(meta_path.read_text()))
+            meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
+        if isinstance(meta, dict):
+            return meta
     return None
+
+
+def checkpoint_numerics(folder: Path) -> int | None:
+    """The numerics version of the newest readable checkpoint in ``folder``; None: none."""
+    meta = _newest_meta(folder)
+    return None if meta is None else recorded_version(meta)
+
+
+def checkpoint_machine(folder: Path) -> dict[str, Any]:
+    """The device type and torch threads the newest readable checkpoint's rounds ran with
+    (empty: none, or written before 2026-12-07)."""
+    meta = _newest_meta(folder)
+    machine = None if meta is None else meta.get("machine")
+    return dict(machine) if isinstance(machine, dict) else {}

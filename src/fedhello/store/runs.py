@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from fedhello.core.config import Config
 from fedhello.core.errors import RunDirError
 from fedhello.core.numerics import recorded_version
-from fedhello.store.checkpoint import checkpoint_numerics
+from fedhello.store.checkpoint import checkpoint_machine, checkpoint_numerics
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +193,10 @@ class RunDir:
     def recorded_machine(self) -> dict[str, Any]:
         """What this run was computed on, as far as it recorded it: ``device`` (its type:
         cpu, cuda, mps) and ``torch_threads`` (the server's, resolved). A finished run's
-        summary holds both (threads since 2026-12-07); an unfinished one's first round holds
-        its clients' device. Numbers differ between devices and thread counts, so a
-        comparison reuses a cell only on the same."""
+        summary holds both (threads since 2026-12-07; ``mixed`` where a resume continued it
+        with others); an unfinished one's newest checkpoint holds both (since 2026-12-07),
+        its first round its clients' device. Numbers differ between devices and thread
+        counts, so a comparison reuses or resumes a cell only on the same."""
         out: dict[str, Any] = {}
         if self.summary_path.is_file():
             summary = self.read_summary()
@@ -203,6 +204,8 @@ class RunDir:
                 out["device"] = str(summary["device"]).split(":")[0]
             if summary.get("torch_threads"):
                 out["torch_threads"] = int(summary["torch_threads"])
+            for key in summary.get("machine_changed", {}).get("what", []):
+                out[key] = "mixed"
             return out
         first = self.read_metrics()[:1]
         devices = {
@@ -210,7 +213,7 @@ class RunDir:
         }
         if len(devices) == 1:
             out["device"] = devices.pop()
-        return out
+        return out | checkpoint_machine(self.checkpoint_dir)
 
     def recorded_numerics(self) -> int | None:
         """The numerics version this run's numbers come from (``fedhello.core.numerics``): its

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -53,6 +54,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_config(str(rc["config"]) if rc.get("config") else None)
         configure_process(cfg.train.deterministic)  # this process is the deployed ServerApp's
+        if cfg.run.threads:  # and so are its threads (Fisher scores, evaluation: the server's)
+            torch.set_num_threads(cfg.run.threads)
         options = RunOptions(
             overwrite=bool(rc.get("overwrite", False)), resume=bool(rc.get("resume", False))
         )
