@@ -318,3 +318,27 @@ def test_a_partition_node_is_light_it_never_partitions_and_trains_the_rows_it_is
     held_out = exp.raw.splits["test"][:3]  # not training rows: another copy of the data?
     with pytest.raises(DataError, match=r"not training rows of this node's copy \(e.g. \d+\)"):
         client_app.train(_train_msg(config_toml, labels, exp.init_state, 2, held_out), ctx)
+
+
+def test_a_declared_tier_brings_its_limits_and_a_declared_count_stays_capped(
+    tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    """``budget-tier`` carries everything the tier holds in the embedded engine, its upload
+    limit included (client 5 is tier 2 by default, declares tier 0); a ``budget-layers``
+    with the node's own upload limit keeps the count, capped by the upload, under fit auto."""
+    overrides = tiny_overrides(
+        tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"', data__label_column='"topic"',
+        clients__tiers="[0.5, 0.75, 1.0]", clients__upload_mb="[0.05, 1.0, 1.0]",
+    )  # fmt: skip
+    exp = build_experiment(load_config(None, overrides), encode_data=False)
+    assert exp.resources.limits[5] is not None and exp.resources.limits[5].upload_mb == 1.0
+    node_of: dict[int, int] = {}
+    register_node(exp, node_of, 9, {"partition-id": 5, "budget-tier": 0})
+    assert exp.tiers[5] == 0 and exp.resources.limits[5].upload_mb == 0.05
+    assert exp.strategy.budgets[5] <= 2  # the tier's 2 of 4 layers, capped by its upload
+    plain = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                           data__label_column='"topic"')  # fmt: skip
+    exp = build_experiment(load_config(None, plain), encode_data=False)
+    assert exp.resources.policy == "off"  # no limit in the config
+    register_node(exp, {}, 9, {"partition-id": 1, "budget-layers": 2, "budget-upload-mb": 100.0})
+    assert exp.strategy.budgets[1] == 2 and exp.resources.policy == "repair"

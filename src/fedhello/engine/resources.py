@@ -140,19 +140,20 @@ class Resources:
 
     def set_client(
         self, strategy: AllocationStrategy, client: int, limit: ResourceLimit,
-        profile: CostProfile | None, who: str,
+        profile: CostProfile | None, who: str, layer_count: int | None = None,
     ) -> None:  # fmt: skip
         """A limit declared for one client (a Flower node), checked with its own profile
-        (else the server's)."""
+        (else the server's); ``layer_count``: a layer budget the limit caps (an upload limit
+        under layer budgets), None where the limit alone sets the count."""
         profile = profile or self.profile
         if profile is None:
             raise ValueError(f"{who}: a limit of {limit} needs a cost profile")
         check_measure(self.checkpointing, limit, profile, who)
-        if limit.needs_profile and self.configured == "auto":
-            self.policy = "repair"  # a limit in real units is enforced unless told otherwise
+        if self.configured == "auto":
+            self.policy = "repair"  # a limit is enforced unless told otherwise (as the config's)
         if self.policy == "off" and limit.needs_profile:
             logger.warning("%s: allocation.fit = off: its limit of %s is not enforced", who, limit)
-        apply_limit(strategy, client, limit, profile, who, floors=self.policy != "off")
+        apply_limit(strategy, client, limit, profile, who, layer_count, floors=self.policy != "off")
         self.limits[client], self.profiles[client] = limit, profile
 
 

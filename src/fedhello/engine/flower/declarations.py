@@ -183,12 +183,34 @@ def register_node(
         logger.info("client %d trains on its own data %s: %d examples",
                     pid, info.get("data", ""), info["site-examples"])  # fmt: skip
     if "budget-tier" in info:  # a tier of clients.tiers, as in the embedded engine
-        tier = int(info["budget-tier"])
-        exp.strategy.set_budget(pid, tier_layers(exp.cfg.clients.tiers[tier], exp.num_layers))
-        exp.tiers[pid] = tier
+        register_tier(exp, pid, int(info["budget-tier"]), name, profile)
     if "budget-layers" in info:
         exp.strategy.set_budget(pid, int(info["budget-layers"]))
     register_limit(exp, pid, info, name, profile)
+
+
+def register_tier(
+    exp: Experiment, pid: int, tier: int, name: str, profile: CostProfile | None
+) -> None:
+    """Client ``pid`` in ``tier`` of ``clients.tiers`` with everything the tier holds in the
+    embedded engine: its layer budget, or its limit in real units (the tier's value is MB or
+    seconds then, not a share of the layers), and its upload limit (``clients.upload_mb``)."""
+    c = exp.cfg.clients
+    exp.tiers[pid] = tier
+    value = float(c.tiers[tier])
+    count = None if c.real_limits else tier_layers(value, exp.num_layers)
+    if count is not None:
+        exp.strategy.set_budget(pid, count)
+    if not c.real_limits and c.upload_mb is None:
+        return
+    limit = ResourceLimit(
+        value if c.budget_kind == "memory-mb" else None,
+        value if c.budget_kind == "step-seconds" else None,
+        None if c.upload_mb is None else c.upload_mb[tier],
+    )
+    if profile is None and exp.resources.profile is None:  # an upload limit alone
+        profile = upload_only_profile(exp.init_state, exp.layer_of, exp.num_layers)
+    exp.resources.set_client(exp.strategy, pid, limit, profile, name, count)
 
 
 def declared_int(info: Any, key: str, name: str, low: int, high: int | None) -> int:
@@ -221,7 +243,13 @@ def register_limit(
                           values.get("budget-upload-mb"))  # fmt: skip
     if profile is None and exp.resources.profile is None:  # an upload limit alone
         profile = upload_only_profile(exp.init_state, exp.layer_of, exp.num_layers)
-    exp.resources.set_client(exp.strategy, pid, limit, profile, name)
+    # a layer count the node declared (or its tier's) is capped by an upload limit, not
+    # replaced by what the upload affords; a memory or time limit sets the count itself
+    declared_count = "budget-layers" in info or (
+        "budget-tier" in info and not exp.cfg.clients.real_limits
+    )
+    count = exp.strategy.budgets[pid] if declared_count and not limit.needs_profile else None
+    exp.resources.set_client(exp.strategy, pid, limit, profile, name, count)
     logger.info("client %d: %s -> %d layers from block %d", pid, limit,
                 exp.strategy.budgets[pid], exp.strategy.floors[pid])  # fmt: skip
 
