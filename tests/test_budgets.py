@@ -372,3 +372,29 @@ def test_a_memory_limit_with_checkpointing_on_a_cpu_is_refused(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.gradient_checkpointing = true on a CPU" in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_per_client_budgets_take_the_upload_limit_of_the_tier_the_run_records() -> None:
+    """With clients.budgets a client's tier is its value's rank (as metrics.jsonl records
+    it), and its upload limit is that tier's, not that of its place in client order."""
+    from fedhello.core.budgets import client_limits, client_tiers
+    from fedhello.core.config import load_config
+
+    cfg = load_config(None, ['clients.budget_kind="memory-mb"', "clients.num_clients=4",
+                             "clients.per_round=2", "clients.tiers=[100.0, 200.0]",
+                             "clients.budgets=[200, 100, 200, 100]",
+                             "clients.upload_mb=[0.3, 0.6]"])  # fmt: skip
+    assert client_tiers(4, 2, cfg.clients.budgets) == [1, 0, 1, 0]
+    assert [lim.upload_mb for lim in client_limits(cfg) if lim] == [0.6, 0.3, 0.6, 0.3]
+    with pytest.raises(ConfigError, match=r"clients.budgets of 3 distinct values"):
+        load_config(
+            None,
+            [
+                'clients.budget_kind="memory-mb"',
+                "clients.num_clients=3",
+                "clients.per_round=2",
+                "clients.tiers=[100.0, 200.0]",
+                "clients.budgets=[100, 200, 300]",
+                "clients.upload_mb=[0.3, 0.6]",
+            ],
+        )

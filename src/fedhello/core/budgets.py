@@ -107,8 +107,9 @@ def client_limits(cfg: Config) -> list[ResourceLimit | None]:
     if not c.real_limits and c.upload_mb is None:
         return [None] * c.num_clients
     out: list[ResourceLimit | None] = []
+    tiers = client_tiers(c.num_clients, len(c.tiers), c.budgets)  # as the run records them
     for client in range(c.num_clients):
-        tier = tier_of(client, c.num_clients, len(c.tiers))
+        tier = tiers[client]
         value = float(c.budgets[client] if c.budgets is not None else c.tiers[tier])
         upload = None if c.upload_mb is None else c.upload_mb[tier]
         out.append(
@@ -124,7 +125,7 @@ def client_limits(cfg: Config) -> list[ResourceLimit | None]:
 def limit_source(cfg: Config, client: int) -> str:
     """Where a client's limit comes from, for error messages."""
     c = cfg.clients
-    tier = tier_of(client, c.num_clients, len(c.tiers))
+    tier = client_tiers(c.num_clients, len(c.tiers), c.budgets)[client]
     keys = []
     if c.real_limits:  # memory or step time: the client's budget, or its tier's
         keys.append(

@@ -123,6 +123,14 @@ class ClientsConfig(Section):
                 )
             if any(u <= 0 for u in self.upload_mb):
                 raise ValueError(f"clients.upload_mb = {self.upload_mb}: limits must be positive")
+            distinct = None if self.budgets is None else len(set(self.budgets))
+            if distinct is not None and distinct != len(self.upload_mb):
+                # with per-client budgets a client's tier is its value's rank among them
+                raise ValueError(
+                    f"clients.upload_mb has {len(self.upload_mb)} entries with clients.budgets "
+                    f"of {distinct} distinct values: needs one per distinct value (a client's "
+                    "tier is its value's rank, smallest first)"
+                )
         return self
 
     @property
