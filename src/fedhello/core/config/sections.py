@@ -230,6 +230,6 @@ class RunConfig(Section):
         """The run's folder inside ``out_dir``: one name, never a path out of it."""
         if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
             raise ValueError(
-                "allowed: one folder name (no '/', '\\', '.' or '..'); out_dir sets where"
+                "allowed: one folder name (no '/' or '\\', not '.' or '..'); out_dir sets where"
             )
         return name
