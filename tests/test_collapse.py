@@ -218,3 +218,20 @@ def test_a_comparison_reads_the_cells_it_links_from_another(tmp_path: Path) -> N
         ("dirichlet", "fed-hello", 0),
         ("dirichlet", "fedra", 1),
     ]
+
+
+def test_memory_by_tier_keeps_each_value_under_its_tier() -> None:
+    """A strategy whose lower tiers never trained (Exclusive) shows ``-`` there, not its top
+    tier's value under tier 0; the centralised reference (one client) shows its value alone."""
+    from fedhello.studies.tables import tier_cell
+
+    table = [
+        {"partition": "dirichlet", "train_mb_by_tier": {0: 150.0, 1: 156.8, 2: 160.2}},
+        {"partition": "dirichlet", "train_mb_by_tier": {2: 160.3}},
+        {"partition": "all", "train_mb_by_tier": {0: 160.2}},
+    ]
+    assert [tier_cell(r, table) for r in table] == [
+        "150.0 / 156.8 / 160.2",
+        "- / - / 160.3",
+        "160.2",
+    ]

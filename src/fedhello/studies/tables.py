@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedhello.studies.results import REFERENCE_PARTITION
 from fedhello.studies.scores import ACCURACY, ROUGE_L, Scoring
 
 TABLE_LEGEND = {
@@ -122,8 +123,11 @@ def tier_cell(r: dict[str, Any], table: list[dict[str, Any]]) -> str:
     """A row's training memory per tier, in the order of every tier the table holds, ``-``
     where no client of the tier trained (Exclusive's lower tiers): a value stays under its
     tier."""
-    tiers = sorted({t for row in table for t in row["train_mb_by_tier"]})
     mine = r["train_mb_by_tier"]
+    if r["partition"] == REFERENCE_PARTITION:  # one client holding the pool: no tiers
+        return " / ".join(f"{v:.1f}" for v in mine.values())
+    tiers = sorted({t for row in table for t in row["train_mb_by_tier"]
+                    if row["partition"] != REFERENCE_PARTITION})  # fmt: skip
     return " / ".join(f"{mine[t]:.1f}" if t in mine else "-" for t in tiers)
 
 
