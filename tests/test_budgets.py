@@ -386,6 +386,16 @@ def test_per_client_budgets_take_the_upload_limit_of_the_tier_the_run_records() 
                              "clients.upload_mb=[0.3, 0.6]"])  # fmt: skip
     assert client_tiers(4, 2, cfg.clients.budgets) == [1, 0, 1, 0]
     assert [lim.upload_mb for lim in client_limits(cfg) if lim] == [0.6, 0.3, 0.6, 0.3]
+    layers = load_config(
+        None,
+        [
+            "clients.num_clients=4",
+            "clients.per_round=2",
+            "clients.budgets=[2, 2, 4, 4]",
+            "clients.upload_mb=[1.0, 2.0]",
+        ],
+    )
+    assert [lim.upload_mb for lim in client_limits(layers) if lim] == [1.0, 1.0, 2.0, 2.0]
     with pytest.raises(ConfigError, match=r"clients.budgets of 3 distinct values"):
         load_config(
             None,

@@ -544,3 +544,17 @@ def test_compare_refuses_a_folder_that_is_not_a_comparisons(
     from fedhello.studies.request import check_folder
 
     check_folder(tmp_path / "linked")
+
+
+def test_a_cell_of_an_older_numerics_version_is_rerun_whatever_machine_made_it(
+    compare_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedhello.studies.compare as sim
+    from fedhello.studies.compare import Cell, cell_config, run_cell
+
+    root, base = _cells_with_versions(compare_dir, tmp_path, {("iid", "fedra", 0): 1})
+    _with_summary(root, "iid", 0, device="cuda:0")
+    monkeypatch.setattr(sim, "NUMERICS_VERSION", 2)
+    monkeypatch.setattr(sim, "run_embedded", lambda cfg, run, opts: None)
+    cell = Cell("iid", "fedra", 0)
+    assert run_cell(cell, cell_config(base, cell), root) == "rerun"  # not refused

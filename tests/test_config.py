@@ -95,6 +95,13 @@ def test_bad_values_give_one_line_naming_key_value_and_allowed(
         assert word in message, message
 
 
+def test_privacy_moves_the_model_every_round_so_min_replies_stays_1() -> None:
+    with pytest.raises(ConfigError, match=r"federation.min_replies = 2 with privacy: .* allowed: "
+                       r"min_replies = 1 with privacy"):  # fmt: skip
+        load_config(None, ["privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0",
+                           "federation.min_replies=2"])  # fmt: skip
+
+
 def test_a_config_path_that_is_a_folder_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"is a directory; allowed: a TOML file"):
         load_config(tmp_path)

@@ -191,7 +191,7 @@ def test_a_deployment_that_outlives_its_timeout_is_stopped_in_one_line(
     assert time.perf_counter() - t0 < 20  # stopped, not waited for
     cfg = load_config()  # by default: bounded by the config's own timeouts, never forever
     f = cfg.federation
-    assert deployment_timeout(cfg) == f.node_wait + (f.rounds + 2) * (f.round_timeout + 600)
+    assert deployment_timeout(cfg) == f.node_wait + (f.rounds + 2) * (f.round_timeout + 3600)
 
 
 def test_a_superlink_entry_is_never_reused_for_another_tls_setting(tmp_path: Path) -> None:

@@ -342,3 +342,21 @@ def test_a_declared_tier_brings_its_limits_and_a_declared_count_stays_capped(
     assert exp.resources.policy == "off"  # no limit in the config
     register_node(exp, {}, 9, {"partition-id": 1, "budget-layers": 2, "budget-upload-mb": 100.0})
     assert exp.strategy.budgets[1] == 2 and exp.resources.policy == "repair"
+
+
+def test_a_nodes_own_limit_keeps_its_tiers_other_limits(
+    fresh_exp: Experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node in a tier of real-unit limits that declares its own upload limit keeps the
+    tier's memory limit: its value replaces only the tier's of the same kind."""
+    from fedhello.core.fit import ResourceLimit
+    from fedhello.engine.flower.declarations import register_limit
+
+    exp = fresh_exp
+    set_to: list[ResourceLimit] = []
+    monkeypatch.setattr(exp.resources, "set_client", lambda s, c, limit, *a: set_to.append(limit))
+    exp.resources.limits[2] = ResourceLimit(memory_mb=300.0, upload_mb=1.0)  # the tier's
+    register_limit(exp, 2, {"budget-tier": 1, "budget-upload-mb": 0.5}, "partition 2", None)
+    assert set_to == [ResourceLimit(memory_mb=300.0, upload_mb=0.5)]
+    register_limit(exp, 2, {"budget-upload-mb": 0.5}, "partition 2", None)  # no tier: its own
+    assert set_to[-1] == ResourceLimit(upload_mb=0.5)

@@ -121,7 +121,8 @@ def close_round(
     # (under DP the noise moves the model whoever was accepted: a round left unmoved would
     # tell that nobody was)
     # a round needs federation.min_replies *valid* updates (replies rejected above do not count)
-    short = 0 < len(report.accepted) < cfg.federation.min_replies
+    # (under DP min_replies is 1, refused otherwise: the noise moves the model every round)
+    short = private is None and 0 < len(report.accepted) < cfg.federation.min_replies
     if short:
         logger.warning(
             "round %d: %d valid updates, fewer than federation.min_replies = %d: model unchanged",

@@ -21,10 +21,12 @@ from fedhello.engine.experiment import Experiment
 from fedhello.model.evaluation import evaluate
 from fedhello.model.lora import set_state
 from fedhello.model.pooling import pooled_module_file
-from fedhello.store.provenance import code_provenance
+from fedhello.store.provenance import code_provenance, git_commit
 from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
+
+git_commit()  # the code as loaded, not as the checkout stands when a long run ends (cached)
 
 
 def adapter_note(cfg: Config, pooling: str = "head") -> dict[str, Any]:

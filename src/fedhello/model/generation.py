@@ -132,8 +132,8 @@ def generate_answers(
             mask[row, width - len(p) :] = 1
         inputs = accelerator.to_device({"input_ids": ids, "attention_mask": mask})
         with accelerator.autocast():
-            # plain greedy: a model's generation_config may ask for a repetition penalty or
-            # an n-gram block (Qwen2.5-Instruct's 1.05), which greedy decoding must not apply
+            # greedy without a repetition penalty or an n-gram block, even where the model's
+            # generation_config asks for one (Qwen2.5-Instruct's 1.05)
             out = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                 repetition_penalty=1.0, no_repeat_ngram_size=0,

@@ -157,7 +157,9 @@ def _run_cell(cfg: Config, run: RunDir, options: RunOptions) -> str:
         saved = comparable(load_saved_config(run.config_path))
         diff = outcome_differences(saved, comparable(cfg), PRECISION_KEYS)
         diff += differs_from_recorded(cfg, run.recorded_precision())
-        diff += machine_differences(cfg, run.recorded_machine())
+        recorded = run.recorded_numerics()
+        if recorded is None or recorded == NUMERICS_VERSION:  # an older one is rerun anyway
+            diff += machine_differences(cfg, run.recorded_machine())
         if diff:
             raise RunDirError(
                 f"{run.path} holds a run with another config ({', '.join(diff)}): "

@@ -44,8 +44,9 @@ class ClientsConfig(Section):
     )
     upload_mb: list[float] | None = Field(
         None,
-        description="optional upload limit per round, MB per tier (one per tier): caps how "
-        "many LoRA layers a client of the tier may send",
+        description="optional upload limit per round, MB per tier (one per tier of "
+        "clients.tiers, or with clients.budgets one per distinct budget, smallest first): caps "
+        "how many LoRA layers a client of the tier may send",
     )
 
     @model_validator(mode="before")
@@ -116,7 +117,7 @@ class ClientsConfig(Section):
                     f"({TIER_UNITS[kind]})"
                 )
         if self.upload_mb is not None:
-            if len(self.upload_mb) != len(self.tiers):
+            if self.budgets is None and len(self.upload_mb) != len(self.tiers):
                 raise ValueError(
                     f"clients.upload_mb has {len(self.upload_mb)} entries: needs one per tier "
                     f"(clients.tiers has {len(self.tiers)})"

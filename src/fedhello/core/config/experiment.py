@@ -97,6 +97,12 @@ class Config(Section):
         if not p.enabled:
             return self
         name = self.allocation.strategy
+        if self.federation.min_replies > 1:
+            raise ValueError(
+                f"federation.min_replies = {self.federation.min_replies} with privacy: under "
+                "DP the noise moves the model every round whoever replied (a round held back "
+                "would tell that few did); allowed: min_replies = 1 with privacy"
+            )
         if strategy_class(name).rank_method:
             raise ValueError(
                 f"privacy.noise_multiplier with allocation.strategy = {name!r}: a rank method's "

@@ -73,7 +73,10 @@ class FederationConfig(Section):
     )
     eval_every: int = Field(1, ge=1, description="evaluate the global model every N rounds")
     min_replies: int = Field(
-        1, ge=1, description="Flower: fewest valid replies a round needs to update the model"
+        1,
+        ge=1,
+        description="fewest valid updates a round needs to move the model (1 under "
+        "privacy, whose noise moves it every round)",
     )
     round_timeout: float = Field(
         600.0, gt=0, description="Flower: seconds to wait for the replies of a round"

@@ -239,8 +239,14 @@ def register_limit(
     values = {key: float(info[key]) for key in LIMIT_KEYS if key in info}
     if not values:
         return
-    limit = ResourceLimit(values.get("budget-memory-mb"), values.get("budget-step-seconds"),
-                          values.get("budget-upload-mb"))  # fmt: skip
+    # over a declared tier's limit (register_tier): the node's own values replace the tier's
+    # of the same kind, and the tier's others stay
+    tier = exp.resources.limits[pid] if "budget-tier" in info else None
+    limit = ResourceLimit(
+        values.get("budget-memory-mb", tier.memory_mb if tier else None),
+        values.get("budget-step-seconds", tier.step_seconds if tier else None),
+        values.get("budget-upload-mb", tier.upload_mb if tier else None),
+    )
     if profile is None and exp.resources.profile is None:  # an upload limit alone
         profile = upload_only_profile(exp.init_state, exp.layer_of, exp.num_layers)
     # a layer count the node declared (or its tier's) is capped by an upload limit, not

@@ -31,8 +31,9 @@ from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
 
-# the server's own work in a round beyond waiting for replies (evaluation, Fisher scores)
-SERVER_WORK_S = 600.0
+# the server's own work in a round beyond waiting for replies (evaluation, Fisher scores, a
+# language model's generation on a CPU): generous, the bound is against a hang, not a pace
+SERVER_WORK_S = 3600.0
 
 APP_PYPROJECT = """\
 [build-system]
@@ -128,7 +129,7 @@ def deployment_timeout(cfg: Config) -> float:
     """How long ``flwr run`` may take before fedhello stops waiting: the nodes' wait, then
     round 0 and every round each bounded by the round timeout for the replies plus up to
     ``SERVER_WORK_S`` for the server's own work (evaluation, Fisher scores), and the final
-    evaluation (15 rounds at the defaults: 300 + 17 x (600 + 600) = 20,700 s)."""
+    evaluation (15 rounds at the defaults: 300 + 17 x (600 + 3,600) = 71,700 s, 20 hours)."""
     f = cfg.federation
     return f.node_wait + (f.rounds + 2) * (f.round_timeout + SERVER_WORK_S)
 
@@ -138,8 +139,9 @@ def stream(cmd: list[str], timeout: float) -> tuple[int | None, str]:
     flwr's stream); its exit code (None: still running after ``timeout`` s, then stopped)
     and everything it printed."""
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=program_env()
-    )
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+        errors="replace", env=program_env(),
+    )  # fmt: skip
     lines: list[str] = []
 
     def read() -> None:
