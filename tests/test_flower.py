@@ -362,8 +362,8 @@ def test_baselines_on_the_flower_simulation_equal_embedded(
 def test_hetlora_on_a_loopback_deployment_equals_embedded_and_resumes(
     tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Real SuperNodes keep their pruned rank in ``context.state``; a run resumed through the
-    SuperLink (whose nodes still hold that state) ends as the uninterrupted embedded run."""
+    """Real SuperNodes train the rank the server hands them (its pruned-rank record is
+    checkpointed); a run resumed through the SuperLink ends as the uninterrupted embedded run."""
     from test_baselines import method_overrides
 
     # 3 rounds: a client prunes in round 2 and another in round 3, after the crash

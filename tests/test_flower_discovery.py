@@ -25,7 +25,7 @@ from fedhello.core.layers import AllocationPlan
 from fedhello.engine.core import Observer
 from fedhello.engine.experiment import Experiment, build_experiment
 from fedhello.engine.flower import client_app
-from fedhello.engine.flower import messages as wire
+from fedhello.engine.flower import node_messages as node_wire
 from fedhello.engine.flower.discovery import discover_nodes
 from fedhello.engine.flower.engine import FlowerEngine
 from fedhello.engine.flower.site_ids import read_site_ids
@@ -83,7 +83,7 @@ class FakeGrid:
 
 def answers(info: dict[str, Any]) -> Node:
     """A node whose ClientApp answers the query with ``info``."""
-    return lambda msg: wire.query_reply(msg, info)
+    return lambda msg: node_wire.query_reply(msg, info)
 
 
 def runs_client_app(**node_config: Any) -> Node:
@@ -209,7 +209,7 @@ def test_a_node_whose_client_app_raises_on_the_query_stops_the_run_at_once(
             lost.append(1)
             error = Error(ErrorCode.MESSAGE_UNAVAILABLE, "gone")
             return Message(error, reply_to=msg)
-        return wire.query_reply(msg, {"partition-id": 0})
+        return node_wire.query_reply(msg, {"partition-id": 0})
 
     grid = FakeGrid({7: flaky, 8: runs_client_app(**{"partition-id": 2})})
     node_of, _, _ = discover_nodes(grid, make_exp(5.0))  # type: ignore[arg-type]

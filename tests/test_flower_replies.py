@@ -19,6 +19,8 @@ from fedhello.core.heads import ClassSums, class_means_head, sums_problem
 from fedhello.core.layers import AllocationPlan, ClientAllocation
 from fedhello.core.privacy.server import PrivateAggregator
 from fedhello.engine.flower import messages as wire
+from fedhello.engine.flower import node_messages as node_wire
+from fedhello.engine.flower.arrays import to_record
 from fedhello.engine.flower.engine import FlowerEngine
 from fedhello.engine.flower.sites import site_scores
 from fedhello.engine.rounds import RoundPlan
@@ -69,9 +71,9 @@ def _reply(client: int, num_examples: int, **report: Any) -> Message:
     result = ClientResult(update, seconds=1.0, peak_memory_mb=10.0, train_memory_mb=1.0,
                           trainable_params=18, bytes_up=0, bytes_down=0, steps=2,
                           device="cpu", precision="fp32", step_seconds=0.5, **report)  # fmt: skip
-    request = wire.train_message(NODE[client], wire.to_record(_state()), 1, client,
+    request = wire.train_message(NODE[client], to_record(_state()), 1, client,
                                  update.spec, 0.01, "x = 1", ["a"])  # fmt: skip
-    return wire.train_reply(request, result)
+    return node_wire.train_reply(request, result)
 
 
 def _collect(replies: list[Message], clip_norm: float | None = None) -> dict[int, str | None]:
@@ -196,7 +198,7 @@ class Grid:
         for msg in messages:
             client = {n: c for c, n in NODE.items()}[msg.metadata.dst_node_id]
             sums = np.full((3, 5), float(client + 1))
-            reply = wire.class_means_reply(msg, sums, np.array([1, 2, 3]))
+            reply = node_wire.class_means_reply(msg, sums, np.array([1, 2, 3]))
             if client in self.edit:
                 reply.content.array_records["arrays"]["sums"] = self.edit[client]
             replies.append(reply)
@@ -256,7 +258,7 @@ def test_a_site_s_malformed_scores_are_its_error_and_the_others_count(
     replies = []
     for client, s in ((1, scores), (2, good)):
         request = wire.evaluate_message(node_of[client], ArrayRecord(), client, "x = 1", ["a"])
-        replies.append(wire.evaluate_reply(request, s))
+        replies.append(node_wire.evaluate_reply(request, s))
     out = site_scores(replies, node_of, {1: "/a.csv", 2: "/b.csv"}, declared, generative=False)
     assert out["site_validation"]["2"] == good and list(out["site_validation"]) == ["1", "2"]
     assert out["site_validation"]["1"] == {"error": out["site_validation"]["1"]["error"]}
@@ -273,7 +275,7 @@ def test_honest_sites_are_averaged_by_their_examples() -> None:
     sent = {1: {"num_examples": 0}, 2: {"num_examples": 1, "loss": 2.0, "perplexity": math.inf},
             3: {"num_examples": 3, "loss": 1.0, "perplexity": math.e}}  # fmt: skip
     replies = [
-        wire.evaluate_reply(wire.evaluate_message(node_of[c], ArrayRecord(), c, "", []), s)
+        node_wire.evaluate_reply(wire.evaluate_message(node_of[c], ArrayRecord(), c, "", []), s)
         for c, s in sent.items()
     ]
     out = site_scores(replies, node_of, dict.fromkeys(node_of, "/x.csv"), declared, True)

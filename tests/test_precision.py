@@ -127,7 +127,7 @@ def _result(skipped: int | None, precision: str) -> ClientResult:
 
 def test_skipped_steps_are_recorded_and_sent_in_fp16_only() -> None:
     """A CPU's fp32 or bf16 record keeps its keys; an fp16 client's says what it skipped."""
-    from fedhello.engine.flower import messages as wire
+    from fedhello.engine.flower import report_wire
 
     fp32 = record_fields(_result(None, "fp32"), "training")
     assert "skipped_steps" not in fp32
@@ -135,8 +135,8 @@ def test_skipped_steps_are_recorded_and_sent_in_fp16_only() -> None:
     assert fp16["skipped_steps"] == 2
     assert list(fp16)[:3] == ["num_examples", "steps", "skipped_steps"]
     for sent in (_result(None, "fp32"), _result(2, "fp16")):
-        metrics, config = wire.encode_report(sent)
-        values, problems = wire.decode_report(metrics, config)
+        metrics, config = report_wire.encode_report(sent)
+        values, problems = report_wire.decode_report(metrics, config)
         assert problems == [] and values["skipped_steps"] == sent.skipped_steps
 
 

@@ -256,6 +256,76 @@ def test_an_old_profile_is_measured_again_but_a_runs_old_copy_still_loads(
     assert json.loads(path.read_text())["version"] == 2
 
 
+def test_the_key_names_the_libraries_and_on_a_cpu_torchs_threads(
+    monkeypatch: pytest.MonkeyPatch, tiny: tuple
+) -> None:
+    """A CPU's step times scale with torch's intra-op threads and memory can change with the
+    libraries: the key names the transformers and peft versions, and on a CPU the thread
+    count, so a profile measured with other threads is measured again, never reused."""
+    import peft
+    import transformers
+
+    cfg, m = tiny
+    profile, _, _ = _probe(monkeypatch, cfg, m, quiet)
+    threads = torch.get_num_threads()
+    assert profile.key["transformers"] == transformers.__version__
+    assert profile.key["peft"] == peft.__version__
+    assert profile.key["torch_threads"] == threads
+    assert obtain_profile(cfg, m)[1] == "reused"
+    torch.set_num_threads(threads + 1)
+    try:
+        other, how = obtain_profile(cfg, m)
+    finally:
+        torch.set_num_threads(threads)
+    assert how == "measured" and other.key["torch_threads"] == threads + 1
+    assert len(list(Path(cfg.run.profile_dir).glob("profile-*.json"))) == 2  # one per count
+    again, how = obtain_profile(cfg, m)  # the first count again: its own profile
+    assert how == "reused" and again.key == profile.key
+
+
+def test_an_accelerators_key_has_no_thread_count() -> None:
+    """On an accelerator the host's threads only queue kernels: keying them would measure a
+    profile again for nothing."""
+    from fedhello.store.profiles import profile_key
+
+    cfg = fedhello.load_config(None, [])
+    args = (cfg, "m", "text", L, 2, "cuda: NVIDIA H100", "bf16", "bf16", 16)
+    gpu, cpu = profile_key(*args, on_cpu=False), profile_key(*args, on_cpu=True)
+    assert "torch_threads" not in gpu and {"transformers", "peft"} <= set(gpu)
+    assert cpu == gpu | {"torch_threads": torch.get_num_threads()}
+
+
+def test_a_resumed_runs_own_profile_is_used_whatever_its_key_and_a_difference_is_said(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A resumed run repairs exactly as it did, with its own ``profile.json``, even when today's
+    key differs (here an older fedhello's key, without the thread count and the library
+    versions, and another transformers): one warning line names the fields that differ."""
+    from fedhello.core.budgets import strategy_for
+
+    ov = ['clients.budget_kind="step-seconds"', "clients.tiers=[30, 60]"]
+    cfg = _cfg(tmp_path, tiny_bert_dir, tiny_text_csv, *ov)
+    m = model_under_test(cfg)
+    profile, _, _ = _probe(monkeypatch, cfg, m, quiet)
+
+    def setup(saved: CostProfile) -> tuple[resources.Resources, list[str]]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=resources.__name__):
+            res = resources.setup_resources(cfg, strategy_for(cfg, m.num_layers), m, {}, saved)
+        said = [r.getMessage() for r in caplog.records if r.name == resources.__name__]
+        return res, said
+
+    res, said = setup(profile)
+    assert res.profile is profile and res.profile_source == "run" and said == []
+    key = {k: v for k, v in profile.key.items() if k not in ("torch_threads", "peft")}
+    old = CostProfile.from_json(profile.to_json() | {"key": key | {"transformers": "4.0.0"}})
+    res, said = setup(old)
+    assert res.profile is old and res.profile_source == "run"  # used all the same
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert "(peft, torch_threads, transformers differ)" in said[0]
+
+
 # ---- memory limits in the allocator's units ------------------------------------------------
 
 

@@ -56,7 +56,7 @@ def test_mpnet_12_has_twelve_lora_layers_on_its_real_weights() -> None:
     from collections import Counter
 
     from fedhello.core.config import load_config
-    from fedhello.engine.experiment import build_lora_classifier
+    from fedhello.engine.node import build_lora_classifier
     from fedhello.model.accelerator import resolve
     from fedhello.model.source import model_shape
 

@@ -15,6 +15,8 @@ from fedhello.core.aggregation import ClientUpdate
 from fedhello.core.allocation import build_strategy
 from fedhello.core.layers import AdapterSpec, AllocationPlan
 from fedhello.engine.flower import messages as wire
+from fedhello.engine.flower import node_messages, report_wire
+from fedhello.engine.flower.arrays import to_record
 from fedhello.engine.records import client_record
 from fedhello.model.report import REPORT, ClientResult
 
@@ -50,8 +52,8 @@ def _result(device_peak: float | None = 123.456) -> ClientResult:
 
 
 def _round_trip(result: ClientResult, edit: typing.Callable[[typing.Any], None] | None = None):
-    request = wire.train_message(9, wire.to_record(_state(0)), 3, 4, SPEC, 0.01, "x = 1", ["a"])
-    reply = wire.train_reply(request, result)
+    request = wire.train_message(9, to_record(_state(0)), 3, 4, SPEC, 0.01, "x = 1", ["a"])
+    reply = node_messages.train_reply(request, result)
     if edit is not None:
         edit(reply.content)
     return wire.read_train_reply(reply, 4, SPEC, bytes_down=168)
@@ -87,7 +89,7 @@ def test_every_field_survives_the_wire(device_peak: float | None) -> None:
 
 def test_the_wire_keys_are_the_client_contract() -> None:
     """The keys the ClientApp sends, as the messages module's docstring states them."""
-    metrics, config = wire.encode_report(_result())
+    metrics, config = report_wire.encode_report(_result())
     assert list(metrics) == [
         "num-examples", "steps", "examples-seen", "train-loss", "trainable-params", "seconds",
         "peak-memory-mb", "train-memory-mb", "step-seconds", "device-peak-memory-mb",

@@ -86,6 +86,52 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
     assert (crashed / "metrics.jsonl").read_bytes() == before
 
 
+def test_a_resumed_runs_wall_seconds_are_the_whole_runs(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    """Every checkpoint keeps the run's wall time up to it, and a resumed run's summary adds its
+    own process's to the one it resumed from: the run's total, not the last process's alone."""
+    import json
+
+    from conftest import crash_after
+
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', federation__rounds=3)  # fmt: skip
+    ref = tmp_path / "ref"
+    assert main(["run", "--out", str(ref), *[x for o in ov for x in ("--set", o)]]) == 0
+    total = RunDir(ref).read_summary()["wall_seconds"]
+    walls = [json.loads((ref / "checkpoints" / f"round-00000{r}.json").read_text())["wall_seconds"]
+             for r in (2, 3)]  # fmt: skip
+    assert 0 < walls[0] <= walls[1] <= total
+    crashed = crash_after(ref, tmp_path / "crashed", 2)
+    path = crashed / "checkpoints" / "round-000002.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"wall_seconds": 1000.0}))
+    t0 = time.perf_counter()
+    assert main(["run", "--resume", str(crashed)]) == 0
+    own = time.perf_counter() - t0  # this process's time, at most
+    summary = RunDir(crashed).read_summary()
+    assert summary["resumed_at_round"] == 3  # what the summary says of the resume is kept
+    assert 1000.0 < summary["wall_seconds"] <= 1000.0 + own + 0.01
+    last = json.loads((crashed / "checkpoints" / "round-000003.json").read_text())
+    assert 1000.0 < last["wall_seconds"] <= summary["wall_seconds"]
+
+
+def test_a_checkpoints_wall_time_is_read_back_and_a_missing_one_is_none(tmp_path: Path) -> None:
+    import json
+
+    save_checkpoint(tmp_path, 1, _state(), {}, {}, "h", wall_seconds=12.345)
+    ckpt = load_latest(tmp_path, "h", {"a", "b"})
+    assert ckpt is not None and ckpt.wall_seconds == 12.35  # kept to 2 decimals
+    save_checkpoint(tmp_path, 2, _state(), {}, {}, "h")  # as before checkpoints kept it
+    ckpt = load_latest(tmp_path, "h", {"a", "b"})
+    assert ckpt is not None and ckpt.round == 2 and ckpt.wall_seconds is None
+    meta = tmp_path / "round-000002.json"
+    for odd in ("12", True, -1.0):  # a timing that is no count of seconds: unrecorded
+        meta.write_text(json.dumps(json.loads(meta.read_text()) | {"wall_seconds": odd}))
+        ckpt = load_latest(tmp_path, "h", {"a", "b"})
+        assert ckpt is not None and ckpt.round == 2 and ckpt.wall_seconds is None
+
+
 def _state() -> dict[str, np.ndarray]:
     return {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
 

@@ -25,9 +25,9 @@ from fedhello.core.config import build_config, load_config
 from fedhello.core.errors import DataError, UserError
 from fedhello.data.site import site_label_ids
 from fedhello.engine.experiment import Experiment, build_experiment
-from fedhello.engine.flower import client_app
+from fedhello.engine.flower import client_app, node_data
+from fedhello.engine.flower.arrays import to_record
 from fedhello.engine.flower.declarations import check_reply, register_node
-from fedhello.engine.flower.messages import to_record
 from fedhello.engine.flower.site_ids import assign_clients
 from fedhello.model.accelerator import resolve
 
@@ -187,7 +187,7 @@ def test_site_labels_use_the_federations_class_ids(
 ) -> None:
     site_model = client_app.node_model_for(site_toml, labels, {})
     site = _site_csv(tmp_path / "site.csv", 20, seed=3)
-    data, _ = client_app.site_data_for(site_model, str(site))
+    data, _ = node_data.site_data_for(site_model, str(site))
     names = pd.read_csv(site)["topic"].tolist()
     assert [labels[i] for i in data.labels.tolist()] == names
     assert data.features["input_ids"].shape == (20, site_model.cfg.model.max_length)
@@ -274,7 +274,7 @@ def test_a_site_evaluates_the_model_on_its_held_out_rows_only(
     got = client_app.evaluate(msg, _context(data=str(site))).content.metric_records["metrics"]
 
     # independently: the same state in the server's own model, on the same held-out rows
-    data, _ = client_app.site_data_for(client_app.node_model_for(site_toml, labels, {}), str(site))
+    data, _ = node_data.site_data_for(client_app.node_model_for(site_toml, labels, {}), str(site))
     set_state(exp.model, state)
     want = evaluate(
         exp.model, data, splits["validation"], 64, exp.accelerator
@@ -295,7 +295,7 @@ def test_a_partition_node_is_light_it_never_partitions_and_trains_the_rows_it_is
     experiment, no split of the whole dataset, no strategy (each costs every deployed
     ClientApp process its start-up); rows that are not training rows of its copy are refused."""
     exp = _experiment(config_toml)
-    client_app._CACHE.__init__()  # a fresh ClientApp process
+    node_data.CACHE.__init__()  # a fresh ClientApp process
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a partition node split the whole dataset")
@@ -309,8 +309,8 @@ def test_a_partition_node_is_light_it_never_partitions_and_trains_the_rows_it_is
     msg = _train_msg(config_toml, labels, exp.init_state, 2, exp.shards[2])
     metrics = client_app.train(msg, ctx).content.metric_records["metrics"]
     assert metrics["num-examples"] == len(exp.shards[2])
-    (key,) = [k for k in client_app._CACHE.encoded if k[0] == 2]
-    data, _ = client_app._CACHE.encoded[key]
+    (key,) = [k for k in node_data.CACHE.encoded if k[0] == 2]
+    data, _ = node_data.CACHE.encoded[key]
     assert len(data) == len(exp.shards[2]) < len(exp.raw.labels) // 2  # only its shard encoded
     assert np.array_equal(data.labels.numpy(), exp.raw.labels[exp.shards[2]])  # the same rows
     with pytest.raises(ValueError, match="must carry its rows"):

@@ -29,7 +29,7 @@ def model_under_test(cfg: Config) -> ModelUnderTest:
     """``cfg``'s model as a client trains it, on its device and precision, with the head of
     the data's labels: what the probe measures."""
     from fedhello.data.loading import load_raw
-    from fedhello.engine.experiment import build_node_model, model_task
+    from fedhello.engine.node import build_node_model, model_task
     from fedhello.engine.resources import ModelUnderTest
     from fedhello.model.accelerator import accelerator_for
 

@@ -2,7 +2,7 @@
 
 In a deployment each SuperNode may name a local file (``data="/srv/site.csv"`` in its node
 config) instead of training its partition of the configured dataset, and needs nothing else
-on the site but the model (``fedhello.engine.experiment.build_node_model``). The federation still
+on the site but the model (``fedhello.engine.node.build_node_model``). The federation still
 defines the task: the site file is read with the configured ``data.text_column`` /
 ``data.label_column`` (or ``image_column``), and its labels must be classes of the federation's
 dataset (the classifier head is shared). A ``data.validation_fraction`` of the file is held

@@ -129,7 +129,9 @@ def run_federation(
     A new run checks its directory first and creates it only once the experiment is built
     and the engine started (a bad model, data path or node leaves nothing behind).
     ``options.resume`` continues a run from its last intact checkpoint; the rounds after it
-    are recomputed, so the result equals an uninterrupted run.
+    are recomputed, so the result equals an uninterrupted run. The summary's ``wall_seconds``
+    is the run's total: the wall time up to that checkpoint (kept in it, summed over every
+    process so far) plus this process's.
     """
     opts = options or RunOptions()
     obs = opts.observer
@@ -165,6 +167,7 @@ def run_federation(
     state = exp.init_state
     server = server_optimizer(cfg.federation)
     start = 1
+    before = 0.0  # the run's wall time before this process: a resumed checkpoint's
     # what this process computes with: a resume elsewhere is said, and kept in the summary
     machine = {"device": accelerator.device.type, "torch_threads": torch.get_num_threads()}
     changed: dict[str, Any] = {}
@@ -181,6 +184,10 @@ def run_federation(
                 private.load_state_dict(ckpt.optimizer_state)
             exp.strategy.load_state_dict(ckpt.strategy_state)
             start = ckpt.round + 1
+            if ckpt.wall_seconds is None:  # written before checkpoints kept it
+                logger.info("checkpoint of round %d has no wall time: wall_seconds will count "
+                            "this process alone", ckpt.round)  # fmt: skip
+            before = ckpt.wall_seconds or 0.0
         run.truncate_metrics(start - 1)
         logger.info("resuming %s at round %d", run.path, start)
     if generative.is_generative(exp):  # the base model's answers: the reference, measured once
@@ -202,9 +209,10 @@ def run_federation(
                 run.checkpoint_dir, round_, state, server_state,
                 exp.strategy.state_dict(), cfg_hash, cfg.run.keep_checkpoints,
                 machine if not changed else {**machine, **dict.fromkeys(changed["what"], "mixed")},
+                wall_seconds=before + time.perf_counter() - wall0,
             )  # fmt: skip
     obs.on_final_eval()
-    seconds = time.perf_counter() - wall0
+    seconds = before + time.perf_counter() - wall0  # the run's, over all its processes
     extra = engine.final_scores(exp, state) | privacy.summary(private, last)
     if changed:
         extra["machine_changed"] = changed

@@ -1,6 +1,7 @@
 """Everything a federation needs, built once from a config: data, shards, model, budgets,
-allocation strategy and the initial global adapter. Every engine starts from here, and a
-Flower node builds its model with the same function (``build_node_model``).
+allocation strategy and the initial global adapter. Every engine starts from here; the model
+itself is built by ``fedhello.engine.node``, which a Flower node shares (``build_node_model``)
+without the federation's data, partition, strategy and resources kept here.
 
 Cheap checks (model source, layer count, budgets) run before the expensive ones (reading and
 tokenising data, loading weights), so a bad config fails in a second, not after a minute.
@@ -16,33 +17,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from peft import PeftModel
 
 from fedhello.core.aggregation import State
 from fedhello.core.allocation import AllocationStrategy
 from fedhello.core.budgets import client_tiers, strategy_for
 from fedhello.core.config import Config
-from fedhello.core.layers import AllocationPlan, layer_of_keys
+from fedhello.core.layers import AllocationPlan
 from fedhello.core.profile import CostProfile
-from fedhello.core.seeds import Purpose, derived_int, generator
+from fedhello.core.seeds import Purpose, generator
 from fedhello.data.encoding import ModelInputs, encode
 from fedhello.data.loading import RawData, load_raw
 from fedhello.data.partition import hold_out_proxy, partition_indices
+from fedhello.engine.node import build_lora_classifier, model_task
 from fedhello.engine.resources import ModelUnderTest, Resources, setup_resources
 from fedhello.model.accelerator import Accelerator, accelerator_for
 from fedhello.model.fisher import fisher_scores
-from fedhello.model.loading import LoadedModel, load_model
-from fedhello.model.lora import (
-    adapter_keys,
-    build_lora_model,
-    enable_checkpointing,
-    get_state,
-    set_state,
-)
+from fedhello.model.lora import get_state, set_state
 from fedhello.model.recipe import resolve_recipe
-from fedhello.model.source import model_shape, resolve_model_source
-from fedhello.tasks import Task, check_config, task_for
+from fedhello.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -146,36 +139,6 @@ class Experiment:
         info["layer_scores"] = strategy.layer_scores()
         info["layer_probabilities"] = strategy.layer_probabilities(round_)
         return info
-
-
-def model_task(cfg: Config) -> tuple[str, Task, int]:
-    """(model source, task kind, block count) of ``cfg``'s model, from its config alone:
-    ``model.task = "auto"`` resolved, and the kind's own checks of ``cfg`` run (the core's
-    config knows no kinds: ``fedhello.tasks.check_config``), before anything expensive."""
-    source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
-    name, num_layers = model_shape(source, cfg.model.task)
-    task = task_for(name)
-    check_config(cfg, task)
-    return source, task, num_layers
-
-
-def build_lora_classifier(
-    cfg: Config, label_names: list[str], task: str, num_layers: int, accelerator: Accelerator
-) -> tuple[LoadedModel, PeftModel, list[str], dict[str, int | None]]:
-    """The backbone with a head for ``label_names`` and LoRA on its blocks, initialised from
-    ``run.seed`` (on the CPU, so every device starts from the same adapter) and placed on
-    ``accelerator``: (loaded model and processor, PEFT model, adapter keys, block of each key).
-    Shared by the experiment and a node's ClientApp, so that both build the same model."""
-    torch.manual_seed(derived_int(cfg.run.seed, Purpose.INIT))  # head and LoRA A init
-    m = cfg.model
-    loaded = load_model(m.name, label_names, task, m.allow_download, m.pooling)
-    lora = cfg.lora
-    model = build_lora_model(loaded.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-    if cfg.train.gradient_checkpointing:
-        enable_checkpointing(model)
-    keys = adapter_keys(model)
-    accelerator.place(model, set(keys))
-    return loaded, model, keys, layer_of_keys(keys, num_layers)
 
 
 def split_data(
@@ -289,31 +252,3 @@ def build_experiment(
         resources=res,
         cache=cache,
     )
-
-
-@dataclass
-class NodeModel:
-    """What a ClientApp builds to train and evaluate: the model with its LoRA and head for
-    the federation's classes (the server sends their names), and the processor; nothing of
-    the federation (no partition, strategy or resources). A site adds its own file, a
-    partition node the rows of the configured dataset the server sends: a light node."""
-
-    cfg: Config
-    model: PeftModel
-    processor: Any
-    task: Task
-    layer_of: dict[str, int | None]
-    label_names: list[str]
-    accelerator: Accelerator
-    source: str
-    num_layers: int
-
-
-def build_node_model(cfg: Config, label_names: list[str], accelerator: Accelerator) -> NodeModel:
-    _, task, num_layers = model_task(cfg)
-    loaded, model, _, layer_of = build_lora_classifier(
-        cfg, label_names, task.name, num_layers, accelerator
-    )
-    cfg = resolve_recipe(cfg, task, model)  # a server's config arrives resolved already
-    return NodeModel(cfg, model, loaded.processor, task, layer_of, list(label_names), accelerator,
-                     loaded.source, num_layers)  # fmt: skip

@@ -32,6 +32,7 @@ from fedhello.core.profile import CostProfile
 from fedhello.model.accelerator import Accelerator
 from fedhello.model.probe import measure_profile, synthetic_batch, upload_sizes
 from fedhello.store.profiles import (
+    key_differences,
     profile_dir,
     profile_key,
     profile_path,
@@ -56,6 +57,20 @@ class ModelUnderTest:
     accelerator: Accelerator
 
 
+def setting_key(cfg: Config, m: ModelUnderTest) -> dict[str, Any]:
+    """The profile key of ``cfg``'s setting on ``m``'s device, as this process would measure
+    it (``fedhello.store.profiles.profile_key``)."""
+    a = m.accelerator
+    max_length = cfg.model.max_length if m.task.uses_max_length else None
+    key = profile_key(cfg, m.source, m.task.name, m.num_layers, m.num_labels, a.device_name(),
+                      a.precision, a.base_precision, max_length,
+                      on_cpu=a.device.type == "cpu")  # fmt: skip
+    pooling = getattr(m.model.config, "fedhello_pooling", None)
+    if pooling is not None:  # a pooled head (no pooler): keyed so, head profiles stay valid
+        key["pooling"] = pooling
+    return key
+
+
 def obtain_profile(
     cfg: Config, m: ModelUnderTest, steps: int = MIN_STEPS, remeasure: bool = False
 ) -> tuple[CostProfile, str]:
@@ -69,13 +84,7 @@ def obtain_profile(
     is refused (``fedhello.core.fit.allowance``) rather than set on noise. A profile of fewer
     than ``MIN_STEPS`` timed steps (``fedhello calibrate --steps``) is used, never stored."""
     accelerator = m.accelerator
-    max_length = cfg.model.max_length if m.task.uses_max_length else None
-    a = accelerator
-    key = profile_key(cfg, m.source, m.task.name, m.num_layers, m.num_labels, a.device_name(),
-                      a.precision, a.base_precision, max_length)  # fmt: skip
-    pooling = getattr(m.model.config, "fedhello_pooling", None)
-    if pooling is not None:  # a pooled head (no pooler): keyed so, head profiles stay valid
-        key["pooling"] = pooling
+    key = setting_key(cfg, m)
     path = profile_path(profile_dir(cfg), key)
     found = None if remeasure else read_profile(path, key)
     if found is not None:
@@ -188,8 +197,15 @@ def setup_resources(
         return Resources(limits, [None] * len(limits), policy, cfg.allocation.fit)
     if not any(limit is not None and limit.needs_profile for limit in limits):
         profile, source = upload_only_profile(state, m.layer_of, m.num_layers), None
-    elif saved is not None:
+    elif saved is not None:  # a resumed run's own copy: used whatever its key, to repair as before
         profile, source = saved, "run"
+        differ = key_differences(saved.key, setting_key(cfg, m))
+        if differ:
+            logger.warning(
+                "resuming with the run's own cost profile, measured for another setting than "
+                "today's (%s differ): it is used as it was, so the run repairs as it did",
+                ", ".join(differ),
+            )  # fmt: skip
     else:
         profile, source = obtain_profile(cfg, m)
     checkpointing = cfg.train.gradient_checkpointing

@@ -116,6 +116,8 @@ def finish(
         # a comparison reuses it only with the same count
         "code": code_provenance(),
         "torch_threads": torch.get_num_threads(),
+        # the run's whole wall time: a resumed run's is the time up to the checkpoint it
+        # resumed from (kept in it) plus its own (``fedhello.engine.core.run_federation``)
         "wall_seconds": round(seconds, 2),
         "resumed_at_round": resumed_at,
         "client_seconds": round(sum(c["seconds"] for c in clients), 2),

@@ -2,7 +2,7 @@
 
 ``REPORT`` declares every field (name, type, unit, required or not, who measures it, how the
 run's record rounds it). The training loop fills a ``ClientResult``; the Flower wire encodes
-and decodes it from this declaration (``fedhello.engine.flower.messages``); the client entry
+and decodes it from this declaration (``fedhello.engine.flower.report_wire``); the client entry
 of ``metrics.jsonl`` is derived from it (``record_fields``, used by
 ``fedhello.engine.records.client_record``). A field added here travels and is recorded with no
 other change.

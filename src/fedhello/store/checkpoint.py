@@ -6,7 +6,10 @@ A checkpoint of round r is two files under ``<run>/checkpoints/``:
                              (``server/`` + its ``state_dict`` names: ``server/velocity/<t>``
                              for FedAvgM, ``server/m/<t>`` and ``server/v/<t>`` for FedOpt)
     round-000r.json          round, strategy state (Fisher scores), config hash, tensor hash,
-                             numerics version (``fedhello.core.numerics``; none: version 1)
+                             numerics version (``fedhello.core.numerics``; none: version 1),
+                             the machine the rounds ran on, and ``wall_seconds``: the run's
+                             wall time up to this checkpoint over all its processes (a resumed
+                             run's summary adds its own to it; none: written before it existed)
 
 Both are written to a temporary name and renamed (atomic on POSIX); the JSON goes last and
 holds the SHA-256 of the tensor file, so a half-written or truncated checkpoint is detected and
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +53,9 @@ class Checkpoint:
     # what the rounds so far were computed on (``device``: its type; ``torch_threads``): a
     # resume elsewhere computes the next rounds with other arithmetic (empty: not recorded)
     machine: dict[str, Any] | None = None
+    # the run's wall time up to this checkpoint, summed over the processes that ran it (None:
+    # not recorded, a checkpoint written before 2026-12-08)
+    wall_seconds: float | None = None
 
 
 def config_hash(config_toml: str) -> str:
@@ -72,10 +79,12 @@ def save_checkpoint(
     cfg_hash: str,
     keep: int = 2,
     machine: dict[str, Any] | None = None,
+    wall_seconds: float | None = None,
 ) -> Path:
     """Write the checkpoint of ``round_`` atomically (``optimizer_state``: the server
     optimizer's ``state_dict``; ``machine``: the device type and torch threads the rounds ran
-    with); keep the newest ``keep`` checkpoints."""
+    with; ``wall_seconds``: the run's wall time so far, over all its processes); keep the
+    newest ``keep`` checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"round-{round_:06d}"
     tensors = dict(state) | {SERVER_PREFIX + k: v for k, v in optimizer_state.items()}
@@ -92,6 +101,7 @@ def save_checkpoint(
         "strategy_state": strategy_state,
         "numerics_version": NUMERICS_VERSION,
         **({"machine": machine} if machine else {}),
+        **({"wall_seconds": round(wall_seconds, 2)} if wall_seconds is not None else {}),
     }
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, sort_keys=True))
@@ -151,9 +161,15 @@ def _load_one(meta_path: Path, cfg_hash: str, keys: set[str]) -> Checkpoint:
     round_ = meta.get("round")
     if not isinstance(round_, int) or isinstance(round_, bool):
         raise ValueError(f"metadata names no round ({round_!r})")
+    # a timing only: a value that is no count of seconds is taken as unrecorded, not as damage
+    wall = meta.get("wall_seconds")
+    wall_seconds = None
+    if isinstance(wall, (int, float)) and not isinstance(wall, bool) and 0 <= wall < math.inf:
+        wall_seconds = float(wall)
     return Checkpoint(
-        round_, state, server, meta.get("strategy_state", {}), meta.get("machine") or None
-    )
+        round_, state, server, meta.get("strategy_state", {}), meta.get("machine") or None,
+        wall_seconds,
+    )  # fmt: skip
 
 
 def load_latest(folder: Path, cfg_hash: str, keys: set[str]) -> Checkpoint | None:

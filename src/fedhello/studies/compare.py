@@ -42,7 +42,8 @@ from fedhello.core.heads import AUTO
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
-from fedhello.engine.experiment import DataCache, model_task
+from fedhello.engine.experiment import DataCache
+from fedhello.engine.node import model_task
 from fedhello.model.accelerator import accelerator_for, differs_from_recorded
 from fedhello.model.recipe import settled_by_task
 from fedhello.store.runs import PRECISION_KEYS, RunDir

@@ -8,7 +8,8 @@ width and never matches the model's keys; it is not a reference).
   ``lambda * sum_modules ||B[:, m:r_k]||_F * ||A[m:r_k, :]||_F``, ``m = floor(g r_k)``. If the
   tail's norm (that sum without lambda) shrank during local training, it prunes to rank ``m``
   and uploads the truncated factors; its rank only shrinks in later rounds (client state: the
-  server's record of it is checkpointed; a Flower node also keeps it in ``context.state``).
+  server's record of it, from accepted updates only, is checkpointed and handed to the client
+  in its spec; a Flower node keeps no rank of its own).
 * The server zero-pads every upload to ``r_max`` and averages the factors with the sparsity
   weights ``S_k = ||B_k A_k||_F`` (over all of the client's modules), ``Z = sum S_k``:
   ``B = sum (S_k / Z) B_k``, ``A = sum (S_k / Z) A_k``. The head, which is not a LoRA

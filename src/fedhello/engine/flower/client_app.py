@@ -10,14 +10,21 @@ limit that replaces each.
 Its data is its partition of the configured dataset, or, if the node config names one
 (``data="/srv/site.csv"``), its own file, which never leaves the node
 (``fedhello.data.site``); such a site may leave out ``partition-id`` and take the client id
-the server assigns (``discovery``). The messages are ``fedhello.engine.flower.messages``'.
+the server assigns (``discovery``). The messages are ``fedhello.engine.flower.messages``'
+(this module reads and answers them with ``node_messages``).
 
 The config arrives with every message; the model it describes is built once per process and
-kept in this module's cache (in Flower's simulation a Ray actor serves many messages; in a
+kept in ``node_data``'s cache (in Flower's simulation a Ray actor serves many messages; in a
 deployment each message starts a fresh process). A node is light: it builds the model, the
 task and its own shard, nothing of the federation. A partition node is sent the positions of
 its rows with each train message (the server split the data once), reads the configured
 dataset to find them, and tokenises only those; it never partitions the whole dataset.
+
+A node trains exactly the spec the server sends: it keeps no rank (or other allocation) of its
+own between rounds, so that it trains what the embedded engine's client would, also after the
+server rejected its update (HetLoRA's pruned rank is the server's record, from accepted
+updates only, and checkpointed with its state). Its ``context.state`` holds only fp16's loss
+scale between rounds (``LOSS_SCALE_STATE``).
 """
 
 from __future__ import annotations
@@ -25,26 +32,20 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedhello.core.config import Config, build_config
-from fedhello.core.errors import DataError, UserError
-from fedhello.core.layers import AdapterSpec
+from fedhello.core.errors import UserError
 from fedhello.core.profile import CostProfile
-from fedhello.core.ranks import rank_of
-from fedhello.data.encoding import ModelInputs, encode, encode_positions
-from fedhello.data.loading import RawData, load_raw
-from fedhello.data.site import load_site_raw
-from fedhello.engine.experiment import NodeModel, build_node_model
-from fedhello.engine.flower import messages as wire
+from fedhello.data.encoding import ModelInputs
+from fedhello.engine.flower import node_data
+from fedhello.engine.flower import node_messages as wire
 from fedhello.engine.flower.simulation import actor_device
+from fedhello.engine.node import NodeModel, build_node_model
 from fedhello.engine.resources import ModelUnderTest, obtain_profile
 from fedhello.model.accelerator import Accelerator, resolve
 from fedhello.model.class_means import class_feature_sums
@@ -54,27 +55,6 @@ from fedhello.model.step import LossScale
 from fedhello.model.training import LocalTask, Shard, train_client
 
 app = ClientApp()
-
-
-class NodeCache:
-    """One model per process (bounded memory), the configured dataset a partition node's
-    rows refer to (read once), and the node's encoded examples with their splits, keyed by
-    (client, file) for a site and (client, digest of the rows) for a partition node."""
-
-    def __init__(self) -> None:
-        self.key: str | None = None
-        self.model: Any = None
-        self.raw: RawData | None = None
-        self.encoded: dict[tuple[int, str], tuple[ModelInputs, dict[str, np.ndarray]]] = {}
-
-    def get(self, key: str, build: Callable[[], NodeModel]) -> NodeModel:
-        if key != self.key:
-            self.key, self.model, self.raw, self.encoded = None, None, None, {}
-            self.model, self.key = build(), key
-        return self.model
-
-
-_CACHE = NodeCache()
 
 
 def _config(config_toml: str) -> Config:
@@ -113,67 +93,14 @@ def node_model_for(config_toml: str, label_names: list[str], node_config: Any) -
         cfg = _config(config_toml)
         return build_node_model(cfg, label_names, node_accelerator(cfg, node_config))
 
-    return _CACHE.get(digest.hexdigest(), build)
-
-
-def configured_data(node: NodeModel) -> RawData:
-    """The configured dataset as the server read it, once per process: a partition node's
-    rows are positions in it. A copy whose classes differ from the server's is refused (its
-    positions would name other examples)."""
-    if _CACHE.raw is None:
-        cfg = node.cfg
-        raw = load_raw(cfg.data, node.task, cfg.model.allow_download)
-        if raw.label_names != node.label_names:
-            raise DataError(
-                f"data.name = {cfg.data.name!r}: this node's copy has {len(raw.label_names)} "
-                f"classes ({', '.join(raw.label_names[:3])}, ...), the server's "
-                f"{len(node.label_names)} ({', '.join(node.label_names[:3])}, ...); allowed: "
-                "the same dataset on every partition node"
-            )
-        _CACHE.raw = raw
-    return _CACHE.raw
-
-
-def site_data_for(site: NodeModel, path: str) -> tuple[ModelInputs, dict[str, np.ndarray]]:
-    """The node's own file and its train / validation rows, read and encoded once."""
-    key = (-1, path)
-    if key not in _CACHE.encoded:
-        raw = load_site_raw(path, site.cfg.data, site.task, site.label_names)
-        _CACHE.encoded[key] = (
-            encode(raw, site.processor, site.cfg.model.max_length, site.cfg.data.augment),
-            raw.splits,
-        )
-    return _CACHE.encoded[key]
-
-
-def partition_shard(node: NodeModel, client: int, rows: np.ndarray) -> Shard:
-    """A partition node's shard alone, encoded (row i is the server's shard position i, so
-    batches are the embedded engine's), with every row to train on; ``rows``: the positions
-    the server sent."""
-    key = (client, hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest())
-    if key not in _CACHE.encoded:
-        raw = configured_data(node)
-        train = raw.splits["train"]
-        outside = np.setdiff1d(rows, train)
-        if outside.size:
-            raise DataError(
-                f"data.name = {node.cfg.data.name!r}: the server sent client {client} rows "
-                f"that are not training rows of this node's copy (e.g. {int(outside[0])}); "
-                "allowed: the same dataset and data settings on every partition node"
-            )
-        cfg = node.cfg
-        encoded = encode_positions(raw, rows, node.processor, cfg.model.max_length,
-                                   cfg.data.augment)  # fmt: skip
-        _CACHE.encoded[key] = encoded, {"train": np.arange(len(encoded))}
-    data, splits = _CACHE.encoded[key]
-    return Shard(data, splits["train"])
+    return node_data.CACHE.get(digest.hexdigest(), build)
 
 
 def _site(req: wire.Request, node_config: Any) -> tuple[NodeModel, ModelInputs, dict[str, Any]]:
     if req.config_toml is None:
         raise ValueError("the message carries no fedhello-config")
     site = node_model_for(req.config_toml, req.label_names, node_config)
-    data, splits = site_data_for(site, str(node_config["data"]))
+    data, splits = node_data.site_data_for(site, str(node_config["data"]))
     return site, data, splits
 
 
@@ -239,7 +166,7 @@ def _learner(req: wire.Request, nc: Any, client: int) -> tuple[NodeModel, Shard]
         if req.rows is None:
             raise ValueError("a message for a partition node must carry its rows")
         learner = node_model_for(req.config_toml, req.label_names, nc)
-        return learner, partition_shard(learner, client, req.rows)
+        return learner, node_data.partition_shard(learner, client, req.rows)
     raise ValueError("this node declares neither partition-id nor data in its node config")
 
 
@@ -252,8 +179,9 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError("a train message needs client, server-round, lr and arrays")
     learner, shard = _learner(req, nc, client)
     cfg = learner.cfg
-    spec = node_spec(req.spec, context, client)
-    task = LocalTask.of(cfg, client, req.round, spec, req.lr, req.clip_norm)
+    # the server's spec as sent, its rank included: HetLoRA's pruned rank is the server's to
+    # hand back (from accepted updates only), never a rank this node keeps for itself
+    task = LocalTask.of(cfg, client, req.round, req.spec, req.lr, req.clip_norm)
     # fp16's loss scale, as this node's previous round left it (``LossScale``)
     loss_scale = LossScale.from_record(context.state.config_records.get(LOSS_SCALE_STATE))
     result = train_client(
@@ -262,10 +190,6 @@ def train(msg: Message, context: Context) -> Message:
     )  # fmt: skip
     if loss_scale.scale is not None:
         context.state[LOSS_SCALE_STATE] = ConfigRecord(loss_scale.to_record())
-    rank = rank_of(result.update.tensors)
-    if rank is not None and spec.rank is not None and rank < spec.rank:
-        # the client pruned its rank (HetLoRA's client hook): its rank from now on
-        context.state[RANK_STATE] = ConfigRecord({"client": client, "rank": rank})
     return wire.train_reply(msg, result)
 
 
@@ -285,20 +209,7 @@ def class_means(msg: Message, context: Context) -> Message:
     return wire.class_means_reply(msg, sums, counts)
 
 
-RANK_STATE = "fedhello-rank"
 LOSS_SCALE_STATE = "fedhello-loss-scale"  # fp16's loss scale, kept between a node's rounds
-
-
-def node_spec(spec: AdapterSpec, context: Context, client: int) -> AdapterSpec:
-    """The spec this node trains: the server's, at no more than the rank this node pruned
-    itself to (HetLoRA's client state, kept in ``context.state`` between rounds; the server
-    tracks the same rank from the uploads, so the two agree unless one side lost its state)."""
-    record = context.state.config_records.get(RANK_STATE)
-    if spec.rank is None or record is None or record["client"] != client:
-        return spec
-    kept = record["rank"]
-    assert isinstance(kept, int)
-    return replace(spec, rank=min(spec.rank, kept))
 
 
 @app.evaluate()

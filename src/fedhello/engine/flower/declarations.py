@@ -23,6 +23,7 @@ from fedhello.core.fit import ResourceLimit
 from fedhello.core.profile import CostProfile
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.flower import messages as wire
+from fedhello.engine.flower.node_messages import DECLARED_FLOAT, DECLARED_INT, DECLARED_STR
 from fedhello.engine.resources import upload_only_profile
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,9 @@ def who(info: Mapping[str, Any]) -> str:
 
 def node_config_allowed() -> str:
     """What a --node-config may declare, by type (the retired keys left out)."""
-    ints = ", ".join(wire.DECLARED_INT)
-    floats = ", ".join(k for k in wire.DECLARED_FLOAT if k not in RETIRED_DECLARATIONS)
-    strs = ", ".join(wire.DECLARED_STR)
+    ints = ", ".join(DECLARED_INT)
+    floats = ", ".join(k for k in DECLARED_FLOAT if k not in RETIRED_DECLARATIONS)
+    strs = ", ".join(DECLARED_STR)
     return f"integers {ints}; positive numbers {floats}; strings {strs}"
 
 

@@ -32,6 +32,7 @@ from fedhello.core.ranks import truncate
 from fedhello.engine.core import Observer
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.flower import messages as wire
+from fedhello.engine.flower.arrays import to_record
 from fedhello.engine.flower.discovery import discover_nodes
 from fedhello.engine.flower.site_ids import assigned_sites, read_site_ids, write_site_ids
 from fedhello.engine.flower.sites import evaluate_sites
@@ -123,7 +124,7 @@ class FlowerEngine:
         """FedNCM's round 0: every node's class sums (``query.class_means``), in client order;
         a client without a node, with an error reply or silent past the round timeout fails."""
         self.record_sites()
-        arrays = wire.to_record(state)
+        arrays = to_record(state)
         messages, failed = [], {}
         for client in range(exp.cfg.clients.num_clients):
             node = self.node_of.get(client)
@@ -177,7 +178,7 @@ class FlowerEngine:
                 missing[alloc.client] = "no SuperNode declared this partition-id"
                 continue
             if alloc.rank not in by_rank:
-                by_rank[alloc.rank] = wire.to_record(truncate(state, alloc.rank))
+                by_rank[alloc.rank] = to_record(truncate(state, alloc.rank))
             messages.append(wire.train_message(
                 node, by_rank[alloc.rank], rp.round, alloc.client, alloc.spec, rp.lr,
                 self.config_toml, self.label_names,

@@ -1,5 +1,8 @@
-"""The wire format between the fedhello ServerApp and ClientApp: every Flower message and key
-is built and read here, and nowhere else.
+"""The wire format between the fedhello ServerApp and ClientApp, and the server's half of it:
+requests built, replies read. The node's half (requests read, replies built, what a node may
+declare) is ``node_messages``; a client's report, both ways, is ``report_wire``. Every Flower
+message and key is built and read in these three modules, and nowhere else; the contract
+below is the one both halves follow.
 
 Client contract (keys are kebab-case):
 
@@ -26,10 +29,13 @@ Client contract (keys are kebab-case):
   dataset); for a partition node, ``rows`` = an array record whose ``rows`` are the
   positions of its shard in the configured dataset (as the server split it), so the node
   reads that dataset but never partitions it. The node derives the method's client hooks
-  from the config, as the embedded engine does. Reply ``arrays`` = exactly the tensors of that spec
-  (``fedhello.core.layers.keys_for_spec``), at ``train-rank`` or lower (HetLoRA prunes),
-  and the client's report (``fedhello.model.report.REPORT``, one key per field the client
-  measures, its name in kebab-case): numbers in ``metrics`` = ``num-examples`` (int),
+  from the config, as the embedded engine does, and trains exactly the spec sent: at
+  ``train-rank``, never at a rank of its own (a HetLoRA client's rank after it pruned is the
+  server's to hand back, recorded from accepted updates only). Reply ``arrays`` = exactly the
+  tensors of that spec (``fedhello.core.layers.keys_for_spec``), at ``train-rank`` or lower
+  (HetLoRA's client prunes in the round it trains), and the client's report
+  (``fedhello.model.report.REPORT``, one key per field the client measures, its name in
+  kebab-case): numbers in ``metrics`` = ``num-examples`` (int),
   ``train-loss``, ``seconds``, ``step-seconds``, ``peak-memory-mb``, ``train-memory-mb``
   (floats), ``trainable-params``, ``steps``, ``examples-seen`` (ints), on an accelerator
   ``device-peak-memory-mb`` (CUDA's allocator peak; MPS's largest sampled allocation) and,
@@ -53,9 +59,8 @@ Client contract (keys are kebab-case):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -68,30 +73,15 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedhello.core.aggregation import State
 from fedhello.core.layers import AdapterSpec
-from fedhello.engine.flower.arrays import from_record, read_array, read_arrays, to_record
+from fedhello.engine.flower.arrays import read_array, read_arrays
+from fedhello.engine.flower.report_wire import decode_report
 from fedhello.model.lora import state_nbytes
-from fedhello.model.report import SENT, ClientResult, ReportField
-
-# What a node may declare in its --node-config, and how each value is read (budget-cost and
-# budget-memory are retired: read so that the server refuses them rather than ignores them).
-DECLARED_INT = ("partition-id", "budget-layers", "budget-tier")
-DECLARED_FLOAT = ("budget-cost", "budget-memory", *["budget-memory-mb", "budget-step-seconds"],
-                  "budget-upload-mb")  # fmt: skip
-# Limits in real units: a node declaring memory or time measures its own cost profile.
-MEASURED_LIMITS = ("budget-memory-mb", "budget-step-seconds")
-# A node's own device settings (else the run's ``train`` settings apply on it).
-NODE_DEVICE_KEYS = ("device", "precision", "base-precision")
-DECLARED_STR = ("data", "profile-dir", *NODE_DEVICE_KEYS)
-T = TypeVar("T")
+from fedhello.model.report import ClientResult
 
 
 def _task(config_toml: str, label_names: Sequence[str]) -> dict[str, Any]:
     return {"fedhello-config": config_toml, "label-names": list(label_names)}
-
-
-# ---- server side: build requests, read replies ----------------------------------------------
 
 
 def query_message(node: int, config_toml: str, label_names: Sequence[str]) -> Message:
@@ -146,65 +136,6 @@ def read_train_reply(
     return ClientResult.assemble(values, update)
 
 
-def wire_key(f: ReportField) -> str:
-    return f.name.replace("_", "-")
-
-
-def _record_of(f: ReportField) -> str:
-    """Strings travel in the reply's ConfigRecord (a MetricRecord holds numbers only)."""
-    return "config" if f.type is str else "metrics"
-
-
-def encode_report(result: ClientResult) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(metrics, config)`` of a train reply: every field the client measures, by its wire key
-    (an optional field without a value is left out)."""
-    out: dict[str, dict[str, Any]] = {"metrics": {}, "config": {}}
-    for f in SENT:
-        value = getattr(result, f.name)
-        if value is not None:
-            out[_record_of(f)][wire_key(f)] = f.type(value)
-    return out["metrics"], out["config"]
-
-
-def decode_report(
-    metrics: Mapping[str, Any], config: Mapping[str, Any]
-) -> tuple[dict[str, Any], list[str]]:
-    """Every field the client measures, read and type-checked, and what is wrong with the
-    reply: a required field missing or any field of the wrong type (each problem names the
-    key; such a field takes its declared default)."""
-    records = {"metrics": metrics, "config": config}
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    for f in SENT:
-        where, key = _record_of(f), wire_key(f)
-        values[f.name] = f.default
-        if key not in records[where]:
-            if f.required:
-                problems.append(f"required {where} {key!r} is missing ({_describe(f)})")
-            continue
-        raw = records[where][key]
-        if not _fits(raw, f.type):
-            problems.append(
-                f"{where} {key!r} = {raw!r} ({type(raw).__name__}); expected {_describe(f)}"
-            )
-            continue
-        values[f.name] = f.type(raw)
-    return values, problems
-
-
-def _fits(value: Any, kind: type) -> bool:
-    if isinstance(value, bool):  # a bool is an int to Python, never a count or a measure
-        return False
-    if kind is float:
-        return isinstance(value, int | float)
-    return isinstance(value, kind)
-
-
-def _describe(f: ReportField) -> str:
-    unit = f" in {f.unit}" if f.unit else ""
-    return f"{f.type.__name__}{unit}: {f.doc}"
-
-
 CLASS_MEANS = f"{MessageType.QUERY}.class_means"  # the message type of FedNCM's round 0
 
 
@@ -234,14 +165,6 @@ def read_class_means_reply(reply: Message) -> tuple[np.ndarray, np.ndarray]:
     return arrays[0], arrays[1]
 
 
-def class_means_reply(msg: Message, sums: np.ndarray, counts: np.ndarray) -> Message:
-    arrays = ArrayRecord({
-        "sums": Array(np.ascontiguousarray(sums, dtype=np.float64)),
-        "counts": Array(np.ascontiguousarray(counts, dtype=np.int64)),
-    })  # fmt: skip
-    return Message(RecordDict({"arrays": arrays}), reply_to=msg)
-
-
 def evaluate_message(
     node: int, arrays: ArrayRecord, client: int, config_toml: str, label_names: Sequence[str]
 ) -> Message:
@@ -254,98 +177,3 @@ def read_evaluate_reply(reply: Message) -> dict[str, Any]:
     """A site's scores, snake_case keys (``num_examples``, ``accuracy``, ``macro_f1``, ...)."""
     metrics: dict[str, Any] = dict(reply.content.metric_records.get("metrics", {}))
     return {k.replace("-", "_"): v for k, v in metrics.items()}
-
-
-# ---- client side: read requests, build replies ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a train, evaluate or query message asks of a node."""
-
-    config_toml: str | None
-    label_names: list[str]
-    client: int | None = None
-    round: int | None = None
-    layers: tuple[int, ...] = ()
-    lr: float | None = None
-    state: State | None = None
-    rank: int | None = None
-    factors: str = "AB"
-    rows: np.ndarray | None = None  # a partition node's shard, sent by the server
-    head: str = "federated"
-    clip_norm: float | None = None  # client-level DP: the norm to clip the update to
-
-    @property
-    def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.layers, self.rank, self.factors, self.head)
-
-
-def _get(config: ConfigRecord, key: str, cast: Callable[[Any], T]) -> T | None:
-    return cast(config[key]) if key in config else None
-
-
-def read_request(msg: Message) -> Request:
-    config = msg.content.config_records.get("config", ConfigRecord())
-    arrays = msg.content.array_records.get("arrays")
-    rows = msg.content.array_records.get("rows")
-    layers: Any = config.get("train-layers", [])
-    names: Any = config.get("label-names", [])
-    return Request(
-        config_toml=_get(config, "fedhello-config", str),
-        label_names=[str(x) for x in names],
-        client=_get(config, "client", int),
-        round=_get(config, "server-round", int),
-        layers=tuple(int(x) for x in layers),
-        lr=_get(config, "lr", float),
-        state=from_record(arrays) if arrays is not None else None,
-        rank=_get(config, "train-rank", int),
-        factors=str(config.get("train-factors", "AB")),
-        rows=rows["rows"].numpy() if rows is not None and "rows" in rows else None,
-        head=str(config.get("train-head", "federated")),
-        clip_norm=_get(config, "dp-clip-norm", float),
-    )
-
-
-def declared(node_config: Mapping[str, Any]) -> dict[str, int | float | str]:
-    """What a node's ``--node-config`` declares, typed, for its query reply. A value that
-    is not of its key's type becomes ``config-error`` naming the key, the value and the type
-    (the server stops the run on it, naming the node), not an exception in the ClientApp,
-    which would reach the server without the key."""
-    info: dict[str, int | float | str] = {}
-    kinds = [(DECLARED_INT, int, "an integer"), (DECLARED_FLOAT, float, "a number")]
-    for keys, cast, kind in kinds:
-        for key in keys:
-            if key not in node_config:
-                continue
-            value = node_config[key]
-            try:
-                if isinstance(value, bool) or (cast is int and isinstance(value, float)):
-                    raise ValueError(value)
-                info[key] = cast(value)
-            except (TypeError, ValueError):
-                info["config-error"] = f"--node-config {key}={value!r}; allowed: {kind}"
-                return info
-    for key in DECLARED_STR:
-        if key in node_config:
-            info[key] = str(node_config[key])
-    return info
-
-
-def query_reply(msg: Message, info: Mapping[str, int | float | str]) -> Message:
-    return Message(RecordDict({"config": ConfigRecord(dict(info))}), reply_to=msg)
-
-
-def train_reply(msg: Message, result: ClientResult) -> Message:
-    metrics, config = encode_report(result)
-    content = RecordDict({
-        "arrays": to_record(result.update.tensors),
-        "metrics": MetricRecord(metrics),
-        "config": ConfigRecord(config),
-    })  # fmt: skip
-    return Message(content, reply_to=msg)
-
-
-def evaluate_reply(msg: Message, scores: Mapping[str, int | float]) -> Message:
-    metrics: dict[str, Any] = {k.replace("_", "-"): v for k, v in scores.items()}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

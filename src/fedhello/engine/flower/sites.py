@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedhello.core.aggregation import State
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.flower import messages as wire
+from fedhello.engine.flower.arrays import to_record
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def evaluate_sites(
     """``site_validation`` (per-site scores or errors) and, if any site scored,
     ``site_validation_accuracy`` and ``site_validation_examples``; ``declared``: client id
     -> its node's query reply (a site's ``site-validation``: its held-out rows)."""
-    arrays, config_toml = wire.to_record(state), exp.cfg.to_toml()
+    arrays, config_toml = to_record(state), exp.cfg.to_toml()
     messages = [
         wire.evaluate_message(node_of[c], arrays, c, config_toml, exp.raw.label_names)
         for c in sorted(sites)
