@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_overrides
+from scipy import stats
 
 from fedhello.cli import main
 from fedhello.core.config import Config
@@ -251,6 +252,25 @@ def test_the_paired_interval_is_students_t() -> None:
     assert np.isnan(t_interval([2.0])[0])
 
 
+def test_seeds_to_settle_is_the_first_n_whose_interval_excludes_zero() -> None:
+    from fedhello.studies.paired import SETTLE_CAP, _settle, seeds_to_settle
+
+    # mean 0.3, sd 0.9: t(0.975, 36) = 2.0281 -> 2.0281 x 0.9 / sqrt(37) = 0.30008 >= 0.3;
+    # t(0.975, 37) = 2.0262 -> 2.0262 x 0.9 / sqrt(38) = 0.29583 < 0.3 (tables' values)
+    assert seeds_to_settle(0.3, 0.9) == 38
+    assert seeds_to_settle(-0.3, 0.9) == 38  # the sign does not matter
+    # mean 3, sd 1.58 over 5 seeds: [1.04, 4.96] excludes 0; at 3 seeds t(0.975, 2) = 4.303,
+    # 4.303 x 1.58 / sqrt(3) = 3.93 > 3; at 4, 3.182 x 1.58 / 2 = 2.51 < 3
+    assert seeds_to_settle(3.0, 1.58) == 4
+    assert seeds_to_settle(5.0, 0.0) == 2
+    assert seeds_to_settle(0.0, 1.0) is None and seeds_to_settle(1.0, float("nan")) is None
+    assert seeds_to_settle(0.01, 5.0) == SETTLE_CAP + 1
+    row = {"final_diff_ci95_low": -0.7, "final_diff_ci95_high": 1.4, "seeds_to_settle": 38}
+    assert _settle(row) == "38"
+    assert _settle(row | {"final_diff_ci95_low": 0.2}) == "settled"
+    assert _settle(row | {"seeds_to_settle": SETTLE_CAP + 1}) == f"> {SETTLE_CAP}"
+
+
 def test_paired_differences_equal_an_independent_computation(
     compare_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -272,6 +292,11 @@ def test_paired_differences_equal_an_independent_computation(
         half = 12.706 * np.std(diffs, ddof=1) / np.sqrt(2)
         assert float(row["final_diff_ci95_low"]) == pytest.approx(np.mean(diffs) - half, rel=1e-3)
         assert float(row["final_diff_ci95_high"]) == pytest.approx(np.mean(diffs) + half, rel=1e-3)
+        if row["seeds_to_settle"]:  # the first n whose half-width is below the gap
+            n, gap, sd = int(row["seeds_to_settle"]), abs(np.mean(diffs)), np.std(diffs, ddof=1)
+            assert stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n) < gap or n > 200
+            assert n == 2 or stats.t.ppf(0.975, n - 2) * sd / np.sqrt(n - 1) >= gap
+    assert "seeds to settle" in (compare_dir / "paired.md").read_text()
     written = {p: p.stat().st_mtime_ns for p in compare_dir.glob("*.*")}
     assert main(["report", str(compare_dir), "--baseline", "magic"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -212,3 +212,128 @@ def test_refusals_are_one_line(
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # as if not installed
     err = _refused(capsys, ["eval", str(lm_run), *held])
     assert "pip install 'fedhello[lm-eval]'" in err
+
+
+BOS = "<|im_start|>"  # the BOS of the tokenizer bos_run's merged model has (SmolLM2's, too)
+
+
+@pytest.fixture(scope="module")
+def bos_run(lm_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """lm_run copied, its merged model's tokenizer made one that adds a BOS (``<|im_start|>``)
+    to every text, as Llama's, Mistral's and Gemma's do; the model reused while the adapter is
+    unchanged, so lm-eval reads this tokenizer."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from fedhello.lm_eval_run import merged_model
+    from fedhello.store.runs import RunDir
+
+    out = tmp_path_factory.mktemp("lm-eval-bos") / "run"
+    shutil.copytree(lm_run, out, ignore=shutil.ignore_patterns("lm-eval"))
+    model_dir = merged_model(RunDir(out))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.bos_token = BOS
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.bos_token_id)]
+    )
+    tok.save_pretrained(model_dir)
+    again = AutoTokenizer.from_pretrained(model_dir)
+    plain = again("What is a bus ?")["input_ids"]
+    assert plain == [
+        again.bos_token_id,
+        *again("What is a bus ?", add_special_tokens=False)["input_ids"],
+    ]
+    return out
+
+
+def _rolling_lls(run: Path, texts: list[str], prefix: int) -> list[float]:
+    """Reference: each text's log-likelihood, token by token after ``prefix`` and the tokens
+    before, the text's tokens as written (no special tokens added; one leading BOS that it
+    writes itself is the prefix, not a scored token), plain transformers on the merged model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = run / "lm-eval" / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lls = []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = ids if ids[0] == prefix else [prefix, *ids]
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        lls.append(sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids))))
+    return lls
+
+
+def test_a_rolling_task_scores_each_text_after_exactly_one_bos(
+    lm_run: Path, bos_run: Path, tmp_path: Path
+) -> None:
+    """A loglikelihood_rolling task (perplexity over whole texts): with a tokenizer that adds a
+    BOS, each text, with or without the BOS written, is scored after one BOS, the BOS itself
+    not a scored token (lm-eval 0.4.13's ``hf`` model scores BOS after BOS); a tokenizer
+    without a BOS (lm_run's) has lm-eval's EOS prefix, one, as before."""
+    texts = ["What is a bus ?", f"{BOS}user Define the word dog ."]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "texts.yaml").write_text(
+        "task: my_texts\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(tmp_path / 'texts.jsonl'))}\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+        "doc_to_target: text\nmetric_list:\n  - metric: word_perplexity\n"
+    )
+    from transformers import AutoTokenizer
+
+    for run, bos in ((bos_run, True), (lm_run, False)):
+        args = ["eval", str(run), "--lm-eval", "my_texts", "--include", str(tmp_path)]
+        assert main(args) == 0
+        tok = AutoTokenizer.from_pretrained(run / "lm-eval" / "model")
+        assert (tok.bos_token_id is not None) == bos
+        prefix = tok.bos_token_id if bos else tok.eos_token_id  # lm-eval's prefix_token_id
+        got = [s["resps"][0][0] for s in _samples(run, "my_texts")]
+        want = _rolling_lls(run, texts, prefix)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+        result = json.loads((run / "lm-eval" / "results.json").read_text())
+        words = sum(len(t.split()) for t in texts)
+        assert result["results"]["my_texts"]["word_perplexity,none"] == pytest.approx(
+            math.exp(-sum(want) / words), rel=1e-5
+        )
+
+
+def test_a_generation_batch_mixing_bos_and_plain_prompts_gives_each_one_bos(
+    bos_run: Path,
+) -> None:
+    """The model fedhello hands lm-eval (``harness_model``) generates from each prompt's own
+    tokens in a batch holding prompts written with the BOS and prompts without (the
+    tokenizer's BOS added): one BOS each, whichever prompt leads the batch (lm-eval 0.4.13's
+    ``hf`` model lets the first decide for all, giving the others none or two)."""
+    from lm_eval.api.instance import Instance
+    from transformers import AutoTokenizer
+
+    from fedhello.lm_eval_model import harness_model
+
+    model_dir = bos_run / "lm-eval" / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = harness_model({"pretrained": str(model_dir), "dtype": "float32"}, 2, "cpu")
+    contexts: list[list[int]] = []
+    generate = lm._model_generate
+
+    def spy(context: torch.Tensor, max_length: int, stop: list[str], **kw: Any) -> Any:
+        for row, mask in zip(context.tolist(), kw["attention_mask"].tolist(), strict=True):
+            contexts.append([t for t, m in zip(row, mask, strict=True) if m])
+        return generate(context, max_length, stop, **kw)
+
+    lm._model_generate = spy
+    written = f"{BOS}user What is a dog ?<|im_end|>{BOS}assistant"  # ChatML, BOS-led
+    for plain in (
+        "What is a bus ?",
+        "Tell me what bus means . Explain the word bus . Describe bus .",
+    ):
+        contexts.clear()
+        gen = {"until": ["<|im_end|>"], "max_gen_toks": 2, "do_sample": False}
+        lm.generate_until([Instance("generate_until", {}, (p, gen), i)
+                           for i, p in enumerate([written, plain])])  # fmt: skip
+        want = [tok(written, add_special_tokens=False)["input_ids"], tok(plain)["input_ids"]]
+        assert [w.count(tok.bos_token_id) for w in want] == [2, 1]  # written: 2 turns
+        assert want[1][0] == want[0][0] == tok.bos_token_id
+        assert sorted(contexts) == sorted(want)

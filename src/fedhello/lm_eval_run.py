@@ -16,6 +16,9 @@ path; ``--include`` adds the user's folders.
 The model runs on the run's ``train.device``, in fp32 weights under the autocast of the
 precision the run trained in (lm-eval's ``mixed_precision_dtype``), as fedhello scored it.
 lm-eval seeds Python's, NumPy's and torch's generators; their states are restored after.
+
+Each request holds the BOS its model's own tokenizer or its text gives, once (``harness_model``):
+lm-eval 0.4.13's ``hf`` model doubles it in two places, which ``lm_eval --model hf`` reruns keep.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from fedhello.core.errors import ConfigError, UserError
+from fedhello.lm_eval_model import harness_model
 from fedhello.lm_eval_tasks import write_heldout_task
 from fedhello.store.runs import RunDir, finished_run
 
@@ -193,8 +197,9 @@ def evaluate_run(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             out = simple_evaluate(
-                model="hf", model_args=model_args, tasks=tasks, batch_size=batch,
-                device=str(device), limit=limit, task_manager=manager, log_samples=True,
+                model=harness_model(model_args, batch, str(device)), model_args=model_args,
+                tasks=tasks, batch_size=batch, device=str(device), limit=limit,
+                task_manager=manager, log_samples=True,
             )  # fmt: skip
         finally:
             random.setstate(states[0])

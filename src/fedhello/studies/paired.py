@@ -55,6 +55,25 @@ def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+SETTLE_CAP = 200  # seeds beyond which a gap is reported as out of reach ("> 200")
+
+
+def seeds_to_settle(mean: float, std: float, level: float = 0.95) -> int | None:
+    """The fewest seeds whose ``level`` interval would exclude zero if the per-seed differences
+    kept this ``mean`` and ``std``: the smallest n >= 2 with t(n - 1) x std / sqrt(n) < |mean|
+    (``SETTLE_CAP`` + 1 when none up to the cap; None for no gap, or an undefined std). A
+    planning figure, not a result: five seeds' std is itself uncertain. Mean 0.3, std 0.9:
+    2.028 x 0.9 / sqrt(37) = 0.3001 does not, 2.026 x 0.9 / sqrt(38) = 0.2958 does: 38."""
+    from scipy.stats import t
+
+    if mean == 0 or mean != mean or std != std:  # nan: fewer than 2 seeds
+        return None
+    for n in range(2, SETTLE_CAP + 1):
+        if float(t.ppf(0.5 + level / 2, n - 1)) * std / n**0.5 < abs(mean):
+            return n
+    return SETTLE_CAP + 1
+
+
 def paired_differences(
     runs: list[RunData], baseline: str | None = None, scoring: Scoring = ACCURACY
 ) -> list[dict[str, Any]]:
@@ -90,16 +109,18 @@ def paired_differences(
             final = [100 * (runs_s[k].summary[key] - base[k].summary[key]) for k in seeds]
             chosen = _selected_differences(scoring, [(runs_s[k], base[k]) for k in seeds])
             low, high = t_interval(final)
+            mean, std = mean_std(final)
             rows.append(
                 {
                     "partition": partition,
                     "strategy": name,
                     "baseline": base_name,
                     "seeds": len(seeds),
-                    "final_diff_mean": mean_std(final)[0],
-                    "final_diff_std": mean_std(final)[1],
+                    "final_diff_mean": mean,
+                    "final_diff_std": std,
                     "final_diff_ci95_low": low,
                     "final_diff_ci95_high": high,
+                    "seeds_to_settle": seeds_to_settle(mean, std) if len(seeds) > 1 else None,
                     "wins": sum(d > 0 for d in final),
                     "ties": sum(d == 0 for d in final),
                     "losses": sum(d < 0 for d in final),
@@ -126,6 +147,16 @@ def _interval(low: float, high: float) -> str:
     return "-" if low != low else f"[{low:+.1f}, {high:+.1f}]"  # nan: fewer than 2 seeds
 
 
+def _settle(row: dict[str, Any]) -> str:
+    """``settled`` (the interval excludes 0), the seeds it would take, or ``-`` (no gap)."""
+    low, high, n = row["final_diff_ci95_low"], row["final_diff_ci95_high"], row["seeds_to_settle"]
+    if low == low and (low > 0 or high < 0):
+        return "settled"
+    if n is None:
+        return "-"
+    return f"> {SETTLE_CAP}" if n > SETTLE_CAP else str(n)
+
+
 PAIRED_LEGEND = (
     "Per seed, the strategy's score minus the baseline's on the same seed (the same shards, "
     "sampled clients and batches), in points; mean ± sample standard deviation over the common "
@@ -133,7 +164,10 @@ PAIRED_LEGEND = (
     "gap is established when it excludes 0. A win or a loss is any difference (one test "
     "example is enough), a tie the same score. Final: the final model on the whole test "
     "split; val-selected: the test score, on the fixed evaluation subset, of the round with "
-    "the best validation score.",
+    "the best validation score. Seeds to settle: how many seeds the 95% CI would need to "
+    "exclude 0 if the differences kept this mean and sd (the smallest n with t(n - 1) x sd / "
+    "sqrt(n) < |mean|; a planning figure, as five seeds' sd is itself uncertain; - for no "
+    "gap).",
 )
 
 
@@ -142,8 +176,8 @@ def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCUR
     label = scoring.label
     lines = [
         f"| partition | strategy | vs | seeds | final {label} diff (points) | 95% CI "
-        f"| wins / ties / losses | val-selected {label} diff (points) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| seeds to settle | wins / ties / losses | val-selected {label} diff (points) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         chosen = (
@@ -154,7 +188,7 @@ def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCUR
         lines.append(
             f"| {r['partition']} | {r['strategy']} | {r['baseline']} | {r['seeds']} | "
             f"{r['final_diff_mean']:+.1f} ± {r['final_diff_std']:.1f} | "
-            f"{_interval(r['final_diff_ci95_low'], r['final_diff_ci95_high'])} | "
+            f"{_interval(r['final_diff_ci95_low'], r['final_diff_ci95_high'])} | {_settle(r)} | "
             f"{r['wins']} / {r['ties']} / {r['losses']} | "
             f"{chosen} |"
         )
