@@ -5,6 +5,8 @@ folder left behind, or advice to resume something that is no run.)"""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,22 @@ def test_resume_of_no_folder_says_so(
     assert main(["run", "--resume", str(path)]) == 2
     _one_error_line(capsys, f"resume {str(path)!r} {phrase}", "allowed: a fedhello run folder")
     assert _listing(tmp_path) == before
+
+
+# ---- run: a bad data path is the run's only line ---------------------------------------------
+
+
+def test_a_run_with_a_missing_data_file_says_only_that(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Its own process (the CLI configures logging once per process): nothing is logged before
+    the error line (the run's determinism note came first, at INFO)."""
+    missing = tmp_path / "nope.csv"
+    sets = [x for kv in tiny_overrides(tiny_bert_dir, missing) for x in ("--set", kv)]
+    out = subprocess.run(
+        [sys.executable, "-m", "fedhello.cli", "run", *sets, "--out", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedhello: error: data.name"), err
+    assert str(missing) in err[0] and "does not exist" in err[0]
+    assert not (tmp_path / "runs").exists()

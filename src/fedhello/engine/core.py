@@ -145,7 +145,6 @@ def run_federation(
     # device and precision first: a missing GPU fails before anything is loaded; a resumed
     # run keeps the precision it has run in so far
     accelerator = accelerator_for(cfg, run.recorded_precision() if opts.resume else None)
-    determinism.log_run(cfg.train.deterministic, accelerator.device)  # what repeats exactly
     saved = read_profile(run.profile_path) if opts.resume else None  # repair as before
     # a privacy budget that stops the run early makes it that many rounds long (schedule,
     # head fine-tuning, final evaluation); the run's config.toml keeps what was asked
@@ -156,6 +155,9 @@ def run_federation(
     if exp.cfg.train.head == "class-means":
         linear_head(exp.model)  # a head class means cannot build fails before anything is written
     engine.start(exp)
+    # what repeats exactly: said once the run can start (a bad model, data path or node is
+    # the only line of a run that cannot)
+    determinism.log_run(cfg.train.deterministic, accelerator.device)
     if not opts.resume:
         run.create(opts.overwrite)
         run.write_config(cfg)
