@@ -358,6 +358,11 @@ def test_adaptive_clipping_moves_c_and_resumes_exactly(
         assert after == pytest.approx(before * math.exp(-0.5 * (r["unclipped_share"] - 0.5)),
                                       rel=1e-6)  # fmt: skip
     assert len(set(norms)) == 3
+    # z = 0.3 as accounted; the updates get (z^-2 - (2 x 1.0)^-2)^(-1/2) = 0.30343 (README)
+    summary = RunDir(ref).read_summary()
+    assert summary["noise_multiplier"] == 0.3
+    assert summary["update_noise_multiplier"] == pytest.approx((0.3**-2 - 2.0**-2) ** -0.5)
+    assert records[0]["noise_multiplier"] == summary["update_noise_multiplier"]
     crashed = crash_after(ref, tmp_path / "crashed", 2)  # round 3 needs round 2's C
     assert main(["run", "--resume", str(crashed)]) == 0
     assert [strip_timing(r) for r in RunDir(crashed).read_metrics()] == [
@@ -521,7 +526,8 @@ def test_compare_under_dp_pairs_strategies_with_an_epsilon_column(
     assert "privacy" not in (out / "runs" / "centralized" / "seed0" / "config.toml").read_text()
     table = (out / "results.md").read_text().splitlines()
     assert table[0].endswith("epsilon (delta) |")
-    assert any(line.endswith(f"{eps:.2f} (0.17) |") for line in table)
+    assert any(line.endswith(f"{eps:.2f} (0.17) seeded |") for line in table)
+    assert any(line.startswith("seeded: the noise and the client sample") for line in table)
 
 
 @pytest.mark.slow
@@ -597,6 +603,29 @@ def test_a_secret_keyed_run_resumes_exactly_and_releases_no_key(
     for name in ("config.toml", "metrics.jsonl", "summary.json"):  # never released
         text = (ref / name).read_text()
         assert str(key) not in text and all(str(w) not in text for w in words if w > 10**6)
+
+
+def test_a_secret_key_is_kept_before_round_1_so_an_early_crash_resumes_with_it(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    """Checkpoints every 10 rounds of 3: a run dying in round 2 has only the key's round-0
+    checkpoint, and its resume uses that key (without it, a fresh key: other noise and
+    sampling for rounds already released)."""
+    ov = _overrides(tiny_bert_dir, tiny_text_csv, privacy__noise='"secret"',
+                    run__checkpoint_every=10)  # fmt: skip
+    ref = tmp_path / "ref"
+    assert _run(ref, ov) == 0
+    run = RunDir(ref)
+    assert (run.checkpoint_dir / "round-000000.safetensors").is_file()
+    crashed = crash_after(ref, tmp_path / "crashed", 0)
+    assert sorted(p.name for p in RunDir(crashed).checkpoint_dir.glob("round-*")) == [
+        "round-000000.json",
+        "round-000000.safetensors",
+    ]
+    assert main(["run", "--resume", str(crashed)]) == 0
+    assert [strip_timing(r) for r in RunDir(crashed).read_metrics()] == [
+        strip_timing(r) for r in run.read_metrics()
+    ]
 
 
 def test_a_frozen_head_and_ffa_lora_under_dp_noise_only_what_is_sent(

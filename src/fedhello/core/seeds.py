@@ -31,7 +31,11 @@ class Purpose(IntEnum):
 
 
 def generator(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:
-    """A numpy generator that depends only on ``seed``, ``purpose`` and ``keys``."""
+    """A numpy generator that depends only on ``seed``, ``purpose`` and ``keys``.
+
+    Beware: numpy's ``SeedSequence`` pads its entropy with zeros, so ``keys`` (r) and (r, 0)
+    give the same stream. Within one purpose keep the number of keys fixed (every caller does
+    today); changing how streams are derived would change every published number."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(purpose), *map(int, keys)]))
 
 

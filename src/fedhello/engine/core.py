@@ -198,6 +198,15 @@ def run_federation(
     round0 = None  # FedNCM's head, built before round 1 (a resumed run has it in its state)
     if start == 1 and exp.cfg.train.head == "class-means":  # resolved from auto by the build
         state, round0 = class_means_round(exp, engine, state)
+    if start == 1 and private is not None and private.key is not None:
+        # DP's secret key, kept before any round is released: a crash before the first
+        # periodic checkpoint must not let the resumed run draw a second key (the same rounds
+        # released again under independent noise, which the accountant never counted)
+        save_checkpoint(
+            run.checkpoint_dir, 0, state, server.state_dict() | private.state_dict(),
+            exp.strategy.state_dict(), cfg_hash, cfg.run.keep_checkpoints, machine,
+            wall_seconds=before + time.perf_counter() - wall0,
+        )  # fmt: skip
     for round_ in range(start, last + 1):
         rp = open_round(exp, round_, state, round0 if round_ == 1 else None, private)
         obs.on_round_start(round_, rp.plan)

@@ -123,7 +123,12 @@ def summary(private: PrivateAggregator | None, last: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "epsilon": json_number(private.accounting.epsilon(last)),
         "delta": private.accounting.delta,
-        "noise_multiplier": p.noise_multiplier,
+        "noise_multiplier": p.noise_multiplier,  # z, as accounted (a round's record: the updates')
+        # adaptive clipping's updates get less, the count's noise taking its share (README)
+        **(
+            {"update_noise_multiplier": round(private.update_multiplier, 8)}
+            if p.clipping == "adaptive" else {}
+        ),
         "noise": p.noise,
         "clip_norm_final": round(private.clip_norm, 8),
         "rounds_trained": last,

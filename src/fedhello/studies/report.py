@@ -91,6 +91,8 @@ def privacy_columns(row: Row) -> dict[str, Any]:
     return {
         "epsilon": None if None in spent else max(spent),
         "delta": max(s["delta"] for s in private),
+        # seeded noise (a study's): the epsilon is nominal, void against whoever knows the seed
+        "noise": "seeded" if any(s.get("noise") == "seeded" for s in private) else "secret",
     }
 
 

@@ -77,20 +77,28 @@ def write_tables(
 
 def with_privacy_column(lines: list[str], table: list[dict[str, Any]]) -> list[str]:
     """The table's lines with an ``epsilon (delta)`` column last (``-``: a row without DP;
-    ``inf``: DP without noise)."""
+    ``inf``: DP without noise; ``seeded``: noise derived from the seed, a study's nominal
+    epsilon, said under the table)."""
     cells = []
     for r in table:
         if "delta" not in r:
             cells.append("-")
         else:
             eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
-            cells.append(f"{eps} ({r['delta']:.2g})")
+            seeded = " seeded" if r.get("noise") == "seeded" else ""
+            cells.append(f"{eps} ({r['delta']:.2g}){seeded}")
     head, rule, *rows = lines
-    return [
+    out = [
         head + " epsilon (delta) |",
         rule + "---|",
         *(f"{x} {c} |" for x, c in zip(rows, cells, strict=True)),
     ]
+    if any(r.get("noise") == "seeded" for r in table):
+        out += ["", "seeded: the noise and the client sample derive from the run's seed "
+                "(`privacy.noise = \"seeded\"`, a study's setting, so that strategies are paired); "
+                "its epsilon is what the accountant gives for the mechanism, and no guarantee "
+                "against whoever knows the seed."]  # fmt: skip
+    return out
 
 
 def generative_lines(table: list[dict[str, Any]]) -> list[str]:

@@ -13,8 +13,9 @@ sampled: a client's layers depend on its budget, the round, the seed and the ser
 proxy data, never on who else was sampled). Every tensor some client's allocation holds gets
 noise, trained this round or not. So the released model depends on the sample only through
 the noisy sums: neither which tensors moved nor by how much they were divided tells who was
-sampled. Swapping one sampled client for another (any budget) moves the sums by at most
-``2 C`` in total, which is the replace-one sensitivity the accountant amplifies by sampling
+sampled. Swapping one sampled client's data for another's, its resources unchanged (budgets
+are public: the expected counts depend on every client's), moves the sums by at most ``2 C``
+in total, which is the replace-one sensitivity the accountant amplifies by sampling
 (``fedhello.core.privacy.accountant``). The planned count, the number of this round's sampled
 clients given the tensor, would not do: it differs with the sampled clients' budgets, so the
 spread of a tensor's update gives away how many of each tier were sampled, and a top-tier
