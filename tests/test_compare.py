@@ -583,3 +583,13 @@ def test_a_cell_of_an_older_numerics_version_is_rerun_whatever_machine_made_it(
     monkeypatch.setattr(sim, "run_embedded", lambda cfg, run, opts: None)
     cell = Cell("iid", "fedra", 0)
     assert run_cell(cell, cell_config(base, cell), root) == "rerun"  # not refused
+
+
+def test_one_seed_shows_its_value_without_a_spread(text_run: Path, tmp_path: Path) -> None:
+    """A single run's row is its value: "x ± 0.0" would read as a spread measured over seeds."""
+    out = tmp_path / "report"
+    assert main(["report", str(text_run), "--out", str(out)]) == 0
+    row = next(line for line in (out / "results.md").read_text().splitlines()
+               if line.startswith("| ") and "| 1 |" in line)  # fmt: skip
+    acc = 100 * RunDir(text_run).read_summary()["test_accuracy"]
+    assert f"| 1 | {acc:.1f} | " in row and "±" not in row

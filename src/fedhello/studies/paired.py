@@ -147,6 +147,13 @@ def _interval(low: float, high: float) -> str:
     return "-" if low != low else f"[{low:+.1f}, {high:+.1f}]"  # nan: fewer than 2 seeds
 
 
+def _diff(row: dict[str, Any], name: str) -> str:
+    """``mean ± sd`` in signed points, or the difference alone for one seed (a sd of 0 would
+    read as a measured spread)."""
+    mean = f"{row[name + '_mean']:+.1f}"
+    return mean if row["seeds"] < 2 else f"{mean} ± {row[name + '_std']:.1f}"
+
+
 def _settle(row: dict[str, Any]) -> str:
     """``settled`` (the interval excludes 0), the seeds it would take, or ``-`` (no gap)."""
     low, high, n = row["final_diff_ci95_low"], row["final_diff_ci95_high"], row["seeds_to_settle"]
@@ -183,11 +190,11 @@ def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCUR
         chosen = (
             "-"
             if r["val_selected_diff_mean"] != r["val_selected_diff_mean"]  # nan: not recorded
-            else f"{r['val_selected_diff_mean']:+.1f} ± {r['val_selected_diff_std']:.1f}"
+            else _diff(r, "val_selected_diff")
         )
         lines.append(
             f"| {r['partition']} | {r['strategy']} | {r['baseline']} | {r['seeds']} | "
-            f"{r['final_diff_mean']:+.1f} ± {r['final_diff_std']:.1f} | "
+            f"{_diff(r, 'final_diff')} | "
             f"{_interval(r['final_diff_ci95_low'], r['final_diff_ci95_high'])} | {_settle(r)} | "
             f"{r['wins']} / {r['ties']} / {r['losses']} | "
             f"{chosen} |"

@@ -118,13 +118,19 @@ def generative_lines(table: list[dict[str, Any]]) -> list[str]:
         )
         lines.append(
             f"| {r['partition']} | {r['strategy']} | {r['seeds']} | "
-            f"{100 * r['rouge_l_mean']:.1f} ± {100 * r['rouge_l_std']:.1f} | "
-            f"{100 * r['exact_match_mean']:.1f} ± {100 * r['exact_match_std']:.1f} | "
-            f"{r['perplexity_mean']:.2f} ± {r['perplexity_std']:.2f} | "
+            f"{pm(r, 'rouge_l', 100)} | {pm(r, 'exact_match', 100)} | "
+            f"{pm(r, 'perplexity', 1, '.2f')} | "
             f"{100 * r['zero_shot_rouge_l_mean']:.1f} | {selected} | "
             f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} |"
         )
     return lines
+
+
+def pm(r: dict[str, Any], name: str, scale: float, spec: str = ".1f") -> str:
+    """``mean ± sd`` of a row's ``name`` (scaled), or the value alone for one seed: a standard
+    deviation of 0 would read as a measured spread."""
+    mean = format(scale * r[f"{name}_mean"], spec)
+    return mean if r["seeds"] < 2 else f"{mean} ± {format(scale * r[f'{name}_std'], spec)}"
 
 
 def tier_cell(r: dict[str, Any], table: list[dict[str, Any]]) -> str:
@@ -150,8 +156,7 @@ def accuracy_lines(table: list[dict[str, Any]]) -> list[str]:
         tiers = tier_cell(r, table)
         lines.append(
             f"| {r['partition']} | {r['strategy']} | {r['seeds']} | "
-            f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f} | "
-            f"{100 * r['f1_mean']:.1f} ± {100 * r['f1_std']:.1f} | {100 * r['last5_mean']:.1f} | "
+            f"{pm(r, 'acc', 100)} | {pm(r, 'f1', 100)} | {100 * r['last5_mean']:.1f} | "
             f"{100 * r['val_selected_acc_mean']:.1f} ({r['val_round_mean']:.1f}) | "
             f"{r['client_seconds']:.1f} | {tiers} | {r['mb_up']:.1f} / {r['mb_down']:.1f} | "
             f"{collapse_cell(r)} |"
