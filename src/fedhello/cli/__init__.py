@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_offline_env(allow_download=True)  # the hub variables: once the config is known
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedhello.cli").setLevel(logging.INFO)  # the command's own notes
     try:
         commands = {
             "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,

@@ -7,11 +7,16 @@ import argparse
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedhello.cli.output import setup_output
+from fedhello.cli.output import note_defaults, setup_output
 from fedhello.core.errors import UserError
+
+if TYPE_CHECKING:
+    from fedhello.engine.core import Observer
+    from fedhello.engine.experiment import Experiment
 
 # HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 one
 SUPERLINK_FORM = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):\d{1,5}")
@@ -23,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import fedhello
     from fedhello.api import run_dir_for
     from fedhello.core.config import load_config, load_saved_config
-    from fedhello.progress import RichObserver, summary_table
+    from fedhello.progress import summary_table
     from fedhello.store.runs import RunDir
 
     if args.engine != "flower" and (args.superlink or args.root_certificates):
@@ -56,18 +61,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     done = len(run_dir.read_metrics()) if args.resume else 0
     rounds = cfg.federation.rounds if cfg is not None else 0
+
+    def note() -> None:  # no CONFIG: the built-in defaults are said
+        if cfg is not None and not args.resume:
+            note_defaults(cfg, args.config)
+
+    deployed = args.engine == "flower"
+    if deployed:  # the deployed ServerApp reaches no observer: said now
+        note()
+    # else said as the run starts, after every check: a run that cannot start says only why
+    observer = noting_observer(console, rounds, done, (lambda: None) if deployed else note)
     summary = fedhello.run(
         None if args.resume else cfg,
         None if args.resume else run_dir.path,
         engine=args.engine,
         resume=args.resume,
         overwrite=args.overwrite,
-        observer=RichObserver(console, rounds, done),
+        observer=observer,
         superlink=args.superlink,
         root_certificates=args.root_certificates,
     )
     Console().print(summary_table(summary, str(run_dir.path)))
     return 0
+
+
+def noting_observer(console: Any, rounds: int, done: int, note: Callable[[], None]) -> Observer:
+    """The run's progress (a RichObserver) that first calls ``note`` when the run starts:
+    after every check, so that a run that cannot start says only why."""
+    from fedhello.progress import RichObserver
+
+    class Noting(RichObserver):
+        def on_start(self, exp: Experiment) -> None:
+            note()
+            super().on_start(exp)
+
+    return Noting(console, rounds, done)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -83,6 +111,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
 
     def on_cell(cell: Any, i: int, n: int) -> RichObserver:
+        if i == 0:  # once the cells are checked: a comparison that cannot start says only why
+            note_defaults(cfg, args.config, comparison=True)
         console.rule(f"[{i + 1}/{n}] {cell.partition} / {cell.strategy} / seed {cell.seed}")
         return RichObserver(console, cfg.federation.rounds, quiet=True)
 

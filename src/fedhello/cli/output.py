@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import TYPE_CHECKING
 
 from fedhello.environment import apply_offline_env
+
+if TYPE_CHECKING:
+    from fedhello.core.config import Config
+
+# The command's own notes: shown at INFO whatever the library's level (``main`` sets it).
+logger = logging.getLogger("fedhello.cli")
 
 
 def setup_output(verbose: bool, allow_download: bool = False, deterministic: bool = False) -> None:
@@ -31,3 +38,22 @@ def setup_output(verbose: bool, allow_download: bool = False, deterministic: boo
         from fedhello.model.determinism import configure_process
 
         configure_process(True)
+
+
+def note_defaults(cfg: Config, config: str | None, comparison: bool = False) -> None:
+    """One INFO line when no CONFIG was given: the command uses fedhello's built-in defaults
+    (FedRA, 1,000 evaluation examples, ...), which published configs rely on, not the default
+    experiment ``make run`` runs (Fed-HeLLo, ``configs/default.toml``), which a user following
+    ``fedhello plan --set ...`` would otherwise take them for. The line names the strategy and
+    the run's name; a comparison's come from ``--strategies`` and each cell, so not there."""
+    if config is not None:
+        return
+    which = (
+        ""
+        if comparison
+        else f" (allocation.strategy = {cfg.allocation.strategy!r}, run name {cfg.run_name()!r})"
+    )
+    logger.info(
+        "no CONFIG given: fedhello's built-in defaults%s, not the default experiment that make "
+        "run runs (Fed-HeLLo): pass configs/default.toml as CONFIG for that", which,
+    )  # fmt: skip

@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def config_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+        sp.add_argument(
+            "config", nargs="?",
+            help="TOML config (default: fedhello's built-in defaults, which are not the default "
+            "experiment of make run: that is configs/default.toml)",
+        )  # fmt: skip
         sp.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override a config value, e.g. --set federation.rounds=5 (repeatable)",
@@ -59,13 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="paired runs of strategies over seeds and partitions")
     config_args(cmp)
     cmp.add_argument(
-        "--strategies", default="all", help="comma-separated names (name:shape) or all"
-    )
-    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+        "--strategies", default="all",
+        help="comma-separated names (name:shape), or all: every built-in strategy except "
+        "deepest-fit, geometric under four shapes, plus fedra-subnetwork (default: all)",
+    )  # fmt: skip
+    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     cmp.add_argument(
         "--partitions", help="comma-separated: iid,pathological,dirichlet (default: config's)"
     )
-    cmp.add_argument("--out", help="comparison folder (default: RUN.OUT_DIR/compare-<run name>)")
+    cmp.add_argument(
+        "--out",
+        help="comparison folder (default: RUN.OUT_DIR/compare-<run.name>, compare-default when "
+        "run.name is unset)",
+    )
 
     rep = sub.add_parser("report", help="tables and plots again from saved metrics")
     rep.add_argument("path", help="a comparison folder or a run directory")

@@ -132,8 +132,10 @@ def hold_out_proxy(train: np.ndarray, n: int, split_seed: int) -> tuple[np.ndarr
     see the same client shards; it depends on the data's split seed alone."""
     if n > len(train) // 2:
         raise DataError(
-            f"allocation.proxy_examples = {n}: the training pool has only {len(train)} examples; "
-            f"allowed: at most half of it ({len(train) // 2})"
+            f"allocation.proxy_examples = {n}: the training pool has only {len(train)} examples "
+            "(the Fisher proxy set is held out for every strategy, Fisher-based or not, so that "
+            "compared strategies see the same client shards); allowed: at most half of it "
+            f"({len(train) // 2}): lower allocation.proxy_examples"
         )
     perm = generator(split_seed, Purpose.PROXY).permutation(len(train))
     return np.sort(train[perm[:n]]), np.sort(train[perm[n:]])

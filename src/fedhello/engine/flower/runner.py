@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 # language model's generation on a CPU): generous, the bound is against a hang, not a pace
 SERVER_WORK_S = 3600.0
 
+# flwr's message (flwr.cli.utils.SUPERLINK_UNAVAILABLE_MESSAGE) when it cannot reach the
+# SuperLink: also what a plain-text connection to a TLS SuperLink gets
+UNAVAILABLE = "Connection to the SuperLink is unavailable"
+
 APP_PYPROJECT = """\
 [build-system]
 requires = ["hatchling"]
@@ -218,9 +222,14 @@ def run_flower_deployment(
         raise UserError(reason)
     written = run.summary_path.is_file() and run.summary_path.stat().st_mtime_ns != before
     if code != 0 or not written:
-        raise UserError(
-            f"flwr run failed (exit {code}, SuperLink {superlink}): {flwr_failure(output)}"
-        )
+        reason = flwr_failure(output)
+        if root_certificates is None and UNAVAILABLE in reason:
+            # a plain-text connection to a TLS SuperLink fails just as an unreachable one
+            reason += (
+                " If the SuperLink uses TLS, give its CA certificate: --root-certificates "
+                "CA.pem (fedhello.run's root_certificates)"
+            )
+        raise UserError(f"flwr run failed (exit {code}, SuperLink {superlink}): {reason}")
     return run.read_summary()
 
 
