@@ -246,6 +246,8 @@ def test_epsilon_grows_with_rounds_shrinks_with_noise_and_sampling() -> None:
         (["privacy.target_epsilon=8"],
          "config: privacy.target_epsilon without privacy.noise_multiplier"),
         (["privacy.clip_norm=2"], "config: privacy.clip_norm without privacy.noise_multiplier"),
+        (["privacy.noise_multiplier=1", "privacy.delta=0.5"],
+         "config: privacy.delta = 0.5 with clients.num_clients = 12: above 1/N = 0.08333"),
         (["privacy.noise_multiplier=0", "privacy.target_epsilon=3"],
          "config: privacy.target_epsilon = 3 with noise_multiplier = 0"),
         (["privacy.noise_multiplier=1", 'privacy.clipping="adaptive"'],

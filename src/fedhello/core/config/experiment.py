@@ -123,6 +123,15 @@ class Config(Section):
                 "privacy.noise_multiplier: DP sums clipped updates with equal weights (a weight "
                 "from a client's data would change the sensitivity); allowed: uniform"
             )
+        n = self.clients.num_clients
+        if p.delta is not None and p.delta > 1 / n:
+            # delta bounds the chance the guarantee fails; above 1/N a mechanism that publishes
+            # one whole site's data at random meets it (1/N is the usual ceiling, not a goal)
+            raise ValueError(
+                f"privacy.delta = {p.delta:g} with clients.num_clients = {n}: above 1/N = "
+                f"{1 / n:.4g} (epsilon, delta)-DP allows releasing a whole site's data; "
+                "allowed: 0 < delta <= 1/num_clients (a deployment wants it well below)"
+            )
         if p.target_epsilon is not None and p.noise_multiplier == 0:
             raise ValueError(
                 f"privacy.target_epsilon = {p.target_epsilon:g} with noise_multiplier = 0: "
