@@ -239,3 +239,51 @@ def test_a_run_with_a_missing_data_file_says_only_that(tiny_bert_dir: Path, tmp_
     assert len(err) == 1 and err[0].startswith("fedhello: error: data.name"), err
     assert str(missing) in err[0] and "does not exist" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+# ---- compare: a config that cannot be loaded leaves no comparison behind ---------------------
+
+
+def test_a_comparison_with_a_missing_data_file_is_one_line_and_makes_no_folder(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The first cell's setup fails (no dataset): exit 2, the error its only line beside the
+    cell's heading, and neither --out nor the folder above it made (compare.json and the
+    cell's lock file used to be left there, a half comparison)."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        f'[model]\nname = "{tiny_bert_dir}"\n\n[data]\nname = "{tmp_path / "nope.csv"}"\n'
+    )
+    out = tmp_path / "cmp" / "c"
+    before = _listing(tmp_path)
+    ran = subprocess.run(
+        [sys.executable, "-m", "fedhello.cli", "compare", str(config), "--strategies", "fedra",
+         "--seeds", "0", "--partitions", "iid", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stderr
+    lines = ran.stderr.strip().splitlines()
+    said = [x for x in lines if "[1/2] iid / fedra / seed 0" not in x]  # the cell's heading
+    assert len(said) == 1 and said[0].startswith("fedhello: error: data.name"), lines
+    assert "nope.csv" in said[0] and "does not exist" in said[0]
+    assert _listing(tmp_path) == before
+
+
+def test_the_hubs_and_datasets_warnings_are_printed_once(tmp_path: Path) -> None:
+    """huggingface_hub and datasets add a handler of their own to their loggers; with the
+    CLI's root handler too, each of their warnings (a hub request retried, offline) came out
+    twice. Its own process: the CLI's logging setup is process-wide."""
+    code = (
+        "import logging\n"
+        "from fedhello.cli.output import setup_output\n"
+        "setup_output(False)\n"
+        "import datasets, huggingface_hub\n"
+        "logging.getLogger('huggingface_hub.utils._http').warning('hub request retried')\n"
+        "logging.getLogger('datasets.load').warning('datasets said so')\n"
+        "logging.getLogger('fedhello.x').warning('fedhello said so')\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    for said in ("hub request retried", "datasets said so", "fedhello said so"):
+        assert ran.stderr.count(said) == 1, ran.stderr

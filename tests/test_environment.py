@@ -222,3 +222,62 @@ def test_deployment_flags_are_checked_before_anything_runs(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def _env_lines(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, str]:
+    assert main(["env", *args]) == 0  # env reports; it refuses nothing
+    return {x[:10].strip(): x[11:] for x in capsys.readouterr().out.splitlines()}
+
+
+def test_env_names_the_columns_a_local_file_lacks_from_its_first_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that exists is not yet data a run can read: a csv without the configured label
+    column was "available". The header and first rows are read only: the malformed row
+    after them, which a whole read stops at, goes unread (a large file costs no more)."""
+    import pandas as pd
+
+    rows = "text,topic\n" + "a few words,animals\n" * 6 + "a,row,of,four\n"
+    data = tmp_path / "texts.csv"
+    data.write_text(rows)
+    with pytest.raises(pd.errors.ParserError):  # what a whole read meets
+        pd.read_csv(data)
+    line = _env_lines(capsys, "--set", f'data.name="{data}"')["data"]
+    assert line == (
+        f"NOT available: data.label_column = 'label': dataset {str(data)!r} has no such label "
+        "column; its columns: text, topic"
+    )
+    # the text column missing too: both in the one line, the input column first
+    line = _env_lines(capsys, "--set", f'data.name="{data}"', "--set", 'data.text_column="body"')[
+        "data"
+    ]
+    assert line.startswith("NOT available: data.text_column = 'body': dataset ")
+    assert "; data.label_column = 'label': dataset " in line
+    # configured as the file has them: available, as before
+    line = _env_lines(capsys, "--set", f'data.name="{data}"', "--set",
+                      'data.label_column="topic"')["data"]  # fmt: skip
+    assert line == str(data.resolve())
+    tsv = tmp_path / "texts.tsv"
+    tsv.write_text("text\tlabel\nsome words\tx\n")
+    assert _env_lines(capsys, "--set", f'data.name="{tsv}"')["data"] == str(tsv.resolve())
+
+
+def test_env_reads_the_columns_of_parquet_jsonl_and_saved_datasets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import datasets
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": ["a b", "c d"], "topic": ["x", "y"]})
+    parquet, jsonl, saved = tmp_path / "d.parquet", tmp_path / "d.jsonl", tmp_path / "saved"
+    frame.to_parquet(parquet)
+    frame.to_json(jsonl, orient="records", lines=True)
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame)}).save_to_disk(str(saved))
+    for path in (parquet, jsonl, saved):
+        line = _env_lines(capsys, "--set", f'data.name="{path}"')["data"]
+        assert line.startswith("NOT available: data.label_column = 'label'"), (path, line)
+        assert "its columns: text, topic" in line
+        ok = _env_lines(
+            capsys, "--set", f'data.name="{path}"', "--set", 'data.label_column="topic"'
+        )
+        assert ok["data"] == str(path.resolve())

@@ -4,7 +4,8 @@ Users paste its output into bug reports, so it says everything a run's behaviour
 that the config does not: library versions, the devices found and their memory, what the
 config's ``train.device`` and ``train.precision`` resolve to here (and why), torch's threads,
 and whether the config's model and data can be had without a network. It loads no model
-and reads no dataset (it only looks them up), so it answers in seconds, offline.
+and reads no dataset (it looks them up, and reads a local file's first rows to check its
+columns), so it answers in seconds, offline.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.core.config import Config
-from fedhello.core.errors import UserError
+from fedhello.core.errors import DataError, UserError
 from fedhello.environment import find_program
 
 PACKAGES = ("fedhello", "torch", "transformers", "peft", "flwr", "datasets", "numpy")
@@ -82,10 +83,105 @@ def _data_source(cfg: Config) -> str:
         return f"built-in ({BUILTIN[name]})"
     path = Path(name).expanduser()
     if path.exists():
-        return str(path.resolve())
+        unchecked = check_columns_here(cfg, path)  # a run's first error about them, raised
+        return str(path.resolve()) + (f" (columns not checked: {unchecked})" if unchecked else "")
     if not cfg.model.allow_download:
         load_tables(name, False)  # raises the one-line reason a run would give
     return f"hub: {name} (downloads allowed)"
+
+
+HEAD_ROWS = 5  # what is read of a local file to know its columns
+
+
+def check_columns_here(cfg: Config, path: Path) -> str | None:
+    """A ``DataError`` naming the columns ``cfg`` reads that the local dataset at ``path``
+    lacks, in the words a run's data loading would stop with: the task kind's input columns
+    (the first missing one, as the kind checks them) and ``data.label_column``, in one line.
+    A file that exists is not yet data a run can read: ``env`` said "available" for a file
+    without the configured columns. Reads the header and first rows only (a saved dataset:
+    memory-mapped, its rows unread), so ``env`` stays seconds on a large file. Returns why
+    nothing was checked where nothing can be cheaply (the model's task kind unknown here, a
+    .json array, parsed only whole); else None."""
+    from fedhello.data.columns import check_column, column_names
+
+    task = _task_kind(cfg)
+    if task is None:
+        return f"the task kind of model.name = {cfg.model.name!r} is unknown here"
+    tables = _head_tables(cfg.data.name, path)
+    if tables is None:
+        return "a .json array is read whole; a .jsonl file is read by its first rows"
+    missing: list[str] = []
+    for table in tables.values():
+        try:
+            task.check_inputs(table, cfg.data)
+        except DataError as err:
+            missing.append(str(err))
+            break  # the same words for every split
+    data = cfg.data
+    labelled = any(data.label_column in column_names(t) for t in tables.values())
+    if labelled or getattr(task, "unlabelled_class", None) is None:  # labels are read
+        for table in tables.values():
+            try:
+                check_column(table, data.label_column, "label", "label_column", data.name)
+            except DataError as err:
+                missing.append(str(err))
+                break
+    elif data.partition != "iid":  # one class: only an IID partition splits it
+        missing.append(
+            f"data.partition = {data.partition!r}: dataset {data.name!r} has no "
+            f"data.label_column = {data.label_column!r} to split its examples by class; "
+            "allowed: partition = 'iid', or label_column naming a category column"
+        )
+    if missing:
+        raise DataError("; ".join(dict.fromkeys(missing)))
+    return None
+
+
+def _task_kind(cfg: Config) -> Any:
+    """The task kind a run would read the data as (``model.task``, "auto" resolved from a
+    local config.json or a known hub model), without the network; None where it is unknown."""
+    from fedhello.model.source import KNOWN_HUB_SHAPES, model_shape, resolve_model_source
+    from fedhello.tasks import AUTO, task_for
+
+    try:
+        source = resolve_model_source(cfg.model.name, cfg.model.allow_download)
+        if (Path(source) / "config.json").is_file() or source in KNOWN_HUB_SHAPES:
+            return task_for(model_shape(source, cfg.model.task)[0])
+        return None if cfg.model.task == AUTO else task_for(cfg.model.task)
+    except UserError:  # the model line says why
+        return None
+
+
+def _head_tables(name: str, path: Path) -> dict[str, Any] | None:
+    """Split name -> the first rows of a local dataset, read as ``fedhello.data.loading``
+    reads it whole (the same formats and parser settings); None for a .json array."""
+    import pandas as pd
+
+    from fedhello.data.loading import FILE_FORMATS, load_tables
+
+    if path.is_dir():  # a saved dataset: memory-mapped, nothing read but its schema
+        return load_tables(name, False)
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    fmt = FILE_FORMATS.get(suffixes[-1] if suffixes else "")
+    lines = path.suffix != ".json" or path.name.endswith(".jsonl.gz")  # as loading decides
+    if fmt is None:
+        load_tables(name, False)  # raises the unknown file type's line, reading nothing
+    if fmt == "json" and not lines:
+        return None
+    try:
+        if fmt in ("csv", "tsv"):
+            tsv = fmt == "tsv"
+            head = pd.read_csv(
+                path, sep="\t" if tsv else ",", quoting=3 if tsv else 0, nrows=HEAD_ROWS
+            )
+            return {"all": head}
+        if fmt == "json":
+            return {"all": pd.read_json(path, lines=True, nrows=HEAD_ROWS)}
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+        return {"all": pd.DataFrame(columns=pq.read_schema(path).names)}
+    except Exception as err:  # pandas and pyarrow raise many types for unreadable files
+        raise DataError(f"data.name = {str(path)!r}: cannot read it as {fmt}: {err}") from None
 
 
 def describe(cfg: Config) -> dict[str, Any]:

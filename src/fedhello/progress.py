@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -15,13 +17,22 @@ from fedhello.model.report import ClientResult
 
 
 class RichObserver(Observer):
-    """Renders engine events; a plain line per round when output is not a terminal."""
+    """Renders engine events; a plain line per round when output is not a terminal (a log, a
+    batch job, ``nohup``), which carries the run's elapsed time and the time left, as the bar
+    would on a terminal.
 
-    def __init__(self, console: Console, rounds: int, done: int = 0, quiet: bool = False) -> None:
+    ``clock``: seconds on a monotonic clock (tests pass a fake one)."""
+
+    def __init__(
+        self, console: Console, rounds: int, done: int = 0, quiet: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.console = console
         self.quiet = quiet  # one line per run instead of per round (comparisons)
         self.rounds = rounds
         self.done = done  # rounds finished before a resume
+        self.clock = clock
+        self._started: float | None = None  # when this process's rounds began (on_start)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -41,6 +52,7 @@ class RichObserver(Observer):
                 f"{exp.cfg.data.name}: {len(exp.budgets)} clients, budgets {exp.budgets}, "
                 f"strategy {exp.cfg.allocation.strategy}, partition {exp.cfg.data.partition}"
             )
+        self._started = self.clock()
         self.progress.start()
         self._rounds_task = self.progress.add_task(
             "rounds", total=self.rounds, completed=self.done, status=""
@@ -69,7 +81,39 @@ class RichObserver(Observer):
         )
         self.progress.update(self._rounds_task, advance=1, status=line.split("  ", 1)[1])
         if not self.quiet or record["round"] == self.rounds:
-            self.progress.console.print(line)
+            self.progress.console.print(line + self._timing(record["round"]))
+
+    def _timing(self, round_: int) -> str:
+        """``  elapsed 0:03:12, ~5 min left``: this process's time since the run started, and
+        the rounds still to run at the mean round time so far (the rounds before a resume
+        ran in another process: they count neither way). The first round's mean includes
+        the setup before it (the proxy set, FedNCM's head), so an early estimate errs long."""
+        if self._started is None:
+            return ""
+        elapsed = self.clock() - self._started
+        text = f"  elapsed {clock_time(elapsed)}"
+        ran, left = round_ - self.done, self.rounds - round_
+        if ran > 0 and left > 0:
+            text += f", {about(elapsed / ran * left)} left"
+        return text
+
+
+def clock_time(seconds: float) -> str:
+    """``h:mm:ss``, as rich's time columns write it."""
+    s = max(0, int(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def about(seconds: float) -> str:
+    """An estimate, rounded to what it can promise: ``~40 s`` (to 10 s), ``~7 min`` (to the
+    minute), ``~2 h 10 min`` (to 10 minutes)."""
+    if seconds < 55:
+        return f"~{max(10, round(seconds / 10) * 10)} s"
+    if seconds < 3570:
+        return f"~{max(1, round(seconds / 60))} min"
+    tens = round(seconds / 600)  # tens of minutes
+    hours, minutes = divmod(tens * 10, 60)
+    return f"~{hours} h" + (f" {minutes} min" if minutes else "")
 
     def on_final_eval(self) -> None:
         self.progress.stop()

@@ -26,6 +26,12 @@ def setup_output(verbose: bool, allow_download: bool = False, deterministic: boo
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("fedhello").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # huggingface_hub and datasets give their loggers a handler of their own at import and
+    # still pass each record on to the root's handler above: every warning of theirs (a hub
+    # request retried) was printed twice. Theirs alone prints it, as transformers' loggers do
+    # (they propagate nothing); set on the logger by name, so it holds whenever they load.
+    for library in ("huggingface_hub", "datasets"):
+        logging.getLogger(library).propagate = False
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         import transformers

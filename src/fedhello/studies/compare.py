@@ -202,7 +202,9 @@ def run_compare(
     on_cell: Callable[[Cell, int, int], Observer | None] | None = None,
     on_done: Callable[[Cell, str], None] | None = None,
 ) -> list[Cell]:
-    """Run every cell (reusing finished ones) and write ``compare.json``."""
+    """Run every cell (reusing finished ones) and write ``compare.json``. A comparison whose
+    first cell cannot start (a model or data that cannot be loaded) leaves no trace
+    (``_SetupUndo``): a typo'd config must not leave a folder that looks like a comparison."""
     if base.privacy.enabled and base.privacy.noise == "secret":
         logger.warning(
             "privacy.noise = 'secret': every cell draws its own key, so strategies of one seed "
@@ -213,6 +215,75 @@ def run_compare(
     cells = plan_cells(strategies, seeds, partitions)
     configs = {cell: cell_config(base, cell) for cell in cells}  # all errors before any work
     check_folder(root)
+    undo = _SetupUndo(root, cells[0].path(root))
+    try:
+        undo.written = _write_spec(base, root, strategies, seeds, partitions)
+        cache = DataCache()  # every cell reads the same data: load and tokenise it once
+        _one_cell(cells, 0, configs, root, cache, on_cell, on_done)
+    except BaseException:
+        undo()
+        raise
+    for i in range(1, len(cells)):
+        _one_cell(cells, i, configs, root, cache, on_cell, on_done)
+    return cells
+
+
+def _one_cell(
+    cells: Sequence[Cell], i: int, configs: Mapping[Cell, Config], root: Path, cache: DataCache,
+    on_cell: Callable[[Cell, int, int], Observer | None] | None,
+    on_done: Callable[[Cell, str], None] | None,
+) -> None:  # fmt: skip
+    cell = cells[i]
+    observer = on_cell(cell, i, len(cells)) if on_cell else None
+    outcome = run_cell(cell, configs[cell], root, observer, cache)
+    logger.info("%s %s seed %d: %s", cell.partition, cell.strategy, cell.seed, outcome)
+    if on_done:
+        on_done(cell, outcome)
+
+
+class _SetupUndo:
+    """What undoes a comparison that stops before its first cell has started (a model or data
+    that cannot be loaded, a bad device, Ctrl-C during the setup): the folders (``--out`` and
+    any above it included), compare.json and the cell's lock file it made, so that no half
+    comparison is left for the next one to trip on; a folder that was there before is left as
+    it was (its compare.json restored, unless another comparison has rewritten it since).
+    Once the first cell's run directory exists where it did not (it is made only when its run
+    has started) the comparison has begun: everything stays, to be resumed."""
+
+    def __init__(self, root: Path, first: Path) -> None:
+        self.spec_path = root / "compare.json"
+        self.spec = self.spec_path.read_bytes() if self.spec_path.is_file() else None
+        self.written: bytes | None = None  # what this comparison wrote into compare.json
+        self.first = first
+        self.lock = RunDir(first).lock_path
+        chain = [self.lock.parent, *self.lock.parent.parents]
+        self.made = [p for p in chain if not p.exists()]  # deepest first
+        self.had_lock, self.had_first = self.lock.exists(), first.exists()
+
+    def __call__(self) -> None:
+        if self.first.exists() and not self.had_first:
+            return  # the cell started: its run is resumable
+        if self.written is not None and self._current() == self.written:
+            if self.spec is None:
+                self.spec_path.unlink()
+            else:
+                self.spec_path.write_bytes(self.spec)
+        if not self.had_lock:
+            self.lock.unlink(missing_ok=True)
+        for folder in self.made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+    def _current(self) -> bytes | None:
+        return self.spec_path.read_bytes() if self.spec_path.is_file() else None
+
+
+def _write_spec(
+    base: Config, root: Path, strategies: Sequence[str], seeds: Sequence[int],
+    partitions: Sequence[str],
+) -> bytes:  # fmt: skip
+    """``compare.json``: what was compared (grown by what this comparison adds); returns what
+    it wrote."""
     root.mkdir(parents=True, exist_ok=True)
     spec: dict[str, Any] = {
         "strategies": list(strategies),
@@ -232,12 +303,6 @@ def run_compare(
             )
         for key in ("strategies", "seeds", "partitions"):  # a compare may grow
             spec[key] = list(dict.fromkeys([*old.get(key, []), *spec[key]]))
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-    cache = DataCache()  # every cell reads the same data: load and tokenise it once
-    for i, cell in enumerate(cells):
-        observer = on_cell(cell, i, len(cells)) if on_cell else None
-        outcome = run_cell(cell, configs[cell], root, observer, cache)
-        logger.info("%s %s seed %d: %s", cell.partition, cell.strategy, cell.seed, outcome)
-        if on_done:
-            on_done(cell, outcome)
-    return cells
+    text = (json.dumps(spec, indent=2) + "\n").encode()
+    spec_path.write_bytes(text)
+    return text
