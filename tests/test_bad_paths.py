@@ -247,9 +247,9 @@ def test_a_run_with_a_missing_data_file_says_only_that(tiny_bert_dir: Path, tmp_
 def test_a_comparison_with_a_missing_data_file_is_one_line_and_makes_no_folder(
     tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
-    """The first cell's setup fails (no dataset): exit 2, the error its only line beside the
-    cell's heading, and neither --out nor the folder above it made (compare.json and the
-    cell's lock file used to be left there, a half comparison)."""
+    """The first cell's setup fails (no dataset): exit 2, the error its only line (the cell's
+    heading used to come first), and neither --out nor the folder above it made (compare.json
+    and the cell's lock file used to be left there, a half comparison)."""
     config = tmp_path / "tiny.toml"
     config.write_text(
         f'[model]\nname = "{tiny_bert_dir}"\n\n[data]\nname = "{tmp_path / "nope.csv"}"\n'
@@ -262,9 +262,8 @@ def test_a_comparison_with_a_missing_data_file_is_one_line_and_makes_no_folder(
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert ran.returncode == 2, ran.stderr
-    lines = ran.stderr.strip().splitlines()
-    said = [x for x in lines if "[1/2] iid / fedra / seed 0" not in x]  # the cell's heading
-    assert len(said) == 1 and said[0].startswith("fedhello: error: data.name"), lines
+    said = ran.stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("fedhello: error: data.name"), said
     assert "nope.csv" in said[0] and "does not exist" in said[0]
     assert _listing(tmp_path) == before
 

@@ -110,15 +110,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     logging.getLogger("fedhello").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     console = Console(stderr=True)
 
-    def on_cell(cell: Any, i: int, n: int) -> RichObserver:
-        if i == 0:  # once the cells are checked: a comparison that cannot start says only why
+    # The first cell's heading (and the defaults note) wait until that cell has started or
+    # ended: a comparison that cannot start (a model or data that cannot be loaded) says only
+    # why, in one line.
+    pending: list[str] = []
+
+    def announce() -> None:
+        if pending:
             note_defaults(cfg, args.config, comparison=True)
-        console.rule(f"[{i + 1}/{n}] {cell.partition} / {cell.strategy} / seed {cell.seed}")
+            console.rule(pending.pop())
+
+    class Announcing(RichObserver):
+        def on_start(self, exp: Any) -> None:
+            announce()
+            super().on_start(exp)
+
+    def on_cell(cell: Any, i: int, n: int) -> RichObserver:
+        title = f"[{i + 1}/{n}] {cell.partition} / {cell.strategy} / seed {cell.seed}"
+        if i == 0:
+            pending.append(title)
+            return Announcing(console, cfg.federation.rounds, quiet=True)
+        console.rule(title)
         return RichObserver(console, cfg.federation.rounds, quiet=True)
+
+    def on_done(cell: Any, outcome: str) -> None:
+        announce()  # a reused first cell never starts
+        console.print(f"  {outcome}")
 
     result = fedhello.compare(
         cfg, args.strategies, args.seeds, args.partitions, args.out, baseline=args.baseline,
-        on_cell=on_cell, on_done=lambda cell, outcome: console.print(f"  {outcome}"),
+        on_cell=on_cell, on_done=on_done,
     )  # fmt: skip
     out = Path(result["out"])
     Console().print((out / "results.md").read_text())
