@@ -153,6 +153,10 @@ def test_a_registry_models_card_names_its_hub_model_and_loads_it_offline() -> No
     # a hub name is its own base_model; a folder has none
     assert "base_model: org/model\n" in model_card(facts("org/model"))
     assert "base_model" not in model_card(facts("/data/models/bert")).split("---")[1]
+    # SmolLM2 was trained on weights dequantised from a Q4_1 GGUF: said, and loaded from them
+    small = model_card(facts("smollm2-135m"))
+    assert "dequantised from a Q4_1 GGUF" in small and "make smollm2" in python_block(small)
+    assert "Q4_1" not in card
 
 
 def test_a_head_runs_card_loads_the_stock_class() -> None:

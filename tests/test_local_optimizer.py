@@ -195,7 +195,7 @@ def test_the_probe_steps_with_the_clients_optimizer(tiny_bert_dir: Path) -> None
 
     def key(*settings: str) -> dict[str, object]:
         return profile_key(load_config(None, list(settings)), "m", "text", 4, 4, "cpu", "fp32",
-                           "fp32", 16)  # fmt: skip
+                           "fp32", 16, on_cpu=True)  # fmt: skip
 
     assert "optimizer" not in key() and "optimizer" not in key("train.weight_decay=0.1")
     assert key('train.optimizer="sgd"')["optimizer"] == "sgd"

@@ -93,3 +93,33 @@ def test_estimates_are_rounded_to_what_they_can_promise() -> None:
     assert [about(s) for s in (56, 90, 600, 3540)] == ["~1 min", "~2 min", "~10 min", "~59 min"]
     assert [about(s) for s in (3600, 5400, 7200 + 14 * 60)] == ["~1 h", "~1 h 30 min",
                                                                  "~2 h 10 min"]  # fmt: skip
+
+
+def test_the_final_evaluation_stops_the_live_display_and_says_so() -> None:
+    """On a terminal the per-round bar is a live display: it must be stopped when the rounds
+    end (a stray module-level function had swallowed ``on_final_eval``, so it never was)."""
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120)
+    obs = RichObserver(console, rounds=2, clock=FakeClock())
+    assert "on_final_eval" in vars(RichObserver)  # its own, not the base's no-op
+    obs.on_start(_experiment())
+    assert obs.progress.live.is_started
+    obs.on_final_eval()
+    assert not obs.progress.live.is_started
+    assert "evaluating the global model on the whole test split" in out.getvalue()
+
+
+def test_a_resume_from_an_older_checkpoint_counts_from_the_round_it_starts_at() -> None:
+    """5 rounds in metrics.jsonl but the checkpoint of round 3 (checkpoint-every 3): the
+    resumed process runs rounds 4-6 of 6, so after round 4 in 30 s two are left, ~1 min
+    (counting from the 5 rows written, it said nothing: no round of its own yet)."""
+    from fedhello.core.layers import AllocationPlan
+
+    out, clock = io.StringIO(), FakeClock()
+    obs = RichObserver(Console(file=out, force_terminal=False, width=200), rounds=6, done=5,
+                       clock=clock)  # fmt: skip
+    obs.on_start(_experiment())
+    obs.on_round_start(4, AllocationPlan(4, 2, ()))
+    clock.now += 30
+    obs.on_round_end(_record(4))
+    assert _lines(out)[0].endswith("  elapsed 0:00:30, ~1 min left")

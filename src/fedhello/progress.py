@@ -30,7 +30,8 @@ class RichObserver(Observer):
         self.console = console
         self.quiet = quiet  # one line per run instead of per round (comparisons)
         self.rounds = rounds
-        self.done = done  # rounds finished before a resume
+        self.done = done  # rounds finished before a resume (its first round says which)
+        self._first_round: int | None = None
         self.clock = clock
         self._started: float | None = None  # when this process's rounds began (on_start)
         self.progress = Progress(
@@ -60,6 +61,11 @@ class RichObserver(Observer):
         self._clients_task = self.progress.add_task("clients", total=1, status="")
 
     def on_round_start(self, round_: int, plan: AllocationPlan) -> None:
+        if self._first_round is None:  # a resume starts after its checkpoint, which may be
+            self._first_round = round_  # older than the metrics written (checkpoint-every)
+            if round_ - 1 != self.done:
+                self.progress.update(self._rounds_task, completed=round_ - 1)
+            self.done = round_ - 1
         active = sum(1 for c in plan.clients if c.layers)
         self.progress.reset(self._clients_task, total=max(1, active), status="")
 
@@ -97,6 +103,11 @@ class RichObserver(Observer):
             text += f", {about(elapsed / ran * left)} left"
         return text
 
+    def on_final_eval(self) -> None:
+        self.progress.stop()
+        if not self.quiet:
+            self.console.print("evaluating the global model on the whole test split ...")
+
 
 def clock_time(seconds: float) -> str:
     """``h:mm:ss``, as rich's time columns write it."""
@@ -114,11 +125,6 @@ def about(seconds: float) -> str:
     tens = round(seconds / 600)  # tens of minutes
     hours, minutes = divmod(tens * 10, 60)
     return f"~{hours} h" + (f" {minutes} min" if minutes else "")
-
-    def on_final_eval(self) -> None:
-        self.progress.stop()
-        if not self.quiet:
-            self.console.print("evaluating the global model on the whole test split ...")
 
 
 def round_score(record: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from fedhello.cli.output import note_defaults, setup_output
 from fedhello.core.errors import UserError
 
 if TYPE_CHECKING:
-    from fedhello.core.config import Config
+    pass
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -20,40 +20,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     accountant; local model and data paths that do not exist here are warnings (the config may
     be meant for another machine). The devices are ``fedhello env``'s to check."""
     from fedhello.api import load_config  # the core's checks and the task kind's
+    from fedhello.engine.preflight import missing_paths
     from fedhello.engine.privacy import start as privacy_start
 
     cfg = load_config(args.config, args.overrides)
     privacy_start(cfg)  # a target epsilon round 1 already exceeds: refused as by plan and run
-    for note in (cfg.allocation.foreign_note(), *missing_paths(cfg)):
+    here = "a run on this machine would stop there"
+    paths = [f"{err}; {here}" for err in missing_paths(cfg)]
+    for note in (cfg.allocation.foreign_note(), *paths):
         if note:
             print(f"fedhello: warning: {note}", file=sys.stderr)
     note_defaults(cfg, args.config)
     sys.stdout.write(cfg.to_toml())
     return 0
-
-
-def missing_paths(cfg: Config) -> list[str]:
-    """Why ``model.name`` or ``data.name``, read as a run reads them, name a local path that
-    is not here (``fedhello.model.source.resolve_model_source``: a registry model not
-    installed, a folder without config.json; ``fedhello.data.loading.load_tables``: a path or
-    a file name of a known format). Looks paths up only: loads nothing, downloads nothing."""
-    from pathlib import Path
-
-    from fedhello.data.loading import BUILTIN, FILE_FORMATS
-    from fedhello.model.source import resolve_model_source
-
-    here = "a run on this machine would stop there"
-    found = []
-    try:
-        resolve_model_source(cfg.model.name, allow_download=True)  # a hub name: returned as is
-    except UserError as err:
-        found.append(f"{err}; {here}")
-    name = cfg.data.name
-    path_like = name.startswith((".", "/", "~")) or name.count("/") > 1
-    local = path_like or Path(name).suffix in FILE_FORMATS
-    if name not in BUILTIN and local and not Path(name).expanduser().exists():
-        found.append(f"data.name = {name!r}: file does not exist; {here}")
-    return found
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

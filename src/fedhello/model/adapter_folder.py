@@ -41,6 +41,12 @@ MADE_FOLDERS = {
     "smollm2-135m": ("smollm2", "SmolLM2-135M-Instruct"),
 }
 ADAPTER_PLACEHOLDER = "path/to/this/folder"  # the card's code names the folder this way
+# smollm2-135m's weights are those `make smollm2` dequantises from a Q4_1 GGUF (the offline
+# copy this project has): close to the hub's, not equal to them
+DEQUANTISED = (
+    "; trained on the weights `make smollm2` dequantised from a Q4_1 GGUF, which are close "
+    "to the hub model's, not equal: load the base as below, not from the hub"
+)
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ def model_card(facts: AdapterFacts) -> str:
         "Trained with fedhello's federated LoRA fine-tuning. `fedhello.json` gives the method "
         "and its scaling convention. The run folder's `summary.json` has the scores.",
         "",
-        f"- model: {named}",
+        f"- model: {named}" + (DEQUANTISED if facts.model_name == "smollm2-135m" else ""),
         f"- task: {facts.task}" + (classes if facts.classes else ""),
         f"- head: {head}",
         f"- LoRA: r {facts.r}, lora_alpha {facts.lora_alpha:g} on "

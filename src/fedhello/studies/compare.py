@@ -44,6 +44,7 @@ from fedhello.engine.core import Observer, RunOptions
 from fedhello.engine.embedded import run_embedded
 from fedhello.engine.experiment import DataCache
 from fedhello.engine.node import model_task
+from fedhello.engine.preflight import check_here
 from fedhello.model.accelerator import accelerator_for, differs_from_recorded
 from fedhello.model.recipe import settled_by_task
 from fedhello.store.runs import PRECISION_KEYS, RunDir
@@ -202,9 +203,9 @@ def run_compare(
     on_cell: Callable[[Cell, int, int], Observer | None] | None = None,
     on_done: Callable[[Cell, str], None] | None = None,
 ) -> list[Cell]:
-    """Run every cell (reusing finished ones) and write ``compare.json``. A comparison whose
-    first cell cannot start (a model or data that cannot be loaded) leaves no trace
-    (``_SetupUndo``): a typo'd config must not leave a folder that looks like a comparison."""
+    """Run every cell (reusing finished ones) and write ``compare.json``. A model path, data
+    file or device missing here is refused before anything is written
+    (``fedhello.engine.preflight``): a typo'd config leaves no half comparison behind."""
     if base.privacy.enabled and base.privacy.noise == "secret":
         logger.warning(
             "privacy.noise = 'secret': every cell draws its own key, so strategies of one seed "
@@ -215,15 +216,10 @@ def run_compare(
     cells = plan_cells(strategies, seeds, partitions)
     configs = {cell: cell_config(base, cell) for cell in cells}  # all errors before any work
     check_folder(root)
-    undo = _SetupUndo(root, cells[0].path(root))
-    try:
-        undo.written = _write_spec(base, root, strategies, seeds, partitions)
-        cache = DataCache()  # every cell reads the same data: load and tokenise it once
-        _one_cell(cells, 0, configs, root, cache, on_cell, on_done)
-    except BaseException:
-        undo()
-        raise
-    for i in range(1, len(cells)):
+    check_here(configs[cells[0]])  # a missing model, data file or device: before any write
+    _write_spec(base, root, strategies, seeds, partitions)
+    cache = DataCache()  # every cell reads the same data: load and tokenise it once
+    for i in range(len(cells)):
         _one_cell(cells, i, configs, root, cache, on_cell, on_done)
     return cells
 
@@ -239,43 +235,6 @@ def _one_cell(
     logger.info("%s %s seed %d: %s", cell.partition, cell.strategy, cell.seed, outcome)
     if on_done:
         on_done(cell, outcome)
-
-
-class _SetupUndo:
-    """What undoes a comparison that stops before its first cell has started (a model or data
-    that cannot be loaded, a bad device, Ctrl-C during the setup): the folders (``--out`` and
-    any above it included), compare.json and the cell's lock file it made, so that no half
-    comparison is left for the next one to trip on; a folder that was there before is left as
-    it was (its compare.json restored, unless another comparison has rewritten it since).
-    Once the first cell's run directory exists where it did not (it is made only when its run
-    has started) the comparison has begun: everything stays, to be resumed."""
-
-    def __init__(self, root: Path, first: Path) -> None:
-        self.spec_path = root / "compare.json"
-        self.spec = self.spec_path.read_bytes() if self.spec_path.is_file() else None
-        self.written: bytes | None = None  # what this comparison wrote into compare.json
-        self.first = first
-        self.lock = RunDir(first).lock_path
-        chain = [self.lock.parent, *self.lock.parent.parents]
-        self.made = [p for p in chain if not p.exists()]  # deepest first
-        self.had_lock, self.had_first = self.lock.exists(), first.exists()
-
-    def __call__(self) -> None:
-        if self.first.exists() and not self.had_first:
-            return  # the cell started: its run is resumable
-        if self.written is not None and self._current() == self.written:
-            if self.spec is None:
-                self.spec_path.unlink()
-            else:
-                self.spec_path.write_bytes(self.spec)
-        if not self.had_lock:
-            self.lock.unlink(missing_ok=True)
-        for folder in self.made:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-
-    def _current(self) -> bytes | None:
-        return self.spec_path.read_bytes() if self.spec_path.is_file() else None
 
 
 def _write_spec(

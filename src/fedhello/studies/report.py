@@ -215,7 +215,11 @@ def code_line(runs: list[RunData], root: Path) -> str:
             root, ", ".join(sorted(labels)),
         )  # fmt: skip
     made = ", ".join(f"{label} ({n} run{'s' * (n > 1)})" for label, n in sorted(labels.items()))
-    older = " Runs written before 2026-12-07 did not record it." if "unrecorded" in labels else ""
+    older = (
+        " Runs computed by code before commit 983e833 (2026-12-07) did not record it."
+        if "unrecorded" in labels
+        else ""
+    )
     return f"Computed by fedhello at: {made}.{older}"
 
 

@@ -129,7 +129,7 @@ class Config(Section):
             # one whole site's data at random meets it (1/N is the usual ceiling, not a goal)
             raise ValueError(
                 f"privacy.delta = {p.delta:g} with clients.num_clients = {n}: above 1/N = "
-                f"{1 / n:.4g} (epsilon, delta)-DP allows releasing a whole site's data; "
+                f"{1 / n:.4g}, at which (epsilon, delta)-DP allows releasing a whole site's data; "
                 "allowed: 0 < delta <= 1/num_clients (a deployment wants it well below)"
             )
         if p.target_epsilon is not None and p.noise_multiplier == 0:
