@@ -147,3 +147,13 @@ def byte_bpe_tokenizer(texts: list[str], template: str = CHATML) -> Any:
     )  # fmt: skip
     tok.chat_template = template
     return tok
+
+
+# flwr 1.41's error box as it prints it, its message wrapped over several lines
+FLWR_BOX = """\
+╭─ Error ──────────────────────────────────────────────╮
+│ Connection to the SuperLink is unavailable. Please    │
+│ check your network connection and 'address' in the    │
+│ SuperLink connection configuration.                   │
+╰──────────────────────────────────────────────────────╯
+"""

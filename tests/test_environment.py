@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import FLWR_BOX
 
 from fedhello.cli import main
 from fedhello.core.errors import UserError
@@ -120,16 +121,6 @@ def test_a_missing_flwr_is_one_line_naming_where_it_was_looked_for(
     with pytest.raises(UserError, match=r"neither beside this Python \(.*venv/bin/python\) nor"):
         run_flower_deployment(load_config(), RunDir(tmp_path / "run"), "127.0.0.1:9")
     assert not (tmp_path / "run").exists()
-
-
-# flwr 1.41's error box as it prints it, its message wrapped over several lines
-FLWR_BOX = """\
-╭─ Error ──────────────────────────────────────────────╮
-│ Connection to the SuperLink is unavailable. Please    │
-│ check your network connection and 'address' in the    │
-│ SuperLink connection configuration.                   │
-╰──────────────────────────────────────────────────────╯
-"""
 
 
 def test_flwrs_error_box_is_read_whole_as_one_line() -> None:

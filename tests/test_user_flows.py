@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_overrides
+from helpers import FLWR_BOX
 
 from fedhello.cli import main
 from fedhello.core.config import load_config
@@ -211,14 +212,6 @@ def test_the_proxy_set_refusal_says_why_it_is_held_out_and_what_to_do() -> None:
 
 
 # ---- 7. a deployment that cannot reach its SuperLink, without a CA --------------------------
-
-FLWR_BOX = """\
-╭─ Error ──────────────────────────────────────────────╮
-│ Connection to the SuperLink is unavailable. Please    │
-│ check your network connection and 'address' in the    │
-│ SuperLink connection configuration.                   │
-╰──────────────────────────────────────────────────────╯
-"""
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="shell-script stand-ins")
