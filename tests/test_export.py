@@ -52,6 +52,9 @@ def test_merged_pooled_model_predicts_what_the_adapter_predicts(
     assert "trust_remote_code=True" in printed
     weights = load_file(str(out / "model.safetensors"))
     assert not any("lora" in k for k in weights)  # no PEFT needed to load it
+    card = (out / "README.md").read_text()  # the merged folder says what it is and how to load
+    assert "AutoModelForSequenceClassification.from_pretrained(" in card
+    assert "trust_remote_code=True" in card and text_run.name in card
     assert not any("pooler" in k for k in weights)  # nothing untrained in front of the head
     # the run trained in bf16; its adapter and the merged model are fp32
     summary = RunDir(text_run).read_summary()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.core.errors import UserError
+from fedhello.model.adapter_folder import merged_card
 from fedhello.model.pooling import HEAD, pooled_module_file
 from fedhello.store.runs import RunDir, finished_run
 
@@ -76,6 +77,8 @@ def export_merged(run_path: Path, out: Path, overwrite: bool = False) -> str:
     remote = loaded.pooling != HEAD
     if remote:
         save_pooling_code(tmp, type(merged).__name__, loaded.task.export_class)
+    card = merged_card(m.name, loaded.task.export_class, remote, run.path.name)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

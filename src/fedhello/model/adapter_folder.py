@@ -1,6 +1,7 @@
 """What a run's adapter folder holds besides PEFT's files, for someone who has only the folder:
 fedhello's model card (``README.md``, in place of PEFT's blank one) and, for a pooled head,
-``target_modules`` pinned to the pooled model's own module names.
+``target_modules`` pinned to the pooled model's own module names; and the card of a merged
+export (``merged_card``).
 
 Why pin: a pooled classifier (``fedhello.model.pooled``) is loaded with its own class, not
 transformers' ``AutoModelForSequenceClassification``. Loaded the stock way, PEFT matches the
@@ -254,3 +255,39 @@ def _stock_loading(facts: AdapterFacts) -> list[str]:
         "adapter) writes the merged model, loaded with "
         f'`transformers.{facts.auto_class}.from_pretrained("OUT")`.',
     ]
+
+
+def merged_card(model_name: str, auto_class: str, remote: bool, run: str) -> str:
+    """The model card of ``fedhello export --merged``: what the folder is (the base with the
+    run's LoRA merged into its weights) and the one line that loads it (``remote``: a pooled
+    head whose code travels in the folder, read only with ``trust_remote_code=True``)."""
+    hub = hub_id(model_name)
+    trust = ", trust_remote_code=True" if remote else ""
+    header = ["---", *([f"base_model: {hub}"] if hub else []), "tags:", "- fedhello",
+              "- federated-learning", "---", ""]  # fmt: skip
+    lines = [
+        *header,
+        "# A fedhello model, LoRA merged",
+        "",
+        f"`{model_name}`"
+        + (f" ({hub})" if hub and hub != model_name else "")
+        + f" with the LoRA adapter of the fedhello run `{run}` merged into its weights (fp32):"
+        " plain transformers loads it, no PEFT.",
+        "",
+        "```python",
+        f"from transformers import {auto_class}",
+        "",
+        f'model = {auto_class}.from_pretrained("path/to/this/folder"{trust})',
+        "```",
+    ]
+    if remote:
+        lines += [
+            "",
+            "Its head reads the pooling the run trained with (`modeling_fedhello_pooled.py`, in "
+            "this folder), not transformers' pooler: load it with `trust_remote_code=True` "
+            "(without it, transformers builds its stock head, which is a different model).",
+        ]
+    if model_name == "smollm2-135m":
+        lines += ["", "Base weights: those `make smollm2` dequantised from a Q4_1 GGUF, close "
+                  "to the hub model's, not equal."]  # fmt: skip
+    return "\n".join(lines) + "\n"
