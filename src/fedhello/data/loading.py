@@ -108,7 +108,7 @@ def load_tables(
                 f"data.name = {name!r}: folder is not a dataset saved with save_to_disk ({err})"
             ) from None
         return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"all": loaded}
-    if name.startswith((".", "/", "~")) or Path(name).suffix in FILE_FORMATS or name.count("/") > 1:
+    if names_a_file(name):
         raise DataError(f"data.name = {name!r}: file does not exist")
     if not allow_download:
         raise DataError(
@@ -279,3 +279,11 @@ def _carve_validation(
     n_val = round(cfg.validation_fraction * len(pool))
     return {"train": np.sort(perm[n_val:]), "validation": np.sort(perm[:n_val]),
             "test": offsets[test]}  # fmt: skip
+
+
+def names_a_file(name: str) -> bool:
+    """Whether ``data.name`` is written as a local path or file name (relative, absolute or
+    home, more than one slash, or a known file format's suffix), not a built-in or hub name."""
+    return (
+        name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in FILE_FORMATS
+    )

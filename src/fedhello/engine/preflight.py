@@ -24,7 +24,7 @@ def missing_paths(cfg: Config) -> list[UserError]:
     is not here (``fedhello.model.source.resolve_model_source``: a registry model not
     installed, a folder without config.json; ``fedhello.data.loading``: a path or a file name
     of a known format), as the errors a run would raise; a hub name is not looked up."""
-    from fedhello.data.loading import BUILTIN, FILE_FORMATS
+    from fedhello.data.loading import BUILTIN, names_a_file
     from fedhello.model.source import resolve_model_source
 
     found: list[UserError] = []
@@ -33,9 +33,7 @@ def missing_paths(cfg: Config) -> list[UserError]:
     except UserError as err:
         found.append(err)
     name = cfg.data.name
-    path_like = name.startswith((".", "/", "~")) or name.count("/") > 1
-    local = path_like or Path(name).suffix in FILE_FORMATS
-    if name not in BUILTIN and local and not Path(name).expanduser().exists():
+    if name not in BUILTIN and names_a_file(name) and not Path(name).expanduser().exists():
         found.append(DataError(f"data.name = {name!r}: file does not exist"))
     return found
 

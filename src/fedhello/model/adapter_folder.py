@@ -84,8 +84,9 @@ def hub_id(model_name: str) -> str | None:
     name; None for a local folder (its path means nothing on another machine)."""
     if model_name in HUB_IDS:
         return HUB_IDS[model_name]
-    looks_local = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1
-    if looks_local or Path(model_name).expanduser().exists():
+    from fedhello.model.source import names_a_path
+
+    if names_a_path(model_name) or Path(model_name).expanduser().exists():
         return None
     return model_name
 

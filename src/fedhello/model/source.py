@@ -97,7 +97,7 @@ def resolve_model_source(name: str, allow_download: bool) -> str:
                 "transformers model folder (save one with model.save_pretrained(folder))"
             )
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if names_a_path(name):
         raise ModelError(f"model.name = {name!r}: path does not exist")
     if not allow_download:
         raise ModelError(
@@ -139,3 +139,9 @@ def model_shape(source: str, task: str = "auto") -> tuple[str, int]:
     raise ModelError(
         f"model {source!r}: its config gives no block count (none of {', '.join(BLOCK_COUNT_KEYS)})"
     )
+
+
+def names_a_path(name: str) -> bool:
+    """Whether ``model.name`` is written as a path (relative, absolute or home, or with more
+    than one slash), not a registry or hub name (``org/model``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
