@@ -52,6 +52,17 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def cache_folder(cache_dir: str | Path | None) -> Path | None:
+    """``cache_dir`` as a folder (made when first written), refused in one line where a file
+    already stands."""
+    if cache_dir is None:
+        return None
+    path = Path(cache_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"cache_dir {str(cache_dir)!r} is a file; allowed: a folder (or none yet)")
+    return path
+
+
 def run_dir_for(cfg: Config, out: str | Path | None) -> RunDir:
     """``out``, or ``run.out_dir/<run name>``."""
     return RunDir(Path(out) if out is not None else Path(cfg.run.out_dir) / cfg.run_name())
@@ -67,6 +78,7 @@ def run(
     observer: Any = None,
     superlink: str | None = None,
     root_certificates: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run one federation and return its summary (also written to ``<out>/summary.json``).
 
@@ -75,12 +87,20 @@ def run(
     ``flower-sim`` (Flower's simulation) or ``flower`` (a SuperLink at ``superlink``, TLS with
     ``root_certificates``). ``resume``: a run directory to continue from its last complete
     round, with its own config (give no ``cfg`` or ``out`` then). ``observer``: progress hooks
-    (a :class:`fedhello.engine.core.Observer`).
+    (a :class:`fedhello.engine.core.Observer`). ``cache_dir``: a folder that keeps FedNCM's
+    round 0 (``train.head = "class-means"``) for any later run with the same fingerprint
+    (``fedhello.engine.round_zero``; embedded engine).
     """
     from fedhello.engine.core import Observer, RunOptions
+    from fedhello.engine.experiment import DataCache
 
     if engine not in ENGINES:
         raise UserError(f"engine = {engine!r}; allowed: {', '.join(ENGINES)}")
+    if cache_dir is not None and engine != "embedded":
+        raise UserError(
+            f"cache_dir with engine {engine!r}: Flower's sites compute round 0 themselves; "
+            "allowed: engine 'embedded'"
+        )
     if resume is not None:
         if cfg is not None or out is not None or overwrite:
             raise UserError(
@@ -100,7 +120,9 @@ def run(
     else:
         config = _config(cfg)
         run_dir = run_dir_for(config, out)
-    options = RunOptions(observer or Observer(), overwrite=overwrite, resume=resume is not None)
+    folder = cache_folder(cache_dir)
+    cache = DataCache(folder) if folder is not None else None
+    options = RunOptions(observer or Observer(), overwrite, resume is not None, cache)
     if engine == "flower":  # the deployed ServerApp writes the run and holds its lock
         from fedhello.engine.flower.runner import run_flower_deployment
 
@@ -155,12 +177,15 @@ def compare(
     baseline: str | None = None,
     on_cell: Callable[[Any, int, int], Any] | None = None,
     on_done: Callable[[Any, str], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Paired runs of ``strategies`` over ``seeds`` and ``partitions`` (default: the config's),
     reusing finished runs; writes the report into the comparison folder ``out`` and returns
     it: ``table``, ``paired`` (differences against ``baseline``), ``plots`` and ``out``.
 
     Strategies are names, ``name:shape`` or "all"; lists may be given as comma-separated text.
+    ``cache_dir``: a folder that keeps FedNCM's round 0 for later processes (see ``run``); a
+    comparison shares it between its strategies of one seed in any case.
     """
     from fedhello.studies.compare import run_compare
     from fedhello.studies.report import write_report
@@ -184,5 +209,6 @@ def compare(
     check_baseline(baseline, names, root)
     baseline = None if baseline is None else baseline.replace(":", "-")  # its runs' folder name
     with torch_threads(config.run.threads):
-        run_compare(config, root, names, seed_list, parts, on_cell=on_cell, on_done=on_done)
+        run_compare(config, root, names, seed_list, parts, on_cell=on_cell, on_done=on_done,
+                    cache_dir=cache_folder(cache_dir))  # fmt: skip
     return write_report(root, baseline=baseline) | {"out": str(root)}

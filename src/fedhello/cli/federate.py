@@ -80,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         observer=observer,
         superlink=args.superlink,
         root_certificates=args.root_certificates,
+        cache_dir=args.cache_dir,
     )
     Console().print(summary_table(summary, str(run_dir.path)))
     return 0
@@ -139,7 +140,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     result = fedhello.compare(
         cfg, args.strategies, args.seeds, args.partitions, args.out, baseline=args.baseline,
-        on_cell=on_cell, on_done=on_done,
+        on_cell=on_cell, on_done=on_done, cache_dir=args.cache_dir,
     )  # fmt: skip
     out = Path(result["out"])
     Console().print((out / "results.md").read_text())

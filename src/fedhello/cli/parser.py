@@ -17,6 +17,12 @@ DESCRIPTION = (
     "tabulate with fedhello report; plan, calibrate, export, eval and env explain the rest."
 )
 
+CACHE_HELP = (
+    "keep train.head = 'class-means' round 0 (every client's class sums) in DIR and reuse it "
+    "in any later run with the same model, input batches, seed and arithmetic (embedded "
+    "engine): bit-identical, so the metrics are the same"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhello", description=DESCRIPTION)
@@ -51,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last complete round"
     )
+    run.add_argument("--cache-dir", metavar="DIR", help=CACHE_HELP)
 
     val = sub.add_parser("validate", help="check a config and print it resolved")
     config_args(val)
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comparison folder (default: RUN.OUT_DIR/compare-<run.name>, compare-default when "
         "run.name is unset)",
     )
+    cmp.add_argument("--cache-dir", metavar="DIR", help=CACHE_HELP)
 
     rep = sub.add_parser("report", help="tables and plots again from saved metrics")
     rep.add_argument("path", help="a comparison folder or a run directory")

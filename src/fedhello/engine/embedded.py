@@ -8,19 +8,15 @@ simulation engine, which ``--engine flower-sim`` runs.)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from typing import Any
-
-import numpy as np
-import torch
 
 from fedhello.core.aggregation import State
 from fedhello.core.config import Config
 from fedhello.core.heads import ClassSums
 from fedhello.engine.core import Observer, RunOptions, run_federation
-from fedhello.engine.experiment import DataCache, Experiment
+from fedhello.engine.experiment import Experiment
+from fedhello.engine.round_zero import RoundZeroStore, round_zero_key
 from fedhello.engine.rounds import RoundPlan, RoundResults
 from fedhello.model.class_means import class_feature_sums
 from fedhello.model.step import LossScale
@@ -28,29 +24,6 @@ from fedhello.model.training import LocalTask, Shard, train_client
 from fedhello.store.runs import RunDir
 
 logger = logging.getLogger(__name__)
-
-
-def round_zero_key(exp: Experiment, state: State) -> str:
-    """A fingerprint of everything FedNCM's round 0 computes from: the data and its encoding,
-    the model and how it is read (source, pooling, device, precision, deterministic kernels,
-    this process's thread count, which the CPU's arithmetic depends on), the batches (batch
-    size, the seed that picks a large shard's subset, every shard's rows) and the state the
-    features are computed under. Equal fingerprints compute bit-identical class sums."""
-    cfg = exp.cfg
-    acc = exp.accelerator
-    h = hashlib.sha256()
-    parts = [
-        DataCache.key(cfg, exp.source, exp.task.name), exp.pooling, str(acc.device),
-        acc.precision, acc.base_precision, cfg.train.deterministic, cfg.train.eval_batch_size,
-        cfg.run.seed, torch.get_num_threads(),
-    ]  # fmt: skip
-    h.update(json.dumps(parts, sort_keys=True).encode())
-    for rows in exp.shards:
-        h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes() + b"|")
-    for key in sorted(state):
-        value = np.ascontiguousarray(state[key])
-        h.update(f"{key}:{value.dtype}:{value.shape}".encode() + value.tobytes())
-    return h.hexdigest()
 
 
 class EmbeddedEngine:
@@ -90,21 +63,30 @@ class EmbeddedEngine:
     def class_sums(self, exp: Experiment, state: State) -> tuple[list[ClassSums], dict[int, str]]:
         """Every client's class sums, in client order (FedNCM's round 0). With a cache shared
         between runs (a comparison's), the sums of an earlier run with the same fingerprint
-        (``round_zero_key``: its strategies of one seed) are reused: they are bit-identical,
-        and round 0 is a quarter of a skew study's run."""
+        (``round_zero_key``: its strategies of one seed) are reused, and with a cache folder
+        (``--cache-dir``) those of an earlier process: they are bit-identical, and round 0
+        costs about as much as a comparison's 10 rounds of training."""
         cache = exp.cache
         key = round_zero_key(exp, state) if cache is not None else None
         if cache is not None and cache.round_zero is not None and cache.round_zero[0] == key:
             logger.info("round 0: the class sums of an earlier run with the same data, model, "
                         "seed and initial state, reused")  # fmt: skip
             return list(cache.round_zero[1]), {}
-        cfg, out = exp.cfg, []
-        for client, rows in enumerate(exp.shards):
-            sums, counts = class_feature_sums(
-                exp.model, Shard(exp.encoded, rows), state, cfg.train.eval_batch_size,
-                exp.accelerator, seed=cfg.run.seed, client=client,
-            )  # fmt: skip
-            out.append(ClassSums(client, sums, counts))
+        store = RoundZeroStore(cache.round_zero_dir) if cache and cache.round_zero_dir else None
+        kept = store.load(key) if store is not None and key is not None else None
+        if kept is not None and store is not None and key is not None:
+            logger.info("round 0: the class sums kept in %s, reused", store.path(key))
+            out = kept
+        else:
+            cfg, out = exp.cfg, []
+            for client, rows in enumerate(exp.shards):
+                sums, counts = class_feature_sums(
+                    exp.model, Shard(exp.encoded, rows), state, cfg.train.eval_batch_size,
+                    exp.accelerator, seed=cfg.run.seed, client=client,
+                )  # fmt: skip
+                out.append(ClassSums(client, sums, counts))
+            if store is not None and key is not None:
+                store.save(key, out)
         if cache is not None and key is not None:
             cache.round_zero = (key, out)
         return out, {}

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,13 +52,15 @@ class DataCache:
     makes one per comparison) and it holds one dataset at a time, so memory stays bounded.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, round_zero_dir: Path | None = None) -> None:
         self._key: str | None = None
         self._value: tuple[RawData, ModelInputs | None] | None = None
         # FedNCM's round 0 of the last run that computed one: its fingerprint and every
-        # client's class sums (``fedhello.engine.embedded.round_zero_key``). A comparison's
+        # client's class sums (``fedhello.engine.round_zero.round_zero_key``). A comparison's
         # strategies of one seed share it: same data, shards, model and initial state.
         self.round_zero: tuple[str, list[Any]] | None = None
+        # and a folder that keeps them for other processes (``fedhello.engine.round_zero``)
+        self.round_zero_dir = round_zero_dir
 
     @staticmethod
     def key(cfg: Config, source: str, task: str) -> str:

@@ -202,6 +202,7 @@ def run_compare(
     partitions: Sequence[str],
     on_cell: Callable[[Cell, int, int], Observer | None] | None = None,
     on_done: Callable[[Cell, str], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> list[Cell]:
     """Run every cell (reusing finished ones) and write ``compare.json``. A model path, data
     file or device missing here is refused before anything is written
@@ -218,7 +219,7 @@ def run_compare(
     check_folder(root)
     check_here(configs[cells[0]])  # a missing model, data file or device: before any write
     _write_spec(base, root, strategies, seeds, partitions)
-    cache = DataCache()  # every cell reads the same data: load and tokenise it once
+    cache = DataCache(cache_dir)  # every cell reads the same data: load and tokenise it once
     for i in range(len(cells)):
         _one_cell(cells, i, configs, root, cache, on_cell, on_done)
     return cells

@@ -1,0 +1,118 @@
+"""FedNCM's round 0 kept in a folder (``--cache-dir``): reused bit for bit by a later process
+with the same fingerprint, recomputed when anything it reads differs or the file is damaged."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import tiny_overrides
+from helpers import strip_timing
+
+from fedhello.cli import main
+from fedhello.store.runs import RunDir
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The clients whose class sums were computed (not reused), in order."""
+    import fedhello.engine.embedded as embedded
+
+    computed: list[int] = []
+    real = embedded.class_feature_sums
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        computed.append(kwargs["client"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedded, "class_feature_sums", counting)
+    return computed
+
+
+def _args(tiny_bert_dir: Path, tiny_text_csv: Path, *extra: str) -> list[str]:
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', train__head='"class-means"')  # fmt: skip
+    args = list(extra)
+    for o in ov:
+        args += ["--set", o]
+    return args
+
+
+def test_a_kept_round_zero_is_reused_by_a_later_process_and_changes_no_metric(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted: list[int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A comparison keeps its round 0 in the folder; a later run of one of its cells reads it
+    instead of computing it, and writes the metrics the comparison's run wrote; another seed
+    (other shards, another initial state) computes its own."""
+    cache = tmp_path / "cache"
+    root = tmp_path / "c"
+    assert main(["compare", *_args(tiny_bert_dir, tiny_text_csv), "--strategies", "fedra",
+                 "--seeds", "0", "--partitions", "iid", "--out", str(root),
+                 "--cache-dir", str(cache)]) == 0  # fmt: skip
+    assert counted == [0, 1, 2, 3, 4, 5, 0]  # fedra's six clients, the reference's one
+    assert len(list(cache.glob("round0-*.safetensors"))) == 2  # fedra's and the reference's
+    cell = RunDir(root / "runs" / "iid" / "fedra" / "seed0")
+    again = tmp_path / "again"
+    with caplog.at_level(logging.INFO, logger="fedhello.engine.embedded"):
+        assert main(["run", str(cell.config_path), "--out", str(again),
+                     "--cache-dir", str(cache)]) == 0  # fmt: skip
+    assert counted == [0, 1, 2, 3, 4, 5, 0]  # nothing computed: read from the folder
+    assert "class sums kept in" in caplog.text
+    assert strip_timing(RunDir(again).read_metrics()) == strip_timing(cell.read_metrics())
+
+    other = tmp_path / "seed1"
+    assert main(["run", str(cell.config_path), "--set", "run.seed=1", "--out", str(other),
+                 "--cache-dir", str(cache)]) == 0  # fmt: skip
+    assert counted[7:] == [0, 1, 2, 3, 4, 5]  # another fingerprint: computed
+    assert len(list(cache.glob("round0-*.safetensors"))) == 3
+
+
+def test_a_damaged_kept_round_zero_is_computed_again_and_rewritten(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted: list[int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    cache = tmp_path / "cache"
+    first = tmp_path / "first"
+    args = _args(tiny_bert_dir, tiny_text_csv, "--cache-dir", str(cache))
+    assert main(["run", *args, "--out", str(first)]) == 0
+    (kept,) = cache.glob("round0-*.safetensors")
+    kept.write_bytes(kept.read_bytes()[:100])  # a truncated file (a disk full, a killed copy)
+    second = tmp_path / "second"
+    with caplog.at_level(logging.WARNING):
+        assert main(["run", *args, "--out", str(second)]) == 0
+    assert "cannot be reused" in caplog.text
+    assert counted == [0, 1, 2, 3, 4, 5] * 2
+    assert strip_timing(RunDir(second).read_metrics()) == strip_timing(RunDir(first).read_metrics())
+    third = tmp_path / "third"
+    assert main(["run", *args, "--out", str(third)]) == 0  # the rewritten file is whole
+    assert counted == [0, 1, 2, 3, 4, 5] * 2
+
+
+def test_a_kept_round_zero_is_not_reused_under_another_thread_count(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted: list[int]
+) -> None:
+    """The CPU's sums depend on how many threads split them: part of the fingerprint."""
+    cache = tmp_path / "cache"
+    args = _args(tiny_bert_dir, tiny_text_csv, "--cache-dir", str(cache))
+    assert main(["run", *args, "--set", "run.threads=1", "--out", str(tmp_path / "a")]) == 0
+    assert main(["run", *args, "--set", "run.threads=2", "--out", str(tmp_path / "b")]) == 0
+    assert counted == [0, 1, 2, 3, 4, 5] * 2
+    assert len(list(cache.glob("round0-*.safetensors"))) == 2
+
+
+def test_cache_dir_bad_input_is_one_line(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    args = _args(tiny_bert_dir, tiny_text_csv, "--out", str(tmp_path / "r"))
+    assert main(["run", *args, "--cache-dir", str(a_file)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file" in err and str(a_file) in err
+    assert main(["run", *args, "--cache-dir", str(tmp_path / "d"), "--engine", "flower-sim"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "allowed: engine 'embedded'" in err
+    assert not (tmp_path / "r").exists()
