@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -190,6 +191,22 @@ def peft_test_accuracy(
     recorded = RunDir(run_dir).recorded_precision() or {"precision": "fp32"}
     accelerator = resolve("cpu", precision or recorded["precision"], "fp32")
     return evaluate(model, data, raw.splits[split], 64, accelerator)["accuracy"]
+
+
+@pytest.fixture
+def counted_class_sums(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The clients whose class sums the embedded engine computed (not reused), in order."""
+    import fedhello.engine.embedded as embedded
+
+    computed: list[int] = []
+    real = embedded.class_feature_sums
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        computed.append(kwargs["client"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedded, "class_feature_sums", counting)
+    return computed
 
 
 def crash_after(finished: Path, crashed: Path, round_: int) -> Path:

@@ -569,23 +569,12 @@ def test_class_means_on_the_flower_simulation_equals_embedded(
 
 
 def test_a_comparisons_strategies_of_one_seed_share_round_zero_bit_for_bit(
-    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted_class_sums: list[int]
 ) -> None:
     """FedNCM's round 0 depends on the data, shards, model and initial state, not on the
     strategy: a comparison computes it once per seed and reuses it, and the reusing run's
     metrics equal the same run made alone (timing aside)."""
-    import fedhello.engine.embedded as embedded
-    from fedhello.cli import main
-    from fedhello.store.runs import RunDir
-
-    computed: list[int] = []
-    real = embedded.class_feature_sums
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        computed.append(kwargs["client"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(embedded, "class_feature_sums", counting)
+    computed = counted_class_sums
     ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
                         data__label_column='"topic"', train__head='"class-means"')  # fmt: skip
     root = tmp_path / "c"

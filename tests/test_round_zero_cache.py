@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import tiny_overrides
@@ -13,22 +12,6 @@ from helpers import strip_timing
 
 from fedhello.cli import main
 from fedhello.store.runs import RunDir
-
-
-@pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The clients whose class sums were computed (not reused), in order."""
-    import fedhello.engine.embedded as embedded
-
-    computed: list[int] = []
-    real = embedded.class_feature_sums
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        computed.append(kwargs["client"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(embedded, "class_feature_sums", counting)
-    return computed
 
 
 def _args(tiny_bert_dir: Path, tiny_text_csv: Path, *extra: str) -> list[str]:
@@ -41,7 +24,7 @@ def _args(tiny_bert_dir: Path, tiny_text_csv: Path, *extra: str) -> list[str]:
 
 
 def test_a_kept_round_zero_is_reused_by_a_later_process_and_changes_no_metric(
-    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted: list[int],
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted_class_sums: list[int],
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     """A comparison keeps its round 0 in the folder; a later run of one of its cells reads it
@@ -52,26 +35,26 @@ def test_a_kept_round_zero_is_reused_by_a_later_process_and_changes_no_metric(
     assert main(["compare", *_args(tiny_bert_dir, tiny_text_csv), "--strategies", "fedra",
                  "--seeds", "0", "--partitions", "iid", "--out", str(root),
                  "--cache-dir", str(cache)]) == 0  # fmt: skip
-    assert counted == [0, 1, 2, 3, 4, 5, 0]  # fedra's six clients, the reference's one
+    assert counted_class_sums == [0, 1, 2, 3, 4, 5, 0]  # fedra's six clients, the reference's one
     assert len(list(cache.glob("round0-*.safetensors"))) == 2  # fedra's and the reference's
     cell = RunDir(root / "runs" / "iid" / "fedra" / "seed0")
     again = tmp_path / "again"
     with caplog.at_level(logging.INFO, logger="fedhello.engine.embedded"):
         assert main(["run", str(cell.config_path), "--out", str(again),
                      "--cache-dir", str(cache)]) == 0  # fmt: skip
-    assert counted == [0, 1, 2, 3, 4, 5, 0]  # nothing computed: read from the folder
+    assert counted_class_sums == [0, 1, 2, 3, 4, 5, 0]  # nothing computed: read from the folder
     assert "class sums kept in" in caplog.text
     assert strip_timing(RunDir(again).read_metrics()) == strip_timing(cell.read_metrics())
 
     other = tmp_path / "seed1"
     assert main(["run", str(cell.config_path), "--set", "run.seed=1", "--out", str(other),
                  "--cache-dir", str(cache)]) == 0  # fmt: skip
-    assert counted[7:] == [0, 1, 2, 3, 4, 5]  # another fingerprint: computed
+    assert counted_class_sums[7:] == [0, 1, 2, 3, 4, 5]  # another fingerprint: computed
     assert len(list(cache.glob("round0-*.safetensors"))) == 3
 
 
 def test_a_damaged_kept_round_zero_is_computed_again_and_rewritten(
-    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted: list[int],
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted_class_sums: list[int],
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     cache = tmp_path / "cache"
@@ -84,22 +67,22 @@ def test_a_damaged_kept_round_zero_is_computed_again_and_rewritten(
     with caplog.at_level(logging.WARNING):
         assert main(["run", *args, "--out", str(second)]) == 0
     assert "cannot be reused" in caplog.text
-    assert counted == [0, 1, 2, 3, 4, 5] * 2
+    assert counted_class_sums == [0, 1, 2, 3, 4, 5] * 2
     assert strip_timing(RunDir(second).read_metrics()) == strip_timing(RunDir(first).read_metrics())
     third = tmp_path / "third"
     assert main(["run", *args, "--out", str(third)]) == 0  # the rewritten file is whole
-    assert counted == [0, 1, 2, 3, 4, 5] * 2
+    assert counted_class_sums == [0, 1, 2, 3, 4, 5] * 2
 
 
 def test_a_kept_round_zero_is_not_reused_under_another_thread_count(
-    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted: list[int]
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path, counted_class_sums: list[int]
 ) -> None:
     """The CPU's sums depend on how many threads split them: part of the fingerprint."""
     cache = tmp_path / "cache"
     args = _args(tiny_bert_dir, tiny_text_csv, "--cache-dir", str(cache))
     assert main(["run", *args, "--set", "run.threads=1", "--out", str(tmp_path / "a")]) == 0
     assert main(["run", *args, "--set", "run.threads=2", "--out", str(tmp_path / "b")]) == 0
-    assert counted == [0, 1, 2, 3, 4, 5] * 2
+    assert counted_class_sums == [0, 1, 2, 3, 4, 5] * 2
     assert len(list(cache.glob("round0-*.safetensors"))) == 2
 
 
