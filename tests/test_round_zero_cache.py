@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import tiny_overrides
@@ -98,4 +99,77 @@ def test_cache_dir_bad_input_is_one_line(
     assert main(["run", *args, "--cache-dir", str(tmp_path / "d"), "--engine", "flower-sim"]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "allowed: engine 'embedded'" in err
+    assert main(["run", *args, "--cache-dir", ""]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "names no folder" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_fingerprint_changes_with_anything_round_zero_reads(
+    tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    """Two builds of one experiment agree; one ulp in a frozen base weight, one token of an
+    example a client sums, a non-persistent buffer (BERT's position ids, outside state_dict)
+    or the model's config each change the fingerprint."""
+    import numpy as np
+    import torch
+
+    from fedhello.core.config import load_config
+    from fedhello.engine.experiment import build_experiment
+    from fedhello.engine.round_zero import round_zero_key
+
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', train__head='"class-means"')  # fmt: skip
+    exp = build_experiment(load_config(None, ov))
+    key = round_zero_key(exp, exp.init_state)
+    assert round_zero_key(build_experiment(load_config(None, ov)), exp.init_state) == key
+
+    frozen = next(p for _, p in exp.model.named_parameters() if not p.requires_grad)
+    with torch.no_grad():
+        old = frozen.view(-1)[0].item()
+        frozen.view(-1)[0] = float(np.nextafter(np.float32(old), np.float32(np.inf)))
+        assert round_zero_key(exp, exp.init_state) != key
+        frozen.view(-1)[0] = old
+    assert round_zero_key(exp, exp.init_state) == key
+
+    ids = exp.encoded.features["input_ids"]  # type: ignore[attr-defined]
+    row = int(exp.shards[0][0])
+    ids[row, 1] += 1
+    assert round_zero_key(exp, exp.init_state) != key
+    ids[row, 1] -= 1
+
+    persistent = dict(exp.model.state_dict())
+    name, buffer = next((n, b) for n, b in exp.model.named_buffers() if n not in persistent)
+    assert "position_ids" in name or "token_type_ids" in name
+    buffer.add_(1)
+    assert round_zero_key(exp, exp.init_state) != key
+    buffer.sub_(1)
+
+    config = exp.model.get_base_model().config
+    config.layer_norm_eps *= 2
+    assert round_zero_key(exp, exp.init_state) != key
+    config.layer_norm_eps /= 2
+    assert round_zero_key(exp, exp.init_state) == key
+
+
+def test_a_folder_that_cannot_be_written_costs_the_reuse_not_the_run(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_text_csv: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """safetensors raises its own error (not an OSError) on a full disk or a read-only
+    folder: the run still finishes, and says why nothing was kept."""
+    from safetensors import SafetensorError
+
+    import fedhello.engine.round_zero as round_zero
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        raise SafetensorError("Error while serializing: No space left on device")
+
+    monkeypatch.setattr(round_zero, "save_file", failing)
+    cache = tmp_path / "cache"
+    args = _args(tiny_bert_dir, tiny_text_csv, "--cache-dir", str(cache))
+    with caplog.at_level(logging.WARNING):
+        assert main(["run", *args, "--out", str(tmp_path / "r")]) == 0
+    assert "cannot keep the class sums" in caplog.text
+    assert not list(cache.glob("*"))  # no temporary file left behind
+    assert RunDir(tmp_path / "r").summary_path.is_file()

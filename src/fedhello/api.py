@@ -57,9 +57,17 @@ def cache_folder(cache_dir: str | Path | None) -> Path | None:
     already stands."""
     if cache_dir is None:
         return None
+    if not str(cache_dir).strip():
+        raise UserError("cache_dir '' names no folder; allowed: a folder path")
     path = Path(cache_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"cache_dir {str(cache_dir)!r} is a file; allowed: a folder (or none yet)")
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserError(
+                f"cache_dir {str(cache_dir)!r} is a file; allowed: a folder (or none yet)"
+            )
+    except OSError as e:
+        raise UserError(f"cache_dir {str(cache_dir)!r} cannot be read ({e.strerror}); "
+                        "allowed: a folder this user may read and write") from e  # fmt: skip
     return path
 
 

@@ -19,8 +19,8 @@ DESCRIPTION = (
 
 CACHE_HELP = (
     "keep train.head = 'class-means' round 0 (every client's class sums) in DIR and reuse it "
-    "in any later run with the same model, input batches, seed and arithmetic (embedded "
-    "engine): bit-identical, so the metrics are the same"
+    "in any later run with the same model, input batches, seed, machine and arithmetic "
+    "(embedded engine): on a CPU the metrics are those the run would compute"
 )
 
 

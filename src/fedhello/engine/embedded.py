@@ -18,7 +18,7 @@ from fedhello.engine.core import Observer, RunOptions, run_federation
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.round_zero import RoundZeroStore, round_zero_key
 from fedhello.engine.rounds import RoundPlan, RoundResults
-from fedhello.model.class_means import class_feature_sums
+from fedhello.model.class_means import class_feature_sums, linear_head
 from fedhello.model.step import LossScale
 from fedhello.model.training import LocalTask, Shard, train_client
 from fedhello.store.runs import RunDir
@@ -73,7 +73,11 @@ class EmbeddedEngine:
                         "seed and initial state, reused")  # fmt: skip
             return list(cache.round_zero[1]), {}
         store = RoundZeroStore(cache.round_zero_dir) if cache and cache.round_zero_dir else None
-        kept = store.load(key) if store is not None and key is not None else None
+        kept = None
+        if store is not None and key is not None:
+            linear = linear_head(exp.model)[1]
+            shape = (linear.out_features, linear.in_features)
+            kept = store.load(key, len(exp.shards), shape)
         if kept is not None and store is not None and key is not None:
             logger.info("round 0: the class sums kept in %s, reused", store.path(key))
             out = kept

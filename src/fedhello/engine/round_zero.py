@@ -9,27 +9,36 @@ one seed share it in memory (``DataCache.round_zero``), and with a cache folder 
 processes: a comparison grown by more strategies, or another study on the same clients.
 
 The fingerprint is of content, not of names, because a folder outlives the files a config
-names: every tensor of the model (the frozen base included, after the state is loaded), the
-exact input batches each client sums, and the arithmetic (device, precision, deterministic
-kernels, thread count, torch, transformers and fedhello's numerics version). Equal fingerprints
-compute bit-identical sums, so a run that reuses them writes the metrics.jsonl it would have
-written (only round 0's seconds, timing, differ). A file that cannot be read or does not match
-its name is recomputed and rewritten, with a warning; it never stops a run.
+names: every parameter and buffer of the model (the frozen base included, after the state is
+loaded; non-persistent buffers such as BERT's position ids too), the base model's config and
+the adapter's, the exact input batches each client sums, and the arithmetic: the device and
+the machine behind it (CPU model and instruction set, or the GPU and its CUDA and cuDNN
+versions), precision, the determinism settings in force in the process, float32 matmul
+precision, thread count, and the versions of torch, transformers, peft, numpy and fedhello's
+numerics. On a CPU, and on a GPU in deterministic mode, equal fingerprints compute bit-identical
+sums, so a run that reuses them writes the metrics.jsonl it would have written (only round 0's
+seconds, timing, differ); on a GPU without it a recomputation would itself differ by rounding.
+A file that cannot be read or does not match is recomputed and rewritten, with a warning, and a
+folder that cannot be written costs the reuse, not the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import peft
 import torch
 import transformers
+from peft import PeftModel
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -37,7 +46,9 @@ from fedhello.core.aggregation import State
 from fedhello.core.heads import ClassSums
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.engine.experiment import DataCache, Experiment
+from fedhello.model.accelerator import Accelerator, cpu_name
 from fedhello.model.class_means import summed_rows
+from fedhello.model.determinism import missing_settings
 from fedhello.model.lora import set_state
 
 logger = logging.getLogger(__name__)
@@ -52,21 +63,44 @@ def _tensor(h: Any, name: str, value: torch.Tensor | np.ndarray) -> None:
     h.update(array.tobytes())
 
 
+def machine_facts(acc: Accelerator) -> list[Any]:
+    """What the arithmetic depends on beyond the config: the hardware's kernels and the
+    process's numerical settings (the config's ``train.deterministic`` is a request; what is in
+    force is ``missing_settings``)."""
+    facts: list[Any] = [
+        platform.machine(), cpu_name(), torch.backends.cpu.get_cpu_capability(),
+        torch.get_num_threads(), torch.get_float32_matmul_precision(), missing_settings(),
+    ]  # fmt: skip
+    if acc.device.type == "cuda":
+        facts += [
+            torch.cuda.get_device_name(acc.device), torch.cuda.get_device_capability(acc.device),
+            torch.version.cuda, torch.backends.cudnn.version(),
+        ]  # fmt: skip
+    return facts
+
+
 def round_zero_key(exp: Experiment, state: State) -> str:
     """The fingerprint of FedNCM's round 0 of ``exp`` under ``state`` (the module docstring
     says what it covers). Loads ``state`` into the model, as round 0 does."""
-    cfg, acc = exp.cfg, exp.accelerator
+    cfg, acc, model = exp.cfg, exp.accelerator, exp.model
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    adapters = getattr(model, "peft_config", {})
+    config: Any = getattr(base, "config", None)  # a transformers PretrainedConfig
     h = hashlib.sha256()
     parts = [
-        KIND, NUMERICS_VERSION, torch.__version__, transformers.__version__,
-        DataCache.key(cfg, exp.source, exp.task.name), exp.pooling, str(acc.device),
-        acc.precision, acc.base_precision, cfg.train.deterministic, cfg.train.eval_batch_size,
-        cfg.run.seed, torch.get_num_threads(), len(exp.shards),
+        KIND, NUMERICS_VERSION, torch.__version__, transformers.__version__, peft.__version__,
+        np.__version__, DataCache.key(cfg, exp.source, exp.task.name), exp.pooling,
+        str(acc.device), acc.precision, acc.base_precision, cfg.train.eval_batch_size,
+        cfg.run.seed, len(exp.shards), machine_facts(acc),
+        None if config is None else config.to_json_string(),
+        getattr(config, "_attn_implementation", None),
+        {name: c.to_dict() for name, c in adapters.items()},
     ]  # fmt: skip
-    h.update(json.dumps(parts, sort_keys=True).encode())
-    set_state(exp.model, state)
-    with torch.no_grad():  # every tensor the forward reads: base, adapters and head
-        for name, tensor in sorted(exp.model.state_dict().items()):
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    set_state(model, state)
+    with torch.no_grad():  # every tensor the forward reads: base, adapters, head, buffers
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        for name, tensor in sorted(tensors, key=lambda item: item[0]):
             # numpy has no bf16: its exact float32 values, the dtype in the name
             value = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
             _tensor(h, f"{name}:{tensor.dtype}", value)
@@ -92,26 +126,27 @@ class RoundZeroStore:
     def path(self, key: str) -> Path:
         return self.folder / f"round0-{key}.safetensors"
 
-    def load(self, key: str) -> list[ClassSums] | None:
-        """The sums stored under ``key``, or None (absent, unreadable or not matching)."""
+    def load(self, key: str, clients: int, shape: tuple[int, int]) -> list[ClassSums] | None:
+        """The sums stored under ``key``, or None (absent, unreadable or not matching): one
+        entry for each of ``clients`` clients, in order, each ``shape`` (classes x features)."""
         path = self.path(key)
-        if not path.is_file():
-            return None
         try:
+            if not path.is_file():
+                return None
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
                 if meta.get("kind") != KIND or meta.get("fingerprint") != key:
                     raise ValueError("its metadata names another fingerprint")
-                clients = json.loads(meta["clients"])
-                out = [
-                    ClassSums(int(c), f.get_tensor(f"{c}.sums"), f.get_tensor(f"{c}.counts"))
-                    for c in clients
-                ]
+                ids = json.loads(meta["clients"])
+                if ids != list(range(clients)):
+                    raise ValueError(f"it holds clients {ids}, not 0-{clients - 1}")
+                out = [ClassSums(c, f.get_tensor(f"{c}.sums"), f.get_tensor(f"{c}.counts"))
+                       for c in ids]  # fmt: skip
             for s in out:
-                if (s.sums.dtype != np.float64 or s.counts.dtype != np.int64 or s.sums.ndim != 2
-                        or s.counts.shape != s.sums.shape[:1]):  # fmt: skip
+                if (s.sums.dtype != np.float64 or s.counts.dtype != np.int64
+                        or s.sums.shape != shape or s.counts.shape != shape[:1]):  # fmt: skip
                     raise ValueError(f"client {s.client}'s tensors have the wrong shape or type")
-        except Exception as e:  # any damage means: compute it again
+        except Exception as e:  # any damage (or a folder we may not read): compute it again
             logger.warning("round 0: %s cannot be reused (%s); computing it again", path, e)
             return None
         return out
@@ -130,6 +165,7 @@ class RoundZeroStore:
             self.folder.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
+        except Exception as e:  # safetensors' own I/O error is no OSError
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             logger.warning("round 0: cannot keep the class sums in %s (%s)", self.folder, e)
