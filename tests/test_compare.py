@@ -102,9 +102,9 @@ def test_plots_are_written_and_not_blank(compare_dir: Path) -> None:
     kinds = {p.name.rsplit("-", 1)[0] for p in plots}
     assert kinds == {
         "accuracy", "coverage-heatmap", "coverage-vs-target", "client-cost",
-        "accuracy-vs-resources",
+        "accuracy-vs-resources", "paired.png",
     }  # fmt: skip
-    assert len(plots) == 10  # five kinds x two partitions
+    assert len(plots) == 11  # five kinds x two partitions, and the paired differences
     for p in plots:
         img = mpimg.imread(p)
         assert img.shape[0] > 200 and img.std() > 0.01, p.name
@@ -113,7 +113,7 @@ def test_plots_are_written_and_not_blank(compare_dir: Path) -> None:
 def test_report_regenerates_from_saved_metrics(compare_dir: Path, tmp_path: Path) -> None:
     assert main(["report", str(compare_dir), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.md").read_text() == (compare_dir / "results.md").read_text()
-    assert len(list((tmp_path / "plots").glob("*.png"))) == 10
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 11
     single = _run(compare_dir, "iid", "fedra", 0).path
     assert main(["report", str(single), "--out", str(tmp_path / "one")]) == 0
     assert "fedra" in (tmp_path / "one" / "results.md").read_text()
@@ -253,7 +253,7 @@ def test_the_paired_interval_is_students_t() -> None:
 
 
 def test_seeds_to_settle_is_the_first_n_whose_interval_excludes_zero() -> None:
-    from fedhello.studies.paired import SETTLE_CAP, _settle, seeds_to_settle
+    from fedhello.studies.paired import SETTLE_CAP, seeds_to_settle, settle_text
 
     # mean 0.3, sd 0.9: t(0.975, 36) = 2.0281 -> 2.0281 x 0.9 / sqrt(37) = 0.30008 >= 0.3;
     # t(0.975, 37) = 2.0262 -> 2.0262 x 0.9 / sqrt(38) = 0.29583 < 0.3 (tables' values)
@@ -266,9 +266,9 @@ def test_seeds_to_settle_is_the_first_n_whose_interval_excludes_zero() -> None:
     assert seeds_to_settle(0.0, 1.0) is None and seeds_to_settle(1.0, float("nan")) is None
     assert seeds_to_settle(0.01, 5.0) == SETTLE_CAP + 1
     row = {"final_diff_ci95_low": -0.7, "final_diff_ci95_high": 1.4, "seeds_to_settle": 38}
-    assert _settle(row) == "38"
-    assert _settle(row | {"final_diff_ci95_low": 0.2}) == "settled"
-    assert _settle(row | {"seeds_to_settle": SETTLE_CAP + 1}) == f"> {SETTLE_CAP}"
+    assert settle_text(row) == "38"
+    assert settle_text(row | {"final_diff_ci95_low": 0.2}) == "settled"
+    assert settle_text(row | {"seeds_to_settle": SETTLE_CAP + 1}) == f"> {SETTLE_CAP}"
 
 
 def test_paired_differences_equal_an_independent_computation(

@@ -152,9 +152,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedhello.studies.report import write_report
 
-    out = Path(args.out) if args.out else Path(args.path)
-    result = write_report(Path(args.path), out, baseline=args.baseline)
+    if len(args.path) > 1:
+        return report_regimes(args)
+    if args.strategies:
+        raise UserError("--strategies picks the rows of a report across comparisons; allowed: "
+                        "with several folders")  # fmt: skip
+    (path,) = args.path
+    out = Path(args.out) if args.out else Path(path)
+    result = write_report(Path(path), out, baseline=args.baseline)
     print((out / "results.md").read_text(), end="")
     print((out / "paired.md").read_text(), end="")
     print(f"{len(result['plots'])} plots in {out / 'plots'}", file=sys.stderr)
+    return 0
+
+
+def report_regimes(args: argparse.Namespace) -> int:
+    """``fedhello report DIR DIR ... --out OUT``: the paired rows of every folder side by side
+    (``fedhello.studies.regimes``)."""
+    from fedhello.studies.regimes import write_regimes_report
+
+    if not args.out:
+        raise UserError(
+            f"report of {len(args.path)} folders: --out is needed (where regimes.md goes); "
+            "allowed: a folder"
+        )
+    wanted = [s.strip().replace(":", "-") for s in (args.strategies or "").split(",") if s.strip()]
+    folders = [Path(p) for p in args.path]
+    result = write_regimes_report(folders, Path(args.out), args.baseline, wanted or None)
+    print((Path(args.out) / "regimes.md").read_text(), end="")
+    print(f"{len(result['rows'])} rows; {result['files'][-1]}", file=sys.stderr)
     return 0

@@ -85,9 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--cache-dir", metavar="DIR", help=CACHE_HELP)
 
-    rep = sub.add_parser("report", help="tables and plots again from saved metrics")
-    rep.add_argument("path", help="a comparison folder or a run directory")
-    rep.add_argument("--out", help="where to write (default: the folder itself)")
+    rep = sub.add_parser(
+        "report", help="tables and plots again from saved metrics, or across comparisons"
+    )
+    rep.add_argument(
+        "path", nargs="+",
+        help="a comparison folder or a run directory; several comparison folders: one paired "
+        "table and forest plot across them (regimes.md, regimes.csv, regimes.png in --out)",
+    )  # fmt: skip
+    rep.add_argument(
+        "--out", help="where to write (default: the folder itself; required with several)"
+    )
+    rep.add_argument(
+        "--strategies", help="with several folders: only these strategies' rows (comma-separated)"
+    )
     exp = sub.add_parser("export", help="a finished run as a standalone model (LoRA merged in)")
     exp.add_argument("run_dir", help="a finished run directory")
     exp.add_argument(

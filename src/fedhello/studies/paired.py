@@ -126,6 +126,7 @@ def paired_differences(
                     "losses": sum(d < 0 for d in final),
                     "val_selected_diff_mean": mean_std(chosen)[0],
                     "val_selected_diff_std": mean_std(chosen)[1],
+                    "final_diffs": final,  # per common seed, in seed order (the plot's dots)
                 }
             )
     return rows
@@ -143,7 +144,7 @@ def _selected_differences(scoring: Scoring, pairs: list[tuple[RunData, RunData]]
     return diffs
 
 
-def _interval(low: float, high: float) -> str:
+def interval_text(low: float, high: float) -> str:
     return "-" if low != low else f"[{low:+.1f}, {high:+.1f}]"  # nan: fewer than 2 seeds
 
 
@@ -154,7 +155,7 @@ def _diff(row: dict[str, Any], name: str) -> str:
     return mean if row["seeds"] < 2 else f"{mean} ± {row[name + '_std']:.1f}"
 
 
-def _settle(row: dict[str, Any]) -> str:
+def settle_text(row: dict[str, Any]) -> str:
     """``settled`` (the interval excludes 0), the seeds it would take, or ``-`` (no gap)."""
     low, high, n = row["final_diff_ci95_low"], row["final_diff_ci95_high"], row["seeds_to_settle"]
     if low == low and (low > 0 or high < 0):
@@ -195,7 +196,8 @@ def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCUR
         lines.append(
             f"| {r['partition']} | {r['strategy']} | {r['baseline']} | {r['seeds']} | "
             f"{_diff(r, 'final_diff')} | "
-            f"{_interval(r['final_diff_ci95_low'], r['final_diff_ci95_high'])} | {_settle(r)} | "
+            f"{interval_text(r['final_diff_ci95_low'], r['final_diff_ci95_high'])} | "
+            f"{settle_text(r)} | "
             f"{r['wins']} / {r['ties']} / {r['losses']} | "
             f"{chosen} |"
         )
@@ -205,4 +207,10 @@ def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCUR
         columns = list(rows[0]) if rows else ["partition", "strategy", "baseline", "seeds"]
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([csv_row(r) for r in rows])
+
+
+def csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` for a CSV cell each: the per-seed differences as space-separated points."""
+    diffs = row.get("final_diffs")
+    return row if diffs is None else {**row, "final_diffs": " ".join(f"{d:+.4f}" for d in diffs)}

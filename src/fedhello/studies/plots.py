@@ -1,7 +1,7 @@
 """Pictures of a comparison (matplotlib, written as PNG): accuracy curves (a generative task's
-loss curves) with seed bands,
-layer x round coverage heatmaps, realized coverage vs the target shape, and client cost
-against budget and against the lowest trained layer."""
+loss curves) with seed bands, layer x round coverage heatmaps, realized coverage vs the target
+shape, client cost against budget and against the lowest trained layer, and the paired
+differences as a forest plot (also across comparisons: ``fedhello.studies.regimes``)."""
 
 from __future__ import annotations
 
@@ -226,3 +226,30 @@ def write_plots(runs: list[RunData], out: Path, scoring: Scoring = ACCURACY) -> 
             resource_plot(partition, groups, out / f"{score}-vs-resources-{partition}.png", scoring)
         )
     return written
+
+
+def forest_plot(rows: list[dict[str, Any]], labels: list[str], path: Path, title: str) -> Path:
+    """Paired differences (``paired_differences``' rows), one line per row, top to bottom,
+    named by ``labels``: the mean (a diamond), its 95% interval (a bar; absent below two
+    seeds) and every seed's difference (dots), against a line at 0. An interval clear of the
+    line is an established gap; dots on both sides are a sign that flips between seeds."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.42 * max(1, len(rows))))
+    for y, row in enumerate(reversed(rows)):
+        low, high = row["final_diff_ci95_low"], row["final_diff_ci95_high"]
+        settled = low == low and (low > 0 or high < 0)  # nan: fewer than 2 seeds
+        color = "tab:blue" if settled else "tab:gray"
+        if low == low:
+            ax.plot([low, high], [y, y], color=color, linewidth=2.5, solid_capstyle="butt")
+        diffs = row.get("final_diffs", [])
+        ax.scatter(diffs, [y] * len(diffs), s=14, color="black", alpha=0.55, zorder=3)
+        ax.scatter([row["final_diff_mean"]], [y], marker="D", s=40, color=color, zorder=4)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), list(reversed(labels)))
+    ax.set_xlabel("points; dots: seeds, diamond: mean, bar: 95% interval (blue: excludes 0)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

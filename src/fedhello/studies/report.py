@@ -40,7 +40,7 @@ from fedhello.core.numerics import NUMERICS_VERSION, recorded_version
 from fedhello.store.provenance import code_label
 from fedhello.store.runs import check_folder
 from fedhello.studies.paired import paired_differences, write_paired
-from fedhello.studies.plots import write_plots
+from fedhello.studies.plots import forest_plot, write_plots
 from fedhello.studies.results import Row, RunData, collect, group, mean_std
 from fedhello.studies.scores import ACCURACY, ROUGE_L, Scoring, scoring_of
 from fedhello.studies.tables import TABLE_LEGEND, write_tables
@@ -199,6 +199,10 @@ def write_report(
     write_tables(table, out, scoring, notes)
     write_paired(paired, out, scoring)
     plots = write_plots(runs, out / "plots", scoring)
+    if paired:
+        labels = [f"{r['strategy']} - {r['baseline']} ({r['partition']})" for r in paired]
+        title = f"paired {scoring.label} differences, {root.name}"
+        plots.append(forest_plot(paired, labels, out / "plots" / "paired.png", title))
     return {"table": table, "paired": paired, "plots": [str(p) for p in plots]}
 
 
