@@ -159,7 +159,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                         "with several folders")  # fmt: skip
     (path,) = args.path
     out = Path(args.out) if args.out else Path(path)
-    result = write_report(Path(path), out, baseline=args.baseline)
+    result = write_report(Path(path), out, baseline=_baseline(args.baseline))
     print((out / "results.md").read_text(), end="")
     print((out / "paired.md").read_text(), end="")
     print(f"{len(result['plots'])} plots in {out / 'plots'}", file=sys.stderr)
@@ -178,7 +178,12 @@ def report_regimes(args: argparse.Namespace) -> int:
         )
     wanted = [s.strip().replace(":", "-") for s in (args.strategies or "").split(",") if s.strip()]
     folders = [Path(p) for p in args.path]
-    result = write_regimes_report(folders, Path(args.out), args.baseline, wanted or None)
+    result = write_regimes_report(folders, Path(args.out), _baseline(args.baseline), wanted or None)
     print((Path(args.out) / "regimes.md").read_text(), end="")
     print(f"{len(result['rows'])} rows; {result['files'][-1]}", file=sys.stderr)
     return 0
+
+
+def _baseline(name: str | None) -> str | None:
+    """``--baseline`` as its runs' folder name (``name:shape`` -> ``name-shape``, as compare)."""
+    return None if name is None else name.replace(":", "-")

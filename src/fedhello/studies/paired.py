@@ -165,18 +165,26 @@ def settle_text(row: dict[str, Any]) -> str:
     return f"> {SETTLE_CAP}" if n > SETTLE_CAP else str(n)
 
 
-PAIRED_LEGEND = (
-    "Per seed, the strategy's score minus the baseline's on the same seed (the same shards, "
-    "sampled clients and batches), in points; mean ± sample standard deviation over the common "
-    "seeds. 95% CI: Student's t over the per-seed differences (n - 1 degrees of freedom); a "
-    "gap is established when it excludes 0. A win or a loss is any difference (one test "
-    "example is enough), a tie the same score. Final: the final model on the whole test "
-    "split; val-selected: the test score, on the fixed evaluation subset, of the round with "
-    "the best validation score. Seeds to settle: how many seeds the 95% CI would need to "
-    "exclude 0 if the differences kept this mean and sd (the smallest n with t(n - 1) x sd / "
-    "sqrt(n) < |mean|; a planning figure, as five seeds' sd is itself uncertain; - for no "
-    "gap).",
-)
+# What a row's "final" score is, by task kind (``Scoring.kind``).
+FINAL = {
+    "classification": "the final model's accuracy on the whole test split",
+    "generation": "the final model's ROUGE-L on the fixed generation subset",
+}
+
+
+def paired_legend(kind: str) -> str:
+    return (
+        "Per seed, the strategy's score minus the baseline's on the same seed (the same "
+        "shards, sampled clients and batches), in points; mean ± sample standard deviation "
+        "over the common seeds. 95% CI: Student's t over the per-seed differences (n - 1 "
+        "degrees of freedom); a gap is established when it excludes 0. A win or a loss is any "
+        "difference (one test example is enough), a tie the same score. Final: "
+        f"{FINAL[kind]}; val-selected: the test score, on the fixed evaluation subset, of the "
+        "round with the best validation score. Seeds to settle: how many seeds the 95% CI "
+        "would need to exclude 0 if the differences kept this mean and sd (the smallest n "
+        "with t(n - 1) x sd / sqrt(n) < |mean|; a planning figure, as five seeds' sd is itself "
+        "uncertain; - for no gap)."
+    )
 
 
 def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCURACY) -> None:
@@ -201,7 +209,7 @@ def write_paired(rows: list[dict[str, Any]], out: Path, scoring: Scoring = ACCUR
             f"{r['wins']} / {r['ties']} / {r['losses']} | "
             f"{chosen} |"
         )
-    lines += ["", *PAIRED_LEGEND]
+    lines += ["", paired_legend(scoring.kind)]
     (out / "paired.md").write_text("\n".join(lines) + "\n")
     with open(out / "paired.csv", "w", newline="") as f:
         columns = list(rows[0]) if rows else ["partition", "strategy", "baseline", "seeds"]

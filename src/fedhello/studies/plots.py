@@ -165,6 +165,13 @@ def mean_train_mb(run: RunData) -> float:
     return float(np.mean(used)) if used else 0.0
 
 
+def _spread(values: np.ndarray) -> list[list[float]]:
+    """Min-max error bar lengths about the mean, never below 0: the mean of equal values may
+    round a hair past them (3 x 52.3 -> 52.29999999999999), which matplotlib refuses."""
+    mean = float(values.mean())
+    return [[max(0.0, mean - float(values.min()))], [max(0.0, float(values.max()) - mean)]]
+
+
 def resource_plot(
     partition: str, groups: dict[str, list[RunData]], path: Path, scoring: Scoring = ACCURACY
 ) -> Path:
@@ -185,8 +192,7 @@ def resource_plot(
             x = costs[key]
             ax.errorbar(
                 x.mean(), accuracy.mean(),
-                xerr=[[x.mean() - x.min()], [x.max() - x.mean()]],
-                yerr=[[accuracy.mean() - accuracy.min()], [accuracy.max() - accuracy.mean()]],
+                xerr=_spread(x), yerr=_spread(accuracy),
                 fmt="o", capsize=3, label=f"{strategy} (n={len(runs)})",
             )  # fmt: skip
     score = "final test accuracy (%)" if scoring is ACCURACY else f"final test {scoring.label}"

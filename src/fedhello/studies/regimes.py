@@ -15,16 +15,19 @@ seeds, mean and interval against a line at 0.
 from __future__ import annotations
 
 import csv
+import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
 from fedhello.core.errors import ConfigError, RunDirError
 from fedhello.store.runs import check_folder
-from fedhello.studies.paired import csv_row, interval_text, paired_differences, settle_text
+from fedhello.studies.paired import FINAL, csv_row, interval_text, paired_differences, settle_text
 from fedhello.studies.plots import forest_plot
 from fedhello.studies.results import CENTRALIZED, RunData, collect
 from fedhello.studies.scores import Scoring, scoring_of
+
+logger = logging.getLogger(__name__)
 
 
 def _mean_over(runs: dict[int, RunData], seeds: list[int], key: str) -> float:
@@ -32,11 +35,41 @@ def _mean_over(runs: dict[int, RunData], seeds: list[int], key: str) -> float:
 
 
 def _ratio(runs: dict[int, RunData], ref: dict[int, RunData], seeds: list[int], key: str) -> float:
-    """Mean over the seeds with a reference of score / reference score (nan: none has one)."""
-    shared = [s for s in seeds if s in ref]
-    if not shared:
+    """Mean over ``seeds`` of score / the reference's score at that seed; nan unless every one
+    of them has a reference that scored above 0 (a ratio over fewer seeds than the means
+    beside it would not be comparable with them)."""
+    if any(s not in ref or not ref[s].summary[key] for s in seeds):
         return float("nan")
-    return statistics.fmean(runs[s].summary[key] / ref[s].summary[key] for s in shared)
+    return statistics.fmean(runs[s].summary[key] / ref[s].summary[key] for s in seeds)
+
+
+def regime_names(folders: list[Path]) -> list[str]:
+    """Each folder's name in the table: the shortest trailing part of its path that no other
+    folder shares (``recipe`` alone, ``results-skew/recipe`` beside ``results-default/recipe``).
+    The same folder twice is refused: its rows would count twice."""
+    resolved = [f.resolve() for f in folders]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            first = folders[resolved.index(path)]
+            raise RunDirError(f"{str(folders[i])!r} is given twice (as {str(first)!r}); "
+                              "allowed: each comparison folder once")  # fmt: skip
+    depth = 1
+    while True:
+        names = ["/".join(p.parts[-depth:]) for p in resolved]
+        if len(set(names)) == len(names):
+            return names
+        depth += 1
+
+
+def _check_strategies(strategies: list[str], rows: list[dict[str, Any]], bases: set[str]) -> None:
+    """Every wanted strategy has a row somewhere (a typo is refused, not silently dropped)."""
+    missing = [s for s in strategies if s not in {r["strategy"] for r in rows}]
+    if not missing:
+        return
+    as_base = [s for s in missing if s in bases]
+    why = f"{', '.join(as_base)} is the baseline (it has no row of its own); " if as_base else ""
+    raise ConfigError(f"--strategies {','.join(missing)}: not paired in these folders; {why}"
+                      "allowed: strategies they compare, other than the baseline")  # fmt: skip
 
 
 def regime_rows(
@@ -46,8 +79,9 @@ def regime_rows(
     with its regime's name, both means and ratios to the centralised reference."""
     rows: list[dict[str, Any]] = []
     kinds: dict[str, Path] = {}
+    bases: set[str] = set()
     scoring: Scoring | None = None
-    for folder in folders:
+    for folder, name in zip(folders, regime_names(folders), strict=True):
         runs = collect(folder)
         scoring = scoring_of(runs)
         kinds.setdefault(scoring.kind, folder)
@@ -59,29 +93,32 @@ def regime_rows(
             paired = paired_differences(runs, baseline, scoring)
         except ConfigError as e:
             raise ConfigError(f"{str(folder)!r}: {e}") from e
+        if not paired:
+            logger.warning("%s adds no row: it holds no two strategies on common seeds", folder)
         cells: dict[tuple[str, str], dict[int, RunData]] = {}
         for r in runs:
             cells.setdefault((r.partition, r.strategy), {})[r.seed] = r
         ref = {r.seed: r for r in runs if r.is_reference and r.strategy == CENTRALIZED}
         for row in paired:
+            bases.add(row["baseline"])
             if strategies and row["strategy"] not in strategies:
                 continue
-            mine, base = (
-                cells[(row["partition"], row["strategy"])],
-                cells[(row["partition"], row["baseline"])],
-            )
+            mine = cells[(row["partition"], row["strategy"])]
+            base = cells[(row["partition"], row["baseline"])]
             seeds = sorted(mine.keys() & base.keys())
             key = scoring.final
             rows.append({
-                "regime": folder.name, "folder": str(folder), **row,
+                "regime": name, "folder": str(folder), **row,
                 "strategy_mean": _mean_over(mine, seeds, key),
                 "baseline_mean": _mean_over(base, seeds, key),
                 "strategy_over_centralized": _ratio(mine, ref, seeds, key),
                 "baseline_over_centralized": _ratio(base, ref, seeds, key),
             })  # fmt: skip
-    if strategies and not rows:
-        raise ConfigError(f"--strategies {','.join(strategies)}: none is paired in these "
-                          "folders; allowed: strategies they compare")  # fmt: skip
+    if strategies:
+        _check_strategies(strategies, rows, bases)
+    if not rows:
+        raise RunDirError("no folder holds two strategies on common seeds: nothing to pair; "
+                          "allowed: comparison folders of two or more strategies")  # fmt: skip
     assert scoring is not None  # folders is not empty
     return rows, scoring
 
@@ -117,10 +154,11 @@ def write_regimes(rows: list[dict[str, Any]], scoring: Scoring, out: Path) -> li
     lines += [
         "",
         "One row per comparison folder (regime), partition and strategy, paired against the "
-        "baseline on the seeds both finished: final score on the whole test split, in points. "
-        "Nothing is pooled across regimes. / centralised: per seed, the score over the "
-        "centralised reference's of the same seed, averaged (- where the folder has none). "
-        "The other columns are paired.md's.",
+        f"baseline on the seeds both finished (per seed in seed order): {FINAL[scoring.kind]}, "
+        "in points; both means are over those seeds. Nothing is pooled across regimes. / "
+        "centralised: per seed, the score over the centralised reference's of the same seed, "
+        "averaged (- unless every one of those seeds has a reference in the folder). The "
+        "other columns are paired.md's.",
     ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "regimes.md").write_text("\n".join(lines) + "\n")
@@ -128,7 +166,8 @@ def write_regimes(rows: list[dict[str, Any]], scoring: Scoring, out: Path) -> li
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows([csv_row(r) for r in rows])
-    labels = [f"{r['regime']} {r['partition']}: {r['strategy']} - {r['baseline']}" for r in rows]
+    labels = [f"{r['regime']} {r['partition']}: {r['strategy']} - {r['baseline']} "
+              f"(n={r['seeds']})" for r in rows]  # fmt: skip
     plot = forest_plot(rows, labels, out / "regimes.png", f"paired {label} differences by regime")
     return [out / "regimes.md", out / "regimes.csv", plot]
 
@@ -139,6 +178,9 @@ def write_regimes_report(
 ) -> dict[str, Any]:  # fmt: skip
     """The report across ``folders`` into ``out`` (checked before anything is written)."""
     check_folder(out, "--out")
+    if out.resolve() in {f.resolve() for f in folders}:
+        raise RunDirError(f"--out {str(out)!r} is one of the compared folders; allowed: a "
+                          "folder of its own (a comparison's folder holds one)")  # fmt: skip
     rows, scoring = regime_rows(folders, baseline, strategies)
     files = write_regimes(rows, scoring, out)
     return {"rows": rows, "files": [str(p) for p in files]}

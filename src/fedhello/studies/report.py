@@ -200,8 +200,9 @@ def write_report(
     write_paired(paired, out, scoring)
     plots = write_plots(runs, out / "plots", scoring)
     if paired:
-        labels = [f"{r['strategy']} - {r['baseline']} ({r['partition']})" for r in paired]
-        title = f"paired {scoring.label} differences, {root.name}"
+        labels = [f"{r['strategy']} - {r['baseline']} ({r['partition']}, n={r['seeds']})"
+                  for r in paired]  # fmt: skip
+        title = f"paired {scoring.label} differences, {root.resolve().name}"
         plots.append(forest_plot(paired, labels, out / "plots" / "paired.png", title))
     return {"table": table, "paired": paired, "plots": [str(p) for p in plots]}
 
