@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import peft_test_accuracy, tiny_overrides
+from conftest import crash_after, peft_test_accuracy, tiny_overrides
 from helpers import strip_timing
 
 from fedhello.cli import main
@@ -78,7 +78,20 @@ def test_existing_run_directory_is_not_overwritten(
     assert run(text_run, []) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "--overwrite" in err and err.count("\n") == 1
+    assert "--resume" not in err  # a finished run: nothing to continue
     assert (text_run / "metrics.jsonl").read_bytes() == before
+
+
+def test_an_interrupted_run_directory_is_refused_with_the_command_that_continues_it(
+    text_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    crashed = crash_after(text_run, tmp_path / "crashed", 1)
+    done = len(RunDir(crashed).read_metrics())
+    assert run(crashed, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"unfinished run ({done} rounds recorded)" in err
+    assert f"fedhello run --resume {crashed}," in err and "--overwrite" in err
+    assert main(["run", "--resume", str(crashed)]) == 0  # the hint works as written
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:

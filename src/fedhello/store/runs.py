@@ -115,14 +115,23 @@ class RunDir:
         if self.path.exists() and any(self.path.iterdir()):
             if not overwrite:
                 raise RunDirError(
-                    f"run directory {str(self.path)!r} already exists: pass --overwrite to "
-                    "replace it, or choose another --out"
+                    f"run directory {str(self.path)!r} already exists{self._unfinished()}"
+                    "pass --overwrite to replace it, or choose another --out"
                 )
             if not self.config_path.is_file():
                 raise RunDirError(
                     f"run directory {str(self.path)!r} is not empty and holds no config.toml: "
                     "not a fedhello run, refusing to overwrite it"
                 )
+
+    def _unfinished(self) -> str:
+        """What the refusal adds after "already exists": for a run without its summary (an
+        interrupted one) the command that continues it, else nothing more."""
+        if self.summary_path.is_file() or not self.config_path.is_file():
+            return ": "
+        done = len(self.read_metrics())
+        return (f" and holds an unfinished run ({done} round{'s' * (done != 1)} recorded): "
+                f"continue it with fedhello run --resume {self.path}, ")  # fmt: skip
 
     def create(self, overwrite: bool = False) -> None:
         """Make the directory fresh; an existing run is replaced only with ``overwrite``."""
