@@ -8,8 +8,8 @@ ties / losses). Across regimes nothing is pooled: the regimes are different ques
 pooled mean would weigh them by how many seeds each happened to run. Each row adds what a
 reader needs beside the gap: both strategies' mean scores over the common seeds and how close
 each gets to the regime's centralised reference (per seed, its score over the reference's of
-the same seed, averaged; "-" where the folder has none). The forest plot shows every row's
-seeds, mean and interval against a line at 0.
+the same seed, averaged; "-" unless every one of those seeds has a reference). The forest plot
+shows every row's seeds, mean and interval against a line at 0.
 """
 
 from __future__ import annotations
