@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs one line file of issue 28's and 31's studies (docs/RESULTS.md sections 2-5 and 7), top
+# to bottom, one line at a time, from the repository root:
+#   scripts/reask/queue.sh scripts/reask/q1.txt
+# Every line is a `fedhello compare` into a docs/results-* folder, which reuses the cells that
+# are finished there (committed: config.toml, metrics.jsonl, summary.json), so the file can be
+# run again from the top in any later session: finished lines take seconds, the first
+# unfinished one goes on. Lines are independent of each other's order except where a line
+# links another folder's runs (`ln -sfn`), which it does itself. Blank and # lines are skipped.
+#
+# FEDHELLO: the command to run (default .venv/bin/fedhello); a long study runs a snapshot of
+# the code (`git worktree add`) with PYTHONPATH=<snapshot>/src so that editing the checkout
+# changes nothing under it. CACHE: the folder FedNCM's round 0 is kept in between processes
+# (`--cache-dir`, machine-specific, never committed). Two of these files can run side by side
+# (the run lock makes a cell that both name safe) when each line sets run.threads = 1.
+set -u
+file=$1
+FEDHELLO=${FEDHELLO:-.venv/bin/fedhello}
+CACHE=${CACHE:-/tmp/fedhello-round0}
+export FEDHELLO CACHE
+fedhello() { "$FEDHELLO" "$@"; }
+export -f fedhello
+mapfile -t lines < "$file"  # read once: editing the file changes the next run, not this one
+for line in "${lines[@]}"; do
+    case "$line" in '' | '#'*) continue ;; esac
+    echo "$(date -u +%FT%TZ) start: $line"
+    if bash -c "$line" < /dev/null; then
+        echo "$(date -u +%FT%TZ) done: $line"
+    else
+        echo "$(date -u +%FT%TZ) FAILED ($?): $line"
+    fi
+done
