@@ -11,13 +11,15 @@
 # FEDHELLO: the command to run (default .venv/bin/fedhello); a long study runs a snapshot of
 # the code (`git worktree add`) with PYTHONPATH=<snapshot>/src so that editing the checkout
 # changes nothing under it. CACHE: the folder FedNCM's round 0 is kept in between processes
-# (`--cache-dir`, machine-specific, never committed). Two of these files can run side by side
+# (`--cache-dir`, machine-specific, never committed). RUNS: where a line's single `fedhello run`
+# keeps its run folder (checkpoints) before its three files are copied to docs/. Two of these files can run side by side
 # (the run lock makes a cell that both name safe) when each line sets run.threads = 1.
 set -u
 file=$1
 FEDHELLO=${FEDHELLO:-.venv/bin/fedhello}
 CACHE=${CACHE:-/tmp/fedhello-round0}
-export FEDHELLO CACHE
+RUNS=${RUNS:-/tmp/fedhello-runs}
+export FEDHELLO CACHE RUNS
 fedhello() { "$FEDHELLO" "$@"; }
 export -f fedhello
 mapfile -t lines < "$file"  # read once: editing the file changes the next run, not this one
