@@ -20,4 +20,10 @@ for root in docs/results-v2 docs/results-privacy; do
     find "$root" -maxdepth 3 \( -name compare.json -o -name '*.md' -o -name '*.csv' -o -name '*.png' \) \
         -not -path '*/runs/*' -print0 | xargs -0 -r git add --
 done
+# issue 27's single runs, copied there from $RUNS when they finish (scripts/reask/q1.txt)
+for summary in docs/results-pooling/*/summary.json; do
+    [ -f "$summary" ] || continue
+    cell=$(dirname "$summary")
+    git add -- "$cell/config.toml" "$cell/metrics.jsonl" "$cell/summary.json"
+done
 git diff --cached --stat | tail -n 1

@@ -12,10 +12,12 @@
 # the code (`git worktree add`) with PYTHONPATH=<snapshot>/src so that editing the checkout
 # changes nothing under it. CACHE: the folder FedNCM's round 0 is kept in between processes
 # (`--cache-dir`, machine-specific, never committed). RUNS: where a line's single `fedhello run`
-# keeps its run folder (checkpoints) before its three files are copied to docs/. Two of these files can run side by side
+# keeps its run folder (checkpoints) before its three files are copied to docs/: such a run
+# cut off with the session starts again from round 1 in the next (a comparison's cells too:
+# their checkpoints are not committed either). Two of these files can run side by side
 # (the run lock makes a cell that both name safe) when each line sets run.threads = 1.
 set -u
-file=$1
+file=${1:?usage: scripts/reask/queue.sh LINEFILE}
 FEDHELLO=${FEDHELLO:-.venv/bin/fedhello}
 CACHE=${CACHE:-/tmp/fedhello-round0}
 RUNS=${RUNS:-/tmp/fedhello-runs}
@@ -26,9 +28,11 @@ mapfile -t lines < "$file"  # read once: editing the file changes the next run, 
 for line in "${lines[@]}"; do
     case "$line" in '' | '#'*) continue ;; esac
     echo "$(date -u +%FT%TZ) start: $line"
-    if bash -c "$line" < /dev/null; then
+    bash -c "$line" < /dev/null
+    rc=$?
+    if [ "$rc" -eq 0 ]; then
         echo "$(date -u +%FT%TZ) done: $line"
     else
-        echo "$(date -u +%FT%TZ) FAILED ($?): $line"
+        echo "$(date -u +%FT%TZ) FAILED ($rc): $line"
     fi
 done
