@@ -8,13 +8,15 @@
 #   scripts/reask/land.sh && git commit -m "..."
 set -eu
 cd "$(git rev-parse --show-toplevel)"
+stage_cell() {  # a finished run folder's files (profile.json: a run under memory limits)
+    git add -- "$1/config.toml" "$1/metrics.jsonl" "$1/summary.json"
+    [ ! -f "$1/profile.json" ] || git add -- "$1/profile.json"
+}
 for root in docs/results-v2 docs/results-privacy; do
     [ -d "$root" ] || continue
     find "$root" -path '*/runs/*' -name summary.json -not -path '*/checkpoints/*' -print0 |
         while IFS= read -r -d '' summary; do
-            cell=$(dirname "$summary")
-            git add -- "$cell/config.toml" "$cell/metrics.jsonl" "$cell/summary.json"
-            [ ! -f "$cell/profile.json" ] || git add -- "$cell/profile.json"  # memory limits
+            stage_cell "$(dirname "$summary")"
         done
     find "$root" -type l -print0 | xargs -0 -r git add --
     find "$root" -maxdepth 3 \( -name compare.json -o -name '*.md' -o -name '*.csv' -o -name '*.png' \) \
@@ -22,8 +24,6 @@ for root in docs/results-v2 docs/results-privacy; do
 done
 # issue 27's single runs, copied there from $RUNS when they finish (scripts/reask/q1.txt)
 for summary in docs/results-pooling/*/summary.json; do
-    [ -f "$summary" ] || continue
-    cell=$(dirname "$summary")
-    git add -- "$cell/config.toml" "$cell/metrics.jsonl" "$cell/summary.json"
+    [ ! -f "$summary" ] || stage_cell "$(dirname "$summary")"
 done
 git diff --cached --stat | tail -n 1
