@@ -1,5 +1,6 @@
-"""Helpers the tests share that the library does not need: equality of metrics apart from
-timing, and the slow reference for Fisher scores."""
+"""Helpers the tests share that the library does not need: the slow reference for Fisher scores
+and the decoder tests' helpers. (Equality of metrics, timing aside, is the library's:
+``fedhello.store.rerun``.)"""
 
 from __future__ import annotations
 
@@ -12,22 +13,6 @@ import torch.nn.functional as F
 
 from fedhello.core.layers import lora_factor
 from fedhello.data.encoding import Encoded
-
-# Fields of metrics.jsonl / summary.json that measure time or memory: they differ between two
-# runs of the same config; everything else must not.
-TIMING_FIELDS = {
-    "seconds", "peak_memory_mb", "round_seconds", "wall_seconds", "eval_seconds", "fisher_seconds",
-    "step_seconds",
-}  # fmt: skip
-
-
-def strip_timing(record: Any) -> Any:
-    """A metrics record without the fields that measure time or memory (for equality checks)."""
-    if isinstance(record, dict):
-        return {k: strip_timing(v) for k, v in record.items() if k not in TIMING_FIELDS}
-    if isinstance(record, list):
-        return [strip_timing(v) for v in record]
-    return record
 
 
 def fisher_scores_loop(

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import crash_after, peft_test_accuracy, tiny_overrides
-from helpers import strip_timing
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
@@ -23,6 +22,7 @@ from fedhello.model.accelerator import resolve
 from fedhello.model.lora import adapter_keys, build_lora_model, get_state, set_state
 from fedhello.model.subnetwork import subnetwork
 from fedhello.model.training import LocalTask, Shard, train_client
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 
 R = 4  # the tiny models' LoRA rank
@@ -236,8 +236,8 @@ def test_a_resumed_hetlora_run_equals_an_uninterrupted_one(
     )  # fmt: skip
     crashed = crash_after(ref, tmp_path / "crashed", 2)
     assert main(["run", "--resume", str(crashed)]) == 0
-    assert [strip_timing(x) for x in RunDir(crashed).read_metrics()] == [
-        strip_timing(x) for x in records
+    assert [without_machine(x) for x in RunDir(crashed).read_metrics()] == [
+        without_machine(x) for x in records
     ]
     x, y = (
         load_file(str(ref / "adapter/adapter_model.safetensors")),

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
-from helpers import strip_timing
 
 from fedhello.core.allocation import build_strategy, strategy_class, strategy_names
 from fedhello.core.errors import ConfigError, UserError
@@ -22,6 +21,7 @@ from fedhello.core.fit import (
 )
 from fedhello.core.layers import AllocationPlan, ClientAllocation
 from fedhello.core.profile import Cost, CostProfile
+from fedhello.store.rerun import without_machine
 
 L = 4
 
@@ -265,7 +265,7 @@ def test_repairs_are_deterministic(
     runs = [_memory_run(tmp_path, tiny_bert_dir, tiny_text_csv, profiles, _limits(result), "full",
                         name=f"full-{i}") for i in range(2)]  # fmt: skip
     assert sum(r["num_repairs"] for r in runs[0]) > 0
-    assert strip_timing(runs[0]) == strip_timing(runs[1])
+    assert without_machine(runs[0]) == without_machine(runs[1])
     fedra = _memory_run(tmp_path, tiny_bert_dir, tiny_text_csv, profiles, _limits(result), "fedra")
     assert [r["sampled"] for r in fedra] == [r["sampled"] for r in runs[0]]  # still paired
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
-from helpers import strip_timing
 
 from fedhello.cli import main
 from fedhello.core.config import load_config
@@ -26,6 +25,7 @@ from fedhello.model.hooks.losses import (
     restricted_softmax_loss,
 )
 from fedhello.model.hooks.proximal import ProximalHook
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 
 
@@ -197,7 +197,7 @@ def test_tiny_federations_with_each_choice(
                     train__betas="[0.9, 0.999]", train__eps=1e-8, train__momentum=0.0,
                     train__loss='"logit-adjusted"', train__head='"class-means"',
                     train__head_finetune_rounds='"all"', train__proximal_mu=0.0)  # fmt: skip
-    assert strip_timing(explicit) == strip_timing(default)
+    assert without_machine(explicit) == without_machine(default)
     fedrs = _run(tmp_path / "fedrs", tiny_bert_dir, tiny_text_csv, train__optimizer='"sgd"',
                  train__momentum=0.9, train__nesterov="true", train__lr=0.1,
                  train__proximal_mu=0.01, train__loss='"restricted-softmax"',

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import NUM_CLASSES, WORDS, make_tiny_bert, tiny_overrides
-from helpers import strip_timing
 
 from fedhello.cli import main
 from fedhello.core.config import load_config
 from fedhello.core.errors import DataError
 from fedhello.data.loading import load_raw
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 from fedhello.tasks import task_for
 
@@ -296,13 +296,13 @@ def test_cifar_shaped_images_train_with_augmentation_the_same_twice(
     for name in ("a", "b"):
         assert run_preset("cifar100", vit32_dir, data, tmp_path / name) == 0
     a, b = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
-    assert strip_timing(a.read_metrics()) == strip_timing(b.read_metrics())
+    assert without_machine(a.read_metrics()) == without_machine(b.read_metrics())
     summary = a.read_summary()
     assert summary["num_classes"] == 100 and summary["test_examples"] == 60
     off = tmp_path / "off"
     assert run_preset("cifar100", vit32_dir, data, off, "data.augment=false") == 0
     # augmentation changes what clients train on (same seed, same batches otherwise)
-    assert strip_timing(RunDir(off).read_metrics()) != strip_timing(a.read_metrics())
+    assert without_machine(RunDir(off).read_metrics()) != without_machine(a.read_metrics())
 
 
 def test_augmented_pixels_are_seeded_by_round_client_and_step(

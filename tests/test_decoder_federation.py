@@ -22,11 +22,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import crash_after, lm_overrides
-from helpers import CHATML, greedy_answer, response_nll, strip_timing
+from helpers import CHATML, greedy_answer, response_nll
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
 from fedhello.core.config import load_config
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 
 KINDS = ("llama", "qwen2")
@@ -399,8 +400,8 @@ def test_a_decoder_run_resumed_after_round_1_equals_the_uninterrupted_one(
     stamp = zero_shot.stat().st_mtime_ns
     assert main(["run", "--resume", str(crashed)]) == 0
     assert zero_shot.stat().st_mtime_ns == stamp
-    ours = [strip_timing(r) for r in RunDir(crashed).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(ref).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(crashed).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(ref).read_metrics()]
     _same_adapter(ref, crashed)
     a, b = RunDir(ref).read_summary(), RunDir(crashed).read_summary()
     assert {k: b[k] for k in SCORES} == {k: a[k] for k in SCORES}
@@ -427,8 +428,8 @@ def test_the_flower_simulation_of_a_decoder_equals_embedded(
     sim = tmp_path / "sim"
     ov = lm_overrides(model_dirs["llama"], tiny_alpaca_jsonl, **METHODS["fed-hello"])
     assert main(_args(sim, ov, "--engine", "flower-sim")) == 0
-    ours = [strip_timing(r) for r in RunDir(sim).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(sim).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(emb).read_metrics()]
     _same_adapter(emb, sim)
     a, b = RunDir(emb).read_summary(), RunDir(sim).read_summary()
     assert {k: b[k] for k in SCORES} == {k: a[k] for k in SCORES}

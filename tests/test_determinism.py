@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
-from helpers import strip_timing
 
 import fedhello
 from fedhello.cli import main
@@ -30,6 +29,7 @@ from fedhello.model.determinism import (
     missing_settings,
     run_note,
 )
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 
 PUBLISHED = Path(__file__).parents[1] / "docs/results/runs/dirichlet/fisher/seed2"
@@ -185,7 +185,7 @@ def test_on_the_cpu_deterministic_mode_changes_no_number(
         assert main(args) == 0
     assert torch.are_deterministic_algorithms_enabled()  # the second run's process
     plain, det = RunDir(tmp_path / "plain"), RunDir(tmp_path / "deterministic")
-    assert strip_timing(plain.read_metrics()) == strip_timing(det.read_metrics())
+    assert without_machine(plain.read_metrics()) == without_machine(det.read_metrics())
     assert any("layer_scores" in r for r in det.read_metrics())  # Fisher scores ran
     assert "deterministic on the CPU (its kernels are" in caplog.text
     assert "deterministic on cpu: deterministic algorithms" in caplog.text
@@ -210,4 +210,4 @@ def test_a_deterministic_cuda_federation_repeats_bit_for_bit(
         assert done.returncode == 0, done.stderr[-2000:]
         assert "deterministic on cuda:0" in done.stderr
     a, b = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
-    assert strip_timing(a.read_metrics()) == strip_timing(b.read_metrics())
+    assert without_machine(a.read_metrics()) == without_machine(b.read_metrics())

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import crash_after, peft_test_accuracy, tiny_overrides
-from helpers import strip_timing
 
 from fedhello.cli import main
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 
 ROUND_KEYS = {"round", "test_accuracy", "test_macro_f1", "train_loss", "coverage", "clients"}
@@ -63,12 +63,12 @@ def test_same_seed_same_metrics_other_seed_differs(
               "federation__rounds": 3, "train__local_steps": 15, "train__lr": 0.02,
               "data__partition": "iid", "train__precision": '"bf16"'}  # fmt: skip
     assert run(tmp_path / "again", tiny_overrides(tiny_bert_dir, tiny_text_csv, **common)) == 0
-    first = [strip_timing(r) for r in RunDir(text_run).read_metrics()]
-    again = [strip_timing(r) for r in RunDir(tmp_path / "again").read_metrics()]
+    first = [without_machine(r) for r in RunDir(text_run).read_metrics()]
+    again = [without_machine(r) for r in RunDir(tmp_path / "again").read_metrics()]
     assert first == again
     other = tiny_overrides(tiny_bert_dir, tiny_text_csv, run__seed=1, **common)
     assert run(tmp_path / "other", other) == 0
-    assert [strip_timing(r) for r in RunDir(tmp_path / "other").read_metrics()] != first
+    assert [without_machine(r) for r in RunDir(tmp_path / "other").read_metrics()] != first
 
 
 def test_existing_run_directory_is_not_overwritten(
@@ -278,8 +278,8 @@ def test_the_front_door_runs_without_touching_process_state(
     assert logging.getLogger().handlers == handlers
     assert summary == RunDir(tmp_path / "lib").read_summary()
     assert run(tmp_path / "cli", ov) == 0
-    lib = [strip_timing(r) for r in RunDir(tmp_path / "lib").read_metrics()]
-    assert lib == [strip_timing(r) for r in RunDir(tmp_path / "cli").read_metrics()]
+    lib = [without_machine(r) for r in RunDir(tmp_path / "lib").read_metrics()]
+    assert lib == [without_machine(r) for r in RunDir(tmp_path / "cli").read_metrics()]
     with pytest.raises(fedhello.UserError, match="engine = 'gpu'; allowed: embedded"):
         fedhello.run(fedhello.load_config(None, ov), out=tmp_path / "x", engine="gpu")
     with pytest.raises(fedhello.UserError, match="already exists"):

@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 from conftest import make_texts, peft_test_accuracy, tiny_overrides
 from flower_harness import BIN, deployment, flower_env
-from helpers import strip_timing
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
 from fedhello.core.config import load_config
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 
 pytestmark = pytest.mark.slow
@@ -84,8 +84,8 @@ def test_flower_simulation_equals_embedded(embedded: Path, tmp_path: Path, tiny_
     out = tmp_path / "sim"
     assert _run(out, _overrides(tiny_bert_dir, tiny_text_csv), "--engine", "flower-sim") == 0
     assert_same_adapter(embedded, out)
-    ours = [strip_timing(r) for r in RunDir(out).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(embedded).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(out).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(embedded).read_metrics()]
     assert RunDir(out).read_summary()["engine"] == "flower"
 
 
@@ -100,8 +100,8 @@ def test_fedadam_on_the_flower_simulation_equals_embedded(
     assert _run(emb, ov) == 0
     assert _run(sim, ov, "--engine", "flower-sim") == 0
     assert_same_adapter(emb, sim)
-    ours = [strip_timing(r) for r in RunDir(sim).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(sim).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(emb).read_metrics()]
 
 
 def test_a_crashed_run_resumes_on_the_flower_simulation(embedded: Path, tmp_path: Path) -> None:
@@ -110,8 +110,8 @@ def test_a_crashed_run_resumes_on_the_flower_simulation(embedded: Path, tmp_path
     out = crash_after_round(embedded, tmp_path / "crashed", last_round=1)
     assert main(["run", "--resume", str(out), "--engine", "flower-sim"]) == 0
     assert_same_adapter(embedded, out)
-    ours = [strip_timing(r) for r in RunDir(out).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(embedded).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(out).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(embedded).read_metrics()]
     summary = RunDir(out).read_summary()
     assert summary["resumed_at_round"] == 2 and summary["engine"] == "flower"
 
@@ -352,8 +352,8 @@ def test_baselines_on_the_flower_simulation_equal_embedded(
     assert _run(emb, ov) == 0
     assert _run(sim, ov, "--engine", "flower-sim") == 0
     assert_same_adapter(emb, sim)
-    ours = [strip_timing(r) for r in RunDir(sim).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(sim).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(emb).read_metrics()]
     if method in ("hetlora", "flexlora"):
         ranks = {c["rank"] for r in RunDir(sim).read_metrics() for c in r["clients"]}
         assert len(ranks) > 1  # heterogeneous ranks really went over the wire

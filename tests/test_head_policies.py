@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import crash_after, tiny_overrides
 from flwr.app import Context, Message, RecordDict
-from helpers import strip_timing
 from safetensors.numpy import load_file
 from test_rank_methods import LAYER_OF, flexlora, global_state, hetlora, upload
 
@@ -30,6 +29,7 @@ from fedhello.model.class_means import class_feature_sums, linear_head, summed_r
 from fedhello.model.loading import load_model
 from fedhello.model.lora import adapter_keys, apply_spec_mask, build_lora_model, get_state
 from fedhello.model.training import Shard
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 
 HEAD_KEYS = [k for k, layer in LAYER_OF.items() if layer is None]
@@ -419,7 +419,7 @@ def test_tiny_federations_of_each_head_policy(
     for name, extra in settings.items():
         runs[name] = _run(tmp_path / name, _cfg(tiny_bert_dir, tiny_text_csv,
                                                 federation__rounds=3, **extra))  # fmt: skip
-    assert strip_timing(runs["recipe"]) == strip_timing(runs["default"])
+    assert without_machine(runs["recipe"]) == without_machine(runs["default"])
     summary = RunDir(tmp_path / "default").read_summary()
     assert (summary["head"], summary["head_finetune_rounds"], summary["loss"]) == (
         "class-means", 3, "logit-adjusted",
@@ -484,8 +484,8 @@ def test_class_means_resumes_exactly_without_recomputing_round_0(
     monkeypatch.setattr(EmbeddedEngine, "class_sums", forbidden)
     assert main(["run", "--resume", str(crashed)]) == 0
     assert RunDir(crashed).read_summary()["resumed_at_round"] == 2
-    ours = [strip_timing(r) for r in RunDir(crashed).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(ref).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(crashed).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(ref).read_metrics()]
     a = load_file(str(ref / "checkpoints" / "round-000003.safetensors"))
     b = load_file(str(crashed / "checkpoints" / "round-000003.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -562,8 +562,8 @@ def test_class_means_on_the_flower_simulation_equals_embedded(
     assert run_flower(emb, ov) == 0
     assert run_flower(sim, ov, "--engine", "flower-sim") == 0
     assert_same_adapter(emb, sim)
-    ours = [strip_timing(r) for r in RunDir(sim).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(sim).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(emb).read_metrics()]
     assert [r["head"] for r in ours] == ["frozen", "federated"]
     assert ours[0]["class_means"]["clients"] == [0, 1, 2]
 
@@ -589,4 +589,4 @@ def test_a_comparisons_strategies_of_one_seed_share_round_zero_bit_for_bit(
     alone = tmp_path / "alone"
     assert main(["run", str(cell.config_path), "--out", str(alone)]) == 0
     assert computed[-6:] == [0, 1, 2, 3, 4, 5]  # computed again, without a shared cache
-    assert strip_timing(RunDir(alone).read_metrics()) == strip_timing(cell.read_metrics())
+    assert without_machine(RunDir(alone).read_metrics()) == without_machine(cell.read_metrics())

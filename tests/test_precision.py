@@ -9,6 +9,7 @@ float64, its allocator's counter, its synchronize), never the code under test.
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch._C import DisableTorchFunctionSubclass
 
 from fedhello.core.aggregation import ClientUpdate
-from fedhello.model.accelerator import Accelerator
+from fedhello.model.accelerator import CPU_FP32, Accelerator
 from fedhello.model.meters import ClientMeter, SavedTensorMeter
 from fedhello.model.report import ClientResult, record_fields
 from fedhello.model.step import LocalStep, LossScale
@@ -158,3 +159,17 @@ def test_mps_steps_are_timed_to_their_end_and_its_memory_is_sampled(
                 saved.step_done()  # what LocalStep calls at the end of each forward pass
     assert len(synced) == 2 and len(meter.step_times) == 2
     assert meter.device_peak_mb == 50.0
+
+
+def test_cpu_seconds_leave_out_waiting_that_wall_seconds_count() -> None:
+    """A client whose process waits (stopped by SIGSTOP, or starved by another training) is
+    charged the wait in wall time, not in CPU time; work is charged in both. (CPU time is the
+    whole process's, so another thread of it working meanwhile counts: the bounds leave room.)"""
+    with ClientMeter(CPU_FP32) as idle:
+        time.sleep(0.5)
+    assert idle.seconds >= 0.5 and idle.cpu_seconds < 0.25
+    with ClientMeter(CPU_FP32) as busy:
+        end = time.process_time() + 0.5
+        while time.process_time() < end:
+            pass
+    assert busy.cpu_seconds >= 0.5 and busy.seconds >= 0.25

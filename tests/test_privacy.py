@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import crash_after, tiny_overrides
-from helpers import strip_timing
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
@@ -29,6 +28,7 @@ from fedhello.core.privacy.mechanism import (
 )
 from fedhello.core.privacy.server import PrivateAggregator
 from fedhello.core.seeds import Purpose, generator
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 
 # -- the mechanism, in numpy ---------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_a_resumed_dp_run_equals_the_uninterrupted_one(dp_run: Path, tmp_path: P
     crashed = crash_after(dp_run, tmp_path / "crashed", 1)
     assert main(["run", "--resume", str(crashed)]) == 0
     ours, ref = RunDir(crashed).read_metrics(), RunDir(dp_run).read_metrics()
-    assert [strip_timing(r) for r in ours] == [strip_timing(r) for r in ref]
+    assert [without_machine(r) for r in ours] == [without_machine(r) for r in ref]
     a = load_file(str(dp_run / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -367,8 +367,8 @@ def test_adaptive_clipping_moves_c_and_resumes_exactly(
     assert records[0]["noise_multiplier"] == summary["update_noise_multiplier"]
     crashed = crash_after(ref, tmp_path / "crashed", 2)  # round 3 needs round 2's C
     assert main(["run", "--resume", str(crashed)]) == 0
-    assert [strip_timing(r) for r in RunDir(crashed).read_metrics()] == [
-        strip_timing(r) for r in records
+    assert [without_machine(r) for r in RunDir(crashed).read_metrics()] == [
+        without_machine(r) for r in records
     ]
 
 
@@ -402,7 +402,7 @@ def test_clipping_on_the_server_computes_what_clipping_on_the_clients_does(
     drop = {"dp_clip_norm", "unclipped"}  # the client's own report of its clipping
 
     def view(path: Path) -> list:
-        recs = [strip_timing(r) for r in RunDir(path).read_metrics()]
+        recs = [without_machine(r) for r in RunDir(path).read_metrics()]
         for r in recs:
             r["clients"] = [{k: v for k, v in c.items() if k not in drop} for c in r["clients"]]
         return recs
@@ -465,8 +465,8 @@ def test_flower_simulation_equals_embedded_under_dp_with_the_nodes_clipping(
     emb, sim = tmp_path / "emb", tmp_path / "sim"
     assert _run(emb, ov) == 0
     assert _run(sim, ov, "--engine", "flower-sim") == 0
-    ours = [strip_timing(r) for r in RunDir(sim).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(sim).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(emb).read_metrics()]
     for r in ours:  # each node clipped to the round's norm (recorded to 8 digits)
         assert all(c["dp_clip_norm"] == pytest.approx(r["clip_norm"]) for c in r["clients"])
     assert len({r["clip_norm"] for r in ours}) == 2  # adaptive: round 2's norm moved
@@ -548,8 +548,8 @@ def test_a_loopback_deployment_clips_on_the_nodes_and_equals_embedded(
         for k, v in flower_env(dep.home).items():
             monkeypatch.setenv(k, v)
         assert _run(dep_out, ov, "--engine", "flower", "--superlink", dep.address) == 0
-    ours = [strip_timing(r) for r in RunDir(dep_out).read_metrics()]
-    assert ours == [strip_timing(r) for r in RunDir(emb).read_metrics()]
+    ours = [without_machine(r) for r in RunDir(dep_out).read_metrics()]
+    assert ours == [without_machine(r) for r in RunDir(emb).read_metrics()]
     assert all(c["dp_clip_norm"] == 0.05 and c["unclipped"] in (0, 1)
                for r in ours for c in r["clients"])  # fmt: skip
     assert all(r["num_rejected"] == 0 for r in ours)
@@ -596,8 +596,8 @@ def test_a_secret_keyed_run_resumes_exactly_and_releases_no_key(
     assert summary["noise"] == "secret"
     crashed = crash_after(ref, tmp_path / "crashed", 1)
     assert main(["run", "--resume", str(crashed)]) == 0
-    assert [strip_timing(r) for r in RunDir(crashed).read_metrics()] == [
-        strip_timing(r) for r in run.read_metrics()
+    assert [without_machine(r) for r in RunDir(crashed).read_metrics()] == [
+        without_machine(r) for r in run.read_metrics()
     ]
     saved = load_file(str(run.checkpoint_dir / "round-000003.safetensors"))
     words = saved["server/privacy/noise_key"].tolist()
@@ -625,8 +625,8 @@ def test_a_secret_key_is_kept_before_round_1_so_an_early_crash_resumes_with_it(
         "round-000000.safetensors",
     ]
     assert main(["run", "--resume", str(crashed)]) == 0
-    assert [strip_timing(r) for r in RunDir(crashed).read_metrics()] == [
-        strip_timing(r) for r in run.read_metrics()
+    assert [without_machine(r) for r in RunDir(crashed).read_metrics()] == [
+        without_machine(r) for r in run.read_metrics()
     ]
 
 

@@ -92,7 +92,7 @@ def test_the_wire_keys_are_the_client_contract() -> None:
     metrics, config = report_wire.encode_report(_result())
     assert list(metrics) == [
         "num-examples", "steps", "examples-seen", "train-loss", "trainable-params", "seconds",
-        "peak-memory-mb", "train-memory-mb", "step-seconds", "device-peak-memory-mb",
+        "peak-memory-mb", "train-memory-mb", "step-seconds", "cpu-seconds", "device-peak-memory-mb",
     ]  # fmt: skip
     assert config == {"device": "cuda:0", "precision": "bf16"}
     assert all(f"``{k}``" in (wire.__doc__ or "") for k in [*metrics, *config])
@@ -145,7 +145,8 @@ def test_an_optional_field_may_be_absent() -> None:
 
 def test_the_record_keeps_its_keys_order_and_rounding() -> None:
     """metrics.jsonl's client entry, derived from the declaration: the keys and order it had
-    before the declaration existed, each value rounded as before."""
+    before the declaration existed (``cpu_seconds`` added after them), each value rounded as
+    before."""
     exp = SimpleNamespace(tiers=[0] * 5, budgets=[2] * 5, resources=SimpleNamespace(
         record=lambda c: {"memory_limit_mb": 1.5}))  # fmt: skip
     plan = AllocationPlan(round=1, num_layers=2, clients=())
@@ -154,7 +155,7 @@ def test_the_record_keeps_its_keys_order_and_rounding() -> None:
     assert list(rec) == [
         "client", "tier", "budget", "layers", "num_examples", "steps", "examples_seen",
         "train_loss", "trainable_params", "seconds", "peak_memory_mb", "train_memory_mb",
-        "step_seconds",
+        "step_seconds", "cpu_seconds",  # the last one added since
         "memory_limit_mb", "device_peak_memory_mb", "device", "precision", "bytes_up",
         "bytes_down", "accepted",
     ]  # fmt: skip

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_overrides
-from helpers import strip_timing
 from safetensors.numpy import load_file
 
 from fedhello.cli import main
 from fedhello.core.errors import RunDirError
 from fedhello.store.checkpoint import load_latest, save_checkpoint
+from fedhello.store.rerun import without_machine
 from fedhello.store.runs import RunDir
 
 ROUNDS = 6
@@ -68,8 +68,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
     assert not (crashed / "summary.json").exists()
     assert main(["run", "--resume", str(crashed)]) == 0
 
-    ref_metrics = [strip_timing(r) for r in RunDir(ref).read_metrics()]
-    assert [strip_timing(r) for r in RunDir(crashed).read_metrics()] == ref_metrics
+    ref_metrics = [without_machine(r) for r in RunDir(ref).read_metrics()]
+    assert [without_machine(r) for r in RunDir(crashed).read_metrics()] == ref_metrics
     a, b = _adapter(ref), _adapter(crashed)
     assert a.keys() == b.keys()
     for k in a:

@@ -162,13 +162,21 @@ def score_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def client_compute(summary: dict[str, Any]) -> str:
+    """The clients' wall seconds and, where measured, their CPU seconds (which a paused or
+    starved process does not inflate)."""
+    wall = f"{summary['client_seconds']:.1f} s"
+    cpu = summary.get("client_cpu_seconds")
+    return wall if cpu is None else f"{wall} ({cpu:.1f} s of CPU)"
+
+
 def summary_table(summary: dict[str, Any], run_dir: str) -> Table:
     table = Table(title=f"run {run_dir}", show_header=False)
     rows = [
         ("strategy", summary["strategy"]),
         *score_rows(summary),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
-        ("client compute", f"{summary['client_seconds']:.1f} s"),
+        ("client compute", client_compute(summary)),
         (
             "bytes up / down",
             f"{summary['bytes_up'] / 1e6:.1f} MB / {summary['bytes_down'] / 1e6:.1f} MB",

@@ -152,6 +152,13 @@ def finish(
         "wall_seconds": round(seconds, 2),
         "resumed_at_round": resumed_at,
         "client_seconds": round(sum(c["seconds"] for c in clients), 2),
+        # their CPU time: what the clients cost, pauses and waiting for cores left out (None
+        # where a record written before fedhello measured it lacks it: a run resumed across)
+        "client_cpu_seconds": (
+            round(sum(c["cpu_seconds"] for c in clients), 2)
+            if all("cpu_seconds" in c for c in clients)
+            else None
+        ),
         "bytes_up": sum(c["bytes_up"] for c in clients),
         "bytes_down": sum(c["bytes_down"] for c in clients),
         "rejected_updates": sum(r["num_rejected"] for r in records),

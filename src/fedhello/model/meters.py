@@ -98,7 +98,9 @@ class SavedTensorMeter:
 
 
 class ClientMeter:
-    """Everything one client's training is measured by, in one context: wall time, the process
+    """Everything one client's training is measured by, in one context: wall time, the
+    process's CPU time (every thread's: torch's intra-op pool and the RSS sampler included; a
+    process stopped or starved by another adds wall time but no CPU time), the process
     RSS peak and the accelerator's allocator peak over the whole ``with`` block, the tensors
     saved for backward (``watch``, once the model's trainable tensors are in place: parameter
     storages are not counted, and a rank slice replaces them) and the time of each ``step``
@@ -115,12 +117,14 @@ class ClientMeter:
         self.saved: SavedTensorMeter | None = None
         self.step_times: list[float] = []
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.device_peak_mb: float | None = None
         self._sampled: float | None = None  # MPS: the largest allocation sampled so far
         self._rss = PeakRSS()
 
     def __enter__(self) -> ClientMeter:
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
         self.accelerator.reset_peak_memory()
         self._sample()
         self._rss.__enter__()
@@ -132,6 +136,7 @@ class ClientMeter:
         self.device_peak_mb = peak if peak is not None else self._sampled
         self._rss.__exit__(*exc)
         self.seconds = time.perf_counter() - self._start
+        self.cpu_seconds = time.process_time() - self._cpu_start
 
     def _sample(self) -> None:
         """Note the MPS allocation now (host-side bookkeeping: no sync); elsewhere nothing."""

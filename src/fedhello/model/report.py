@@ -73,6 +73,9 @@ REPORT: tuple[ReportField, ...] = (
                 "gradients + AdamW's moments", "training", digits=3, default=0.0),
     ReportField("step_seconds", float, "s", "median time of a local step", "training",
                 digits=5, default=0.0),
+    ReportField("cpu_seconds", float, "s", "CPU time the training process spent meanwhile, "
+                "all its threads (a stopped or waiting process adds none, unlike wall time)",
+                "training", digits=4, default=0.0),
     ReportField("device_peak_memory_mb", float, MIB, "the accelerator allocator's peak "
                 "(CUDA; on MPS the largest allocation sampled after each forward pass; none on "
                 "a CPU)", "device", required=False, digits=1),
@@ -110,6 +113,7 @@ class ClientResult:
     precision: str = "fp32"
     device_peak_memory_mb: float | None = None  # allocator peak (CUDA; MPS: sampled)
     step_seconds: float = 0.0  # median time of a local step (batch, forward, backward, update)
+    cpu_seconds: float = 0.0  # the process's CPU time while it trained (all threads)
     skipped_steps: int | None = None  # fp16: steps the loss scaler skipped; None otherwise
     dp_clip_norm: float | None = None  # DP clipped on the client: the norm it clipped to
     unclipped: int | None = None  # DP clipped on the client: 1 if within the norm, else 0

@@ -158,6 +158,7 @@ def train_client(
     return ClientResult(
         update=task_update(task, len(rows), upload, train_loss, steps, train_cfg.batch_size),
         seconds=meter.seconds,
+        cpu_seconds=meter.cpu_seconds,
         peak_memory_mb=meter.peak_rss_mb,
         train_memory_mb=meter.train_memory_mb(trainable, train_cfg.state_per_param),
         trainable_params=trainable,

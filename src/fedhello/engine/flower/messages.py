@@ -35,8 +35,8 @@ Client contract (keys are kebab-case):
   tensors of that spec (``fedhello.core.layers.keys_for_spec``), at ``train-rank`` or lower
   (HetLoRA's client prunes in the round it trains), and the client's report
   (``fedhello.model.report.REPORT``, one key per field the client measures, its name in
-  kebab-case): numbers in ``metrics`` = ``num-examples`` (int),
-  ``train-loss``, ``seconds``, ``step-seconds``, ``peak-memory-mb``, ``train-memory-mb``
+  kebab-case): numbers in ``metrics`` = ``num-examples`` (int), ``train-loss``,
+  ``seconds``, ``step-seconds``, ``cpu-seconds``, ``peak-memory-mb``, ``train-memory-mb``
   (floats), ``trainable-params``, ``steps``, ``examples-seen`` (ints), on an accelerator
   ``device-peak-memory-mb`` (CUDA's allocator peak; MPS's largest sampled allocation) and,
   in fp16 only, ``skipped-steps`` (int: overflowed steps the loss scaler did not apply);
