@@ -48,6 +48,7 @@ def _result(device_peak: float | None = 123.456) -> ClientResult:
         update, seconds=1.23456789, peak_memory_mb=612.345, train_memory_mb=0.1234567,
         trainable_params=644, bytes_up=72, bytes_down=168, steps=5, device="cuda:0",
         precision="bf16", device_peak_memory_mb=device_peak, step_seconds=0.0123456789,
+        cpu_seconds=2.3456789,
     )  # fmt: skip
 
 
@@ -141,6 +142,22 @@ def test_a_missing_or_mistyped_required_field_is_named(where: str, key: str, val
 def test_an_optional_field_may_be_absent() -> None:
     back = _round_trip(_result(device_peak=None))
     assert back.update.malformed is None and back.device_peak_memory_mb is None
+
+
+def test_a_node_that_does_not_measure_cpu_seconds_is_accepted() -> None:
+    """A node of a fedhello from before ``cpu-seconds`` sends none: its update is accepted and
+    its record has no ``cpu_seconds`` (the summary's total is then None, not a partial sum)."""
+
+    def drop(content):
+        del content.metric_records["metrics"]["cpu-seconds"]
+
+    back = _round_trip(_result(), drop)
+    assert back.update.malformed is None and back.cpu_seconds is None
+    exp = SimpleNamespace(tiers=[0] * 5, budgets=[2] * 5, resources=SimpleNamespace(
+        record=lambda c: {}))  # fmt: skip
+    plan = AllocationPlan(round=1, num_layers=2, clients=())
+    assert "cpu_seconds" not in client_record(exp, back, {}, plan)  # type: ignore[arg-type]
+    assert client_record(exp, _result(), {}, plan)["cpu_seconds"] == 2.3457  # type: ignore[arg-type]
 
 
 def test_the_record_keeps_its_keys_order_and_rounding() -> None:

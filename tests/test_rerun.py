@@ -49,6 +49,11 @@ def test_timings_differ_freely_metrics_do_not() -> None:
     # a class whose name ends in "time" is a metric, not a timing
     recall = record(per_class_recall={"noun.time": 0.25, "noun.act": 0.75})
     assert differences(record(), recall, "r") == ["r.per_class_recall.noun.time: 0.5 != 0.25"]
+    # nor is a class named like a timing field: recall per class is compared whole
+    named = {"seconds": 0.5, "noun.act": 0.75}
+    assert differences(record(per_class_recall=named), record(per_class_recall=dict(
+        named, seconds=0.0)), "r") == ["r.per_class_recall.seconds: 0.5 != 0.0"]  # fmt: skip
+    assert without_machine(record(per_class_recall=named))["per_class_recall"] == named
     assert differences(record(), record(test_accuracy=0.7810000000000001), "r") == [
         "r.test_accuracy: 0.781 != 0.7810000000000001"
     ]

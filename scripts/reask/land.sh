@@ -18,11 +18,6 @@ for root in docs/results-v2 docs/results-privacy; do
         while IFS= read -r -d '' summary; do
             stage_cell "$(dirname "$summary")"
         done
-    # a committed link that is a folder now (a folder's link replaced by one link per seed):
-    # its old entry goes, or git refuses to add the paths beneath it
-    git ls-files -s -- "$root" | awk '$1 == "120000" {print $4}' | while IFS= read -r link; do
-        [ -L "$link" ] || git rm -q --cached -- "$link"
-    done
     find "$root" -type l -print0 | xargs -0 -r git add --
     find "$root" -maxdepth 3 \( -name compare.json -o -name '*.md' -o -name '*.csv' -o -name '*.png' \) \
         -not -path '*/runs/*' -print0 | xargs -0 -r git add --

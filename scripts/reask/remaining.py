@@ -2,15 +2,16 @@
 
     python scripts/reask/remaining.py scripts/reask/q1.txt scripts/reask/q2.txt
 
-For every ``fedhello compare`` line, in order: the cells its command names (partition x
-strategy x seed, and the centralised reference of each seed) that no earlier line named, how
-many of them are finished (``summary.json``, through the links the lines make), and an
-estimate of the rest: per unfinished cell the median ``wall_seconds`` of the finished cells of
-its strategy in the same folder, else of its folder, else of every finished cell. Round 0
-(FedNCM's class sums, about 6 minutes a seed and partition, cached per machine) is in a
-cell's wall seconds only where the cache missed, and a cell that ran paused or beside a test
-suite took longer, so this is a planning figure. Issue 27's single ``fedhello run`` lines are
-not counted. Reads only; runs nothing.
+Run from the repository root (the lines' folders are relative to it). For every ``fedhello
+compare`` line, in order: the cells its command names (partition x strategy x seed, and the
+centralised reference of each seed) that no earlier line named, how many of them are
+finished (``summary.json``, through the links the lines make), and an estimate of the rest:
+per unfinished cell the median ``wall_seconds`` of the finished cells of its strategy in the
+same folder, else of its folder, else of every finished cell. Round 0 (FedNCM's class sums,
+about 6 minutes a seed and partition, cached per machine) is in a cell's wall seconds only
+where the cache missed, and a cell that ran paused or beside a test suite took longer, so
+this is a planning figure. Issue 27's single ``fedhello run`` lines are not counted. Reads
+only; runs nothing.
 """
 
 from __future__ import annotations

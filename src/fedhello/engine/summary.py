@@ -153,10 +153,11 @@ def finish(
         "resumed_at_round": resumed_at,
         "client_seconds": round(sum(c["seconds"] for c in clients), 2),
         # their CPU time: what the clients cost, pauses and waiting for cores left out (None
-        # where a record written before fedhello measured it lacks it: a run resumed across)
+        # where a client's record lacks it: written before fedhello measured it, in a run
+        # resumed across, or by a node of such a fedhello)
         "client_cpu_seconds": (
             round(sum(c["cpu_seconds"] for c in clients), 2)
-            if all("cpu_seconds" in c for c in clients)
+            if all(c.get("cpu_seconds") is not None for c in clients)
             else None
         ),
         "bytes_up": sum(c["bytes_up"] for c in clients),

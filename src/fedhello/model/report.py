@@ -74,8 +74,9 @@ REPORT: tuple[ReportField, ...] = (
     ReportField("step_seconds", float, "s", "median time of a local step", "training",
                 digits=5, default=0.0),
     ReportField("cpu_seconds", float, "s", "CPU time the training process spent meanwhile, "
-                "all its threads (a stopped or waiting process adds none, unlike wall time)",
-                "training", digits=4, default=0.0),
+                "all its threads (a stopped or waiting process adds none, unlike wall time); "
+                "optional, so that a node of an older fedhello is not rejected for lacking it",
+                "training", required=False, digits=4, omit_none=True),
     ReportField("device_peak_memory_mb", float, MIB, "the accelerator allocator's peak "
                 "(CUDA; on MPS the largest allocation sampled after each forward pass; none on "
                 "a CPU)", "device", required=False, digits=1),
@@ -113,7 +114,7 @@ class ClientResult:
     precision: str = "fp32"
     device_peak_memory_mb: float | None = None  # allocator peak (CUDA; MPS: sampled)
     step_seconds: float = 0.0  # median time of a local step (batch, forward, backward, update)
-    cpu_seconds: float = 0.0  # the process's CPU time while it trained (all threads)
+    cpu_seconds: float | None = None  # the process's CPU time while it trained (all threads)
     skipped_steps: int | None = None  # fp16: steps the loss scaler skipped; None otherwise
     dp_clip_norm: float | None = None  # DP clipped on the client: the norm it clipped to
     unclipped: int | None = None  # DP clipped on the client: 1 if within the norm, else 0

@@ -19,7 +19,9 @@ Everything else is compared exactly, floats bit for bit as written, including
 ``train_memory_mb`` (saved tensors, gradients and optimizer state: a function of the
 computation) and ``step_limit_seconds`` (a client's configured limit, not a measurement). The
 names are listed, not matched by suffix: a per-class recall of WordNet's class ``noun.time``
-is a metric, though its name ends in "time".
+is a metric, though its name ends in "time". And a dict keyed by the data's own names
+(``DATA_KEYED``: recall per class label) is compared whole, so that a class named "seconds"
+is not set aside either.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ MACHINE_FIELDS = frozenset({
     "wall_seconds", "client_seconds", "client_cpu_seconds", "peak_memory_mb",
     "device_peak_memory_mb",
 })  # fmt: skip
+# Keys whose dict is keyed by the data's names (class labels), not by fedhello's fields.
+DATA_KEYED = frozenset({"per_class_recall"})
 # Top-level keys of summary.json that say which code computed it, not what it computed.
 PROVENANCE_FIELDS = frozenset({"code", "model_source", "resumed_at_round"})
 
@@ -42,31 +46,38 @@ def without_machine(value: Any) -> Any:
     """``value`` (a record, a summary, a list of them) without its ``MACHINE_FIELDS``, at any
     depth: what two runs of the same config must hold equal."""
     if isinstance(value, dict):
-        return {k: without_machine(v) for k, v in value.items() if k not in MACHINE_FIELDS}
+        return {
+            k: v if k in DATA_KEYED else without_machine(v)
+            for k, v in value.items()
+            if k not in MACHINE_FIELDS
+        }
     if isinstance(value, list):
         return [without_machine(v) for v in value]
     return value
 
 
-def differences(a: Any, b: Any, where: str = "") -> list[str]:
+def differences(
+    a: Any, b: Any, where: str = "", aside: frozenset[str] = MACHINE_FIELDS
+) -> list[str]:
     """One line ``where.path: a != b`` for every leaf that differs between ``a`` and ``b``
-    (``MACHINE_FIELDS`` skipped at any depth), a key present in only one, or lists of
-    different lengths."""
+    (the keys ``aside`` skipped at any depth, except within ``DATA_KEYED`` dicts), a key
+    present in only one, or lists of different lengths."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            if key in MACHINE_FIELDS:
+            if key in aside:
                 continue
             if key not in a or key not in b:
                 out.append(f"{where}.{key}: only in {'the second' if key in b else 'the first'}")
             else:
-                out += differences(a[key], b[key], f"{where}.{key}")
+                inner = frozenset() if key in DATA_KEYED else aside
+                out += differences(a[key], b[key], f"{where}.{key}", inner)
         return out
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{where}: {len(a)} items != {len(b)}"]
         pairs = enumerate(zip(a, b, strict=True))
-        return [d for i, (x, y) in pairs for d in differences(x, y, f"{where}[{i}]")]
+        return [d for i, (x, y) in pairs for d in differences(x, y, f"{where}[{i}]", aside)]
     return [] if a == b else [f"{where}: {a!r} != {b!r}"]
 
 

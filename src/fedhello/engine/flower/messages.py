@@ -41,8 +41,8 @@ Client contract (keys are kebab-case):
   ``device-peak-memory-mb`` (CUDA's allocator peak; MPS's largest sampled allocation) and,
   in fp16 only, ``skipped-steps`` (int: overflowed steps the loss scaler did not apply);
   strings in ``config`` = ``device``, ``precision`` (what this node trained on, recorded per
-  client). Every field but ``device-peak-memory-mb`` and ``skipped-steps`` is required: a
-  reply missing one, or carrying it with the wrong type, is rejected with a
+  client). Every field but ``device-peak-memory-mb``, ``skipped-steps`` and ``cpu-seconds``
+  is required: a reply missing one, or carrying it with the wrong type, is rejected with a
   reason naming it (the round goes on with the other clients). The server counts
   ``bytes_up`` and ``bytes_down`` itself, and validates every upload before it touches the
   global state.
