@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.model.report import REPORT
-from fedhello.store.rerun import MACHINE_FIELDS, differences, run_differences, without_machine
+from fedhello.store import rerun
+from fedhello.store.rerun import MACHINE_FIELDS, run_differences, without_machine
 
 
 def record(**overrides: Any) -> dict[str, Any]:
@@ -25,6 +26,11 @@ def record(**overrides: Any) -> dict[str, Any]:
     }  # fmt: skip
     rec.update(overrides)
     return rec
+
+
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """The differences left once each side's machine measurements are set aside."""
+    return rerun.differences(without_machine(a), without_machine(b), where)
 
 
 def write_run(folder: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> Path:

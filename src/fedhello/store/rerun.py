@@ -30,6 +30,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedhello.store.runs import RunDir
+
 # Keys, at any depth of a record or summary, whose values measure the machine.
 MACHINE_FIELDS = frozenset({
     "seconds", "cpu_seconds", "step_seconds", "round_seconds", "eval_seconds", "fisher_seconds",
@@ -56,52 +58,42 @@ def without_machine(value: Any) -> Any:
     return value
 
 
-def differences(
-    a: Any, b: Any, where: str = "", aside: frozenset[str] = MACHINE_FIELDS
-) -> list[str]:
-    """One line ``where.path: a != b`` for every leaf that differs between ``a`` and ``b``
-    (the keys ``aside`` skipped at any depth, except within ``DATA_KEYED`` dicts), a key
-    present in only one, or lists of different lengths."""
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """One line ``where.path: a != b`` for every leaf that differs between ``a`` and ``b``, a
+    key present in only one, or lists of different lengths. Compares everything it is given:
+    pass ``without_machine`` of each to set the machine's measurements aside."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            if key in aside:
-                continue
             if key not in a or key not in b:
                 out.append(f"{where}.{key}: only in {'the second' if key in b else 'the first'}")
             else:
-                inner = frozenset() if key in DATA_KEYED else aside
-                out += differences(a[key], b[key], f"{where}.{key}", inner)
+                out += differences(a[key], b[key], f"{where}.{key}")
         return out
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{where}: {len(a)} items != {len(b)}"]
         pairs = enumerate(zip(a, b, strict=True))
-        return [d for i, (x, y) in pairs for d in differences(x, y, f"{where}[{i}]", aside)]
+        return [d for i, (x, y) in pairs for d in differences(x, y, f"{where}[{i}]")]
     return [] if a == b else [f"{where}: {a!r} != {b!r}"]
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a run folder's ``metrics.jsonl`` (or of that file), one per line."""
-    file = path / "metrics.jsonl" if path.is_dir() else path
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-
-
 def run_differences(first: Path, second: Path) -> tuple[list[str], bool]:
-    """Every difference between two runs (folders or ``metrics.jsonl`` files): their records
-    round by round, and their ``summary.json`` when both folders have one (provenance aside).
-    Returns the lines and whether the summaries were compared."""
-    a, b = read_records(first), read_records(second)
+    """Every difference between two runs (folders, or their ``metrics.jsonl`` files), the
+    machine's measurements aside: their records round by round (read as a resume reads them,
+    ``RunDir.read_metrics``), and their ``summary.json`` when both are folders with one
+    (provenance aside too). Returns the lines and whether the summaries were compared."""
+    runs = [RunDir(p if p.is_dir() else p.parent) for p in (first, second)]
+    a, b = (without_machine(run.read_metrics()) for run in runs)
     if len(a) != len(b):
         return [f"{len(a)} records != {len(b)}"], False
-    pairs = enumerate(zip(a, b, strict=True))
-    found = [d for i, (x, y) in pairs for d in differences(x, y, f"record {i + 1}")]
-    files = [p / "summary.json" for p in (first, second)]
-    both = all(f.is_file() for f in files)
+    found = differences(a, b, "records")
+    both = first.is_dir() and second.is_dir() and all(r.summary_path.is_file() for r in runs)
     if both:
-        summaries = [json.loads(f.read_text()) for f in files]
-        for s in summaries:
-            for key in PROVENANCE_FIELDS:
-                s.pop(key, None)
-        found += differences(summaries[0], summaries[1], "summary")
+        x, y = (
+            without_machine({k: v for k, v in json.loads(r.summary_path.read_text()).items()
+                             if k not in PROVENANCE_FIELDS})
+            for r in runs
+        )  # fmt: skip
+        found += differences(x, y, "summary")
     return found, both
