@@ -175,3 +175,42 @@ def test_a_folder_that_cannot_be_written_costs_the_reuse_not_the_run(
     assert "cannot keep the class sums" in caplog.text
     assert not list(cache.glob("*"))  # no temporary file left behind
     assert RunDir(tmp_path / "r").summary_path.is_file()
+
+
+_KEY_SCRIPT = """
+import sys
+from fedhello.core.config import load_config
+from fedhello.engine.experiment import build_experiment
+from fedhello.engine.round_zero import round_zero_key
+exp = build_experiment(load_config(None, sys.argv[1:]))
+print(sorted(exp.model.peft_config["default"].target_modules), round_zero_key(exp, exp.init_state))
+"""
+
+
+def test_the_fingerprint_is_the_same_in_every_process(
+    tiny_bert_dir: Path, tiny_text_csv: Path
+) -> None:
+    """Two processes whose string hashing differs (``PYTHONHASHSEED`` 0 and 1 iterate the
+    set {"query", "value"} in opposite orders) fingerprint one round 0 alike, so the second
+    reuses the first's sums: PEFT keeps the adapter's target modules as a set, and its ``str``
+    followed the process's hashing."""
+    import os
+    import subprocess
+    import sys
+
+    ov = tiny_overrides(tiny_bert_dir, tiny_text_csv, data__text_column='"sentence"',
+                        data__label_column='"topic"', train__head='"class-means"')  # fmt: skip
+    orders, keys = [], []
+    for hash_seed in ("0", "1"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        set_order = subprocess.run(
+            [sys.executable, "-c", "print(str({'query', 'value'}))"],
+            env=env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", _KEY_SCRIPT, *ov], env=env,
+                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+        orders.append(set_order)
+        keys.append(out[-1])
+        assert "'query'," in out[0] and "'value']" in out[1]  # the set the fingerprint reads
+    assert orders[0] != orders[1]  # the two processes do iterate the set differently
+    assert keys[0] == keys[1]

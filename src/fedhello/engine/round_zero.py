@@ -15,9 +15,11 @@ the adapter's, the exact input batches each client sums, and the arithmetic: the
 the machine behind it (CPU model and instruction set, or the GPU and its CUDA and cuDNN
 versions), precision, the determinism settings in force in the process, float32 matmul
 precision, thread count, and the versions of torch, transformers, peft, numpy and fedhello's
-numerics. On a CPU, and on a GPU in deterministic mode, equal fingerprints compute bit-identical
-sums, so a run that reuses them writes the metrics.jsonl it would have written (only round 0's
-seconds, timing, differ); on a GPU without it a recomputation would itself differ by rounding.
+numerics. It is of the content alone, never of the process that computes it (sets are sorted,
+so Python's per-process string hashing cannot reorder one). On a CPU, and on a GPU in
+deterministic mode, equal fingerprints compute bit-identical sums, so a run that reuses them
+writes the metrics.jsonl it would have written (only round 0's seconds, timing, differ); on a
+GPU without it a recomputation would itself differ by rounding.
 A file that cannot be read or does not match is recomputed and rewritten, with a warning, and a
 folder that cannot be written costs the reuse, not the run.
 """
@@ -79,6 +81,16 @@ def machine_facts(acc: Accelerator) -> list[Any]:
     return facts
 
 
+def _canonical(value: Any) -> Any:
+    """``json.dumps``'s fallback for the fingerprint's parts: a set as its sorted members (PEFT
+    keeps ``target_modules`` as one, and ``str`` of a set of strings follows Python's string
+    hashing, which ``PYTHONHASHSEED`` randomises per process: with ``str`` two processes
+    fingerprinted one round 0 two ways and shared it only by chance), anything else as text."""
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    return str(value)
+
+
 def round_zero_key(exp: Experiment, state: State) -> str:
     """The fingerprint of FedNCM's round 0 of ``exp`` under ``state`` (the module docstring
     says what it covers). Loads ``state`` into the model, as round 0 does."""
@@ -96,7 +108,7 @@ def round_zero_key(exp: Experiment, state: State) -> str:
         getattr(config, "_attn_implementation", None),
         {name: c.to_dict() for name, c in adapters.items()},
     ]  # fmt: skip
-    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(json.dumps(parts, sort_keys=True, default=_canonical).encode())
     set_state(model, state)
     with torch.no_grad():  # every tensor the forward reads: base, adapters, head, buffers
         tensors = [*model.named_parameters(), *model.named_buffers()]
