@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhello.model.adapter_folder import ADAPTER_PLACEHOLDER, AdapterFacts, model_card
+from fedhello.model.adapter_folder import (
+    ADAPTER_PLACEHOLDER,
+    AdapterFacts,
+    model_card,
+    sort_target_modules,
+)
 
 TEXTS = ["apple bread cheese soup", "dog cat", "car train plane boat truck bus"]
 
@@ -176,3 +181,17 @@ def test_an_image_runs_card_loads_its_image_processor() -> None:
     code = python_block(model_card(image))
     assert "from transformers import AutoModelForImageClassification, AutoImageProcessor" in code
     assert "processor = AutoImageProcessor.from_pretrained(base)" in code
+
+
+def test_target_modules_are_saved_sorted_and_a_pinned_pattern_is_kept(tmp_path: Path) -> None:
+    """PEFT saves ``list(set)``, in the order of Python's per-process string hashing: sorted
+    after saving, so one run's folder has the same bytes in every process."""
+    config = {"r": 16, "target_modules": ["value", "query"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    sort_target_modules(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved == {"r": 16, "target_modules": ["query", "value"]}
+    pattern = "(?#fedhello: load onto X)(?:a\\.query|a\\.value)"
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": pattern}))
+    sort_target_modules(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == pattern

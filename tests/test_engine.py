@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ def test_run_directory_explains_itself(text_run: Path) -> None:
     assert {"test_accuracy", "test_macro_f1", "wall_seconds"} <= set(summary)
     assert summary["test_examples"] == 60  # 10% of 600, the whole test split
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+    targets = json.loads((run.adapter_dir / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(targets, str) or targets == sorted(targets)  # not in hashing's order
 
 
 def test_the_tiny_model_learns(text_run: Path) -> None:

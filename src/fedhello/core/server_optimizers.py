@@ -93,7 +93,7 @@ class FedAvgM(ServerOptimizer):
         if self.beta == 0.0 and self.server_lr == 1.0:
             return averaged  # plain FedAvg: the average itself, bit for bit
         out = dict(averaged)
-        for key in updated:
+        for key in sorted(updated):  # as FedOpt: no order from string hashing
             delta = averaged[key] - old[key]
             v = self.velocity.get(key)
             v = delta if v is None else self.beta * v + delta

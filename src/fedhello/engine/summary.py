@@ -18,7 +18,12 @@ from fedhello.core.config import Config
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.engine import generative
 from fedhello.engine.experiment import Experiment
-from fedhello.model.adapter_folder import AdapterFacts, pin_target_modules, write_model_card
+from fedhello.model.adapter_folder import (
+    AdapterFacts,
+    pin_target_modules,
+    sort_target_modules,
+    write_model_card,
+)
 from fedhello.model.evaluation import evaluate
 from fedhello.model.lora import set_state
 from fedhello.model.pooling import pooled_module_file
@@ -119,6 +124,8 @@ def finish(
         # LoRA (fedhello.model.adapter_folder says why)
         targeted: list[str] = exp.model.base_model.targeted_module_names  # type: ignore[assignment]
         pin_target_modules(run.adapter_dir, targeted, type(exp.model.get_base_model()).__name__)
+    else:
+        sort_target_modules(run.adapter_dir)
     write_model_card(run.adapter_dir, adapter_facts(exp))  # in place of PEFT's blank card
     clients = [c for r in records for c in r["clients"]]
     summary: dict[str, Any] = {

@@ -105,6 +105,19 @@ def pin_target_modules(folder: Path, module_names: Sequence[str], model_class: s
     return pattern
 
 
+def sort_target_modules(folder: Path) -> None:
+    """Rewrite ``folder/adapter_config.json``'s ``target_modules`` list in sorted order. PEFT
+    keeps it as a set and saves ``list(set)``, whose order follows Python's per-process string
+    hashing (``PYTHONHASHSEED``): the same run saved ``["query", "value"]`` or ``["value",
+    "query"]``, so two runs' folders differed byte for byte. PEFT reads either as the same
+    set. A pattern (a string, as ``pin_target_modules`` writes) is left as it is."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def write_model_card(folder: Path, facts: AdapterFacts) -> None:
     """``folder/README.md``: how the adapter was trained and the code that loads it correctly
     (PEFT writes a blank card whose ``base_model`` is the training machine's folder)."""
