@@ -17,12 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhello.model.adapter_folder import (
-    ADAPTER_PLACEHOLDER,
-    AdapterFacts,
-    model_card,
-    sort_target_modules,
-)
+from fedhello.model.adapter_folder import sort_target_modules
+from fedhello.model.model_card import ADAPTER_PLACEHOLDER, AdapterFacts, model_card
 
 TEXTS = ["apple bread cheese soup", "dog cat", "car train plane boat truck bus"]
 

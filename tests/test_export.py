@@ -148,7 +148,7 @@ def test_a_head_run_exports_a_stock_class(
     assert type(merged).__name__ == "BertForSequenceClassification"
     from test_adapter_folder import TEXTS, logits_printer, python_block, run_snippet
 
-    from fedhello.model.adapter_folder import ADAPTER_PLACEHOLDER
+    from fedhello.model.model_card import ADAPTER_PLACEHOLDER
 
     code = python_block(card).replace(ADAPTER_PLACEHOLDER, str(run / "adapter"))
     got = run_snippet(code + logits_printer("model", "tokenizer"), tmp_path, [])

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.core.errors import UserError
-from fedhello.model.adapter_folder import merged_card
+from fedhello.model.model_card import merged_card
 from fedhello.model.pooling import HEAD, pooled_module_file
 from fedhello.store.runs import RunDir, finished_run
 

@@ -18,14 +18,10 @@ from fedhello.core.config import Config
 from fedhello.core.numerics import NUMERICS_VERSION
 from fedhello.engine import generative
 from fedhello.engine.experiment import Experiment
-from fedhello.model.adapter_folder import (
-    AdapterFacts,
-    pin_target_modules,
-    sort_target_modules,
-    write_model_card,
-)
+from fedhello.model.adapter_folder import pin_target_modules, sort_target_modules
 from fedhello.model.evaluation import evaluate
 from fedhello.model.lora import set_state
+from fedhello.model.model_card import AdapterFacts, write_model_card
 from fedhello.model.pooling import pooled_module_file
 from fedhello.store.provenance import code_provenance, git_commit
 from fedhello.store.runs import RunDir
