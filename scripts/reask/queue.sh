@@ -20,8 +20,8 @@
 # PYTHONHASHSEED (default 1): the snapshot c5bcd00 that computed the study fingerprints round 0
 # with str() of PEFT's target-module set, whose order follows Python's per-process string
 # hashing, so a process shared another's round 0 only by chance (fixed in main since: sets are
-# sorted). Fixing the hashing changes no number (a rerun with any hashing writes the same
-# metrics) and makes every queue process fingerprint alike.
+# sorted). Fixing the hashing changes no number (section 2's pathological seed 2, rerun under
+# it with round 0 recomputed: 0 differences) and makes every queue process fingerprint alike.
 set -u
 export PYTHONHASHSEED=${PYTHONHASHSEED:-1}
 file=${1:?usage: scripts/reask/queue.sh LINEFILE}
