@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def pin_target_modules(folder: Path, module_names: Sequence[str], model_class: str) -> str:
@@ -33,12 +34,10 @@ def pin_target_modules(folder: Path, module_names: Sequence[str], model_class: s
     that matches exactly ``module_names`` (PEFT's names of the modules it put LoRA on, relative
     to the base model), headed by a comment naming ``model_class``; returns it. Only for a
     pooled head: the module doc says why."""
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
     note = re.sub(r"[()]", "", f"fedhello: load onto {model_class}; see README.md here")
     names = "|".join(re.escape(n) for n in sorted(set(module_names)))
-    config["target_modules"] = pattern = f"(?#{note})(?:{names})"
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    pattern = f"(?#{note})(?:{names})"
+    _rewrite_target_modules(folder, lambda saved: pattern)
     return pattern
 
 
@@ -48,8 +47,15 @@ def sort_target_modules(folder: Path) -> None:
     hashing (``PYTHONHASHSEED``): the same run saved ``["query", "value"]`` or ``["value",
     "query"]``, so two runs' folders differed byte for byte. PEFT reads either as the same
     set. A pattern (a string, as ``pin_target_modules`` writes) is left as it is."""
+    _rewrite_target_modules(
+        folder, lambda saved: sorted(saved) if isinstance(saved, list) else saved
+    )
+
+
+def _rewrite_target_modules(folder: Path, change: Callable[[Any], Any]) -> None:
+    """``folder/adapter_config.json`` with ``target_modules`` replaced by ``change`` of the
+    saved value, written as PEFT writes it (indented, keys sorted)."""
     path = folder / "adapter_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    config["target_modules"] = change(config.get("target_modules"))
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
